@@ -1,0 +1,478 @@
+"""Typed recipes: YAML with `base:` inheritance, `a.b=value` overrides, validation.
+
+A recipe is a tree of frozen dataclasses. Loading never guesses: an unknown key,
+a value of the wrong type or out of range is a `DmstabError` whose one line names
+the key and what is allowed (with the closest key when one is near).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from dmstab.errors import DmstabError
+
+DatasetName = Literal["synthetic", "cifar10", "folder", "npz"]
+ScheduleName = Literal["linear", "cosine"]
+Target = Literal["eps", "x0"]
+TimestepSamplerName = Literal["uniform", "clts"]
+SamplerName = Literal["ddpm", "ddim"]
+Precision = Literal["fp32", "bf16"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training images. `synthetic` is generated in memory; the others read `root`."""
+
+    name: DatasetName = "synthetic"
+    root: str | None = None
+    resolution: int = 32
+    download: bool = False
+    hflip: bool = False
+    synthetic_size: int = 10_000
+    synthetic_seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The improved/guided-diffusion UNet (dmstab.models.adm_unet)."""
+
+    name: Literal["adm_unet"] = "adm_unet"
+    channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 3
+    attention_resolutions: tuple[int, ...] = (16, 8)
+    num_heads: int = 4
+    num_head_channels: int = -1
+    dropout: float = 0.3
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = False
+    learn_sigma: bool = True
+    class_cond: bool = False
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Forward process (AAAI Eq. 3) and prediction target (Eq. 4: eps, Eq. 5: x0)."""
+
+    schedule: ScheduleName = "cosine"
+    steps: int = 4000
+    target: Target = "eps"
+
+
+@dataclass(frozen=True)
+class TimestepsConfig:
+    """Training timestep distribution: uniform, or CLTS (AAAI Eqs. 6-7)."""
+
+    sampler: TimestepSamplerName = "uniform"
+    mu: float = 1200.0
+    sigma: float = 4000.0
+    target_iteration: int = 50_000
+    histogram_every: int = 1000
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class EmaConfig:
+    rate: float = 0.9999
+    warmup: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 500_000
+    batch_size: int = 128
+    seed: int = 0
+    device: DeviceName = "auto"
+    precision: Precision = "bf16"
+    log_every: int = 10
+    checkpoint_every: int = 5000
+    sample_every: int = 0
+    out_dir: str = "runs"
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    sampler: SamplerName = "ddpm"
+    steps: int = 250
+    eta: float = 0.0
+    num_images: int = 64
+    batch_size: int = 64
+    seed: int = 0
+    use_ema: bool = True
+    clip_denoised: bool = True
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None = None
+    experiment: str = "dmstab"
+    run_name: str | None = None
+    flush_every: int = 50
+
+
+@dataclass(frozen=True)
+class PaperConfig:
+    """Published numbers a recipe targets, for `dmstab report` (paper vs measured)."""
+
+    source: str = ""
+    table: str = ""
+    metric: str = ""
+    values: dict[str, float] = field(default_factory=dict)
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = "recipe"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    timesteps: TimestepsConfig = TimestepsConfig()
+    optim: OptimConfig = OptimConfig()
+    ema: EmaConfig = EmaConfig()
+    train: TrainConfig = TrainConfig()
+    sample: SampleConfig = SampleConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    paper: PaperConfig = PaperConfig()
+
+
+# ---------------------------------------------------------------- building from plain data
+
+T = TypeVar("T")
+_MAX_BASE_DEPTH = 16
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if origin in (types.UnionType, typing.Union):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if origin is tuple:
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list of {_type_name(args[0])}"
+        return f"list of {len(args)} {_type_name(args[0])}"
+    if origin is dict:
+        return f"mapping of {_type_name(get_args(tp)[1])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and return it in canonical form."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise DmstabError(f"recipe key '{key}' must be a mapping of {_field_list(tp)}")
+        return _build(tp, value, key + ".")
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise DmstabError(f"recipe key '{key}' is {value!r}; allowed: {_type_name(tp)}")
+    if origin in (types.UnionType, typing.Union):
+        for option in get_args(tp):
+            try:
+                return _convert(value, option, key)
+            except DmstabError:
+                continue
+        raise DmstabError(f"recipe key '{key}' is {value!r}; expected {_type_name(tp)}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise DmstabError(f"recipe key '{key}' is {value!r}; expected {_type_name(tp)}")
+        args = get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise DmstabError(f"recipe key '{key}' is {value!r}; expected {_type_name(tp)}")
+        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise DmstabError(f"recipe key '{key}' must be a mapping")
+        value_type = get_args(tp)[1]
+        return {str(k): _convert(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if tp is type(None):
+        if value is None:
+            return None
+        raise DmstabError(f"recipe key '{key}' must be null")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise DmstabError(f"recipe key '{key}' is {value!r}; expected {_type_name(tp)}")
+
+
+def _field_list(cls: Any) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def _unknown_key(cls: Any, key: str, prefix: str) -> DmstabError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
+    where = f"section '{prefix[:-1]}'" if prefix else "a recipe"
+    return DmstabError(
+        f"unknown recipe key '{prefix}{key}'; {hint}{where} allows: {', '.join(names)}"
+    )
+
+
+def _build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key(cls, str(key), prefix)
+        kwargs[key] = _convert(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- validation across keys
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise DmstabError(message)
+
+
+def validate(recipe: Recipe) -> Recipe:
+    """Range and cross-field checks that types alone cannot express."""
+    d, m, ts, o, tr = recipe.data, recipe.model, recipe.timesteps, recipe.optim, recipe.train
+    _require(d.resolution >= 8, f"data.resolution is {d.resolution}; must be at least 8")
+    _require(
+        d.name == "synthetic" or d.root is not None,
+        f"data.root is required for data.name={d.name!r} (a directory or file path)",
+    )
+    _require(d.synthetic_size >= 1, "data.synthetic_size must be at least 1")
+    _require(m.channels >= 1, "model.channels must be positive")
+    _require(len(m.channel_mult) >= 1, "model.channel_mult needs at least one level")
+    _require(
+        d.resolution % 2 ** (len(m.channel_mult) - 1) == 0,
+        f"data.resolution {d.resolution} must be divisible by 2^(levels-1) = "
+        f"{2 ** (len(m.channel_mult) - 1)} for model.channel_mult {list(m.channel_mult)}",
+    )
+    _require(
+        m.channels % 32 == 0 and all(m.channels * k % 32 == 0 for k in m.channel_mult),
+        f"model.channels {m.channels} x channel_mult must be multiples of 32 (GroupNorm(32))",
+    )
+    _require(0.0 <= m.dropout < 1.0, f"model.dropout is {m.dropout}; must be in [0, 1)")
+    _require(recipe.diffusion.steps >= 2, "diffusion.steps (T) must be at least 2")
+    T = recipe.diffusion.steps
+    _require(
+        0.0 <= ts.mu < T,
+        f"timesteps.mu is {ts.mu}; must be in [0, diffusion.steps) = [0, {T})",
+    )
+    _require(ts.sigma > 0, f"timesteps.sigma is {ts.sigma}; must be positive")
+    _require(ts.target_iteration >= 1, "timesteps.target_iteration must be at least 1")
+    _require(ts.histogram_every >= 0, "timesteps.histogram_every must be >= 0 (0 = never)")
+    _require(o.lr > 0, f"optim.lr is {o.lr}; must be positive")
+    _require(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas {list(o.betas)} must be in [0,1)")
+    _require(o.weight_decay >= 0, "optim.weight_decay must be >= 0")
+    _require(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip must be positive or null")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+    _require(0.0 <= recipe.ema.rate < 1.0, f"ema.rate is {recipe.ema.rate}; must be in [0, 1)")
+    _require(tr.steps >= 1, "train.steps must be at least 1")
+    _require(tr.batch_size >= 1, "train.batch_size must be at least 1")
+    _require(tr.log_every >= 1, "train.log_every must be at least 1")
+    _require(tr.checkpoint_every >= 1, "train.checkpoint_every must be at least 1")
+    _require(tr.sample_every >= 0, "train.sample_every must be >= 0 (0 = only at the end)")
+    s = recipe.sample
+    _require(1 <= s.steps <= T, f"sample.steps is {s.steps}; must be in [1, diffusion.steps={T}]")
+    _require(s.eta >= 0, "sample.eta must be >= 0")
+    _require(s.num_images >= 1 and s.batch_size >= 1, "sample.num_images/batch_size must be >= 1")
+    _require(recipe.tracking.flush_every >= 1, "tracking.flush_every must be at least 1")
+    return recipe
+
+
+# ---------------------------------------------------------------- YAML files and overrides
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-4` as a string, recipes mean a number."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DmstabError(f"recipe file not found: {path}")
+    try:
+        data = _yaml_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise DmstabError(f"recipe {path}{where} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DmstabError(f"recipe {path} must be a YAML mapping of sections")
+    return data
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_tree(path: Path, depth: int = 0) -> dict[str, Any]:
+    """Raw recipe mapping with `base:` files merged underneath (paths relative to the file)."""
+    if depth > _MAX_BASE_DEPTH:
+        raise DmstabError(f"recipe {path}: `base:` chain deeper than {_MAX_BASE_DEPTH} (a cycle?)")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise DmstabError(f"recipe {path}: `base:` must be a file path, got {base!r}")
+    return _merge(load_tree((path.parent / base).resolve(), depth + 1), data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], YAML-typed value)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise DmstabError(f"override {text!r} must look like section.key=value")
+    try:
+        value = _yaml_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise DmstabError(f"override {text!r}: value {raw!r} is not valid YAML") from None
+    return key.split("."), value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    result = dict(tree)
+    for text in overrides:
+        path, value = parse_override(text)
+        nested: Any = value
+        for part in reversed(path):
+            nested = {part: nested}
+        result = _merge(result, nested)
+    return result
+
+
+def from_mapping(tree: Mapping[str, Any]) -> Recipe:
+    return validate(_build(Recipe, tree))
+
+
+def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Recipe:
+    """Load a recipe file, merge its `base:` chain, apply overrides, validate."""
+    path = Path(path)
+    tree = load_tree(path)
+    tree.setdefault("name", path.stem)
+    return from_mapping(apply_overrides(tree, overrides))
+
+
+# ---------------------------------------------------------------- views of a resolved recipe
+
+
+def to_dict(recipe: Recipe) -> dict[str, Any]:
+    """Plain YAML/JSON-ready mapping (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {k: plain(v) for k, v in dataclasses.asdict(recipe).items()}
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """Short lists of numbers on one line (`betas: [0.8, 0.999]`), as recipes are written."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, value: list[Any]) -> yaml.Node:
+    flow = all(not isinstance(v, list | dict) for v in value)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=flow)
+
+
+_RecipeDumper.add_representer(list, _represent_list)
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return yaml.dump(to_dict(recipe), Dumper=_RecipeDumper, sort_keys=False)
+
+
+def flatten(recipe: Recipe) -> dict[str, str]:
+    """`section.key` -> string value, the form MLflow params take."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = json.dumps(value) if isinstance(value, list | dict) else str(value)
+
+    walk("", to_dict(recipe))
+    return flat
+
+
+def fingerprint(recipe: Recipe) -> str:
+    """Stable hash of everything that determines a training run's result."""
+    data = to_dict(recipe)
+    data.pop("paper", None)
+    data.get("tracking", {}).pop("run_name", None)
+    text = json.dumps(data, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def differences(a: Recipe, b: Recipe) -> list[str]:
+    """Keys whose values differ, as `key: a -> b`."""
+    fa, fb = flatten(a), flatten(b)
+    return [f"{k}: {fa.get(k)} -> {fb.get(k)}" for k in sorted(fa.keys() | fb.keys()) if fa.get(k) != fb.get(k)]
