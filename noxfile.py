@@ -8,6 +8,7 @@ nox.options.default_venv_backend = "venv"
 nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["tests"]
 
+
 def _install(session: nox.Session) -> None:
     session.install("-e", ".[dev]")
 

@@ -185,7 +185,7 @@ def _type_name(tp: Any) -> str:
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp` and return it in canonical form."""
     origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise DmstabError(f"recipe key '{key}' must be a mapping of {_field_list(tp)}")
         return _build(tp, value, key + ".")
@@ -208,7 +208,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return tuple(_convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
             raise DmstabError(f"recipe key '{key}' is {value!r}; expected {_type_name(tp)}")
-        return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(
+            _convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+        )
     if origin is dict:
         if not isinstance(value, Mapping):
             raise DmstabError(f"recipe key '{key}' must be a mapping")
@@ -218,20 +220,15 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value is None:
             return None
         raise DmstabError(f"recipe key '{key}' must be null")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-    elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    is_number = isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is int and is_number and float(value).is_integer():
+        return int(value)
+    if tp is float and is_number:
+        return float(value)
+    if tp is str and isinstance(value, str):
+        return value
     raise DmstabError(f"recipe key '{key}' is {value!r}; expected {_type_name(tp)}")
 
 
@@ -339,7 +336,7 @@ _RecipeLoader.add_implicit_resolver(
 
 
 def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_RecipeLoader)
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -475,4 +472,8 @@ def fingerprint(recipe: Recipe) -> str:
 def differences(a: Recipe, b: Recipe) -> list[str]:
     """Keys whose values differ, as `key: a -> b`."""
     fa, fb = flatten(a), flatten(b)
-    return [f"{k}: {fa.get(k)} -> {fb.get(k)}" for k in sorted(fa.keys() | fb.keys()) if fa.get(k) != fb.get(k)]
+    return [
+        f"{k}: {fa.get(k)} -> {fb.get(k)}"
+        for k in sorted(fa.keys() | fb.keys())
+        if fa.get(k) != fb.get(k)
+    ]

@@ -1,0 +1,3 @@
+from dmstab.cli import main
+
+main()

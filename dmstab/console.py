@@ -1,0 +1,74 @@
+"""Terminal output shared by commands: the training progress bar and error lines (rich)."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+
+
+def error(message: str) -> None:
+    """One line on stderr, no traceback."""
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[bold red]error:[/] {message}")
+
+
+class TrainProgress:
+    """step, loss, img/s and ETA; quiet (no live bar) when stderr is not a terminal."""
+
+    def __init__(self) -> None:
+        self._progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[ips]:.0f} img/s"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not sys.stderr.isatty(),
+        )
+        self._task = self._progress.add_task("train", total=1, loss=float("nan"), ips=0.0)
+
+    def start(self, total: int, completed: int) -> None:
+        self._progress.update(self._task, total=total, completed=completed)
+        self._progress.start()
+
+    def advance(self, step: int, loss: float, images_per_s: float) -> None:
+        self._progress.update(self._task, completed=step, loss=loss, ips=images_per_s)
+
+    def stop(self) -> None:
+        self._progress.stop()
+
+
+class SampleProgress:
+    """Denoising steps of the current batch."""
+
+    def __init__(self, label: str) -> None:
+        self._progress = Progress(
+            TextColumn(f"[bold]{label}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+            disable=not sys.stderr.isatty(),
+        )
+        self._task = self._progress.add_task(label, total=1)
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self._progress.live.is_started:
+            self._progress.start()
+        self._progress.update(self._task, completed=done, total=total)
+        if done >= total:
+            self._progress.stop()

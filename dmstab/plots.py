@@ -1,0 +1,68 @@
+"""Pictures that tracking logs as artifacts: image grids and timestep histograms."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float (N,C,H,W) -> uint8 with the usual round((x+1)·127.5) quantisation."""
+    return ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> np.ndarray:
+    """uint8 (N,3,H,W) -> one HWC uint8 array with `nrow` images per row."""
+    n, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / nrow)
+    grid = np.full(
+        (rows * (h + padding) + padding, nrow * (w + padding) + padding, c), 255, dtype=np.uint8
+    )
+    pixels = images.permute(0, 2, 3, 1).cpu().numpy()
+    for i in range(n):
+        top = padding + (i // nrow) * (h + padding)
+        left = padding + (i % nrow) * (w + padding)
+        grid[top : top + h, left : left + w] = pixels[i]
+    return grid
+
+
+def save_grid(images: torch.Tensor, path: Path, scale: int = 2) -> Path:
+    """Write a PNG grid, upscaled with nearest neighbour so small images stay legible."""
+    grid = Image.fromarray(image_grid(images))
+    if scale > 1:
+        grid = grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def timestep_histogram(
+    counts: torch.Tensor, probabilities: torch.Tensor, step: int, title: str
+) -> Any:
+    """Histogram of the timesteps drawn since the last figure, against P(t) (AAAI Eq. 7)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    num_timesteps = counts.numel()
+    bins = min(50, num_timesteps)
+    edges = np.linspace(0, num_timesteps, bins + 1).astype(int)
+    observed = np.add.reduceat(counts.double().numpy(), edges[:-1])
+    expected = np.add.reduceat(probabilities.double().numpy(), edges[:-1])
+    total = max(observed.sum(), 1.0)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.stairs(observed / total, edges, fill=True, alpha=0.5, label="sampled")
+    ax.stairs(expected, edges, color="black", label="P(t)")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("fraction per bin")
+    ax.set_title(f"{title} — step {step}")
+    ax.legend()
+    fig.tight_layout()
+    return fig

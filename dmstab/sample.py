@@ -1,0 +1,118 @@
+"""`dmstab sample`: images from a checkpoint or a training run, logged as a child run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dmstab.diffusion import build_diffusion
+from dmstab.errors import DmstabError
+from dmstab.generate import generate_images, write_samples
+from dmstab.models import build_model
+from dmstab.recipe import Recipe, apply_overrides, from_mapping
+from dmstab.tracking import (
+    TAG_PARENT,
+    TAG_RUN_DIR,
+    MlflowTracker,
+    latest_run,
+    run_info,
+    tracked_run,
+)
+from dmstab.train.checkpoint import load_checkpoint
+from dmstab.train.loop import CHECKPOINT_NAME, pick_device
+
+SAMPLING_KEYS = ("sample.", "tracking.", "train.device=")
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    run_id: str
+    npz: Path
+    grid: Path
+    count: int
+
+
+def find_checkpoint(source: str | None, experiment: str, uri: str | None) -> Path:
+    """A checkpoint path, a training run id, or (None) the latest training run."""
+    if source is not None and Path(source).suffix == ".pt":
+        return Path(source)
+    if source is not None and Path(source).exists():
+        return Path(source) / CHECKPOINT_NAME if Path(source).is_dir() else Path(source)
+    run_id = source or latest_run(experiment, "train", uri)
+    if run_id is None:
+        raise DmstabError(
+            f"no training run in MLflow experiment '{experiment}'; "
+            "pass a run id or a checkpoint path"
+        )
+    tags, _ = run_info(run_id, uri)
+    run_dir = tags.get(TAG_RUN_DIR)
+    if not run_dir:
+        raise DmstabError(f"run {run_id} is not a dmstab training run (no {TAG_RUN_DIR} tag)")
+    return Path(run_dir) / CHECKPOINT_NAME
+
+
+def _restricted(overrides: Sequence[str]) -> None:
+    for text in overrides:
+        if not text.startswith(SAMPLING_KEYS):
+            key = text.partition("=")[0]
+            raise DmstabError(
+                f"override '{key}' cannot change a trained model; sampling accepts "
+                "sample.*, tracking.* and train.device"
+            )
+
+
+def sampling_recipe(state: dict[str, Any], overrides: Sequence[str]) -> Recipe:
+    """The training recipe stored in the checkpoint, with sampling overrides applied."""
+    _restricted(overrides)
+    stored = state.get("recipe")
+    if not isinstance(stored, dict):
+        raise DmstabError("checkpoint carries no recipe; it was not written by dmstab train")
+    return from_mapping(apply_overrides(stored, overrides))
+
+
+def sample(
+    source: str | None,
+    overrides: Sequence[str] = (),
+    *,
+    experiment: str = "dmstab",
+    uri: str | None = None,
+    out_dir: Path | None = None,
+    callback: Callable[[int, int], None] | None = None,
+) -> SampleResult:
+    checkpoint = find_checkpoint(source, experiment, uri)
+    state = load_checkpoint(checkpoint)
+    recipe = sampling_recipe(state, overrides)
+    device = pick_device(recipe.train.device)
+    num_classes = int(state.get("num_classes", 0))
+    model = build_model(recipe, num_classes)
+    weights = state["ema"]["shadow"] if recipe.sample.use_ema else state["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise DmstabError(f"checkpoint {checkpoint} does not fit its recipe: {exc}") from None
+    model.to(device)
+    train_run = state.get("run_id")
+    tags = {TAG_PARENT: str(train_run)} if train_run else {}
+    tracker = MlflowTracker.start(recipe, kind="sample", extra_tags=tags)
+    assert tracker.run_id is not None
+    with tracked_run(tracker):
+        images = generate_images(
+            model,
+            build_diffusion(recipe),
+            recipe.sample,
+            image_shape=(3, recipe.data.resolution, recipe.data.resolution),
+            num_classes=num_classes if recipe.model.class_cond else 0,
+            device=device,
+            callback=callback,
+        )
+        directory = out_dir or Path("samples") / tracker.run_id
+        stem = f"{recipe.sample.sampler}{recipe.sample.steps}_seed{recipe.sample.seed}"
+        npz, grid = write_samples(images, directory, stem)
+        step = int(state.get("step", 0))
+        tracker.log_metrics({"sample/num_images": float(len(images))}, step)
+        tracker.log_artifact(grid, "samples")
+        tracker.log_artifact(npz, "samples")
+        tracker.set_tags({"dmstab.checkpoint": str(checkpoint.resolve()), "dmstab.step": str(step)})
+    return SampleResult(tracker.run_id, npz, grid, len(images))

@@ -1,0 +1,57 @@
+"""Checkpoints: written to a temporary file then renamed; read back weights-only."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dmstab.errors import DmstabError
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write `state` so that `path` is always either the old or the new complete file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load with `weights_only=True`; anything unreadable is a one-line user error."""
+    if not path.is_file():
+        raise DmstabError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
+        raise DmstabError(f"checkpoint {path} refused by weights-only loading: {first}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+        raise DmstabError(
+            f"checkpoint {path} is corrupt or truncated ({type(exc).__name__})"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise DmstabError(f"{path} is not a dmstab checkpoint (no 'model' entry)")
+    return state

@@ -1,0 +1,46 @@
+"""Shared fixtures: every test gets its own working directory and MLflow store."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+# A model of a few thousand parameters on 16x16 synthetic shapes: seconds per run on a CPU.
+TINY = [
+    "data.synthetic_size=256",
+    "data.resolution=16",
+    "model.channels=32",
+    "model.channel_mult=[1,2]",
+    "model.num_res_blocks=1",
+    "model.attention_resolutions=[8]",
+    "model.num_heads=2",
+    "diffusion.steps=100",
+    "timesteps.mu=30",
+    "timesteps.sigma=100",
+    "timesteps.target_iteration=10",
+    "timesteps.histogram_every=5",
+    "train.batch_size=8",
+    "train.steps=12",
+    "train.checkpoint_every=4",
+    "train.log_every=1",
+    "train.precision=fp32",
+    "sample.steps=5",
+    "sample.num_images=4",
+    "sample.batch_size=4",
+    "tracking.flush_every=5",
+    "tracking.experiment=tests",
+]
+
+
+@pytest.fixture(autouse=True)
+def isolated_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    yield tmp_path
