@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -46,8 +47,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe content"
-        raise DmstabError(f"checkpoint {path} refused by weights-only loading: {first}") from None
+        found = re.search(r"unsupported GLOBAL (\S+)", str(exc), re.IGNORECASE)
+        what = f"it references {found.group(1)}" if found else "corrupt or not a torch file"
+        raise DmstabError(f"checkpoint {path} refused by weights-only loading: {what}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
         raise DmstabError(
             f"checkpoint {path} is corrupt or truncated ({type(exc).__name__})"
