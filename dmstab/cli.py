@@ -123,7 +123,7 @@ def train(
 @app.command(
     epilog=(
         "Examples:\n\n"
-        "  dmstab sample                       # latest training run, EMA weights\n\n"
+        "  dmstab sample                       # latest training run (any experiment), EMA\n\n"
         "  dmstab sample RUN_ID sample.num_images=256 sample.seed=1\n\n"
         "  dmstab sample runs/RUN_ID/checkpoint.pt sample.sampler=ddim sample.steps=50"
     )
@@ -139,8 +139,9 @@ def sample(
     ] = None,
     overrides: Overrides = None,
     experiment: Annotated[
-        str, typer.Option(help="MLflow experiment searched for the latest run.")
-    ] = "dmstab",
+        str | None,
+        typer.Option(help="Look for the latest run only in this MLflow experiment."),
+    ] = None,
     out: Annotated[
         Path | None, typer.Option(help="Output directory (default samples/RUN_ID).")
     ] = None,

@@ -17,6 +17,7 @@ from dmstab.tracking import (
     TAG_RUN_DIR,
     MlflowTracker,
     latest_run,
+    resolve_uri,
     run_info,
     tracked_run,
 )
@@ -34,7 +35,7 @@ class SampleResult:
     count: int
 
 
-def find_checkpoint(source: str | None, experiment: str, uri: str | None) -> Path:
+def find_checkpoint(source: str | None, experiment: str | None, uri: str | None) -> Path:
     """A checkpoint path, a training run id, or (None) the latest training run."""
     if source is not None and Path(source).suffix == ".pt":
         return Path(source)
@@ -42,10 +43,8 @@ def find_checkpoint(source: str | None, experiment: str, uri: str | None) -> Pat
         return Path(source) / CHECKPOINT_NAME if Path(source).is_dir() else Path(source)
     run_id = source or latest_run(experiment, "train", uri)
     if run_id is None:
-        raise DmstabError(
-            f"no training run in MLflow experiment '{experiment}'; "
-            "pass a run id or a checkpoint path"
-        )
+        where = f"MLflow experiment '{experiment}'" if experiment else resolve_uri(uri)
+        raise DmstabError(f"no training run in {where}; pass a run id or a checkpoint path")
     tags, _ = run_info(run_id, uri)
     run_dir = tags.get(TAG_RUN_DIR)
     if not run_dir:
@@ -76,7 +75,7 @@ def sample(
     source: str | None,
     overrides: Sequence[str] = (),
     *,
-    experiment: str = "dmstab",
+    experiment: str | None = None,
     uri: str | None = None,
     out_dir: Path | None = None,
     callback: Callable[[int, int], None] | None = None,

@@ -76,8 +76,16 @@ class NullTracker:
 
 
 def resolve_uri(recipe_uri: str | None) -> str:
-    """`tracking.uri` from the recipe, else MLFLOW_TRACKING_URI, else ./mlflow.db."""
-    return recipe_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """`tracking.uri` from the recipe, else MLFLOW_TRACKING_URI, else ./mlflow.db.
+
+    A relative SQLite path is made absolute: MLflow caches one store per URI string, so a
+    relative one would keep pointing at the first working directory it was opened in.
+    """
+    uri = recipe_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
 
 
 def _quiet_mlflow_logs() -> None:
@@ -278,14 +286,18 @@ def run_info(run_id: str, uri: str | None = None) -> tuple[dict[str, str], str]:
     return dict(run.data.tags), str(run.info.status)
 
 
-def latest_run(experiment: str, kind: str, uri: str | None = None) -> str | None:
-    """Most recent run of `kind` (e.g. 'train') in an experiment."""
+def latest_run(experiment: str | None, kind: str, uri: str | None = None) -> str | None:
+    """Most recent run of `kind` (e.g. 'train') in one experiment, or in all when None."""
     client = _client(resolve_uri(uri))
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
+    if experiment is None:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        ids = [exp.experiment_id] if exp is not None else []
+    if not ids:
         return None
     runs = client.search_runs(
-        [exp.experiment_id],
+        ids,
         filter_string=f"tags.`{TAG_KIND}` = '{kind}'",
         order_by=["attributes.start_time DESC"],
         max_results=1,

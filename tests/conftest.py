@@ -7,6 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
+
+from dmstab.tracking import resolve_uri
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -44,3 +47,8 @@ def isolated_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     monkeypatch.setenv("PYTHONHASHSEED", "0")
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     yield tmp_path
+
+
+def store() -> MlflowClient:
+    """A client on the default store of the current working directory (./mlflow.db)."""
+    return MlflowClient(resolve_uri(None))

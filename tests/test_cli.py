@@ -10,11 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
-from dmstab.tracking import DEFAULT_TRACKING_URI
-
-from .conftest import RECIPES, TINY
+from .conftest import RECIPES, TINY, store
 
 
 def dmstab(*args: str) -> subprocess.CompletedProcess[str]:
@@ -65,7 +62,7 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None
     assert message in lines[0]
     assert "Traceback" not in result.stderr
     if Path("mlflow.db").exists():  # no run may be created for bad input
-        client = MlflowClient(DEFAULT_TRACKING_URI)
+        client = store()
         assert client.search_experiments()[0].name == "Default"
         assert not client.search_runs([e.experiment_id for e in client.search_experiments()])
 
@@ -97,7 +94,7 @@ def test_missing_recipe_and_checkpoint_exit_2(isolated_workdir: Path) -> None:
 
 
 def test_train_then_sample_with_fixed_seeds(isolated_workdir: Path) -> None:
-    trained = dmstab("train", str(RECIPES / "quickstart.yaml"), *TINY, "tracking.experiment=dmstab")
+    trained = dmstab("train", str(RECIPES / "quickstart.yaml"), *TINY)
     assert trained.returncode == 0, trained.stderr
 
     first = dmstab("sample", "sample.seed=3", "sample.num_images=6", "--out", "a")
@@ -112,8 +109,8 @@ def test_train_then_sample_with_fixed_seeds(isolated_workdir: Path) -> None:
     assert np.array_equal(images["a"], images["b"]), "same seed, other batch split"
     assert not np.array_equal(images["a"], images["c"])
 
-    client = MlflowClient(DEFAULT_TRACKING_URI)
-    experiment = client.get_experiment_by_name("dmstab")
+    client = store()
+    experiment = client.get_experiment_by_name("tests")
     runs = client.search_runs([experiment.experiment_id], "tags.`dmstab.kind` = 'sample'")
     assert len(runs) == 3
     train_run = client.search_runs([experiment.experiment_id], "tags.`dmstab.kind` = 'train'")[0]

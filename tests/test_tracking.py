@@ -18,7 +18,7 @@ from dmstab.tracking import (
     tracked_run,
 )
 
-from .conftest import RECIPES, TINY
+from .conftest import RECIPES, TINY, store
 
 
 def _recipe(*extra: str):  # type: ignore[no-untyped-def]
@@ -29,11 +29,14 @@ def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
-def test_default_store_is_sqlite_in_the_working_directory(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert resolve_uri(None) == DEFAULT_TRACKING_URI == "sqlite:///mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///other.db")
-    assert resolve_uri(None) == "sqlite:///other.db"
-    assert resolve_uri("sqlite:///recipe.db") == "sqlite:///recipe.db"
+def test_default_store_is_sqlite_in_the_working_directory(
+    monkeypatch: pytest.MonkeyPatch, isolated_workdir: Path
+) -> None:
+    assert DEFAULT_TRACKING_URI == "sqlite:///mlflow.db"
+    assert resolve_uri(None) == f"sqlite:///{isolated_workdir.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_uri(None) == "http://127.0.0.1:5000"
+    assert resolve_uri("sqlite:////abs/recipe.db") == "sqlite:////abs/recipe.db"
 
 
 def test_params_tags_and_recipe_artifact(isolated_workdir: Path) -> None:
@@ -41,7 +44,7 @@ def test_params_tags_and_recipe_artifact(isolated_workdir: Path) -> None:
     tracker = MlflowTracker.start(recipe, kind="train")
     tracker.finish("FINISHED")
     assert (isolated_workdir / "mlflow.db").is_file()
-    client = MlflowClient(DEFAULT_TRACKING_URI)
+    client = store()
     run = client.get_run(tracker.run_id)
     assert run.data.params == flatten(recipe)
     assert run.data.tags["dmstab.version"] == __version__
@@ -54,7 +57,7 @@ def test_params_tags_and_recipe_artifact(isolated_workdir: Path) -> None:
 
 def test_metrics_are_buffered_until_flush_every_steps() -> None:
     tracker = MlflowTracker.start(_recipe("tracking.flush_every=10"), kind="train")
-    client = MlflowClient(DEFAULT_TRACKING_URI)
+    client = store()
     for step in range(1, 10):
         tracker.log_metrics({"loss": float(step)}, step=step)
     assert _steps(client, tracker.run_id, "loss") == []
@@ -71,7 +74,7 @@ def test_crash_marks_failed_and_keeps_metrics() -> None:
     with pytest.raises(ZeroDivisionError), tracked_run(tracker):
         tracker.log_metrics({"loss": 0.5}, step=1)
         _ = 1 / 0
-    run = MlflowClient(DEFAULT_TRACKING_URI).get_run(tracker.run_id)
+    run = store().get_run(tracker.run_id)
     assert run.info.status == "FAILED"
     assert run.data.metrics["loss"] == 0.5
 
@@ -88,7 +91,7 @@ def test_resumed_run_skips_steps_it_already_has() -> None:
     for step in range(1, 9):
         second.log_metrics({"loss": float(step), "lr": 1.0}, step=step)
     second.finish("FINISHED")
-    client = MlflowClient(DEFAULT_TRACKING_URI)
+    client = store()
     assert _steps(client, first.run_id, "loss") == list(range(1, 9))
     assert _steps(client, first.run_id, "lr") == list(range(1, 9))
     assert find_resumable_run(recipe) is None

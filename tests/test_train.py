@@ -13,12 +13,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from dmstab.errors import DmstabError
 from dmstab.recipe import flatten, load_recipe
-from dmstab.tracking import DEFAULT_TRACKING_URI
 from dmstab.train.checkpoint import load_checkpoint
 from dmstab.train.loop import TrainingDiverged, train
 
-from .conftest import RECIPES, TINY
+from .conftest import RECIPES, TINY, store
 
 
 def _recipe(*extra: str):  # type: ignore[no-untyped-def]
@@ -41,7 +41,7 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[int]:
 def test_training_run_is_fully_tracked() -> None:
     recipe = _recipe()
     result = train(recipe)
-    client = MlflowClient(DEFAULT_TRACKING_URI)
+    client = store()
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params == flatten(recipe)
@@ -84,7 +84,7 @@ def test_kill_9_then_resume_auto_matches_an_uninterrupted_run(isolated_workdir: 
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
 
-    client = MlflowClient(DEFAULT_TRACKING_URI)
+    client = store()
     experiment = client.get_experiment_by_name("tests")
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1, "resume must continue the same MLflow run"
@@ -104,7 +104,7 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint() -> None:
     with pytest.raises(TrainingDiverged, match="not finite at step") as info:
         train(recipe)
     assert "last good checkpoint" in str(info.value)
-    client = MlflowClient(DEFAULT_TRACKING_URI)
+    client = store()
     run = client.search_runs([client.get_experiment_by_name("tests").experiment_id])[0]
     assert run.info.status == "FAILED"
     checkpoint = next(Path("runs").glob("*/checkpoint.pt"))
@@ -115,8 +115,6 @@ def test_divergence_stops_and_keeps_the_last_good_checkpoint() -> None:
 
 def test_resume_with_a_different_recipe_is_refused() -> None:
     first = train(_recipe("train.steps=2"))
-    from dmstab.errors import DmstabError
-
     with pytest.raises(DmstabError, match="already FINISHED"):
         train(_recipe("train.steps=2"), resume=first.run_id)
     with pytest.raises(DmstabError, match="no MLflow run"):
