@@ -164,5 +164,72 @@ def sample(
     console.print(f"  grid    {result.grid}")
 
 
+@app.command(
+    "ema-reconstruct",
+    epilog=(
+        "Examples:\n\n"
+        "  dmstab ema-reconstruct --sigma-rel 0.13   # latest training run, last snapshot\n\n"
+        "  dmstab ema-reconstruct --run RUN_ID --sigma-rel 0.05 --sigma-rel 0.2 --at 4000\n\n"
+        "  dmstab ema-reconstruct --sweep 0.03:0.20:0.01      # one checkpoint per σrel\n\n"
+        "  dmstab ema-reconstruct --sigma-rel 0.13 --dry-run  # coefficients and profile error"
+    ),
+)
+@user_errors
+def ema_reconstruct(
+    sigma_rel: Annotated[
+        list[float] | None,
+        typer.Option("--sigma-rel", help="EMA length(s) σrel to reconstruct.", show_default=False),
+    ] = None,
+    gamma: Annotated[
+        list[float] | None,
+        typer.Option("--gamma", help="EMA exponent(s) γ instead of σrel.", show_default=False),
+    ] = None,
+    sweep: Annotated[
+        str | None,
+        typer.Option(help="start:stop:step range of σrel (stop included).", show_default=False),
+    ] = None,
+    at: Annotated[
+        int | None,
+        typer.Option(
+            help="Training step to reconstruct at (default: last snapshot).", show_default=False
+        ),
+    ] = None,
+    run: Annotated[
+        str | None,
+        typer.Option("--run", help="Training run id (default: latest).", show_default=False),
+    ] = None,
+    snapshots: Annotated[
+        Path | None,
+        typer.Option(help="Snapshot directory instead of a run.", show_default=False),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output directory (default RUN_DIR/reconstructed).", show_default=False),
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print coefficients and errors, write nothing.")
+    ] = False,
+) -> None:
+    """Post-hoc EMA (EDM2 Sec. 3): a checkpoint for any σrel from power-EMA snapshots."""
+    from dmstab.console import console
+    from dmstab.posthoc_ema import find_snapshots, make_plan, parse_sweep, reconstruct_ema
+    from dmstab.train.power_ema import gamma_to_sigma_rel
+
+    sigmas = [*(sigma_rel or []), *(gamma_to_sigma_rel(g) for g in gamma or [])]
+    sigmas += parse_sweep(sweep) if sweep else []
+    if not sigmas:
+        raise DmstabError("give --sigma-rel, --gamma or --sweep")
+    directory = find_snapshots(run, snapshots, None)
+    if dry_run:
+        typer.echo(make_plan(directory, sigmas, at).describe())
+        return
+    plan, results = reconstruct_ema(directory, sigmas, at=at, out_dir=out)
+    console.print(f"[green]done[/] {len(results)} reconstruction(s) at step {plan.step}")
+    for item in results:
+        console.print(
+            f"  σrel {item.sigma_rel:.4f}  {item.path}  (profile error {item.profile_error:.1e})"
+        )
+
+
 def main() -> Any:
     return app()

@@ -95,8 +95,18 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class EmaConfig:
+    """Classic EMA (`rate`), plus optional power-function EMAs for post-hoc reconstruction.
+
+    `power_sigma_rels` lists the relative widths σrel of the power-function EMAs tracked every
+    step (EDM2 Sec. 3; the paper stores 0.05 and 0.10); their snapshots are written every
+    `snapshot_every` training images and at the end, for `dmstab ema-reconstruct`.
+    """
+
     rate: float = 0.9999
     warmup: bool = False
+    power_sigma_rels: tuple[float, ...] = ()
+    snapshot_every: int = 0
+    snapshot_dtype: Literal["float32", "float16"] = "float32"
 
 
 @dataclass(frozen=True)
@@ -300,7 +310,16 @@ def validate(recipe: Recipe) -> Recipe:
     _require(o.weight_decay >= 0, "optim.weight_decay must be >= 0")
     _require(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip must be positive or null")
     _require(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
-    _require(0.0 <= recipe.ema.rate < 1.0, f"ema.rate is {recipe.ema.rate}; must be in [0, 1)")
+    e = recipe.ema
+    _require(0.0 <= e.rate < 1.0, f"ema.rate is {e.rate}; must be in [0, 1)")
+    if e.power_sigma_rels:
+        from dmstab.train.power_ema import SIGMA_REL_MAX
+
+        _require(
+            all(0.0 < s <= SIGMA_REL_MAX for s in e.power_sigma_rels),
+            f"ema.power_sigma_rels {list(e.power_sigma_rels)} must lie in (0, {SIGMA_REL_MAX:.6f}]",
+        )
+    _require(e.snapshot_every >= 0, "ema.snapshot_every (images) must be >= 0 (0 = at the end)")
     _require(tr.steps >= 1, "train.steps must be at least 1")
     _require(tr.batch_size >= 1, "train.batch_size must be at least 1")
     _require(tr.log_every >= 1, "train.log_every must be at least 1")

@@ -37,8 +37,10 @@ from dmstab.tracking import (
 from dmstab.train.checkpoint import load_checkpoint, save_checkpoint
 from dmstab.train.ema import EMA
 from dmstab.train.optim import build_optimizer, learning_rate
+from dmstab.train.power_ema import SNAPSHOT_DTYPES, PowerEMA
 
 CHECKPOINT_NAME = "checkpoint.pt"
+SNAPSHOT_DIR = "snapshots"
 
 
 class TrainingDiverged(Exception):
@@ -139,6 +141,8 @@ class Trainer:
         self.timesteps = build_timestep_sampler(recipe)
         self.optimizer = build_optimizer(self.model, recipe.optim)
         self.ema = EMA(self.model, recipe.ema.rate, recipe.ema.warmup)
+        sigma_rels = recipe.ema.power_sigma_rels
+        self.power_ema = PowerEMA(self.model, sigma_rels) if sigma_rels else None
         self.order = EpochOrder(len(self.dataset), recipe.train.seed)
         self.step = 0
         self.timestep_counts = torch.zeros(recipe.diffusion.steps, dtype=torch.long)
@@ -147,6 +151,7 @@ class Trainer:
         return {
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
+            "power_ema": self.power_ema.state_dict() if self.power_ema else None,
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "recipe": to_dict(self.recipe),
@@ -167,6 +172,9 @@ class Trainer:
             raise DmstabError(f"checkpoint does not fit this recipe's model: {exc}") from None
         self.optimizer.load_state_dict(optimizer)
         self.ema.load_state_dict(ema)
+        power_ema = state.get("power_ema")
+        if self.power_ema is not None and isinstance(power_ema, dict):
+            self.power_ema.load_state_dict(power_ema)
         self.step = step
 
     def train_step(self) -> dict[str, torch.Tensor]:
@@ -202,6 +210,8 @@ class Trainer:
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.optimizer.step()
         self.ema.update(self.model)
+        if self.power_ema is not None:
+            self.power_ema.update(self.model, self.step)
         out = {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
         out.update({k: v.detach().mean() for k, v in terms.items() if k != "loss"})
         return out
@@ -244,6 +254,21 @@ def _sample_and_log(
     tracker.log_artifact(grid, "samples")
     tracker.log_artifact(npz, "samples")
     return grid
+
+
+def _snapshot_due(trainer: Trainer, step: int) -> bool:
+    """At the end, and whenever the image count crosses a multiple of `ema.snapshot_every`."""
+    if trainer.power_ema is None:
+        return False
+    every, batch = trainer.recipe.ema.snapshot_every, trainer.recipe.train.batch_size
+    crossed = bool(every) and (step * batch) // every > ((step - 1) * batch) // every
+    return crossed or step == trainer.recipe.train.steps
+
+
+def _save_snapshots(trainer: Trainer, run_dir: Path) -> None:
+    assert trainer.power_ema is not None
+    dtype = SNAPSHOT_DTYPES[trainer.recipe.ema.snapshot_dtype]
+    trainer.power_ema.save_snapshots(run_dir / SNAPSHOT_DIR, dtype)
 
 
 def _save(trainer: Trainer, run_id: str, path: Path) -> None:
@@ -328,6 +353,8 @@ def _run_steps(
             every = trainer.recipe.timesteps.histogram_every
             if every and step % every == 0:
                 _log_timestep_histogram(trainer, tracker)
+            if _snapshot_due(trainer, step):
+                _save_snapshots(trainer, run_dir)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 tracker.flush()
                 _save(trainer, run_id, checkpoint)
