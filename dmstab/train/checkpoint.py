@@ -7,22 +7,24 @@ import pickle
 import re
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from dmstab.errors import DmstabError
 
 
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write `state` so that `path` is always either the old or the new complete file."""
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Run `write` on a temporary file beside `path`, fsync it, then rename it over `path`,
+    so `path` is always either the old or the new complete file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(state, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -30,6 +32,11 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """`torch.save` through `write_atomically`."""
+    write_atomically(path, lambda handle: torch.save(state, handle))
 
 
 def _fsync_directory(directory: Path) -> None:

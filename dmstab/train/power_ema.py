@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ from scipy.optimize import brentq
 from torch import nn
 
 from dmstab.errors import DmstabError
-from dmstab.train.checkpoint import load_checkpoint, save_checkpoint
+from dmstab.train.checkpoint import load_checkpoint, save_checkpoint, write_atomically
 
 SNAPSHOT_PREFIX = "phema"
 SNAPSHOT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -187,21 +185,9 @@ def save_snapshot(
     metadata = {"step": step, "sigma_rel": sigma_rel, "gamma": gamma, "dtype": info.dtype}
     save_checkpoint({"model": _cast_floating(weights, dtype), **metadata}, info.path)
     # The sidecar comes second: a listed snapshot always has its complete weights file.
-    _write_text_atomically(json.dumps(metadata, indent=1), info.path.with_suffix(".json"))
+    sidecar = json.dumps(metadata, indent=1).encode()
+    write_atomically(info.path.with_suffix(".json"), lambda handle: handle.write(sidecar))
     return info
-
-
-def _write_text_atomically(text: str, path: Path) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 def _info_from_metadata(metadata: dict[str, Any], path: Path, source: Path) -> SnapshotInfo:
