@@ -86,7 +86,12 @@ def sample(
     device = pick_device(recipe.train.device)
     num_classes = int(state.get("num_classes", 0))
     model = build_model(recipe, num_classes)
-    weights = state["ema"]["shadow"] if recipe.sample.use_ema else state["model"]
+    ema = state.get("ema")
+    weights = ema.get("shadow") if isinstance(ema, dict) else None
+    if not recipe.sample.use_ema:
+        weights = state["model"]
+    elif not isinstance(weights, dict):
+        raise DmstabError(f"checkpoint {checkpoint} has no EMA weights; use sample.use_ema=false")
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:

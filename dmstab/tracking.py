@@ -306,9 +306,12 @@ def latest_run(experiment: str | None, kind: str, uri: str | None = None) -> str
 
 
 def save_figure(tracker: Tracker, figure: Any, artifact_file: str) -> None:
-    """Log a matplotlib figure as a PNG artifact (kept under its directory)."""
+    """Log a matplotlib figure as a PNG artifact (kept under its directory), then close it."""
+    from matplotlib import pyplot as plt
+
     directory, _, filename = artifact_file.rpartition("/")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / filename
         figure.savefig(path, dpi=110, bbox_inches="tight")
         tracker.log_artifact(path, directory or None)
+    plt.close(figure)

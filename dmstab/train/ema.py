@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dmstab.errors import DmstabError
+
 
 class EMA:
     """θ̂ ← r·θ̂ + (1−r)·θ after every optimiser step, kept in float32.
@@ -39,8 +41,10 @@ class EMA:
         return {"shadow": self.shadow, "updates": self.updates}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        shadow = state["shadow"]
-        updates = state["updates"]
-        assert isinstance(shadow, dict) and isinstance(updates, int)
+        shadow, updates = state.get("shadow"), state.get("updates")
+        if not (isinstance(shadow, dict) and isinstance(updates, int)):
+            raise DmstabError("checkpoint's EMA state is malformed (needs 'shadow' and 'updates')")
+        if shadow.keys() != self.shadow.keys():
+            raise DmstabError("checkpoint's EMA weights do not fit this recipe's model")
         self.shadow = shadow
         self.updates = updates

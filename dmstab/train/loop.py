@@ -7,6 +7,7 @@ from the checkpoint of step k continues bit for bit as if it had never stopped.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -218,8 +219,6 @@ class Trainer:
 
     def ema_model(self) -> nn.Module:
         """A copy of the network carrying the EMA weights."""
-        import copy
-
         model = copy.deepcopy(self.model)
         model.load_state_dict({k: v.to(self.device) for k, v in self.ema.shadow.items()})
         return model
@@ -230,9 +229,6 @@ def _log_timestep_histogram(trainer: Trainer, tracker: Tracker) -> None:
     probabilities = trainer.timesteps.probabilities(trainer.step)
     figure = timestep_histogram(trainer.timestep_counts, probabilities, trainer.step, title)
     save_figure(tracker, figure, f"timesteps/step_{trainer.step:08d}.png")
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
     trainer.timestep_counts.zero_()
 
 
