@@ -231,5 +231,63 @@ def ema_reconstruct(
         )
 
 
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  dmstab fid samples/RUN/ddpm250_seed0.npz --ref recipes/cifar10_baseline.yaml\n\n"
+        "  dmstab fid generated/ --ref cifar10_train_stats.npz --mode legacy_tensorflow\n\n"
+        "  dmstab fid a.npz --ref b.npz --kid --inception-weights ~/inception-2015-12-05.pt"
+    )
+)
+@user_errors
+def fid(
+    images: Annotated[
+        Path,
+        typer.Argument(help="Images to score: .npz (uint8 NHWC) or folder.", show_default=False),
+    ],
+    ref: Annotated[
+        Path,
+        typer.Option(
+            help="Reference: statistics .npz (mu, sigma), images (.npz/folder), or a recipe "
+            "whose dataset's statistics are computed once and cached.",
+            show_default=False,
+        ),
+    ],
+    mode: Annotated[
+        str, typer.Option(help="clean-fid mode: clean, legacy_pytorch or legacy_tensorflow.")
+    ] = "clean",
+    inception_weights: Annotated[
+        str | None,
+        typer.Option(
+            help="Local Inception weights file or folder (else $DMSTAB_INCEPTION_WEIGHTS)."
+        ),
+    ] = None,
+    with_kid: Annotated[bool, typer.Option("--kid", help="Also compute KID.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per Inception batch.")] = 250,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment of the score run.")] = "fid",
+    parent: Annotated[
+        str | None, typer.Option(help="Run id to link the score to.", show_default=False)
+    ] = None,
+) -> None:
+    """FID (clean-fid numbers, batched) of images against a reference; logged to MLflow."""
+    from dmstab.console import console
+    from dmstab.score import score
+
+    result, cache = score(
+        images,
+        ref,
+        mode=mode,
+        inception_weights=inception_weights,
+        with_kid=with_kid,
+        batch_size=batch_size,
+        experiment=experiment,
+        parent_run=parent,
+    )
+    if cache is not None:
+        console.print(f"  reference statistics cached at {cache}")
+    kid_text = f"  KID {result.kid:.5f}" if result.kid is not None else ""
+    typer.echo(f"FID {result.fid:.4f}{kid_text}  ({result.num_images} images, run {result.run_id})")
+
+
 def main() -> Any:
     return app()

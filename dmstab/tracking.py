@@ -118,15 +118,13 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def _standard_tags(recipe: Recipe, kind: str) -> dict[str, str]:
+def _standard_tags(kind: str) -> dict[str, str]:
     tags = {
         "dmstab.version": __version__,
         TAG_COMMAND: " ".join(["dmstab", *sys.argv[1:]]),
         "dmstab.hostname": socket.gethostname(),
         "dmstab.python": platform.python_version(),
         TAG_KIND: kind,
-        TAG_RECIPE_NAME: recipe.name,
-        TAG_FINGERPRINT: fingerprint(recipe),
         "mlflow.source.name": "dmstab",
     }
     commit = _git_commit()
@@ -157,27 +155,59 @@ class MlflowTracker:
         extra_tags: Mapping[str, str] | None = None,
     ) -> MlflowTracker:
         """Create a run (params = the flattened recipe) or reopen `resume_run_id`."""
-        uri = resolve_uri(recipe.tracking.uri)
-        client = _client(uri)
-        try:
-            if resume_run_id is not None:
+        if resume_run_id is not None:
+            uri = resolve_uri(recipe.tracking.uri)
+            client = _client(uri)
+            try:
                 client.update_run(resume_run_id, status="RUNNING")
-                tracker = cls(client, resume_run_id, recipe.tracking.flush_every)
-                tracker.set_tags({TAG_COMMAND + ".resume": " ".join(["dmstab", *sys.argv[1:]])})
-                return tracker
-            experiment_id = _experiment_id(client, recipe.tracking.experiment)
-            tags = _standard_tags(recipe, kind)
-            if parent_run_id:
-                tags[TAG_PARENT] = parent_run_id
-            tags.update(extra_tags or {})
-            run = client.create_run(experiment_id, run_name=recipe.tracking.run_name, tags=tags)
+            except Exception as exc:  # the store is unreachable or the run is gone
+                raise DmstabError(
+                    f"cannot reopen run {resume_run_id} in {uri}: {_first_line(exc)}"
+                ) from None
+            tracker = cls(client, resume_run_id, recipe.tracking.flush_every)
+            tracker.set_tags({TAG_COMMAND + ".resume": " ".join(["dmstab", *sys.argv[1:]])})
+            return tracker
+        tags = {TAG_RECIPE_NAME: recipe.name, TAG_FINGERPRINT: fingerprint(recipe)}
+        if parent_run_id:
+            tags[TAG_PARENT] = parent_run_id
+        tags.update(extra_tags or {})
+        tracker = cls.create(
+            experiment=recipe.tracking.experiment,
+            kind=kind,
+            params=flatten(recipe),
+            tags=tags,
+            uri=recipe.tracking.uri,
+            run_name=recipe.tracking.run_name,
+            flush_every=recipe.tracking.flush_every,
+        )
+        tracker.log_text(to_yaml(recipe), "recipe.yaml")
+        return tracker
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        experiment: str,
+        kind: str,
+        params: Mapping[str, str],
+        tags: Mapping[str, str],
+        uri: str | None = None,
+        run_name: str | None = None,
+        flush_every: int = 50,
+    ) -> MlflowTracker:
+        """A new run of `kind` with the standard tags plus `tags`, and `params` logged."""
+        resolved = resolve_uri(uri)
+        client = _client(resolved)
+        try:
+            experiment_id = _experiment_id(client, experiment)
+            all_tags = {**_standard_tags(kind), **tags}
+            run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
         except DmstabError:
             raise
         except Exception as exc:  # any backend failure at start is a user-facing setup problem
-            raise DmstabError(f"cannot open MLflow store {uri}: {_first_line(exc)}") from None
-        tracker = cls(client, run.info.run_id, recipe.tracking.flush_every)
-        tracker._log_params(flatten(recipe))
-        tracker.log_text(to_yaml(recipe), "recipe.yaml")
+            raise DmstabError(f"cannot open MLflow store {resolved}: {_first_line(exc)}") from None
+        tracker = cls(client, run.info.run_id, flush_every)
+        tracker._log_params(params)
         return tracker
 
     def _last_logged_steps(self) -> dict[str, int]:

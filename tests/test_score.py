@@ -1,0 +1,77 @@
+"""`dmstab fid` through the real CLI, with a random-weight stand-in Inception file."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dmstab.data.synthetic import generate_shapes
+
+from .conftest import RECIPES, store
+from .test_fid import torchscript_folder  # noqa: F401  (the stand-in weights fixture)
+
+
+def dmstab(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dmstab", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def _write_npz(path: Path, count: int, seed: int) -> Path:
+    images, _ = generate_shapes(count, 32, seed=seed)
+    np.savez(path, images.permute(0, 2, 3, 1).numpy())
+    return path
+
+
+def test_missing_weights_stop_before_any_work(isolated_workdir: Path) -> None:
+    images = _write_npz(isolated_workdir / "a.npz", 4, seed=0)
+    result = dmstab("fid", str(images), "--ref", str(images), env={"HOME": str(isolated_workdir)})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "inception-2015-12-05.pt" in lines[0], result.stderr
+    assert "never downloads" in lines[0]
+    assert not Path("mlflow.db").exists()
+
+
+@pytest.mark.slow
+def test_fid_against_images_and_a_cached_recipe_reference(
+    isolated_workdir: Path,
+    torchscript_folder: Path,  # noqa: F811
+) -> None:
+    env = {"HOME": str(isolated_workdir), "DMSTAB_INCEPTION_WEIGHTS": str(torchscript_folder)}
+    a = _write_npz(isolated_workdir / "a.npz", 24, seed=0)
+    b = _write_npz(isolated_workdir / "b.npz", 24, seed=1)
+
+    same = dmstab("fid", str(a), "--ref", str(a), "--kid", env=env)
+    assert same.returncode == 0, same.stderr
+    other = dmstab("fid", str(a), "--ref", str(b), env=env)
+    assert other.returncode == 0, other.stderr
+    fid_same = float(same.stdout.split()[1])
+    fid_other = float(other.stdout.split()[1])
+    assert abs(fid_same) < 1e-6 < fid_other
+
+    recipe = isolated_workdir / "ref.yaml"
+    recipe.write_text(f"base: {RECIPES / 'quickstart.yaml'}\ndata: {{synthetic_size: 24}}\n")
+    first = dmstab("fid", str(a), "--ref", str(recipe), env=env)
+    assert first.returncode == 0, first.stderr
+    assert "cached at" in first.stderr
+    cached = list((isolated_workdir / ".cache" / "dmstab" / "stats").glob("*.npz"))
+    assert len(cached) == 1
+    # The recipe's dataset is the synthetic set with seed 0 and 24 images: the same as `a`.
+    assert abs(float(first.stdout.split()[1])) < 1e-6
+    written = cached[0].stat().st_mtime_ns
+    again = dmstab("fid", str(a), "--ref", str(recipe), env=env)
+    assert again.returncode == 0 and again.stdout.split()[1] == first.stdout.split()[1]
+    assert cached[0].stat().st_mtime_ns == written, "the cached statistics must be reused"
+
+    runs = store().search_runs([store().get_experiment_by_name("fid").experiment_id])
+    assert len(runs) == 4 and all("fid" in r.data.metrics for r in runs)
