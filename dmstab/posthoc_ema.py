@@ -21,10 +21,9 @@ from dmstab.errors import DmstabError
 from dmstab.recipe import from_mapping
 from dmstab.tracking import (
     TAG_PARENT,
-    TAG_RUN_DIR,
     MlflowTracker,
     latest_run,
-    run_info,
+    run_directory,
     tracked_run,
 )
 from dmstab.train.checkpoint import load_checkpoint, save_checkpoint
@@ -81,10 +80,7 @@ def find_snapshots(run_id: str | None, snapshots: Path | None, uri: str | None) 
     run_id = run_id or latest_run(None, "train", uri)
     if run_id is None:
         raise DmstabError("no training run found; pass --run ID or --snapshots DIR")
-    tags, _ = run_info(run_id, uri)
-    if TAG_RUN_DIR not in tags:
-        raise DmstabError(f"run {run_id} is not a dmstab training run (no {TAG_RUN_DIR} tag)")
-    directory = Path(tags[TAG_RUN_DIR]) / SNAPSHOT_DIR
+    directory = run_directory(run_id, uri) / SNAPSHOT_DIR
     if not directory.is_dir():
         raise DmstabError(
             f"run {run_id} has no power-EMA snapshots in {directory}; train with "

@@ -14,11 +14,10 @@ from dmstab.models import build_model
 from dmstab.recipe import Recipe, apply_overrides, from_mapping
 from dmstab.tracking import (
     TAG_PARENT,
-    TAG_RUN_DIR,
     MlflowTracker,
     latest_run,
     resolve_uri,
-    run_info,
+    run_directory,
     tracked_run,
 )
 from dmstab.train.checkpoint import load_checkpoint
@@ -45,11 +44,7 @@ def find_checkpoint(source: str | None, experiment: str | None, uri: str | None)
     if run_id is None:
         where = f"MLflow experiment '{experiment}'" if experiment else resolve_uri(uri)
         raise DmstabError(f"no training run in {where}; pass a run id or a checkpoint path")
-    tags, _ = run_info(run_id, uri)
-    run_dir = tags.get(TAG_RUN_DIR)
-    if not run_dir:
-        raise DmstabError(f"run {run_id} is not a dmstab training run (no {TAG_RUN_DIR} tag)")
-    return Path(run_dir) / CHECKPOINT_NAME
+    return run_directory(run_id, uri) / CHECKPOINT_NAME
 
 
 def _restricted(overrides: Sequence[str]) -> None:

@@ -15,18 +15,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from dmstab.analysis.features import extractor_for, inception_weights_path, load_inception
 from dmstab.analysis.fid import compute_features, compute_stats, fid_from_stats
 from dmstab.analysis.frechet import FeatureStats, kid
 from dmstab.data import build_dataset
+from dmstab.data.images import IMAGE_SUFFIXES, image_files, nhwc_to_nchw, read_npz_images
 from dmstab.errors import DmstabError
 from dmstab.plots import to_uint8
 from dmstab.recipe import load_recipe
 from dmstab.tracking import TAG_PARENT, MlflowTracker, tracked_run
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 STATS_CACHE = Path.home() / ".cache" / "dmstab" / "stats"
 
 
@@ -39,23 +39,12 @@ class Score:
 
 
 def _npz_images(path: Path) -> torch.Tensor:
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            key = "arr_0" if "arr_0" in archive else "images" if "images" in archive else None
-            if key is None:
-                raise DmstabError(f"{path} has no image array ('arr_0' or 'images')")
-            array = archive[key]
-    except (OSError, ValueError) as exc:
-        raise DmstabError(f"cannot read {path}: {exc}") from None
-    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
-        raise DmstabError(
-            f"{path}: expected uint8 images (N, H, W, 3), got {array.dtype} {array.shape}"
-        )
-    return torch.from_numpy(array).permute(0, 3, 1, 2)
+    return nhwc_to_nchw(read_npz_images(path)[0])
 
 
 def _folder_images(path: Path, batch_size: int) -> Iterator[torch.Tensor]:
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    """Every image file under `path` (recursively, sorted), at its own size, in batches."""
+    files = image_files(path, recursive=True)
     if not files:
         raise DmstabError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}")
     for start in range(0, len(files), batch_size):
@@ -64,9 +53,11 @@ def _folder_images(path: Path, batch_size: int) -> Iterator[torch.Tensor]:
             try:
                 with Image.open(file) as image:
                     arrays.append(np.asarray(image.convert("RGB")))
-            except (OSError, UnidentifiedImageError):
+            except OSError:
                 raise DmstabError(f"cannot read image {file}") from None
-        yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+        if len({a.shape for a in arrays}) > 1:
+            raise DmstabError(f"images under {path} differ in size; FID needs one size")
+        yield nhwc_to_nchw(np.stack(arrays))
 
 
 def _stats_file(path: Path) -> FeatureStats | None:

@@ -316,6 +316,14 @@ def run_info(run_id: str, uri: str | None = None) -> tuple[dict[str, str], str]:
     return dict(run.data.tags), str(run.info.status)
 
 
+def run_directory(run_id: str, uri: str | None = None) -> Path:
+    """The local directory (checkpoint, snapshots, samples) of a dmstab training run."""
+    tags, _ = run_info(run_id, uri)
+    if TAG_RUN_DIR not in tags:
+        raise DmstabError(f"run {run_id} is not a dmstab training run (no {TAG_RUN_DIR} tag)")
+    return Path(tags[TAG_RUN_DIR])
+
+
 def latest_run(experiment: str | None, kind: str, uri: str | None = None) -> str | None:
     """Most recent run of `kind` (e.g. 'train') in one experiment, or in all when None."""
     client = _client(resolve_uri(uri))

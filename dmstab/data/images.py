@@ -43,7 +43,7 @@ def _check_resolution(resolution: int) -> None:
         raise DmstabError(f"data.resolution must be a positive number of pixels, got {resolution}")
 
 
-def _nhwc_to_nchw(images: UInt8Array) -> torch.Tensor:
+def nhwc_to_nchw(images: UInt8Array) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
@@ -74,10 +74,10 @@ class FolderDataset:
         """float32 images in [-1, 1], shape (B, 3, H, W), and int64 labels (B,)."""
         files = [self.files[index] for index in indices.tolist()]
         pixels = np.stack([_load_image(path, self.resolution) for path in files])
-        return uint8_to_model_range(_nhwc_to_nchw(pixels)), self.labels[indices]
+        return uint8_to_model_range(nhwc_to_nchw(pixels)), self.labels[indices]
 
 
-def _image_files(folder: Path, *, recursive: bool) -> list[Path]:
+def image_files(folder: Path, *, recursive: bool) -> list[Path]:
     candidates = folder.rglob("*") if recursive else folder.iterdir()
     return sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
@@ -88,7 +88,7 @@ def folder_dataset(root: Path, resolution: int) -> ImageDataset:
     if not root.is_dir():
         raise DmstabError(f"image folder {root} does not exist or is not a folder")
     class_folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    loose_images = _image_files(root, recursive=False)
+    loose_images = image_files(root, recursive=False)
     suffixes = "/".join(s.lstrip(".") for s in IMAGE_SUFFIXES)
     if class_folders and loose_images:
         raise DmstabError(
@@ -103,7 +103,7 @@ def folder_dataset(root: Path, resolution: int) -> ImageDataset:
     files: list[Path] = []
     labels: list[int] = []
     for label, folder in enumerate(class_folders):
-        members = _image_files(folder, recursive=True)
+        members = image_files(folder, recursive=True)
         if not members:
             raise DmstabError(f"class folder {folder} holds no {suffixes} images")
         files += members
@@ -145,10 +145,8 @@ def _checked_labels(path: Path, labels: npt.NDArray[Any], count: int) -> torch.T
     return torch.from_numpy(labels.astype(np.int64))
 
 
-def npz_dataset(path: Path, resolution: int) -> InMemoryDataset:
-    """uint8 (N, H, W, 3) images under 'arr_0' or 'images', optional labels under 'arr_1' or
-    'labels'; images of another size are center-cropped and resized to `resolution`."""
-    _check_resolution(resolution)
+def read_npz_images(path: Path) -> tuple[UInt8Array, npt.NDArray[Any] | None]:
+    """Checked uint8 (N, H, W, 3) images under 'arr_0' or 'images', and labels if present."""
     if not path.is_file():
         raise DmstabError(f"npz file {path} does not exist")
     images, labels = _read_npz(path)
@@ -157,6 +155,14 @@ def npz_dataset(path: Path, resolution: int) -> InMemoryDataset:
             f"{path}: images must be a non-empty uint8 array (N, H, W, 3), "
             f"got {images.dtype} {images.shape}"
         )
+    return images, labels
+
+
+def npz_dataset(path: Path, resolution: int) -> InMemoryDataset:
+    """uint8 (N, H, W, 3) images under 'arr_0' or 'images', optional labels under 'arr_1' or
+    'labels'; images of another size are center-cropped and resized to `resolution`."""
+    _check_resolution(resolution)
+    images, labels = read_npz_images(path)
     if images.shape[1:3] != (resolution, resolution):
         images = np.stack([center_crop_resize(Image.fromarray(i), resolution) for i in images])
     if labels is None:
@@ -164,4 +170,4 @@ def npz_dataset(path: Path, resolution: int) -> InMemoryDataset:
     else:
         label_tensor = _checked_labels(path, labels, len(images))
         num_classes = int(label_tensor.max()) + 1
-    return InMemoryDataset("npz", _nhwc_to_nchw(images), label_tensor, num_classes)
+    return InMemoryDataset("npz", nhwc_to_nchw(images), label_tensor, num_classes)
