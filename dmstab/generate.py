@@ -12,7 +12,7 @@ from torch import nn
 from dmstab.diffusion import GaussianDiffusion
 from dmstab.diffusion.sampling import NoiseSource, sample_images
 from dmstab.plots import save_grid, to_uint8
-from dmstab.recipe import SampleConfig
+from dmstab.recipe import Recipe, SampleConfig
 
 
 def class_labels(first_index: int, count: int, num_classes: int) -> torch.Tensor | None:
@@ -57,6 +57,28 @@ def generate_images(
     finally:
         model.train(was_training)
     return torch.cat(batches)
+
+
+def generate_for_recipe(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    recipe: Recipe,
+    *,
+    dataset_classes: int,
+    device: torch.device,
+    callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """`generate_images` with the image shape and class count a training recipe implies."""
+    resolution = recipe.data.resolution
+    return generate_images(
+        model,
+        diffusion,
+        recipe.sample,
+        image_shape=(3, resolution, resolution),
+        num_classes=dataset_classes if recipe.model.class_cond else 0,
+        device=device,
+        callback=callback,
+    )
 
 
 def write_samples(images: torch.Tensor, directory: Path, stem: str) -> tuple[Path, Path]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from dmstab.diffusion import build_diffusion
 from dmstab.errors import DmstabError
-from dmstab.generate import generate_images, write_samples
+from dmstab.generate import generate_for_recipe, write_samples
 from dmstab.models import build_model
 from dmstab.recipe import Recipe, apply_overrides, from_mapping
 from dmstab.tracking import (
@@ -97,12 +97,11 @@ def sample(
     tracker = MlflowTracker.start(recipe, kind="sample", extra_tags=tags)
     assert tracker.run_id is not None
     with tracked_run(tracker):
-        images = generate_images(
+        images = generate_for_recipe(
             model,
             build_diffusion(recipe),
-            recipe.sample,
-            image_shape=(3, recipe.data.resolution, recipe.data.resolution),
-            num_classes=num_classes if recipe.model.class_cond else 0,
+            recipe,
+            dataset_classes=num_classes,
             device=device,
             callback=callback,
         )

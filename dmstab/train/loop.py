@@ -21,7 +21,7 @@ from dmstab import __version__
 from dmstab.data import ImageDataset, build_dataset
 from dmstab.diffusion import build_diffusion, build_timestep_sampler
 from dmstab.errors import DmstabError
-from dmstab.generate import generate_images, write_samples
+from dmstab.generate import generate_for_recipe, write_samples
 from dmstab.models import build_model, count_parameters
 from dmstab.plots import timestep_histogram
 from dmstab.recipe import Recipe, differences, fingerprint, from_mapping, to_dict, to_yaml
@@ -235,14 +235,12 @@ def _log_timestep_histogram(trainer: Trainer, tracker: Tracker) -> None:
 def _sample_and_log(
     trainer: Trainer, tracker: Tracker, run_dir: Path, on_sample: Callable[[int, int], None] | None
 ) -> Path:
-    recipe = trainer.recipe
-    model = trainer.ema_model() if recipe.sample.use_ema else trainer.model
-    images = generate_images(
+    model = trainer.ema_model() if trainer.recipe.sample.use_ema else trainer.model
+    images = generate_for_recipe(
         model,
         trainer.diffusion,
-        recipe.sample,
-        image_shape=(3, recipe.data.resolution, recipe.data.resolution),
-        num_classes=trainer.dataset.num_classes if recipe.model.class_cond else 0,
+        trainer.recipe,
+        dataset_classes=trainer.dataset.num_classes,
         device=trainer.device,
         callback=on_sample,
     )
@@ -322,7 +320,6 @@ def _run_steps(
         progress.start(cfg.steps, trainer.step)
     window: dict[str, float] = {}
     window_steps, window_start = 0, time.perf_counter()
-    samples: Path | None = None
     try:
         while trainer.step < cfg.steps:
             scalars = trainer.train_step()
