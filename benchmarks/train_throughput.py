@@ -32,10 +32,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU")
+    parser.add_argument(
+        "--keep-denormals",
+        action="store_true",
+        help="CPU: undo dmstab's flush-to-zero of denormal floats, to measure what it buys",
+    )
     args = parser.parse_args()
 
     recipe = load_recipe(args.recipe, args.overrides)
     device = pick_device(recipe.train.device)
+    if args.keep_denormals:
+        torch.set_flush_denormal(False)
     trainer = Trainer(recipe, device)
     for _ in range(args.warmup):
         trainer.train_step()

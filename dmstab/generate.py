@@ -1,4 +1,8 @@
-"""Generating images from a trained network: the part `train` and `sample` share."""
+"""Generating images from a trained network: the part `train`, `sample` and `fid` share.
+
+Image i depends only on (sample.seed, i) and the model: its class is i mod K and its noise
+comes from its own NoiseSource stream, whatever the batch split.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from dmstab.diffusion import GaussianDiffusion
+from dmstab.data.latents import latent_image_decoder
+from dmstab.diffusion import build_diffusion
+from dmstab.diffusion.edm import Denoiser
+from dmstab.diffusion.edm_sampling import Churn, heun_sample, karras_sigmas, unconditional
+from dmstab.diffusion.objectives import one_hot_labels
 from dmstab.diffusion.sampling import NoiseSource, sample_images
 from dmstab.plots import save_grid, to_uint8
 from dmstab.recipe import Recipe, SampleConfig
@@ -22,63 +30,93 @@ def class_labels(first_index: int, count: int, num_classes: int) -> torch.Tensor
     return torch.arange(first_index, first_index + count) % num_classes
 
 
-@torch.no_grad()
-def generate_images(
+def _sample_batch(
     model: nn.Module,
-    diffusion: GaussianDiffusion,
+    recipe: Recipe,
     cfg: SampleConfig,
-    *,
-    image_shape: tuple[int, int, int],
+    noise: NoiseSource,
+    labels: torch.Tensor | None,
     num_classes: int,
+    guide: Denoiser | None,
+    device: torch.device,
+    callback: Callable[[int, int], None] | None,
+) -> torch.Tensor:
+    """One batch in data space, float32: DDPM/DDIM ancestral steps or EDM's Heun ODE."""
+    if recipe.diffusion.formulation == "edm":
+        one_hot = one_hot_labels(labels, num_classes).to(device) if labels is not None else None
+        churn = Churn(cfg.s_churn, cfg.s_min, cfg.s_max, cfg.s_noise) if cfg.s_churn else None
+        return heun_sample(
+            model,
+            noise,
+            karras_sigmas(cfg.steps, cfg.sigma_min, cfg.sigma_max, cfg.rho),
+            class_labels=one_hot,
+            guide=guide,
+            guidance=cfg.guidance,
+            churn=churn,
+            device=device,
+            callback=callback,
+        )
+    assert cfg.sampler != "heun", "validated: heun belongs to the edm formulation"
+    return sample_images(
+        model,
+        build_diffusion(recipe),
+        sampler=cfg.sampler,
+        num_steps=cfg.steps,
+        eta=cfg.eta,
+        noise=noise,
+        device=device,
+        y=labels.to(device) if labels is not None else None,
+        clip_denoised=cfg.clip_denoised,
+        callback=callback,
+    )
+
+
+@torch.no_grad()
+def generate_for_recipe(
+    model: nn.Module,
+    recipe: Recipe,
+    *,
+    dataset_classes: int,
     device: torch.device,
     callback: Callable[[int, int], None] | None = None,
+    sample: SampleConfig | None = None,
+    guide: Denoiser | None = None,
+    preview_latents_without_vae: bool = False,
 ) -> torch.Tensor:
-    """`cfg.num_images` uint8 images; image i depends only on (cfg.seed, i) and the model."""
+    """`sample.num_images` uint8 images (N, 3, H, W) from `model` trained with `recipe`.
+
+    `sample` replaces `recipe.sample` (evaluation draws its own count). `guide` is the guide
+    denoiser when `sample.guide` names a checkpoint; `guide: self` uses `model` without labels.
+    Latents are decoded with the SD VAE; without one this fails before sampling, unless
+    `preview_latents_without_vae` asks for `latent_preview` pictures instead.
+    """
+    cfg = sample or recipe.sample
+    num_classes = dataset_classes if recipe.model.class_cond else 0
+    channels = 4 if recipe.data.name == "latents" else 3
+    shape = (channels, recipe.data.resolution, recipe.data.resolution)
+    guide_denoiser = unconditional(model) if cfg.guide == "self" else guide
+    decode = (
+        latent_image_decoder(recipe.data, device, preview_without_vae=preview_latents_without_vae)
+        if recipe.data.name == "latents"
+        else None
+    )
     was_training = model.training
     model.eval()
     batches = []
     try:
         for first in range(0, cfg.num_images, cfg.batch_size):
             count = min(cfg.batch_size, cfg.num_images - first)
+            noise = NoiseSource(cfg.seed, first, count, shape)
             labels = class_labels(first, count, num_classes)
-            images = sample_images(
-                model,
-                diffusion,
-                sampler=cfg.sampler,
-                num_steps=cfg.steps,
-                eta=cfg.eta,
-                noise=NoiseSource(cfg.seed, first, count, image_shape),
-                device=device,
-                y=labels.to(device) if labels is not None else None,
-                clip_denoised=cfg.clip_denoised,
-                callback=callback,
+            x = _sample_batch(
+                model, recipe, cfg, noise, labels, num_classes, guide_denoiser, device, callback
             )
-            batches.append(to_uint8(images).cpu())
+            if decode is not None:
+                x = decode(x)
+            batches.append(to_uint8(x).cpu())
     finally:
         model.train(was_training)
     return torch.cat(batches)
-
-
-def generate_for_recipe(
-    model: nn.Module,
-    diffusion: GaussianDiffusion,
-    recipe: Recipe,
-    *,
-    dataset_classes: int,
-    device: torch.device,
-    callback: Callable[[int, int], None] | None = None,
-) -> torch.Tensor:
-    """`generate_images` with the image shape and class count a training recipe implies."""
-    resolution = recipe.data.resolution
-    return generate_images(
-        model,
-        diffusion,
-        recipe.sample,
-        image_shape=(3, resolution, resolution),
-        num_classes=dataset_classes if recipe.model.class_cond else 0,
-        device=device,
-        callback=callback,
-    )
 
 
 def write_samples(images: torch.Tensor, directory: Path, stem: str) -> tuple[Path, Path]:

@@ -1,8 +1,9 @@
-"""Pictures that tracking logs as artifacts: image grids and timestep histograms."""
+"""Pictures that tracking logs as artifacts: image grids, timestep histograms, magnitudes."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,5 +65,38 @@ def timestep_histogram(
     ax.set_ylabel("fraction per bin")
     ax.set_title(f"{title} — step {step}")
     ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def magnitude_figure(
+    activations: Mapping[str, Sequence[tuple[int, float]]],
+    weights: Mapping[str, Sequence[tuple[int, float]]],
+) -> Any:
+    """EDM2 Fig. 3 for one run: one line per block over training steps, activations left and
+    weights right. Blocks are named `enc|mid|dec.<R>x<R>.block<k>`; a resolution has one
+    colour, the encoder solid, the middle dotted, the decoder dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    names = list(dict.fromkeys([*activations, *weights]))
+    sizes = list(dict.fromkeys(name.split(".")[1] for name in names))
+    colours = {size: f"C{i % 10}" for i, size in enumerate(sizes)}
+    styles = {"enc": "-", "mid": ":", "dec": "--"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    panels = (("activations", activations), ("weights", weights))
+    for ax, (title, series) in zip(axes, panels, strict=True):
+        for name, points in series.items():
+            flavor, size, block = name.split(".")
+            steps, values = zip(*points, strict=True)
+            label = f"{flavor} {size}" if block == "block0" else None
+            ax.plot(steps, values, styles[flavor], color=colours[size], label=label, lw=1.2)
+        ax.set_xlabel("training step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_ylabel("RMS")
+        ax.set_title(f"{title} per block")
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
     fig.tight_layout()
     return fig

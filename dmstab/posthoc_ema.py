@@ -18,6 +18,7 @@ import numpy as np
 
 from dmstab.analysis.ema_reconstruct import reconstruct, solve_coefficients
 from dmstab.errors import DmstabError
+from dmstab.networks import CHECKPOINT_NAME
 from dmstab.recipe import from_mapping
 from dmstab.tracking import (
     TAG_PARENT,
@@ -27,7 +28,7 @@ from dmstab.tracking import (
     tracked_run,
 )
 from dmstab.train.checkpoint import load_checkpoint, save_checkpoint
-from dmstab.train.loop import CHECKPOINT_NAME, SNAPSHOT_DIR
+from dmstab.train.loop import SNAPSHOT_DIR
 from dmstab.train.power_ema import SnapshotInfo, list_snapshots, sigma_rel_to_gamma
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -23,11 +24,17 @@ import yaml
 
 from dmstab.errors import DmstabError
 
-DatasetName = Literal["synthetic", "cifar10", "folder", "npz"]
+DatasetName = Literal["synthetic", "cifar10", "folder", "npz", "latents"]
+ModelName = Literal["adm_unet", "edm2_unet"]
+Formulation = Literal["ddpm", "edm"]
 ScheduleName = Literal["linear", "cosine"]
 Target = Literal["eps", "x0"]
 TimestepSamplerName = Literal["uniform", "clts"]
-SamplerName = Literal["ddpm", "ddim"]
+SamplerName = Literal["ddpm", "ddim", "heun"]
+LrSchedule = Literal["constant", "inverse_sqrt"]
+FidMode = Literal["clean", "legacy_pytorch", "legacy_tensorflow"]
+EvalMetric = Literal["fid", "kid", "is"]
+FeatureNetwork = Literal["inception", "random_conv"]
 Precision = Literal["fp32", "bf16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 
@@ -46,10 +53,36 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """The improved/guided-diffusion UNet (dmstab.models.adm_unet)."""
+class Edm2Switches:
+    """EDM2 Table 1, one switch per row (B..G), and the magnitude-preserving constants.
 
-    name: Literal["adm_unet"] = "adm_unet"
+    Each switch needs the previous one: config X turns on every row up to X.
+    """
+
+    minor_improvements: bool = True  # B: learned uncertainty u(σ), no attention at 32×32
+    streamlined: bool = True  # C
+    mp_learned_layers: bool = True  # D
+    forced_weight_norm: bool = True  # E
+    no_group_norm: bool = True  # F
+    mp_fixed_layers: bool = True  # G
+    channels_per_head: int = 64
+    res_balance: float = 0.3
+    attn_balance: float = 0.3
+    label_balance: float = 0.5
+    concat_balance: float = 0.5
+    clip_act: float = 256.0
+    logvar_channels: int = 128
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network: the improved/guided-diffusion UNet or the EDM2 UNet (configs A–G).
+
+    `channels`, `channel_mult`, `num_res_blocks`, `attention_resolutions`, `dropout` and
+    `class_cond` serve both; `edm2` only the EDM2 UNet; the rest only the ADM UNet.
+    """
+
+    name: ModelName = "adm_unet"
     channels: int = 128
     channel_mult: tuple[int, ...] = (1, 2, 2, 2)
     num_res_blocks: int = 3
@@ -61,15 +94,26 @@ class ModelConfig:
     resblock_updown: bool = False
     learn_sigma: bool = True
     class_cond: bool = False
+    label_dropout: float = 0.0  # EDM only: drop labels for classifier-free guidance
+    edm2: Edm2Switches = Edm2Switches()
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """Forward process (AAAI Eq. 3) and prediction target (Eq. 4: eps, Eq. 5: x0)."""
+    """The formulation: discrete DDPM or continuous EDM.
 
+    ddpm: forward process (AAAI Eq. 3) with `schedule` over `steps` and prediction `target`
+    (Eq. 4: eps, Eq. 5: x0). edm: preconditioning with `sigma_data` (EDM Table 1) and training
+    noise levels ln σ ~ N(`p_mean`, `p_std`²) (EDM2: (−0.4, 1.0) latents, (−0.8, 1.6) pixels).
+    """
+
+    formulation: Formulation = "ddpm"
     schedule: ScheduleName = "cosine"
     steps: int = 4000
     target: Target = "eps"
+    p_mean: float = -0.8
+    p_std: float = 1.6
+    sigma_data: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -91,6 +135,9 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = None
     warmup_steps: int = 0
+    schedule: LrSchedule = "constant"
+    ref_kimg: float = 0.0  # inverse_sqrt: t_ref in thousands of images (EDM2 Sec. 2.3)
+    rampup_kimg: float = 0.0  # inverse_sqrt: linear warm-up, thousands of images
 
 
 @dataclass(frozen=True)
@@ -111,7 +158,10 @@ class EmaConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """`kimg`, when positive, sets the length in thousands of images as EDM2 counts it."""
+
     steps: int = 500_000
+    kimg: float = 0.0
     batch_size: int = 128
     seed: int = 0
     device: DeviceName = "auto"
@@ -119,11 +169,26 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 5000
     sample_every: int = 0
+    magnitudes_every: int = 0
     out_dir: str = "runs"
+
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps of the run: `steps`, or `kimg` thousand images in whole batches."""
+        if self.kimg > 0:
+            return max(1, math.ceil(self.kimg * 1000 / self.batch_size))
+        return self.steps
 
 
 @dataclass(frozen=True)
 class SampleConfig:
+    """ddpm/ddim for the ddpm formulation; heun (EDM Algs. 1–2) for edm.
+
+    heun: `steps` Karras noise levels from `sigma_max` to `sigma_min` (ρ = `rho`), stochastic
+    when `s_churn` > 0 on [`s_min`, `s_max`]; `guidance` w mixes in a guide (EDM2 Sec. 5):
+    `guide: self` is classifier-free guidance, a checkpoint path or run id a smaller model.
+    """
+
     sampler: SamplerName = "ddpm"
     steps: int = 250
     eta: float = 0.0
@@ -132,6 +197,39 @@ class SampleConfig:
     seed: int = 0
     use_ema: bool = True
     clip_denoised: bool = True
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    s_churn: float = 0.0
+    s_min: float = 0.0
+    s_max: float = float("inf")
+    s_noise: float = 1.0
+    guidance: float = 1.0
+    guide: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """FID/KID/IS during training, at the steps in `at` and every `every` steps (0 = never).
+
+    `num_images` are generated with the recipe's sampler (`sampler`/`steps` override it) and
+    scored against `reference` (a statistics .npz, an image folder or .npz) or, when null, the
+    training data, whose statistics are computed once and cached. `features: random_conv` is a
+    seeded stand-in network for tests and toy data; its numbers are not comparable to papers.
+    """
+
+    every: int = 0
+    at: tuple[int, ...] = ()
+    metrics: tuple[EvalMetric, ...] = ("fid",)
+    num_images: int = 50_000
+    batch_size: int = 250
+    sampler: SamplerName | None = None
+    steps: int | None = None
+    use_ema: bool = True
+    reference: str | None = None
+    mode: FidMode = "clean"
+    features: FeatureNetwork = "inception"
+    inception_weights: str | None = None
 
 
 @dataclass(frozen=True)
@@ -149,7 +247,8 @@ class PaperConfig:
     source: str = ""
     table: str = ""
     metric: str = ""
-    values: dict[str, float] = field(default_factory=dict)
+    values: dict[str, float] = field(default_factory=dict)  # iteration (100k, 1M, end) -> value
+    others: dict[str, float] = field(default_factory=dict)  # other published metrics, not compared
     notes: str = ""
 
 
@@ -164,6 +263,7 @@ class Recipe:
     ema: EmaConfig = EmaConfig()
     train: TrainConfig = TrainConfig()
     sample: SampleConfig = SampleConfig()
+    eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     paper: PaperConfig = PaperConfig()
 
@@ -277,40 +377,100 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(recipe: Recipe) -> Recipe:
     """Range and cross-field checks that types alone cannot express."""
-    d, m, ts, o, tr = recipe.data, recipe.model, recipe.timesteps, recipe.optim, recipe.train
+    _validate_data(recipe.data)
+    _validate_model(recipe)
+    _validate_diffusion(recipe)
+    _validate_optim(recipe.optim)
+    _validate_ema(recipe.ema)
+    _validate_train(recipe.train)
+    _validate_sample(recipe)
+    _validate_eval(recipe)
+    _require(recipe.tracking.flush_every >= 1, "tracking.flush_every must be at least 1")
+    return recipe
+
+
+def _validate_data(d: DataConfig) -> None:
     _require(d.resolution >= 8, f"data.resolution is {d.resolution}; must be at least 8")
     _require(
         d.name == "synthetic" or d.root is not None,
         f"data.root is required for data.name={d.name!r} (a directory or file path)",
     )
     _require(d.synthetic_size >= 1, "data.synthetic_size must be at least 1")
+
+
+def _validate_model(recipe: Recipe) -> None:
+    d, m = recipe.data, recipe.model
     _require(m.channels >= 1, "model.channels must be positive")
     _require(len(m.channel_mult) >= 1, "model.channel_mult needs at least one level")
+    _require(min(m.channel_mult) >= 1, "model.channel_mult entries must be positive")
+    _require(m.num_res_blocks >= 1, "model.num_res_blocks must be at least 1")
     _require(
         d.resolution % 2 ** (len(m.channel_mult) - 1) == 0,
         f"data.resolution {d.resolution} must be divisible by 2^(levels-1) = "
         f"{2 ** (len(m.channel_mult) - 1)} for model.channel_mult {list(m.channel_mult)}",
     )
-    _require(
-        m.channels % 32 == 0 and all(m.channels * k % 32 == 0 for k in m.channel_mult),
-        f"model.channels {m.channels} x channel_mult must be multiples of 32 (GroupNorm(32))",
-    )
     _require(0.0 <= m.dropout < 1.0, f"model.dropout is {m.dropout}; must be in [0, 1)")
-    _require(recipe.diffusion.steps >= 2, "diffusion.steps (T) must be at least 2")
-    T = recipe.diffusion.steps
     _require(
-        0.0 <= ts.mu < T,
-        f"timesteps.mu is {ts.mu}; must be in [0, diffusion.steps) = [0, {T})",
+        0.0 <= m.label_dropout < 1.0, f"model.label_dropout is {m.label_dropout}; must be in [0, 1)"
+    )
+    if m.name == "adm_unet":
+        _require(
+            m.channels % 32 == 0 and all(m.channels * k % 32 == 0 for k in m.channel_mult),
+            f"model.channels {m.channels} x channel_mult must be multiples of 32 (GroupNorm(32))",
+        )
+        _require(
+            recipe.diffusion.formulation == "ddpm",
+            "model.name adm_unet trains with diffusion.formulation ddpm; EDM uses edm2_unet",
+        )
+        _require(m.label_dropout == 0.0, "model.label_dropout needs model.name edm2_unet")
+    else:
+        _require(
+            recipe.diffusion.formulation == "edm",
+            "model.name edm2_unet trains with diffusion.formulation edm",
+        )
+        _require(
+            m.label_dropout == 0.0 or m.class_cond,
+            "model.label_dropout > 0 needs model.class_cond: true",
+        )
+        from dmstab.models.edm2_unet import edm2_config
+
+        edm2_config(recipe, num_classes=1)  # the network's own layout and switch checks
+
+
+def _validate_diffusion(recipe: Recipe) -> None:
+    diff = recipe.diffusion
+    if diff.formulation == "edm":
+        _require(diff.p_std > 0, f"diffusion.p_std is {diff.p_std}; must be positive")
+        _require(diff.sigma_data > 0, f"diffusion.sigma_data is {diff.sigma_data}; must be > 0")
+        _require(
+            recipe.timesteps.sampler == "uniform",
+            "timesteps.sampler clts is a ddpm curriculum; EDM draws σ from diffusion.p_mean/p_std",
+        )
+        return
+    _require(diff.steps >= 2, "diffusion.steps (T) must be at least 2")
+    ts, T = recipe.timesteps, diff.steps
+    _require(
+        0.0 <= ts.mu < T, f"timesteps.mu is {ts.mu}; must be in [0, diffusion.steps) = [0, {T})"
     )
     _require(ts.sigma > 0, f"timesteps.sigma is {ts.sigma}; must be positive")
     _require(ts.target_iteration >= 1, "timesteps.target_iteration must be at least 1")
     _require(ts.histogram_every >= 0, "timesteps.histogram_every must be >= 0 (0 = never)")
+
+
+def _validate_optim(o: OptimConfig) -> None:
     _require(o.lr > 0, f"optim.lr is {o.lr}; must be positive")
     _require(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas {list(o.betas)} must be in [0,1)")
     _require(o.weight_decay >= 0, "optim.weight_decay must be >= 0")
     _require(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip must be positive or null")
     _require(o.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
-    e = recipe.ema
+    _require(o.ref_kimg >= 0 and o.rampup_kimg >= 0, "optim.ref_kimg/rampup_kimg must be >= 0")
+    _require(
+        o.schedule == "inverse_sqrt" or (o.ref_kimg == 0 and o.rampup_kimg == 0),
+        "optim.ref_kimg/rampup_kimg belong to optim.schedule inverse_sqrt",
+    )
+
+
+def _validate_ema(e: EmaConfig) -> None:
     _require(0.0 <= e.rate < 1.0, f"ema.rate is {e.rate}; must be in [0, 1)")
     if e.power_sigma_rels:
         from dmstab.train.power_ema import SIGMA_REL_MAX
@@ -320,17 +480,72 @@ def validate(recipe: Recipe) -> Recipe:
             f"ema.power_sigma_rels {list(e.power_sigma_rels)} must lie in (0, {SIGMA_REL_MAX:.6f}]",
         )
     _require(e.snapshot_every >= 0, "ema.snapshot_every (images) must be >= 0 (0 = at the end)")
+
+
+def _validate_train(tr: TrainConfig) -> None:
     _require(tr.steps >= 1, "train.steps must be at least 1")
+    _require(tr.kimg >= 0, f"train.kimg is {tr.kimg}; must be >= 0 (0 = use train.steps)")
+    _require(
+        tr.kimg == 0 or tr.steps == TrainConfig.steps,
+        "set train.steps or train.kimg, not both",
+    )
     _require(tr.batch_size >= 1, "train.batch_size must be at least 1")
     _require(tr.log_every >= 1, "train.log_every must be at least 1")
     _require(tr.checkpoint_every >= 1, "train.checkpoint_every must be at least 1")
     _require(tr.sample_every >= 0, "train.sample_every must be >= 0 (0 = only at the end)")
+    _require(tr.magnitudes_every >= 0, "train.magnitudes_every must be >= 0 (0 = never)")
+
+
+def _validate_sampler(recipe: Recipe, sampler: str, steps: int, key: str) -> None:
+    """`sampler` with `steps` suits the recipe's formulation (`key`: where they were set)."""
+    if recipe.diffusion.formulation == "edm":
+        _require(sampler == "heun", f"{key}.sampler is {sampler!r}; the edm formulation uses heun")
+        _require(steps >= 2, f"{key}.steps is {steps}; heun needs at least 2")
+        return
+    T = recipe.diffusion.steps
+    _require(sampler != "heun", f"{key}.sampler heun needs diffusion.formulation edm")
+    _require(1 <= steps <= T, f"{key}.steps is {steps}; must be in [1, diffusion.steps={T}]")
+
+
+def _validate_sample(recipe: Recipe) -> None:
     s = recipe.sample
-    _require(1 <= s.steps <= T, f"sample.steps is {s.steps}; must be in [1, diffusion.steps={T}]")
+    _validate_sampler(recipe, s.sampler, s.steps, "sample")
     _require(s.eta >= 0, "sample.eta must be >= 0")
     _require(s.num_images >= 1 and s.batch_size >= 1, "sample.num_images/batch_size must be >= 1")
-    _require(recipe.tracking.flush_every >= 1, "tracking.flush_every must be at least 1")
-    return recipe
+    _require(
+        0 < s.sigma_min < s.sigma_max and s.rho > 0,
+        "sample.sigma_min, sigma_max and rho must satisfy 0 < sigma_min < sigma_max, rho > 0",
+    )
+    _require(
+        s.s_churn >= 0 and s.s_noise >= 0 and s.s_min <= s.s_max,
+        "sample.s_churn and s_noise must be >= 0 and s_min <= s_max",
+    )
+    _require(math.isfinite(s.guidance), f"sample.guidance is {s.guidance}; must be finite")
+    _require(
+        s.guidance == 1.0 or s.guide is not None,
+        "sample.guidance != 1 needs sample.guide: self (classifier-free) or a guide checkpoint",
+    )
+    _require(
+        s.guide != "self" or recipe.model.label_dropout > 0,
+        "sample.guide: self needs a model trained with model.label_dropout > 0",
+    )
+
+
+def _validate_eval(recipe: Recipe) -> None:
+    ev = recipe.eval
+    _require(ev.every >= 0, "eval.every must be >= 0 (0 = only the steps in eval.at)")
+    _require(all(step >= 1 for step in ev.at), f"eval.at {list(ev.at)} must be steps >= 1")
+    _require(len(ev.metrics) >= 1, "eval.metrics needs at least one of fid, kid, is")
+    _require(ev.num_images >= 2, "eval.num_images must be at least 2 (a covariance needs 2)")
+    _require(ev.batch_size >= 1, "eval.batch_size must be at least 1")
+    _require(ev.steps is None or ev.steps >= 1, "eval.steps must be >= 1 or null")
+    if ev.every or ev.at:
+        _require(
+            recipe.data.name != "latents" or ev.reference is not None,
+            "eval on latents needs eval.reference (statistics or images of the decoded data)",
+        )
+        steps = ev.steps if ev.steps is not None else recipe.sample.steps
+        _validate_sampler(recipe, ev.sampler or recipe.sample.sampler, steps, "eval")
 
 
 # ---------------------------------------------------------------- YAML files and overrides

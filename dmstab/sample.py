@@ -7,21 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dmstab.diffusion import build_diffusion
 from dmstab.errors import DmstabError
 from dmstab.generate import generate_for_recipe, write_samples
-from dmstab.models import build_model
+from dmstab.networks import find_checkpoint, load_guide, network_from_state
 from dmstab.recipe import Recipe, apply_overrides, from_mapping
-from dmstab.tracking import (
-    TAG_PARENT,
-    MlflowTracker,
-    latest_run,
-    resolve_uri,
-    run_directory,
-    tracked_run,
-)
+from dmstab.tracking import TAG_PARENT, MlflowTracker, tracked_run
 from dmstab.train.checkpoint import load_checkpoint
-from dmstab.train.loop import CHECKPOINT_NAME, pick_device
+from dmstab.train.loop import pick_device
 
 SAMPLING_KEYS = ("sample.", "tracking.", "train.device=")
 
@@ -32,19 +24,6 @@ class SampleResult:
     npz: Path
     grid: Path
     count: int
-
-
-def find_checkpoint(source: str | None, experiment: str | None, uri: str | None) -> Path:
-    """A checkpoint path, a training run id, or (None) the latest training run."""
-    if source is not None and Path(source).suffix == ".pt":
-        return Path(source)
-    if source is not None and Path(source).exists():
-        return Path(source) / CHECKPOINT_NAME if Path(source).is_dir() else Path(source)
-    run_id = source or latest_run(experiment, "train", uri)
-    if run_id is None:
-        where = f"MLflow experiment '{experiment}'" if experiment else resolve_uri(uri)
-        raise DmstabError(f"no training run in {where}; pass a run id or a checkpoint path")
-    return run_directory(run_id, uri) / CHECKPOINT_NAME
 
 
 def _restricted(overrides: Sequence[str]) -> None:
@@ -80,17 +59,7 @@ def sample(
     recipe = sampling_recipe(state, overrides)
     device = pick_device(recipe.train.device)
     num_classes = int(state.get("num_classes", 0))
-    model = build_model(recipe, num_classes)
-    ema = state.get("ema")
-    weights = ema.get("shadow") if isinstance(ema, dict) else None
-    if not recipe.sample.use_ema:
-        weights = state["model"]
-    elif not isinstance(weights, dict):
-        raise DmstabError(f"checkpoint {checkpoint} has no EMA weights; use sample.use_ema=false")
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise DmstabError(f"checkpoint {checkpoint} does not fit its recipe: {exc}") from None
+    model = network_from_state(state, recipe, use_ema=recipe.sample.use_ema, source=checkpoint)
     model.to(device)
     train_run = state.get("run_id")
     tags = {TAG_PARENT: str(train_run)} if train_run else {}
@@ -99,11 +68,11 @@ def sample(
     with tracked_run(tracker):
         images = generate_for_recipe(
             model,
-            build_diffusion(recipe),
             recipe,
             dataset_classes=num_classes,
             device=device,
             callback=callback,
+            guide=load_guide(recipe, device),
         )
         directory = out_dir or Path("samples") / tracker.run_id
         stem = f"{recipe.sample.sampler}{recipe.sample.steps}_seed{recipe.sample.seed}"

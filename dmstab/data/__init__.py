@@ -1,4 +1,4 @@
-"""Datasets named in recipes: `synthetic` (embedded), `cifar10`, `folder`, `npz`."""
+"""Datasets named in recipes: `synthetic` (embedded), `cifar10`, `folder`, `npz`, `latents`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,10 @@ def build_dataset(cfg: DataConfig) -> ImageDataset:
         if cfg.resolution != 32:
             raise DmstabError(f"data.resolution is {cfg.resolution}; CIFAR-10 images are 32x32")
         return cifar10_dataset(root, download=cfg.download)
+    if cfg.name == "latents":
+        from dmstab.data.latents import latent_dataset
+
+        return latent_dataset(root, cfg.resolution)
     from dmstab.data.images import folder_dataset, npz_dataset
 
     if cfg.name == "folder":

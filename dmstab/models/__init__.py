@@ -8,7 +8,13 @@ from dmstab.recipe import Recipe
 
 
 def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
-    """The recipe's network; `num_classes` comes from the dataset (used when class_cond)."""
+    """The recipe's network; `num_classes` comes from the dataset (used when class_cond).
+
+    For `edm2_unet` this is the EDM denoiser D(x, σ, one-hot labels): the UNet wrapped in EDM's
+    preconditioning, with the UNet's learned uncertainty u(σ) for the EDM2 loss.
+    """
+    if recipe.model.name == "edm2_unet":
+        return _edm2_denoiser(recipe, num_classes)
     from dmstab.models.adm_unet import ADMUNet
 
     m = recipe.model
@@ -29,5 +35,14 @@ def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
     )
 
 
+def _edm2_denoiser(recipe: Recipe, num_classes: int) -> nn.Module:
+    from dmstab.diffusion.edm import EDMPrecond
+    from dmstab.models.edm2_unet import EDM2UNet, edm2_config
+
+    net = EDM2UNet(edm2_config(recipe, num_classes))
+    return EDMPrecond(net, sigma_data=recipe.diffusion.sigma_data, uncertainty=net.uncertainty)
+
+
 def count_parameters(model: nn.Module) -> int:
+    """Trainable and frozen parameters, each shared tensor counted once."""
     return sum(p.numel() for p in model.parameters())

@@ -25,7 +25,7 @@ decoder, attention heads of 64 channels); sizes and dropout follow NVlabs/edm2's
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Literal, overload
+from typing import TYPE_CHECKING, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,9 @@ from torch import Tensor, nn
 from dmstab.errors import DmstabError
 from dmstab.models.adm_unet import Resample, resample, timestep_embedding, zero_init
 from dmstab.models.mp_layers import FourierFeatures, MPConv, mp_cat, mp_silu, mp_sum, normalize
+
+if TYPE_CHECKING:
+    from dmstab.recipe import Recipe
 
 Flavor = Literal["enc", "dec"]
 
@@ -182,6 +185,34 @@ def config_for(letter: str, size: str, dataset: str = "img512") -> EDM2Config:
         forced_weight_norm=step >= 4,
         no_group_norm=step >= 5,
         mp_fixed_layers=step >= 6,
+    )
+
+
+def edm2_config(recipe: "Recipe", num_classes: int) -> EDM2Config:
+    """The EDM2Config a recipe's `model` section describes (`model.name: edm2_unet`)."""
+    m, switches = recipe.model, recipe.model.edm2
+    return EDM2Config(
+        img_resolution=recipe.data.resolution,
+        img_channels=4 if recipe.data.name == "latents" else 3,
+        label_dim=num_classes if m.class_cond else 0,
+        model_channels=m.channels,
+        channel_mult=m.channel_mult,
+        num_blocks=m.num_res_blocks,
+        attn_resolutions=m.attention_resolutions,
+        channels_per_head=switches.channels_per_head,
+        dropout=m.dropout,
+        minor_improvements=switches.minor_improvements,
+        streamlined=switches.streamlined,
+        mp_learned_layers=switches.mp_learned_layers,
+        forced_weight_norm=switches.forced_weight_norm,
+        no_group_norm=switches.no_group_norm,
+        mp_fixed_layers=switches.mp_fixed_layers,
+        res_balance=switches.res_balance,
+        attn_balance=switches.attn_balance,
+        label_balance=switches.label_balance,
+        concat_balance=switches.concat_balance,
+        clip_act=switches.clip_act,
+        logvar_channels=switches.logvar_channels,
     )
 
 

@@ -19,10 +19,11 @@ from torch import nn
 
 from dmstab import __version__
 from dmstab.data import ImageDataset, build_dataset
-from dmstab.diffusion import build_diffusion, build_timestep_sampler
+from dmstab.diffusion.objectives import DDPMObjective, build_objective
 from dmstab.errors import DmstabError
 from dmstab.generate import generate_for_recipe, write_samples
 from dmstab.models import build_model, count_parameters
+from dmstab.networks import CHECKPOINT_NAME
 from dmstab.plots import timestep_histogram
 from dmstab.recipe import Recipe, differences, fingerprint, from_mapping, to_dict, to_yaml
 from dmstab.tracking import (
@@ -37,10 +38,10 @@ from dmstab.tracking import (
 )
 from dmstab.train.checkpoint import load_checkpoint, save_checkpoint
 from dmstab.train.ema import EMA
+from dmstab.train.magnitudes import MAGNITUDES_ARTIFACT, MagnitudeMonitor
 from dmstab.train.optim import build_optimizer, learning_rate
 from dmstab.train.power_ema import SNAPSHOT_DTYPES, PowerEMA
 
-CHECKPOINT_NAME = "checkpoint.pt"
 SNAPSHOT_DIR = "snapshots"
 
 
@@ -64,10 +65,18 @@ class TrainResult:
 
 
 def pick_device(name: str) -> torch.device:
+    """The recipe's device; on CPU, denormal floats are flushed to zero for this process.
+
+    EDM2's magnitude-preserving layers produce denormal intermediates that x86 CPUs handle in
+    microcode: flushing them makes a CPU training step about 5x faster (docs/performance.md),
+    and changes no value above ~1e-38.
+    """
     if name == "cuda" and not torch.cuda.is_available():
         raise DmstabError("train.device is 'cuda' but no CUDA device is available; use auto or cpu")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        torch.set_flush_denormal(True)
     return torch.device(name)
 
 
@@ -138,15 +147,13 @@ class Trainer:
             raise DmstabError("model.class_cond is true but the dataset has no labels")
         torch.manual_seed(recipe.train.seed)
         self.model: nn.Module = build_model(recipe, self.dataset.num_classes).to(device)
-        self.diffusion = build_diffusion(recipe)
-        self.timesteps = build_timestep_sampler(recipe)
+        self.objective = build_objective(recipe, self.dataset.num_classes)
         self.optimizer = build_optimizer(self.model, recipe.optim)
         self.ema = EMA(self.model, recipe.ema.rate, recipe.ema.warmup)
         sigma_rels = recipe.ema.power_sigma_rels
         self.power_ema = PowerEMA(self.model, sigma_rels) if sigma_rels else None
         self.order = EpochOrder(len(self.dataset), recipe.train.seed)
         self.step = 0
-        self.timestep_counts = torch.zeros(recipe.diffusion.steps, dtype=torch.long)
 
     def state_dict(self, run_id: str) -> dict[str, object]:
         return {
@@ -190,21 +197,17 @@ class Trainer:
         if recipe.data.hflip:
             flip = torch.rand(len(indices), generator=generator) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        t, weights = self.timesteps.sample(len(indices), self.step, generator)
-        self.timestep_counts += torch.bincount(t, minlength=self.timestep_counts.numel())
         noise_generator = torch.Generator(device=device).manual_seed(seed)
         noise = torch.randn(x0.shape, generator=noise_generator, device=device)
-        x0, t = x0.to(device, non_blocking=True), t.to(device)
+        x0 = x0.to(device, non_blocking=True)
         y = labels.to(device) if recipe.model.class_cond else None
 
+        lr = learning_rate(recipe.optim, self.step, recipe.train.batch_size)
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(recipe.optim, self.step)
+            group["lr"] = lr
         with _autocast(device, recipe.train.precision):
-            terms = self.diffusion.training_losses(self.model, x0, t, noise, y)
-        per_sample = terms["loss"]
-        if weights is not None:  # importance-sampling weights; CLTS and uniform return none
-            per_sample = per_sample * weights.to(device)
-        loss = per_sample.mean()
+            terms = self.objective.losses(self.model, x0, y, noise, generator, self.step)
+        loss = terms["loss"].mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         clip = recipe.optim.grad_clip if recipe.optim.grad_clip is not None else float("inf")
@@ -224,12 +227,12 @@ class Trainer:
         return model
 
 
-def _log_timestep_histogram(trainer: Trainer, tracker: Tracker) -> None:
-    title = f"timesteps ({trainer.recipe.timesteps.sampler})"
-    probabilities = trainer.timesteps.probabilities(trainer.step)
-    figure = timestep_histogram(trainer.timestep_counts, probabilities, trainer.step, title)
-    save_figure(tracker, figure, f"timesteps/step_{trainer.step:08d}.png")
-    trainer.timestep_counts.zero_()
+def _log_timestep_histogram(objective: DDPMObjective, step: int, tracker: Tracker) -> None:
+    title = f"timesteps ({objective.sampler_name})"
+    probabilities = objective.timesteps.probabilities(step)
+    figure = timestep_histogram(objective.timestep_counts, probabilities, step, title)
+    save_figure(tracker, figure, f"timesteps/step_{step:08d}.png")
+    objective.timestep_counts.zero_()
 
 
 def _sample_and_log(
@@ -238,11 +241,11 @@ def _sample_and_log(
     model = trainer.ema_model() if trainer.recipe.sample.use_ema else trainer.model
     images = generate_for_recipe(
         model,
-        trainer.diffusion,
         trainer.recipe,
         dataset_classes=trainer.dataset.num_classes,
         device=trainer.device,
         callback=on_sample,
+        preview_latents_without_vae=True,  # the optional VAE never fails a training run
     )
     npz, grid = write_samples(images, run_dir / "samples", f"step_{trainer.step:08d}")
     tracker.log_artifact(grid, "samples")
@@ -256,7 +259,7 @@ def _snapshot_due(trainer: Trainer, step: int) -> bool:
         return False
     every, batch = trainer.recipe.ema.snapshot_every, trainer.recipe.train.batch_size
     crossed = bool(every) and (step * batch) // every > ((step - 1) * batch) // every
-    return crossed or step == trainer.recipe.train.steps
+    return crossed or step == trainer.recipe.train.total_steps
 
 
 def _save_snapshots(trainer: Trainer, run_dir: Path) -> None:
@@ -272,6 +275,16 @@ def _save(trainer: Trainer, run_id: str, path: Path) -> None:
             f"weights are not finite at step {trainer.step}; last good checkpoint: {path}"
         )
     save_checkpoint(trainer.state_dict(run_id), path)
+
+
+def _magnitude_monitor(trainer: Trainer, tracker: Tracker) -> MagnitudeMonitor | None:
+    """EDM2 Fig. 3 magnitudes every `train.magnitudes_every` steps, from step 0 of a new run."""
+    if not trainer.recipe.train.magnitudes_every:
+        return None
+    monitor = MagnitudeMonitor(trainer.model, trainer.recipe, trainer.dataset, trainer.device)
+    if trainer.step == 0:
+        tracker.log_metrics(monitor.measure(0), 0)
+    return monitor
 
 
 def train(
@@ -315,19 +328,21 @@ def _run_steps(
     on_sample: Callable[[int, int], None] | None,
 ) -> Path | None:
     cfg = trainer.recipe.train
+    total = cfg.total_steps
     run_dir = checkpoint.parent
     if progress:
-        progress.start(cfg.steps, trainer.step)
+        progress.start(total, trainer.step)
     window: dict[str, float] = {}
     window_steps, window_start = 0, time.perf_counter()
+    magnitudes = _magnitude_monitor(trainer, tracker)
     try:
-        while trainer.step < cfg.steps:
+        while trainer.step < total:
             scalars = trainer.train_step()
             window_steps += 1
             for key, value in scalars.items():
                 window[key] = window.get(key, 0.0) + float(value)
             step = trainer.step
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if step % cfg.log_every == 0 or step == total:
                 metrics = {k: v / window_steps for k, v in window.items()}
                 if not all(map(torch.isfinite, torch.tensor(list(metrics.values())))):
                     raise TrainingDiverged(
@@ -337,25 +352,30 @@ def _run_steps(
                 elapsed = time.perf_counter() - window_start
                 metrics["images_per_s"] = window_steps * cfg.batch_size / max(elapsed, 1e-9)
                 metrics["lr"] = trainer.optimizer.param_groups[0]["lr"]
-                metrics.update(trainer.timesteps.metrics(step))
+                metrics["kimg"] = step * cfg.batch_size / 1000
+                metrics.update(trainer.objective.metrics(step))
                 tracker.log_metrics(metrics, step)
                 if progress:
                     progress.advance(step, metrics["loss"], metrics["images_per_s"])
                 window.clear()
                 window_steps, window_start = 0, time.perf_counter()
+            if magnitudes is not None and step % cfg.magnitudes_every == 0:
+                tracker.log_metrics(magnitudes.measure(step), step)
             every = trainer.recipe.timesteps.histogram_every
-            if every and step % every == 0:
-                _log_timestep_histogram(trainer, tracker)
+            if isinstance(trainer.objective, DDPMObjective) and every and step % every == 0:
+                _log_timestep_histogram(trainer.objective, step, tracker)
             if _snapshot_due(trainer, step):
                 _save_snapshots(trainer, run_dir)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            if step % cfg.checkpoint_every == 0 or step == total:
                 tracker.flush()
                 _save(trainer, run_id, checkpoint)
-            if cfg.sample_every and step % cfg.sample_every == 0 and step != cfg.steps:
+            if cfg.sample_every and step % cfg.sample_every == 0 and step != total:
                 _sample_and_log(trainer, tracker, run_dir, on_sample)
     finally:
         if progress:
             progress.stop()
+    if magnitudes is not None and magnitudes.history:
+        save_figure(tracker, magnitudes.figure(), MAGNITUDES_ARTIFACT)
     samples = _sample_and_log(trainer, tracker, run_dir, on_sample)
     tracker.log_artifact(checkpoint, "checkpoints")
     return samples

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from dmstab.recipe import OptimConfig
+from dmstab.train.lr_schedules import edm2_learning_rate
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -15,8 +16,16 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     return kind(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-def learning_rate(cfg: OptimConfig, step: int) -> float:
-    """Constant lr after an optional linear warm-up over `warmup_steps` (step counts from 1)."""
+def learning_rate(cfg: OptimConfig, step: int, batch_size: int) -> float:
+    """The lr of optimiser step `step` (from 1).
+
+    constant: `lr` after an optional linear warm-up over `warmup_steps`. inverse_sqrt: EDM2's
+    α_ref/√max(t/t_ref, 1) with its warm-up, t counting the images seen before this step.
+    """
+    if cfg.schedule == "inverse_sqrt":
+        images_seen = (step - 1) * batch_size
+        ref, rampup = round(cfg.ref_kimg * 1000), round(cfg.rampup_kimg * 1000)
+        return edm2_learning_rate(images_seen, cfg.lr, ref, rampup)
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * step / cfg.warmup_steps
     return cfg.lr

@@ -1,0 +1,115 @@
+"""Training objectives: what one batch of clean data costs under a recipe's formulation.
+
+An objective turns (model, x0, labels, noise, generator, step) into per-sample losses. `DDPM`
+draws timesteps (uniform or CLTS, AAAI Eqs. 6–7) and uses the ε/x0 losses (Eqs. 4–5);
+`EDM` draws ln σ ~ N(P_mean, P_std²) and uses EDM2's loss with learned uncertainty (Eq. 21),
+with labels dropped at `label_dropout` for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from dmstab.diffusion import build_diffusion, build_timestep_sampler
+from dmstab.diffusion.edm import EDMPrecond, edm2_loss, sample_sigmas
+from dmstab.recipe import Recipe
+
+
+class Objective(Protocol):
+    def losses(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        labels: Tensor | None,
+        noise: Tensor,
+        generator: torch.Generator,
+        step: int,
+    ) -> dict[str, Tensor]:
+        """Per-sample terms (B,) on the model's device; "loss" is the one to minimise."""
+        ...
+
+    def metrics(self, step: int) -> dict[str, float]:
+        """Scalars describing the objective at `step` (e.g. the CLTS mixing weight γ)."""
+        ...
+
+
+class DDPMObjective:
+    """Discrete timesteps from the recipe's sampler; counts kept for the histogram figure."""
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.diffusion = build_diffusion(recipe)
+        self.timesteps = build_timestep_sampler(recipe)
+        self.sampler_name = recipe.timesteps.sampler
+        self.timestep_counts = torch.zeros(recipe.diffusion.steps, dtype=torch.long)
+
+    def losses(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        labels: Tensor | None,
+        noise: Tensor,
+        generator: torch.Generator,
+        step: int,
+    ) -> dict[str, Tensor]:
+        t, weights = self.timesteps.sample(x0.shape[0], step, generator)
+        self.timestep_counts += torch.bincount(t, minlength=self.timestep_counts.numel())
+        terms = self.diffusion.training_losses(model, x0, t.to(x0.device), noise, labels)
+        if weights is not None:  # importance-sampling weights; CLTS and uniform return none
+            terms["loss"] = terms["loss"] * weights.to(x0.device)
+        return terms
+
+    def metrics(self, step: int) -> dict[str, float]:
+        return self.timesteps.metrics(step)
+
+
+class EDMObjective:
+    """EDM2 training: log-normal σ, preconditioned denoiser, loss weighted by 1/e^u(σ) plus u."""
+
+    def __init__(self, recipe: Recipe, num_classes: int) -> None:
+        self.p_mean = recipe.diffusion.p_mean
+        self.p_std = recipe.diffusion.p_std
+        self.sigma_data = recipe.diffusion.sigma_data
+        self.num_classes = num_classes
+        self.label_dropout = recipe.model.label_dropout
+
+    def losses(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        labels: Tensor | None,
+        noise: Tensor,
+        generator: torch.Generator,
+        step: int,
+    ) -> dict[str, Tensor]:
+        if not isinstance(model, EDMPrecond):
+            raise TypeError("the EDM objective trains an EDMPrecond denoiser")
+        batch = x0.shape[0]
+        sigma = sample_sigmas(batch, self.p_mean, self.p_std, generator).to(x0.device)
+        one_hot = None
+        if labels is not None:
+            keep = torch.rand(batch, generator=generator) >= self.label_dropout
+            one_hot = one_hot_labels(labels, self.num_classes) * keep[:, None].to(x0.device)
+        logvar = model.logvar(sigma) if model.uncertainty is not None else None
+        loss = edm2_loss(model, x0, sigma, noise, one_hot, logvar, self.sigma_data)
+        terms = {"loss": loss}
+        if logvar is not None:
+            terms["logvar"] = logvar.detach()
+        return terms
+
+    def metrics(self, step: int) -> dict[str, float]:
+        return {}
+
+
+def one_hot_labels(labels: Tensor, num_classes: int) -> Tensor:
+    """Integer class labels (B,) → float32 one-hot (B, K), the EDM2 UNet's label input."""
+    return F.one_hot(labels.long(), num_classes).to(torch.float32)
+
+
+def build_objective(recipe: Recipe, num_classes: int) -> DDPMObjective | EDMObjective:
+    if recipe.diffusion.formulation == "edm":
+        return EDMObjective(recipe, num_classes)
+    return DDPMObjective(recipe)

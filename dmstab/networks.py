@@ -1,0 +1,88 @@
+"""Trained networks from checkpoints: the weights `sample`, `fid` and guidance load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dmstab.diffusion.edm import Denoiser
+from dmstab.diffusion.edm_sampling import unconditional
+from dmstab.errors import DmstabError
+from dmstab.models import build_model
+from dmstab.recipe import Recipe, from_mapping
+from dmstab.tracking import latest_run, resolve_uri, run_directory
+from dmstab.train.checkpoint import load_checkpoint
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def find_checkpoint(source: str | None, experiment: str | None, uri: str | None) -> Path:
+    """A checkpoint path, a run directory, a training run id, or (None) the latest training run."""
+    if source is not None and Path(source).suffix == ".pt":
+        return Path(source)
+    if source is not None and Path(source).exists():
+        return Path(source) / CHECKPOINT_NAME if Path(source).is_dir() else Path(source)
+    run_id = source or latest_run(experiment, "train", uri)
+    if run_id is None:
+        where = f"MLflow experiment '{experiment}'" if experiment else resolve_uri(uri)
+        raise DmstabError(f"no training run in {where}; pass a run id or a checkpoint path")
+    return run_directory(run_id, uri) / CHECKPOINT_NAME
+
+
+def network_from_state(
+    state: dict[str, Any], recipe: Recipe, *, use_ema: bool, source: Path
+) -> nn.Module:
+    """The recipe's network carrying the checkpoint's EMA (or raw) weights, in eval mode."""
+    model = build_model(recipe, int(state.get("num_classes", 0)))
+    ema = state.get("ema")
+    weights = ema.get("shadow") if isinstance(ema, dict) else None
+    if not use_ema:
+        weights = state.get("model")
+    elif not isinstance(weights, dict):
+        raise DmstabError(f"checkpoint {source} has no EMA weights; use sample.use_ema=false")
+    if not isinstance(weights, dict):
+        raise DmstabError(f"checkpoint {source} has no model weights")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        first_line = str(exc).splitlines()[0]
+        raise DmstabError(f"checkpoint {source} does not fit its recipe: {first_line}") from None
+    return model.eval()
+
+
+def stored_recipe(state: dict[str, Any], source: Path) -> Recipe:
+    """The training recipe a dmstab checkpoint carries."""
+    stored = state.get("recipe")
+    if not isinstance(stored, dict):
+        raise DmstabError(f"checkpoint {source} carries no recipe; it was not written by dmstab")
+    return from_mapping(stored)
+
+
+def load_guide(recipe: Recipe, device: torch.device) -> Denoiser | None:
+    """The guide denoiser `sample.guide` names (a checkpoint path or run id), else None.
+
+    EDM2 Sec. 5 guides with a smaller unconditional model of the same data; an unconditional
+    guide is called without labels, a class-conditional one with the main model's labels.
+    """
+    spec = recipe.sample.guide
+    if spec is None or spec == "self" or recipe.sample.guidance == 1.0:
+        return None
+    path = find_checkpoint(spec, None, recipe.tracking.uri)
+    state = load_checkpoint(path)
+    guide_recipe = stored_recipe(state, path)
+    if guide_recipe.diffusion.formulation != "edm" or recipe.diffusion.formulation != "edm":
+        raise DmstabError("guidance with a guide model needs EDM models on both sides")
+    if (guide_recipe.data.name, guide_recipe.data.resolution) != (
+        recipe.data.name,
+        recipe.data.resolution,
+    ):
+        raise DmstabError(
+            f"guide {path} was trained on {guide_recipe.data.name} at "
+            f"{guide_recipe.data.resolution}px, the model on {recipe.data.name} at "
+            f"{recipe.data.resolution}px"
+        )
+    guide = network_from_state(state, guide_recipe, use_ema=True, source=path).to(device)
+    return guide if guide_recipe.model.class_cond else unconditional(guide)
