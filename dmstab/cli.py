@@ -235,6 +235,8 @@ def ema_reconstruct(
     epilog=(
         "Examples:\n\n"
         "  dmstab fid samples/RUN/ddpm250_seed0.npz --ref recipes/cifar10_baseline.yaml\n\n"
+        "  dmstab fid RUN_ID --ref recipes/cifar10_baseline.yaml --kid --is   # samples 50k\n\n"
+        "  dmstab fid runs/RUN/reconstructed/phema_step0000004000_sigma0.1300.pt --ref ref.npz\n\n"
         "  dmstab fid generated/ --ref cifar10_train_stats.npz --mode legacy_tensorflow\n\n"
         "  dmstab fid a.npz --ref b.npz --kid --inception-weights ~/inception-2015-12-05.pt"
     )
@@ -242,8 +244,12 @@ def ema_reconstruct(
 @user_errors
 def fid(
     images: Annotated[
-        Path,
-        typer.Argument(help="Images to score: .npz (uint8 NHWC) or folder.", show_default=False),
+        str,
+        typer.Argument(
+            help="Images to score: .npz (uint8 NHWC), folder, or a training run id or checkpoint "
+            "(.pt) to sample from with its recipe's sampler.",
+            show_default=False,
+        ),
     ],
     ref: Annotated[
         Path,
@@ -263,14 +269,22 @@ def fid(
         ),
     ] = None,
     with_kid: Annotated[bool, typer.Option("--kid", help="Also compute KID.")] = False,
+    with_is: Annotated[bool, typer.Option("--is", help="Also compute Inception Score.")] = False,
+    num_images: Annotated[
+        int, typer.Option(help="Images to sample from a run or checkpoint (papers: 50,000).")
+    ] = 50_000,
     batch_size: Annotated[int, typer.Option(help="Images per Inception batch.")] = 250,
     experiment: Annotated[str, typer.Option(help="MLflow experiment of the score run.")] = "fid",
     parent: Annotated[
-        str | None, typer.Option(help="Run id to link the score to.", show_default=False)
+        str | None,
+        typer.Option(
+            help="Run id to link the score to (default: the sampled training run).",
+            show_default=False,
+        ),
     ] = None,
 ) -> None:
-    """FID (clean-fid numbers, batched) of images against a reference; logged to MLflow."""
-    from dmstab.console import console
+    """FID (clean-fid numbers, batched), KID and IS of images or a model; logged to MLflow."""
+    from dmstab.console import SampleProgress, console
     from dmstab.score import score
 
     result, cache = score(
@@ -279,14 +293,80 @@ def fid(
         mode=mode,
         inception_weights=inception_weights,
         with_kid=with_kid,
+        with_is=with_is,
+        num_images=num_images,
         batch_size=batch_size,
         experiment=experiment,
         parent_run=parent,
+        callback=SampleProgress("sample"),
     )
     if cache is not None:
         console.print(f"  reference statistics cached at {cache}")
     kid_text = f"  KID {result.kid:.5f}" if result.kid is not None else ""
-    typer.echo(f"FID {result.fid:.4f}{kid_text}  ({result.num_images} images, run {result.run_id})")
+    is_text = f"  IS {result.inception_score:.3f}" if result.inception_score is not None else ""
+    typer.echo(
+        f"FID {result.fid:.4f}{kid_text}{is_text}  ({result.num_images} images, "
+        f"run {result.run_id})"
+    )
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  dmstab report recipes/cifar10_baseline.yaml recipes/cifar10_clts.yaml "
+        "--baseline recipes/cifar10_baseline.yaml\n\n"
+        "  dmstab report RUN_ID --metric kid\n\n"
+        "  dmstab report --experiment dmstab"
+    )
+)
+@user_errors
+def report(
+    sources: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Recipe files (their latest training run) or run ids (a sweep parent: its "
+            "children).",
+            show_default=False,
+        ),
+    ] = None,
+    experiment: Annotated[
+        str | None,
+        typer.Option(
+            help="Report every training run in this MLflow experiment.", show_default=False
+        ),
+    ] = None,
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            help="Metric to report (default: the paper block's; fid, kid, is mean eval/<name>).",
+            show_default=False,
+        ),
+    ] = None,
+    baseline: Annotated[
+        str | None,
+        typer.Option(
+            help="Recipe or run id of the baseline: adds the Fig. 5 speed-up of each method.",
+            show_default=False,
+        ),
+    ] = None,
+    log_experiment: Annotated[
+        str, typer.Option(help="MLflow experiment of the report run.")
+    ] = "report",
+) -> None:
+    """Paper vs measured (AAAI Tables 2-3, Fig. 5 speed-up) from MLflow; logged as a report run."""
+    from rich.console import Console
+
+    from dmstab.console import console
+    from dmstab.report import build_report, log_report, rich_table, text_tables
+
+    result = build_report(sources or [], experiment=experiment, metric=metric, baseline=baseline)
+    stdout = Console()
+    for table in text_tables(result):
+        stdout.print(rich_table(table))
+    logged = log_report(result, experiment=log_experiment)
+    console.print(f"[green]done[/] report run {logged.run_id}")
+    for artifact in logged.artifacts:
+        console.print(f"  {artifact}")
 
 
 def main() -> Any:

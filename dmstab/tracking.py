@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -252,6 +253,10 @@ class MlflowTracker:
         for key, value in tags.items():
             self._client.set_tag(self.run_id, key, value)
 
+    def artifact_uri(self) -> str:
+        """Where this run's artifacts are stored: a local path or a server URI."""
+        return str(self._client.get_run(self.run_id).info.artifact_uri)
+
     def finish(self, status: RunStatus) -> None:
         try:
             self.flush()
@@ -290,6 +295,14 @@ def _experiment_id(client: Any, name: str) -> str:
 # ---------------------------------------------------------------- finding earlier runs
 
 
+def _experiment_ids(client: Any, experiment: str | None) -> list[str]:
+    """The id of experiment `experiment` ([] when absent), or of every experiment when None."""
+    if experiment is None:
+        return [str(e.experiment_id) for e in client.search_experiments()]
+    found = client.get_experiment_by_name(experiment)
+    return [str(found.experiment_id)] if found is not None else []
+
+
 def find_resumable_run(recipe: Recipe) -> str | None:
     """Latest unfinished run (RUNNING after kill -9, FAILED, KILLED) of this exact recipe."""
     client = _client(resolve_uri(recipe.tracking.uri))
@@ -306,14 +319,66 @@ def find_resumable_run(recipe: Recipe) -> str | None:
     return str(unfinished[0].info.run_id) if unfinished else None
 
 
-def run_info(run_id: str, uri: str | None = None) -> tuple[dict[str, str], str]:
-    """Tags and status of a run; a one-line error if the id is unknown."""
+@dataclass(frozen=True)
+class RunRecord:
+    """What a report reads of a run: its params, tags and the latest value of each metric."""
+
+    run_id: str
+    name: str
+    status: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    metrics: dict[str, float]
+
+
+def _record(run: Any) -> RunRecord:
+    return RunRecord(
+        run_id=str(run.info.run_id),
+        name=str(run.info.run_name or run.info.run_id),
+        status=str(run.info.status),
+        params=dict(run.data.params),
+        tags=dict(run.data.tags),
+        metrics=dict(run.data.metrics),
+    )
+
+
+def run_record(run_id: str, uri: str | None = None) -> RunRecord:
+    """One run of the store; a one-line error if the id is unknown."""
     client = _client(resolve_uri(uri))
     try:
         run = client.get_run(run_id)
     except Exception:
         raise DmstabError(f"no MLflow run '{run_id}' in {resolve_uri(uri)}") from None
-    return dict(run.data.tags), str(run.info.status)
+    return _record(run)
+
+
+def run_info(run_id: str, uri: str | None = None) -> tuple[dict[str, str], str]:
+    """Tags and status of a run; a one-line error if the id is unknown."""
+    record = run_record(run_id, uri)
+    return record.tags, record.status
+
+
+def find_runs(
+    tags: Mapping[str, str], experiment: str | None = None, uri: str | None = None
+) -> list[RunRecord]:
+    """Runs carrying all `tags`, newest first, in one experiment or in all when None."""
+    client = _client(resolve_uri(uri))
+    ids = _experiment_ids(client, experiment)
+    if not ids:
+        return []
+    condition = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    runs = client.search_runs(ids, filter_string=condition, order_by=["attributes.start_time DESC"])
+    return [_record(run) for run in runs]
+
+
+def metric_history(run_id: str, key: str, uri: str | None = None) -> list[tuple[int, float]]:
+    """(step, value) of one metric, by step; a step logged twice keeps its latest value."""
+    client = _client(resolve_uri(uri))
+    by_step: dict[int, tuple[int, float]] = {}
+    for m in client.get_metric_history(run_id, key):
+        if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
+            by_step[m.step] = (m.timestamp, m.value)
+    return [(step, by_step[step][1]) for step in sorted(by_step)]
 
 
 def run_directory(run_id: str, uri: str | None = None) -> Path:
@@ -327,11 +392,7 @@ def run_directory(run_id: str, uri: str | None = None) -> Path:
 def latest_run(experiment: str | None, kind: str, uri: str | None = None) -> str | None:
     """Most recent run of `kind` (e.g. 'train') in one experiment, or in all when None."""
     client = _client(resolve_uri(uri))
-    if experiment is None:
-        ids = [e.experiment_id for e in client.search_experiments()]
-    else:
-        exp = client.get_experiment_by_name(experiment)
-        ids = [exp.experiment_id] if exp is not None else []
+    ids = _experiment_ids(client, experiment)
     if not ids:
         return None
     runs = client.search_runs(

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dmstab.analysis.frechet import FeatureStats
 from dmstab.data.synthetic import generate_shapes
 
 from .conftest import RECIPES, store
@@ -75,3 +76,40 @@ def test_fid_against_images_and_a_cached_recipe_reference(
 
     runs = store().search_runs([store().get_experiment_by_name("fid").experiment_id])
     assert len(runs) == 4 and all("fid" in r.data.metrics for r in runs)
+
+
+def test_weights_are_checked_before_a_run_is_looked_up_or_sampled(isolated_workdir: Path) -> None:
+    result = dmstab(
+        "fid",
+        "0123456789abcdef0123456789abcdef",
+        "--ref",
+        "ref.npz",
+        "--is",
+        env={"HOME": str(isolated_workdir)},
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "inception-2015-12-05.pt" in lines[0], result.stderr
+    assert not Path("mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [
+        ("generated/missing", "images to score not found: generated/missing"),
+        ("missing.npz", "images to score not found: missing.npz"),
+        ("missing.pt", "checkpoint not found: missing.pt"),
+    ],
+)
+def test_images_that_are_no_files_and_no_run_are_one_line_errors(
+    images: str,
+    message: str,
+    isolated_workdir: Path,
+    torchscript_folder: Path,  # noqa: F811
+) -> None:
+    FeatureStats(np.zeros(2048), np.eye(2048)).save(isolated_workdir / "stats.npz")
+    env = {"HOME": str(isolated_workdir), "DMSTAB_INCEPTION_WEIGHTS": str(torchscript_folder)}
+    result = dmstab("fid", images, "--ref", "stats.npz", env=env)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr

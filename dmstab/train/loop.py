@@ -21,6 +21,7 @@ from dmstab import __version__
 from dmstab.data import ImageDataset, build_dataset
 from dmstab.diffusion.objectives import DDPMObjective, build_objective
 from dmstab.errors import DmstabError
+from dmstab.evaluate import Evaluator, build_evaluator
 from dmstab.generate import generate_for_recipe, write_samples
 from dmstab.models import build_model, count_parameters
 from dmstab.networks import CHECKPOINT_NAME
@@ -298,6 +299,7 @@ def train(
     device = pick_device(recipe.train.device)
     resume_run_id = _resolve_resume(recipe, resume)
     trainer = Trainer(recipe, device)  # bad data or model settings fail before a run exists
+    evaluator = build_evaluator(recipe, num_classes=trainer.dataset.num_classes, device=device)
     tracker = MlflowTracker.start(recipe, kind="train", resume_run_id=resume_run_id)
     assert tracker.run_id is not None
     run_id = tracker.run_id
@@ -315,7 +317,7 @@ def train(
             trainer.load_state_dict(state)
         if trainer.step == 0:
             tracker.log_metrics({"model/parameters": count_parameters(trainer.model)}, 0)
-        samples = _run_steps(trainer, tracker, run_id, checkpoint, progress, on_sample)
+        samples = _run_steps(trainer, tracker, run_id, checkpoint, progress, on_sample, evaluator)
     return TrainResult(run_id, run_dir, trainer.step, checkpoint, samples)
 
 
@@ -326,6 +328,7 @@ def _run_steps(
     checkpoint: Path,
     progress: Progress | None,
     on_sample: Callable[[int, int], None] | None,
+    evaluator: Evaluator | None,
 ) -> Path | None:
     cfg = trainer.recipe.train
     total = cfg.total_steps
@@ -369,6 +372,9 @@ def _run_steps(
             if step % cfg.checkpoint_every == 0 or step == total:
                 tracker.flush()
                 _save(trainer, run_id, checkpoint)
+            if evaluator is not None and evaluator.due(step):
+                model = trainer.ema_model() if trainer.recipe.eval.use_ema else trainer.model
+                tracker.log_metrics(evaluator.evaluate(model), step)
             if cfg.sample_every and step % cfg.sample_every == 0 and step != total:
                 _sample_and_log(trainer, tracker, run_dir, on_sample)
     finally:

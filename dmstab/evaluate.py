@@ -1,0 +1,95 @@
+"""Evaluation during training (recipe `eval:`): FID, KID and IS of the model at chosen steps.
+
+The feature network and the reference statistics are resolved when the Evaluator is built,
+before training starts, so missing Inception weights or a bad reference stop a run at once.
+Each evaluation generates `eval.num_images` with the recipe's sampler and the same seed, so
+the curve over steps compares the same noise; images stay in memory (no PNG round trip).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dmstab.analysis.features import RandomConvFeatures, extractor_for
+from dmstab.errors import DmstabError
+from dmstab.generate import generate_for_recipe
+from dmstab.networks import load_guide
+from dmstab.recipe import EvalConfig, Recipe
+from dmstab.score import (
+    FeaturePipeline,
+    image_metrics,
+    inception_pipeline,
+    load_reference,
+    require_images,
+)
+
+METRIC_PREFIX = "eval/"
+
+
+def feature_pipeline(ev: EvalConfig, device: torch.device) -> FeaturePipeline:
+    """Inception from its local file per `eval.mode`, or the seeded random-conv stand-in."""
+    if ev.features == "inception":
+        return inception_pipeline(ev.mode, ev.inception_weights, device, ev.batch_size)
+    if "is" in ev.metrics:
+        raise DmstabError("eval.metrics 'is' needs eval.features: inception (a classifier)")
+    network = RandomConvFeatures().to(device)
+    return FeaturePipeline(
+        extractor_for(network, ev.mode), device, ev.batch_size, f"random_conv-{ev.mode}"
+    )
+
+
+class Evaluator:
+    """Scores a model under training against fixed reference statistics (recipe `eval:`)."""
+
+    def __init__(self, recipe: Recipe, *, num_classes: int, device: torch.device) -> None:
+        ev = recipe.eval
+        require_images(recipe, device)  # a missing VAE stops training before it starts
+        self.recipe = recipe
+        self.config = ev
+        self.num_classes = num_classes
+        self.device = device
+        self.pipeline = feature_pipeline(ev, device)  # missing weights stop everything here
+        source = Path(ev.reference).expanduser() if ev.reference else recipe.data
+        self.reference = load_reference(source, self.pipeline, with_features="kid" in ev.metrics)
+        self.sample = dataclasses.replace(
+            recipe.sample,
+            num_images=ev.num_images,
+            batch_size=ev.batch_size,
+            sampler=ev.sampler or recipe.sample.sampler,
+            steps=ev.steps or recipe.sample.steps,
+        )
+        self.guide = load_guide(recipe, device)
+
+    def due(self, step: int) -> bool:
+        """At the steps in `eval.at`, every `eval.every` steps, and at the last step."""
+        every = self.config.every
+        return (
+            step in self.config.at
+            or (every > 0 and step % every == 0)
+            or step == self.recipe.train.total_steps
+        )
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """`eval/fid`, `eval/kid`, `eval/is` (as `eval.metrics` asks) of `model`'s samples."""
+        images = generate_for_recipe(
+            model,
+            self.recipe,
+            dataset_classes=self.num_classes,
+            device=self.device,
+            sample=self.sample,
+            guide=self.guide,
+        )
+        features = self.pipeline.features(images)
+        metrics = image_metrics(features, self.reference, self.pipeline, self.config.metrics)
+        return {METRIC_PREFIX + name: value for name, value in metrics.items()}
+
+
+def build_evaluator(recipe: Recipe, *, num_classes: int, device: torch.device) -> Evaluator | None:
+    """The recipe's Evaluator, or None when `eval.every` is 0 and `eval.at` is empty."""
+    if not (recipe.eval.every or recipe.eval.at):
+        return None
+    return Evaluator(recipe, num_classes=num_classes, device=device)
