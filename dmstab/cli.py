@@ -311,6 +311,97 @@ def fid(
 
 
 @app.command(
+    "fid-sweep",
+    epilog=(
+        "Examples:\n\n"
+        "  dmstab ema-reconstruct --sweep 0.03:0.20:0.01\n\n"
+        "  dmstab fid-sweep --ref stats.npz                      # latest run's reconstructions\n\n"
+        "  dmstab fid-sweep runs/RUN_ID/reconstructed --ref recipes/edm2_mini.yaml "
+        "--features random_conv --num-images 1000\n\n"
+        "  dmstab fid-sweep DIR --ref stats.npz --guidance 1.0 --guidance 1.4 --guide guide.pt"
+    ),
+)
+@user_errors
+def fid_sweep(
+    ref: Annotated[
+        Path,
+        typer.Option(help="Reference: statistics .npz, images, or a recipe.", show_default=False),
+    ],
+    checkpoints: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="ema-reconstruct outputs (files or folders; default: the latest training "
+            "run's reconstructed/).",
+            show_default=False,
+        ),
+    ] = None,
+    num_images: Annotated[int, typer.Option(help="Images per checkpoint and guidance.")] = 50_000,
+    guidance: Annotated[
+        list[float] | None,
+        typer.Option(
+            help="Guidance strength(s) w (EDM2 Fig. 6); default 1 (none).", show_default=False
+        ),
+    ] = None,
+    guide: Annotated[
+        str | None,
+        typer.Option(help="Guide for w != 1: self (classifier-free) or a checkpoint / run id."),
+    ] = None,
+    features: Annotated[
+        str, typer.Option(help="inception, or random_conv (a seeded proxy for toy data).")
+    ] = "inception",
+    mode: Annotated[str, typer.Option(help="clean-fid mode.")] = "clean",
+    inception_weights: Annotated[
+        str | None, typer.Option(help="Local Inception weights (else $DMSTAB_INCEPTION_WEIGHTS).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per feature batch.")] = 250,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where the CSV and figure go (default: beside the checkpoints).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """FID against EMA length σrel (EDM2 Fig. 5a; per guidance strength, Fig. 6)."""
+    import torch
+
+    from dmstab.console import SampleProgress, console
+    from dmstab.ema_sweep import best_points, run_sweep
+    from dmstab.evaluate import feature_pipeline
+    from dmstab.networks import find_checkpoint
+    from dmstab.recipe import EvalConfig
+
+    if features not in ("inception", "random_conv"):
+        raise DmstabError(f"--features is {features!r}; choose inception or random_conv")
+    config = EvalConfig(
+        features=features,  # type: ignore[arg-type]
+        mode=mode,  # type: ignore[arg-type]
+        inception_weights=inception_weights,
+        batch_size=batch_size,
+    )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pipeline = feature_pipeline(config, device)  # missing weights fail before any sampling
+    paths = checkpoints or [find_checkpoint(None, None, None).parent / "reconstructed"]
+    result = run_sweep(
+        paths,
+        ref,
+        pipeline,
+        num_images=num_images,
+        guidances=guidance or [1.0],
+        guide=guide,
+        out_dir=out,
+        callback=SampleProgress("sample"),
+    )
+    for point in result.points:
+        typer.echo(f"σrel {point.sigma_rel:.4f}  guidance {point.guidance:g}  FID {point.fid:.4f}")
+    for strength, best in sorted(best_points(result.points).items()):
+        console.print(
+            f"[green]best[/] guidance {strength:g}: FID {best.fid:.4f} at σrel {best.sigma_rel:.4f}"
+        )
+    console.print(f"  figure {result.figure}\n  table  {result.table}\n  run    {result.run_id}")
+
+
+@app.command(
     epilog=(
         "Examples:\n\n"
         "  dmstab report recipes/cifar10_baseline.yaml recipes/cifar10_clts.yaml "

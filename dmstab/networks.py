@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,12 @@ from dmstab.diffusion.edm import Denoiser
 from dmstab.diffusion.edm_sampling import unconditional
 from dmstab.errors import DmstabError
 from dmstab.models import build_model
-from dmstab.recipe import Recipe, from_mapping
+from dmstab.recipe import Recipe, apply_overrides, from_mapping
 from dmstab.tracking import latest_run, resolve_uri, run_directory
 from dmstab.train.checkpoint import load_checkpoint
 
 CHECKPOINT_NAME = "checkpoint.pt"
+SAMPLING_KEYS = ("sample.", "tracking.", "train.device=")
 
 
 def find_checkpoint(source: str | None, experiment: str | None, uri: str | None) -> Path:
@@ -59,6 +61,25 @@ def stored_recipe(state: dict[str, Any], source: Path) -> Recipe:
     if not isinstance(stored, dict):
         raise DmstabError(f"checkpoint {source} carries no recipe; it was not written by dmstab")
     return from_mapping(stored)
+
+
+def _restricted(overrides: Sequence[str]) -> None:
+    for text in overrides:
+        if not text.startswith(SAMPLING_KEYS):
+            key = text.partition("=")[0]
+            raise DmstabError(
+                f"override '{key}' cannot change a trained model; sampling accepts "
+                "sample.*, tracking.* and train.device"
+            )
+
+
+def sampling_recipe(state: dict[str, Any], overrides: Sequence[str]) -> Recipe:
+    """The training recipe stored in the checkpoint, with sampling overrides applied."""
+    _restricted(overrides)
+    stored = state.get("recipe")
+    if not isinstance(stored, dict):
+        raise DmstabError("checkpoint carries no recipe; it was not written by dmstab train")
+    return from_mapping(apply_overrides(stored, overrides))
 
 
 def load_guide(recipe: Recipe, device: torch.device) -> Denoiser | None:

@@ -5,17 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from dmstab.errors import DmstabError
 from dmstab.generate import generate_for_recipe, write_samples
-from dmstab.networks import find_checkpoint, load_guide, network_from_state
-from dmstab.recipe import Recipe, apply_overrides, from_mapping
+from dmstab.networks import find_checkpoint, load_guide, network_from_state, sampling_recipe
 from dmstab.tracking import TAG_PARENT, MlflowTracker, tracked_run
 from dmstab.train.checkpoint import load_checkpoint
 from dmstab.train.loop import pick_device
-
-SAMPLING_KEYS = ("sample.", "tracking.", "train.device=")
 
 
 @dataclass(frozen=True)
@@ -24,25 +19,6 @@ class SampleResult:
     npz: Path
     grid: Path
     count: int
-
-
-def _restricted(overrides: Sequence[str]) -> None:
-    for text in overrides:
-        if not text.startswith(SAMPLING_KEYS):
-            key = text.partition("=")[0]
-            raise DmstabError(
-                f"override '{key}' cannot change a trained model; sampling accepts "
-                "sample.*, tracking.* and train.device"
-            )
-
-
-def sampling_recipe(state: dict[str, Any], overrides: Sequence[str]) -> Recipe:
-    """The training recipe stored in the checkpoint, with sampling overrides applied."""
-    _restricted(overrides)
-    stored = state.get("recipe")
-    if not isinstance(stored, dict):
-        raise DmstabError("checkpoint carries no recipe; it was not written by dmstab train")
-    return from_mapping(apply_overrides(stored, overrides))
 
 
 def sample(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,13 @@ from dmstab.data import build_dataset
 from dmstab.data.images import IMAGE_SUFFIXES, image_files, nhwc_to_nchw, read_npz_images
 from dmstab.errors import DmstabError
 from dmstab.generate import generate_for_recipe
-from dmstab.networks import find_checkpoint, load_guide, network_from_state, stored_recipe
+from dmstab.networks import (
+    find_checkpoint,
+    load_guide,
+    network_from_state,
+    sampling_recipe,
+    stored_recipe,
+)
 from dmstab.plots import to_uint8
 from dmstab.recipe import DataConfig, Recipe, load_recipe
 from dmstab.tracking import TAG_PARENT, MlflowTracker, tracked_run
@@ -212,8 +218,10 @@ def sampled_images(
     num_images: int,
     device: torch.device,
     callback: Callable[[int, int], None] | None = None,
+    overrides: Sequence[str] = (),
 ) -> tuple[torch.Tensor, Path, str | None]:
-    """`num_images` images from a checkpoint or training run with its recipe's sampler.
+    """`num_images` images from a checkpoint or training run with its recipe's sampler
+    (`overrides`: sampling keys such as `sample.guidance=2`, as `dmstab sample` takes them).
 
     Returns the images, the checkpoint and the training run it belongs to.
     """
@@ -221,7 +229,7 @@ def sampled_images(
         raise DmstabError(f"the number of images to sample must be >= 2, got {num_images}")
     checkpoint = find_checkpoint(source, None, None)
     state = load_checkpoint(checkpoint)
-    recipe = stored_recipe(state, checkpoint)
+    recipe = sampling_recipe(state, overrides) if overrides else stored_recipe(state, checkpoint)
     require_images(recipe, device)
     use_ema = recipe.sample.use_ema
     model = network_from_state(state, recipe, use_ema=use_ema, source=checkpoint).to(device)

@@ -1,0 +1,189 @@
+"""FID against EMA length (EDM2 Fig. 5a) and, per guidance strength, Fig. 6.
+
+Scores every checkpoint an `ema-reconstruct` sweep wrote (each carries its σrel) with the
+same sampler seed and the same reference, so the curve isolates the EMA length; the
+optimum of each curve is marked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dmstab.errors import DmstabError
+from dmstab.score import (
+    FeaturePipeline,
+    Reference,
+    image_metrics,
+    load_reference,
+    sampled_images,
+)
+from dmstab.tracking import TAG_PARENT, MlflowTracker, save_figure, tracked_run
+from dmstab.train.checkpoint import load_checkpoint
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    sigma_rel: float
+    guidance: float
+    fid: float
+    checkpoint: Path
+
+
+def reconstructed_checkpoints(paths: Sequence[Path]) -> list[tuple[float, Path]]:
+    """(σrel, checkpoint) of each `ema-reconstruct` output among `paths` (files or folders),
+    by σrel; a checkpoint without a σrel was not made by `ema-reconstruct` and is refused."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(path.glob("*.pt"))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DmstabError(f"reconstructed checkpoint or folder not found: {path}")
+    found = []
+    for file in files:
+        sigma_rel = load_checkpoint(file).get("sigma_rel")
+        if not isinstance(sigma_rel, float):
+            raise DmstabError(f"{file} carries no σrel: give outputs of dmstab ema-reconstruct")
+        found.append((sigma_rel, file))
+    if len(found) < 2:
+        raise DmstabError(f"a sweep needs at least 2 reconstructed checkpoints, found {len(found)}")
+    return sorted(found)
+
+
+def score_sweep(
+    checkpoints: Sequence[tuple[float, Path]],
+    pipeline: FeaturePipeline,
+    reference: Reference,
+    *,
+    num_images: int,
+    guidances: Sequence[float] = (1.0,),
+    guide: str | None = None,
+    callback: Callable[[int, int], None] | None = None,
+) -> list[SweepPoint]:
+    """FID of `num_images` samples of every checkpoint at every guidance strength."""
+    points = []
+    for guidance in guidances:
+        overrides = [f"sample.guidance={guidance}"]
+        if guide is not None:
+            overrides.append(f"sample.guide={guide}")
+        for sigma_rel, checkpoint in checkpoints:
+            images, _, _ = sampled_images(
+                str(checkpoint), num_images, pipeline.device, callback, overrides
+            )
+            fid = image_metrics(pipeline.features(images), reference, pipeline, ["fid"])["fid"]
+            points.append(SweepPoint(sigma_rel, guidance, fid, checkpoint))
+    return points
+
+
+def best_points(points: Sequence[SweepPoint]) -> dict[float, SweepPoint]:
+    """The lowest-FID point of each guidance strength."""
+    best: dict[float, SweepPoint] = {}
+    for point in points:
+        if point.guidance not in best or point.fid < best[point.guidance].fid:
+            best[point.guidance] = point
+    return best
+
+
+def sweep_csv(points: Sequence[SweepPoint]) -> str:
+    lines = ["sigma_rel,guidance,fid,checkpoint"]
+    lines += [f"{p.sigma_rel:.4f},{p.guidance:g},{p.fid:.6f},{p.checkpoint}" for p in points]
+    return "\n".join(lines) + "\n"
+
+
+def sweep_figure(points: Sequence[SweepPoint], title: str) -> Any:
+    """FID vs σrel, one curve per guidance strength, each optimum starred (EDM2 Figs. 5a, 6)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for guidance, best in sorted(best_points(points).items()):
+        curve = sorted((p.sigma_rel, p.fid) for p in points if p.guidance == guidance)
+        label = "no guidance" if guidance == 1.0 else f"guidance {guidance:g}"
+        (line,) = axes.plot(*zip(*curve, strict=True), marker="o", markersize=3, label=label)
+        axes.plot(best.sigma_rel, best.fid, marker="*", markersize=14, color=line.get_color())
+        axes.annotate(
+            f"{best.fid:.2f} at σrel {best.sigma_rel:.3f}",
+            (best.sigma_rel, best.fid),
+            textcoords="offset points",
+            xytext=(6, 8),
+            fontsize=8,
+        )
+    axes.set_xlabel("EMA length σrel")
+    axes.set_ylabel("FID")
+    axes.set_title(title)
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    points: list[SweepPoint]
+    run_id: str
+    figure: Path
+    table: Path
+
+
+def run_sweep(
+    paths: Sequence[Path],
+    reference: Path,
+    pipeline: FeaturePipeline,
+    *,
+    num_images: int,
+    guidances: Sequence[float] = (1.0,),
+    guide: str | None = None,
+    out_dir: Path | None = None,
+    experiment: str = "fid",
+    callback: Callable[[int, int], None] | None = None,
+) -> SweepResult:
+    """Score a sweep and log it (kind `fid-sweep`, child of the training run): the points as
+    metrics `fid/guidance_<w>` (step = point index, `sigma_rel` alongside), CSV and figure."""
+    checkpoints = reconstructed_checkpoints(paths)
+    ref = load_reference(reference, pipeline)  # a bad reference fails before any sampling
+    points = score_sweep(
+        checkpoints,
+        pipeline,
+        ref,
+        num_images=num_images,
+        guidances=guidances,
+        guide=guide,
+        callback=callback,
+    )
+    out_dir = out_dir or checkpoints[0][1].parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table = out_dir / "fid_vs_sigma_rel.csv"
+    table.write_text(sweep_csv(points))
+    figure = out_dir / "fid_vs_sigma_rel.png"
+    title = f"FID vs EMA length ({num_images} images, {pipeline.key})"
+    drawing = sweep_figure(points, title)
+    drawing.savefig(figure, dpi=120)
+    train_run = load_checkpoint(checkpoints[0][1]).get("run_id")
+    params = {
+        "reference": str(reference.resolve()),
+        "features": pipeline.key,
+        "num_images": str(num_images),
+        "checkpoints": str(out_dir.resolve()),
+    }
+    tags = {TAG_PARENT: str(train_run)} if train_run else {}
+    tracker = MlflowTracker.create(
+        experiment=experiment, kind="fid-sweep", params=params, tags=tags
+    )
+    assert tracker.run_id is not None
+    with tracked_run(tracker):
+        for guidance in sorted({p.guidance for p in points}):
+            curve = [p for p in points if p.guidance == guidance]
+            for index, point in enumerate(curve):
+                values = {f"fid/guidance_{guidance:g}": point.fid, "sigma_rel": point.sigma_rel}
+                tracker.log_metrics(values, index)
+        for guidance, best in best_points(points).items():
+            tracker.log_metrics({f"best_sigma_rel/guidance_{guidance:g}": best.sigma_rel}, 0)
+        tracker.log_artifact(table, "sweep")
+        save_figure(tracker, drawing, "sweep/fid_vs_sigma_rel.png")
+    return SweepResult(points, tracker.run_id, figure, table)
