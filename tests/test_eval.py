@@ -63,6 +63,14 @@ def test_training_logs_eval_fid_at_exactly_the_requested_steps() -> None:
     assert all(value > 0 for value in _history(result.run_id, "eval/fid").values())
     assert len(list(stats_cache().glob("synthetic-16-random_conv-clean-*.npz"))) == 1
 
+    # `dmstab report` reads the same numbers back and prints them per step
+    shown = dmstab("report", result.run_id)
+    assert shown.returncode == 0, shown.stderr
+    assert "eval/fid" in shown.stdout
+    for step, value in _history(result.run_id, "eval/fid").items():
+        rows = [line for line in shown.stdout.splitlines() if f" {value:.2f} " in line]
+        assert any(f" {step} " in row for row in rows), (step, value, shown.stdout)
+
 
 def test_due_steps_are_the_listed_ones_every_n_and_the_last() -> None:
     recipe = _recipe(
