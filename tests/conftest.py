@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from dmstab.tracking import resolve_uri
@@ -52,3 +53,12 @@ def isolated_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
 def store() -> MlflowClient:
     """A client on the default store of the current working directory (./mlflow.db)."""
     return MlflowClient(resolve_uri(None))
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """For tiny networks: one thread is faster, and immune to a busy machine's other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

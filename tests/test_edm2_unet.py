@@ -3,7 +3,7 @@ import itertools
 import math
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -50,13 +50,7 @@ TABLE3_MPARAMS = {"S": 280, "M": 498, "L": 777, "XL": 1119}  # ImageNet-64, conf
 ADM_IMG64_MPARAMS = 296  # Table 3: ADM with EDM training = config A on RGB
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """These networks are tiny: one thread is faster, and immune to a busy machine's other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread is faster
 
 
 def count_mparams(config: EDM2Config) -> float:

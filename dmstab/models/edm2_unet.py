@@ -22,6 +22,7 @@ All configs share the skeleton (channel mult [1,2,3,4], 3 blocks per level and 4
 decoder, attention heads of 64 channels); sizes and dropout follow NVlabs/edm2's presets.
 """
 
+import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -189,8 +190,9 @@ def config_for(letter: str, size: str, dataset: str = "img512") -> EDM2Config:
 
 
 def edm2_config(recipe: "Recipe", num_classes: int) -> EDM2Config:
-    """The EDM2Config a recipe's `model` section describes (`model.name: edm2_unet`)."""
-    m, switches = recipe.model, recipe.model.edm2
+    """The EDM2Config a recipe's `model` section describes (`model.name: edm2_unet`); the
+    Table 1 switches and MP constants of `model.edm2` carry EDM2Config's own field names."""
+    m = recipe.model
     return EDM2Config(
         img_resolution=recipe.data.resolution,
         img_channels=4 if recipe.data.name == "latents" else 3,
@@ -199,20 +201,8 @@ def edm2_config(recipe: "Recipe", num_classes: int) -> EDM2Config:
         channel_mult=m.channel_mult,
         num_blocks=m.num_res_blocks,
         attn_resolutions=m.attention_resolutions,
-        channels_per_head=switches.channels_per_head,
         dropout=m.dropout,
-        minor_improvements=switches.minor_improvements,
-        streamlined=switches.streamlined,
-        mp_learned_layers=switches.mp_learned_layers,
-        forced_weight_norm=switches.forced_weight_norm,
-        no_group_norm=switches.no_group_norm,
-        mp_fixed_layers=switches.mp_fixed_layers,
-        res_balance=switches.res_balance,
-        attn_balance=switches.attn_balance,
-        label_balance=switches.label_balance,
-        concat_balance=switches.concat_balance,
-        clip_act=switches.clip_act,
-        logvar_channels=switches.logvar_channels,
+        **dataclasses.asdict(m.edm2),
     )
 
 
