@@ -16,8 +16,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dmstab.devices import pick_device
 from dmstab.recipe import load_recipe
-from dmstab.train.loop import Trainer, pick_device
+from dmstab.train.loop import Trainer
 
 
 def _sync(device: torch.device) -> None:

@@ -363,9 +363,9 @@ def fid_sweep(
     ] = None,
 ) -> None:
     """FID against EMA length σrel (EDM2 Fig. 5a; per guidance strength, Fig. 6)."""
-    import torch
 
     from dmstab.console import SampleProgress, console
+    from dmstab.devices import pick_device
     from dmstab.ema_sweep import best_points, run_sweep
     from dmstab.evaluate import feature_pipeline
     from dmstab.networks import find_checkpoint
@@ -379,7 +379,7 @@ def fid_sweep(
         inception_weights=inception_weights,
         batch_size=batch_size,
     )
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")
     pipeline = feature_pipeline(config, device)  # missing weights fail before any sampling
     paths = checkpoints or [find_checkpoint(None, None, None).parent / "reconstructed"]
     result = run_sweep(

@@ -6,11 +6,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dmstab.devices import pick_device
 from dmstab.generate import generate_for_recipe, write_samples
 from dmstab.networks import find_checkpoint, load_guide, network_from_state, sampling_recipe
 from dmstab.tracking import TAG_PARENT, MlflowTracker, tracked_run
 from dmstab.train.checkpoint import load_checkpoint
-from dmstab.train.loop import pick_device
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from dmstab.analysis.fid import ImageSource, compute_features, fid_from_stats
 from dmstab.analysis.frechet import FeatureStats, inception_score, kid
 from dmstab.data import build_dataset
 from dmstab.data.images import IMAGE_SUFFIXES, image_files, nhwc_to_nchw, read_npz_images
+from dmstab.devices import pick_device
 from dmstab.errors import DmstabError
 from dmstab.generate import generate_for_recipe
 from dmstab.networks import (
@@ -289,7 +290,7 @@ def score(
 
     Logged as a run of kind `fid`, a child of `parent_run` or of the sampled training run.
     """
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or pick_device("auto")
     pipeline = inception_pipeline(mode, inception_weights, device, batch_size)  # fails first
     ref = load_reference(reference, pipeline, with_features=with_kid)  # before any sampling
     source, params, sampled_run = _images_to_score(

@@ -19,6 +19,7 @@ from torch import nn
 
 from dmstab import __version__
 from dmstab.data import ImageDataset, build_dataset
+from dmstab.devices import pick_device
 from dmstab.diffusion.objectives import DDPMObjective, build_objective
 from dmstab.errors import DmstabError
 from dmstab.evaluate import Evaluator, build_evaluator
@@ -63,22 +64,6 @@ class TrainResult:
     step: int
     checkpoint: Path
     samples: Path | None
-
-
-def pick_device(name: str) -> torch.device:
-    """The recipe's device; on CPU, denormal floats are flushed to zero for this process.
-
-    EDM2's magnitude-preserving layers produce denormal intermediates that x86 CPUs handle in
-    microcode: flushing them makes a CPU training step about 5x faster (docs/performance.md),
-    and changes no value above ~1e-38.
-    """
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DmstabError("train.device is 'cuda' but no CUDA device is available; use auto or cpu")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cpu":
-        torch.set_flush_denormal(True)
-    return torch.device(name)
 
 
 def step_seed(seed: int, step: int) -> int:
