@@ -30,45 +30,57 @@ def class_labels(first_index: int, count: int, num_classes: int) -> torch.Tensor
     return torch.arange(first_index, first_index + count) % num_classes
 
 
-def _sample_batch(
+BatchSampler = Callable[[NoiseSource, torch.Tensor | None], torch.Tensor]
+
+
+def _batch_sampler(
     model: nn.Module,
     recipe: Recipe,
     cfg: SampleConfig,
-    noise: NoiseSource,
-    labels: torch.Tensor | None,
     num_classes: int,
     guide: Denoiser | None,
     device: torch.device,
     callback: Callable[[int, int], None] | None,
-) -> torch.Tensor:
-    """One batch in data space, float32: DDPM/DDIM ancestral steps or EDM's Heun ODE."""
+) -> BatchSampler:
+    """(noise, labels) → one batch in data space, float32: DDPM/DDIM ancestral steps or EDM's
+    Heun ODE; the schedule is built once for all batches."""
     if recipe.diffusion.formulation == "edm":
-        one_hot = one_hot_labels(labels, num_classes).to(device) if labels is not None else None
+        sigmas = karras_sigmas(cfg.steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
         churn = Churn(cfg.s_churn, cfg.s_min, cfg.s_max, cfg.s_noise) if cfg.s_churn else None
-        return heun_sample(
+
+        def heun(noise: NoiseSource, labels: torch.Tensor | None) -> torch.Tensor:
+            one_hot = None if labels is None else one_hot_labels(labels, num_classes).to(device)
+            return heun_sample(
+                model,
+                noise,
+                sigmas,
+                class_labels=one_hot,
+                guide=guide,
+                guidance=cfg.guidance,
+                churn=churn,
+                device=device,
+                callback=callback,
+            )
+
+        return heun
+    assert cfg.sampler != "heun", "validated: heun belongs to the edm formulation"
+    sampler, diffusion = cfg.sampler, build_diffusion(recipe)
+
+    def ancestral(noise: NoiseSource, labels: torch.Tensor | None) -> torch.Tensor:
+        return sample_images(
             model,
-            noise,
-            karras_sigmas(cfg.steps, cfg.sigma_min, cfg.sigma_max, cfg.rho),
-            class_labels=one_hot,
-            guide=guide,
-            guidance=cfg.guidance,
-            churn=churn,
+            diffusion,
+            sampler=sampler,
+            num_steps=cfg.steps,
+            eta=cfg.eta,
+            noise=noise,
             device=device,
+            y=labels.to(device) if labels is not None else None,
+            clip_denoised=cfg.clip_denoised,
             callback=callback,
         )
-    assert cfg.sampler != "heun", "validated: heun belongs to the edm formulation"
-    return sample_images(
-        model,
-        build_diffusion(recipe),
-        sampler=cfg.sampler,
-        num_steps=cfg.steps,
-        eta=cfg.eta,
-        noise=noise,
-        device=device,
-        y=labels.to(device) if labels is not None else None,
-        clip_denoised=cfg.clip_denoised,
-        callback=callback,
-    )
+
+    return ancestral
 
 
 @torch.no_grad()
@@ -100,6 +112,7 @@ def generate_for_recipe(
         if recipe.data.name == "latents"
         else None
     )
+    sample_batch = _batch_sampler(model, recipe, cfg, num_classes, guide_denoiser, device, callback)
     was_training = model.training
     model.eval()
     batches = []
@@ -108,9 +121,7 @@ def generate_for_recipe(
             count = min(cfg.batch_size, cfg.num_images - first)
             noise = NoiseSource(cfg.seed, first, count, shape)
             labels = class_labels(first, count, num_classes)
-            x = _sample_batch(
-                model, recipe, cfg, noise, labels, num_classes, guide_denoiser, device, callback
-            )
+            x = sample_batch(noise, labels)
             if decode is not None:
                 x = decode(x)
             batches.append(to_uint8(x).cpu())

@@ -55,14 +55,6 @@ def network_from_state(
     return model.eval()
 
 
-def stored_recipe(state: dict[str, Any], source: Path) -> Recipe:
-    """The training recipe a dmstab checkpoint carries."""
-    stored = state.get("recipe")
-    if not isinstance(stored, dict):
-        raise DmstabError(f"checkpoint {source} carries no recipe; it was not written by dmstab")
-    return from_mapping(stored)
-
-
 def _restricted(overrides: Sequence[str]) -> None:
     for text in overrides:
         if not text.startswith(SAMPLING_KEYS):
@@ -73,12 +65,12 @@ def _restricted(overrides: Sequence[str]) -> None:
             )
 
 
-def sampling_recipe(state: dict[str, Any], overrides: Sequence[str]) -> Recipe:
-    """The training recipe stored in the checkpoint, with sampling overrides applied."""
+def stored_recipe(state: dict[str, Any], source: Path, overrides: Sequence[str] = ()) -> Recipe:
+    """The training recipe a dmstab checkpoint carries, with sampling `overrides` applied."""
     _restricted(overrides)
     stored = state.get("recipe")
     if not isinstance(stored, dict):
-        raise DmstabError("checkpoint carries no recipe; it was not written by dmstab train")
+        raise DmstabError(f"checkpoint {source} carries no recipe; it was not written by dmstab")
     return from_mapping(apply_overrides(stored, overrides))
 
 

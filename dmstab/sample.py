@@ -8,7 +8,7 @@ from pathlib import Path
 
 from dmstab.devices import pick_device
 from dmstab.generate import generate_for_recipe, write_samples
-from dmstab.networks import find_checkpoint, load_guide, network_from_state, sampling_recipe
+from dmstab.networks import find_checkpoint, load_guide, network_from_state, stored_recipe
 from dmstab.tracking import TAG_PARENT, MlflowTracker, tracked_run
 from dmstab.train.checkpoint import load_checkpoint
 
@@ -32,7 +32,7 @@ def sample(
 ) -> SampleResult:
     checkpoint = find_checkpoint(source, experiment, uri)
     state = load_checkpoint(checkpoint)
-    recipe = sampling_recipe(state, overrides)
+    recipe = stored_recipe(state, checkpoint, overrides)
     device = pick_device(recipe.train.device)
     num_classes = int(state.get("num_classes", 0))
     model = network_from_state(state, recipe, use_ema=recipe.sample.use_ema, source=checkpoint)

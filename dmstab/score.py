@@ -37,7 +37,6 @@ from dmstab.networks import (
     find_checkpoint,
     load_guide,
     network_from_state,
-    sampling_recipe,
     stored_recipe,
 )
 from dmstab.plots import to_uint8
@@ -230,7 +229,7 @@ def sampled_images(
         raise DmstabError(f"the number of images to sample must be >= 2, got {num_images}")
     checkpoint = find_checkpoint(source, None, None)
     state = load_checkpoint(checkpoint)
-    recipe = sampling_recipe(state, overrides) if overrides else stored_recipe(state, checkpoint)
+    recipe = stored_recipe(state, checkpoint, overrides)
     require_images(recipe, device)
     use_ema = recipe.sample.use_ema
     model = network_from_state(state, recipe, use_ema=use_ema, source=checkpoint).to(device)
