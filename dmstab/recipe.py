@@ -28,13 +28,15 @@ DatasetName = Literal["synthetic", "cifar10", "folder", "npz", "latents"]
 ModelName = Literal["adm_unet", "edm2_unet"]
 Formulation = Literal["ddpm", "edm"]
 ScheduleName = Literal["linear", "cosine"]
-Target = Literal["eps", "x0"]
-TimestepSamplerName = Literal["uniform", "clts"]
+Target = Literal["eps", "x0", "v"]
+LossWeighting = Literal["none", "min_snr", "p2", "fdm"]
+TimestepSamplerName = Literal["uniform", "clts", "importance", "shifted_gaussian"]
 SamplerName = Literal["ddpm", "ddim", "heun"]
 LrSchedule = Literal["constant", "inverse_sqrt"]
 FidMode = Literal["clean", "legacy_pytorch", "legacy_tensorflow"]
 EvalMetric = Literal["fid", "kid", "is"]
-FeatureNetwork = Literal["inception", "random_conv"]
+FeatureNetwork = Literal["inception", "random_conv", "classifier"]
+FEATURE_NETWORKS: tuple[str, ...] = get_args(FeatureNetwork)
 Precision = Literal["fp32", "bf16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 
@@ -103,14 +105,27 @@ class DiffusionConfig:
     """The formulation: discrete DDPM or continuous EDM.
 
     ddpm: forward process (AAAI Eq. 3) with `schedule` over `steps` and prediction `target`
-    (Eq. 4: eps, Eq. 5: x0). edm: preconditioning with `sigma_data` (EDM Table 1) and training
-    noise levels ln σ ~ N(`p_mean`, `p_std`²) (EDM2: (−0.4, 1.0) latents, (−0.8, 1.6) pixels).
+    (Eq. 4: eps, Eq. 5: x0, or v of Salimans & Ho 2022); `weighting` scales the target MSE per
+    timestep: Min-SNR-γ (`min_snr_gamma`) or P2 1/(`p2_k` + SNR)^`p2_gamma` on the ε-MSE,
+    converted to the target (dmstab.diffusion.weighting). edm: preconditioning with
+    `sigma_data` (EDM Table 1) and training noise levels ln σ ~ N(`p_mean`, `p_std`²)
+    (EDM2: (−0.4, 1.0) latents, (−0.8, 1.6) pixels).
     """
 
     formulation: Formulation = "ddpm"
     schedule: ScheduleName = "cosine"
     steps: int = 4000
     target: Target = "eps"
+    weighting: LossWeighting = "none"
+    min_snr_gamma: float = 5.0
+    p2_k: float = 1.0
+    p2_gamma: float = 1.0
+    # weighting fdm: FDM (Wu et al. 2023) = its kernel scale e^{−mB}(1 + mB) on the model input
+    # plus its loss-weight warm-up (dmstab.diffusion.fdm); defaults: official CIFAR-10 VP-FDM.
+    fdm_multiplier: float = 2.0
+    fdm_beta_min: float = 0.1
+    fdm_beta_d: float = 19.9
+    fdm_warmup_iterations: int = 400
     p_mean: float = -0.8
     p_std: float = 1.6
     sigma_data: float = 0.5
@@ -118,12 +133,20 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class TimestepsConfig:
-    """Training timestep distribution: uniform, or CLTS (AAAI Eqs. 6-7)."""
+    """Training timestep distribution (dmstab.diffusion.timesteps).
+
+    uniform; clts (AAAI Eqs. 6-7); shifted_gaussian, the paper's first attempt: N(t; μ_i, σ)
+    with μ_i moving linearly from T−1 to `mu` by `target_iteration`; importance, improved-
+    diffusion's loss-second-moment sampler over the last `history` losses per timestep, mixed
+    with `uniform_prob` of uniform.
+    """
 
     sampler: TimestepSamplerName = "uniform"
     mu: float = 1200.0
     sigma: float = 4000.0
     target_iteration: int = 50_000
+    history: int = 10
+    uniform_prob: float = 0.001
     histogram_every: int = 1000
 
 
@@ -216,6 +239,8 @@ class EvalConfig:
     scored against `reference` (a statistics .npz, an image folder or .npz) or, when null, the
     training data, whose statistics are computed once and cached. `features: random_conv` is a
     seeded stand-in network for tests and toy data; its numbers are not comparable to papers.
+    `features: classifier` is a small CNN trained on the synthetic shapes (synthetic data only;
+    docs/synthetic.md).
     """
 
     every: int = 0
@@ -442,19 +467,67 @@ def _validate_diffusion(recipe: Recipe) -> None:
     if diff.formulation == "edm":
         _require(diff.p_std > 0, f"diffusion.p_std is {diff.p_std}; must be positive")
         _require(diff.sigma_data > 0, f"diffusion.sigma_data is {diff.sigma_data}; must be > 0")
-        _require(
-            recipe.timesteps.sampler == "uniform",
-            "timesteps.sampler clts is a ddpm curriculum; EDM draws σ from diffusion.p_mean/p_std",
-        )
+        _require_ddpm_methods_off(recipe)
         return
     _require(diff.steps >= 2, "diffusion.steps (T) must be at least 2")
-    ts, T = recipe.timesteps, diff.steps
+    _validate_fdm(diff)
     _require(
-        0.0 <= ts.mu < T, f"timesteps.mu is {ts.mu}; must be in [0, diffusion.steps) = [0, {T})"
+        diff.min_snr_gamma > 0, f"diffusion.min_snr_gamma is {diff.min_snr_gamma}; must be > 0"
+    )
+    # k = 0 would make the ε weight 1/SNR^γ explode where SNR → 0 (ᾱ_T ≈ 1e-9 for cosine).
+    _require(diff.p2_k > 0, f"diffusion.p2_k is {diff.p2_k}; must be > 0")
+    _require(diff.p2_gamma >= 0, f"diffusion.p2_gamma is {diff.p2_gamma}; must be >= 0")
+    ts, T = recipe.timesteps, diff.steps
+    _require(ts.history >= 1, f"timesteps.history is {ts.history}; must be at least 1")
+    _require(
+        0.0 <= ts.uniform_prob < 1.0,
+        f"timesteps.uniform_prob is {ts.uniform_prob}; must be in [0, 1)",
+    )
+    _require(
+        ts.sampler not in ("clts", "shifted_gaussian") or 0.0 <= ts.mu < T,
+        f"timesteps.mu is {ts.mu}; must be in [0, diffusion.steps) = [0, {T})",
     )
     _require(ts.sigma > 0, f"timesteps.sigma is {ts.sigma}; must be positive")
     _require(ts.target_iteration >= 1, "timesteps.target_iteration must be at least 1")
     _require(ts.histogram_every >= 0, "timesteps.histogram_every must be >= 0 (0 = never)")
+
+
+def _validate_fdm(diff: DiffusionConfig) -> None:
+    """FDM's kernel scale e^{−mB}(1 + mB) must fall from 1 as B grows: m > 0, β ≥ 0."""
+    _require(
+        diff.fdm_multiplier > 0,
+        f"diffusion.fdm_multiplier is {diff.fdm_multiplier}; must be positive",
+    )
+    _require(
+        diff.fdm_beta_min >= 0 and diff.fdm_beta_d >= 0 and diff.fdm_beta_min + diff.fdm_beta_d > 0,
+        f"diffusion.fdm_beta_min {diff.fdm_beta_min} and fdm_beta_d {diff.fdm_beta_d} must be "
+        ">= 0 and not both 0",
+    )
+    _require(
+        diff.fdm_warmup_iterations >= 0,
+        f"diffusion.fdm_warmup_iterations is {diff.fdm_warmup_iterations}; must be >= 0 "
+        "(0 = no loss-weight warm-up)",
+    )
+
+
+def _require_ddpm_methods_off(recipe: Recipe) -> None:
+    """EDM has its own σ distribution, loss weight and preconditioning: no ddpm options."""
+    sampler, diff = recipe.timesteps.sampler, recipe.diffusion
+    _require(
+        sampler == "uniform",
+        f"timesteps.sampler {sampler} is a ddpm curriculum or sampler; EDM draws σ from "
+        "diffusion.p_mean/p_std (use uniform)",
+    )
+    _require(
+        diff.weighting == "none",
+        f"diffusion.weighting {diff.weighting} weights the ddpm target MSE; EDM weights its loss "
+        "by λ(σ) and the learned uncertainty (use none)",
+    )
+    _require(
+        diff.target == "eps",
+        f"diffusion.target {diff.target} is a ddpm option; the EDM denoiser is preconditioned "
+        "(EDM Table 1), leave diffusion.target at eps",
+    )
 
 
 def _validate_optim(o: OptimConfig) -> None:
@@ -544,6 +617,11 @@ def _validate_eval(recipe: Recipe) -> None:
             recipe.data.name != "latents" or ev.reference is not None,
             "eval on latents needs eval.reference (statistics or images of the decoded data)",
         )
+        _require(
+            ev.features != "classifier" or recipe.data.name == "synthetic",
+            f"eval.features: classifier knows the synthetic shapes only, not data.name "
+            f"{recipe.data.name}; use inception",
+        )
         steps = ev.steps if ev.steps is not None else recipe.sample.steps
         _validate_sampler(recipe, ev.sampler or recipe.sample.sampler, steps, "eval")
 
@@ -624,14 +702,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def set_key(tree: Mapping[str, Any], path: Sequence[str], value: Any) -> dict[str, Any]:
+    """`tree` with the key at `path` (["a", "b"] for a.b) set to `value`, as an override sets it."""
+    nested: Any = value
+    for part in reversed(path):
+        nested = {part: nested}
+    return _merge(dict(tree), nested)
+
+
 def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     result = dict(tree)
     for text in overrides:
-        path, value = parse_override(text)
-        nested: Any = value
-        for part in reversed(path):
-            nested = {part: nested}
-        result = _merge(result, nested)
+        result = set_key(result, *parse_override(text))
     return result
 
 
@@ -643,6 +725,11 @@ def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Recipe:
     """Load a recipe file, merge its `base:` chain, apply overrides, validate."""
     path = Path(path)
     tree = load_tree(path)
+    if "sweep" in tree:
+        raise DmstabError(
+            f"recipe {path} is a sweep (it has a `sweep:` section): run it with "
+            f"`dmstab train {path}`; this command takes a plain recipe or a run id"
+        )
     tree.setdefault("name", path.stem)
     return from_mapping(apply_overrides(tree, overrides))
 

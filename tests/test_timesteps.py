@@ -1,11 +1,19 @@
-"""Timestep samplers: CLTS (AAAI 2024 Eqs. 6–7) against scipy and chi-square tests."""
+"""Timestep samplers: CLTS (AAAI 2024 Eqs. 6–7) and the shifted Gaussian against scipy and
+chi-square tests; the loss-second-moment importance sampler against its closed form and an
+unbiasedness Monte-Carlo test."""
 
 import numpy as np
 import pytest
 import torch
 from scipy import stats
 
-from dmstab.diffusion.timesteps import CLTSSampler, TimestepSampler, UniformSampler
+from dmstab.diffusion.timesteps import (
+    CLTSSampler,
+    LossSecondMomentSampler,
+    ShiftedGaussianSampler,
+    TimestepSampler,
+    UniformSampler,
+)
 
 T = 4000
 MU = 1200
@@ -113,3 +121,132 @@ def test_clts_rejects_bad_hyperparameters(
 def test_negative_iteration_is_rejected() -> None:
     with pytest.raises(ValueError, match="iteration must be non-negative"):
         CLTSSampler(T, MU, T, 10).probabilities(-1)
+
+
+# ---------------------------------------------------------------- shifted Gaussian
+
+
+@pytest.mark.parametrize(
+    ("iteration", "mean"), [(0, T - 1), (5_000, (T - 1 + MU) / 2), (10_000, MU), (40_000, MU)]
+)
+def test_shifted_gaussian_mean_moves_linearly_from_t_minus_1_to_mu(
+    iteration: int, mean: float
+) -> None:
+    sampler = ShiftedGaussianSampler(T, MU, 300.0, target_iteration=10_000)
+    assert sampler.mean(iteration) == pytest.approx(mean, rel=1e-12)
+    assert sampler.metrics(iteration) == {"timesteps/mean": pytest.approx(mean, rel=1e-12)}
+    gaussian = stats.norm.pdf(np.arange(T), loc=mean, scale=300.0)
+    probabilities = sampler.probabilities(iteration)
+    assert probabilities.sum().item() == pytest.approx(1.0, abs=1e-12)
+    np.testing.assert_allclose(probabilities.numpy(), gaussian / gaussian.sum(), rtol=1e-9)
+
+
+def test_shifted_gaussian_samples_follow_their_distribution_without_weights() -> None:
+    sampler = ShiftedGaussianSampler(T, 0.0, T / 10, target_iteration=100)
+    t = draw(sampler, 50)
+    assert chi_square_p_value(t, sampler.probabilities(50).numpy()) > 1e-3
+    assert chi_square_p_value(t, sampler.probabilities(0).numpy()) < 1e-12
+
+
+# ---------------------------------------------------------------- importance sampling
+
+SMALL_T = 50
+
+
+def loss_table(seed: int = 0) -> np.ndarray:
+    """Positive per-timestep losses spanning two decades, like a diffusion loss over t."""
+    rng = np.random.default_rng(seed)
+    return np.asarray(np.exp(np.linspace(2.0, -2.5, SMALL_T)) * rng.uniform(0.5, 1.5, SMALL_T))
+
+
+def feed_full_history(sampler: LossSecondMomentSampler, history: np.ndarray) -> None:
+    """Feed history[:, h] for every timestep, h = 0, 1, … (oldest first)."""
+    for column in history.T:
+        sampler.update(torch.arange(SMALL_T), torch.from_numpy(column))
+
+
+def expected_importance(history: np.ndarray, uniform_prob: float) -> np.ndarray:
+    """improved-diffusion: p ∝ √(mean_h L²), then p·(1 − u) + u/T."""
+    p = np.sqrt((history**2).mean(axis=1))
+    return np.asarray(p / p.sum() * (1 - uniform_prob) + uniform_prob / SMALL_T)
+
+
+def test_importance_sampler_is_uniform_with_unit_weights_until_every_history_is_full() -> None:
+    sampler = LossSecondMomentSampler(SMALL_T, history=3, uniform_prob=0.001)
+    rng = np.random.default_rng(1)
+    history = rng.uniform(0.1, 5.0, (SMALL_T, 3))
+    feed_full_history(sampler, history[:, :2])
+    sampler.update(torch.arange(SMALL_T - 1), torch.from_numpy(history[:-1, 2]))
+    assert not sampler.warmed_up()
+    np.testing.assert_array_equal(sampler.probabilities(0).numpy(), np.full(SMALL_T, 1 / SMALL_T))
+    _, weights = sampler.sample(1000, 0, torch.Generator().manual_seed(0))
+    assert weights is not None and torch.equal(weights, torch.ones(1000))
+    assert sampler.metrics(0) == {"timesteps/warmed_up": 0.0}
+    sampler.update(torch.tensor([SMALL_T - 1]), torch.tensor([history[-1, 2]]))
+    assert sampler.warmed_up()
+    np.testing.assert_allclose(
+        sampler.probabilities(0).numpy(), expected_importance(history, 0.001), rtol=1e-12
+    )
+
+
+def test_importance_history_keeps_the_last_losses_per_timestep() -> None:
+    sampler = LossSecondMomentSampler(SMALL_T, history=4, uniform_prob=0.01)
+    rng = np.random.default_rng(2)
+    history = rng.uniform(0.1, 5.0, (SMALL_T, 7))
+    feed_full_history(sampler, history)
+    np.testing.assert_allclose(
+        sampler.probabilities(3).numpy(), expected_importance(history[:, -4:], 0.01), rtol=1e-12
+    )
+
+
+def test_importance_weights_are_one_over_t_p_and_losses_are_unbiased() -> None:
+    """E_p[w(t)·L(t)] = (1/T)·Σ_t L(t), within 4 standard errors; E_p[L] alone is biased."""
+    sampler = LossSecondMomentSampler(SMALL_T, history=2, uniform_prob=0.001)
+    losses = loss_table()
+    feed_full_history(sampler, np.stack([losses, losses], axis=1))
+    probabilities = sampler.probabilities(0).numpy()
+    np.testing.assert_allclose(probabilities.sum(), 1.0, rtol=1e-12)
+    t, weights = sampler.sample(NUM_SAMPLES, 0, torch.Generator().manual_seed(4))
+    assert weights is not None and weights.dtype == torch.float32
+    np.testing.assert_allclose(weights.numpy(), 1 / (SMALL_T * probabilities[t.numpy()]), rtol=1e-6)
+    weighted = weights.double().numpy() * losses[t.numpy()]
+    standard_error = weighted.std() / np.sqrt(NUM_SAMPLES)
+    assert abs(weighted.mean() - losses.mean()) < 4 * standard_error
+    unweighted = losses[t.numpy()]
+    assert abs(unweighted.mean() - losses.mean()) > 20 * unweighted.std() / np.sqrt(NUM_SAMPLES)
+
+
+def test_importance_sampler_ignores_non_finite_losses() -> None:
+    sampler = LossSecondMomentSampler(SMALL_T, history=1, uniform_prob=0.0)
+    sampler.update(torch.tensor([0, 1]), torch.tensor([float("nan"), float("inf")]))
+    assert int(sampler.loss_counts.sum()) == 0
+
+
+def test_importance_state_round_trips_and_draws_the_same_timesteps() -> None:
+    sampler = LossSecondMomentSampler(SMALL_T, history=2, uniform_prob=0.001)
+    feed_full_history(sampler, np.stack([loss_table(0), loss_table(1)], axis=1))
+    restored = LossSecondMomentSampler(SMALL_T, history=2, uniform_prob=0.001)
+    restored.load_state_dict(sampler.state_dict())
+    first, first_weights = sampler.sample(64, 9, torch.Generator().manual_seed(3))
+    again, again_weights = restored.sample(64, 9, torch.Generator().manual_seed(3))
+    assert torch.equal(first, again)
+    assert first_weights is not None and again_weights is not None
+    assert torch.equal(first_weights, again_weights)
+    with pytest.raises(ValueError, match="does not fit"):
+        LossSecondMomentSampler(SMALL_T, history=3).load_state_dict(sampler.state_dict())
+    with pytest.raises(ValueError, match="needs loss_history"):
+        LossSecondMomentSampler(SMALL_T).load_state_dict({})
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [UniformSampler(T), CLTSSampler(T, MU, T, 10), ShiftedGaussianSampler(T, MU, T, 10)],
+)
+def test_scheduled_samplers_have_no_state_and_ignore_losses(sampler: TimestepSampler) -> None:
+    before = sampler.probabilities(5)
+    sampler.update(torch.tensor([1, 2]), torch.tensor([10.0, 20.0]))
+    assert torch.equal(sampler.probabilities(5), before)
+    assert sampler.state_dict() == {}
+    sampler.load_state_dict({})
+    with pytest.raises(ValueError, match="has no state"):
+        sampler.load_state_dict({"loss_counts": torch.zeros(T)})

@@ -1,14 +1,15 @@
 """Discrete-time Gaussian diffusion: forward process, losses and the reverse-step posterior.
 
 Equations: AAAI 2024 "Analyzing Stability in Diffusion Model Training" Eqs. 3–5 (forward
-process, ε- and x0-prediction losses); Ho et al. 2020 (posterior q(x_{t−1}|x_t, x0), decoder
-NLL); Nichol & Dhariwal 2021 (learned Σ, hybrid loss). Schedule buffers are float64 on the
-CPU; per-batch values are gathered as float32, as improved-diffusion does.
+process, ε- and x0-prediction losses); Salimans & Ho 2022 Sec. 4 (v-prediction); Ho et al.
+2020 (posterior q(x_{t−1}|x_t, x0), decoder NLL); Nichol & Dhariwal 2021 (learned Σ, hybrid
+loss). Schedule buffers are float64 on the CPU; per-batch values are gathered as float32, as
+improved-diffusion does.
 
 A model is any callable ``model(x, t, y)`` where t is the float timestep rescaled to
 [0, 1000) using the original schedule's index (improved-diffusion's rescale_timesteps).
-With learned Σ its output has 2C channels: C for ε or x0, then C for the interpolation
-value v ∈ [−1, 1] of Nichol & Dhariwal Eq. 15.
+With learned Σ its output has 2C channels: C for ε, x0 or v, then C for the interpolation
+value ∈ [−1, 1] of Nichol & Dhariwal Eq. 15 (named `v` below only where Σ is concerned).
 """
 
 import math
@@ -19,7 +20,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-Target = Literal["eps", "x0"]
+Target = Literal["eps", "x0", "v"]
 Model = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 # Half the width of one 8-bit intensity bin on the [−1, 1] scale (Ho et al. 2020 Eq. 13).
@@ -78,7 +79,9 @@ class GaussianDiffusion:
     """Forward process, training losses and reverse posterior for one β schedule.
 
     A respaced copy (see ``respaced``) keeps ``timestep_map``, the original index of each of
-    its steps, so that models always see the original timestep.
+    its steps, so that models always see the original timestep. ``input_scale`` (one float64
+    factor per step, default 1) multiplies x_t wherever the model sees it: FDM's kernel scale
+    (dmstab.diffusion.fdm) enters training and sampling alike through it.
     """
 
     def __init__(
@@ -90,13 +93,14 @@ class GaussianDiffusion:
         hybrid_loss: bool,
         timestep_map: Tensor | None = None,
         original_num_timesteps: int | None = None,
+        input_scale: Tensor | None = None,
     ) -> None:
         if betas.ndim != 1 or betas.numel() < 2:
             raise ValueError("betas must be a 1-D tensor with at least 2 steps")
         if not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("every beta must lie in (0, 1]")
-        if target not in ("eps", "x0"):
-            raise ValueError(f"unknown prediction target {target!r}; allowed: 'eps', 'x0'")
+        if target not in ("eps", "x0", "v"):
+            raise ValueError(f"unknown prediction target {target!r}; allowed: 'eps', 'x0', 'v'")
         if learn_sigma != hybrid_loss:
             raise ValueError(
                 "learn_sigma and hybrid_loss must be equal: a learned Σ is trained only by the "
@@ -104,6 +108,8 @@ class GaussianDiffusion:
             )
         if (timestep_map is None) != (original_num_timesteps is None):
             raise ValueError("timestep_map and original_num_timesteps go together")
+        if input_scale is not None and input_scale.shape != betas.shape:
+            raise ValueError("input_scale needs one factor per step, like betas")
         self.target: Target = target
         self.learn_sigma = learn_sigma
         self.num_timesteps = betas.numel()
@@ -111,6 +117,11 @@ class GaussianDiffusion:
             torch.arange(self.num_timesteps) if timestep_map is None else timestep_map.long()
         )
         self.original_num_timesteps = original_num_timesteps or self.num_timesteps
+        self.input_scale = (
+            torch.ones(self.num_timesteps, dtype=torch.float64)
+            if input_scale is None
+            else input_scale.to(torch.float64)
+        )
 
         self.betas = betas.to(torch.float64)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
@@ -151,12 +162,17 @@ class GaussianDiffusion:
             hybrid_loss=self.learn_sigma,
             timestep_map=self.timestep_map[kept],
             original_num_timesteps=self.original_num_timesteps,
+            input_scale=self.input_scale[kept],
         )
 
     def model_time(self, t: Tensor) -> Tensor:
         """The time the model sees: original index · 1000 / original T (rescale_timesteps)."""
         original = self.timestep_map.to(t.device)[t]
         return original.to(torch.float32) * (1000.0 / self.original_num_timesteps)
+
+    def model_input(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """What the model sees of x_t: x_t · input_scale[t] (x_t itself unless FDM)."""
+        return x_t * gather_per_sample(self.input_scale, t, x_t.ndim)
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """AAAI Eq. 3: x_t = √ᾱ_t·x0 + √(1 − ᾱ_t)·ε."""
@@ -173,13 +189,35 @@ class GaussianDiffusion:
         log_variance = gather_per_sample(self.posterior_log_variance_clipped, t, x_t.ndim)
         return mean, log_variance.expand_as(x_t)
 
+    def snr(self, t: Tensor) -> Tensor:
+        """SNR(t) = ᾱ_t/(1 − ᾱ_t) as float64 on t's device, shape (B,)."""
+        alpha_bar = self.alphas_cumprod.to(t.device)[t]
+        return alpha_bar / (1.0 - alpha_bar)
+
+    def v_target(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Salimans & Ho 2022 Sec. 4: v = √ᾱ_t·ε − √(1 − ᾱ_t)·x0."""
+        signal = gather_per_sample(self.sqrt_alphas_cumprod, t, x0.ndim)
+        sigma = gather_per_sample(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
+        return signal * noise - sigma * x0
+
+    def training_target(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """What the model is trained to output: ε (Eq. 4), x0 (Eq. 5) or v."""
+        if self.target == "eps":
+            return noise
+        if self.target == "x0":
+            return x0
+        return self.v_target(x0, t, noise)
+
     def predict_x0(self, x_t: Tensor, t: Tensor, prediction: Tensor) -> Tensor:
-        """x̂0 from the model's prediction: itself (x0 target) or inverting Eq. 3 (ε target)."""
+        """x̂0 from the model's prediction: itself (x0), Eq. 3 inverted (ε), or
+        x̂0 = √ᾱ_t·x_t − √(1 − ᾱ_t)·v̂ (v, Salimans & Ho 2022 Sec. 4)."""
         if self.target == "x0":
             return prediction
-        return (
-            x_t - gather_per_sample(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim) * prediction
-        ) / gather_per_sample(self.sqrt_alphas_cumprod, t, x_t.ndim)
+        signal = gather_per_sample(self.sqrt_alphas_cumprod, t, x_t.ndim)
+        sigma = gather_per_sample(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
+        if self.target == "v":
+            return signal * x_t - sigma * prediction
+        return (x_t - sigma * prediction) / signal
 
     def predict_eps(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         """ε implied by x_t and an x0 estimate (Eq. 3 solved for ε)."""
@@ -188,7 +226,7 @@ class GaussianDiffusion:
         ) / gather_per_sample(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
 
     def split_output(self, output: Tensor, channels: int) -> tuple[Tensor, Tensor | None]:
-        """(ε or x0 prediction, v or None) from a float32 model output."""
+        """(ε, x0 or v prediction; Σ interpolation value or None) from a float32 model output."""
         expected = 2 * channels if self.learn_sigma else channels
         if output.shape[1] != expected:
             raise ValueError(
@@ -222,8 +260,8 @@ class GaussianDiffusion:
     def p_mean_variance(
         self, model: Model, x_t: Tensor, t: Tensor, y: Tensor | None, *, clip_denoised: bool
     ) -> ReverseStep:
-        """Run the model at step t (it sees model_time(t)) and form p_θ(x_{t−1} | x_t)."""
-        output = model(x_t, self.model_time(t), y).to(torch.float32)
+        """Run the model on model_input(x_t, t) at model_time(t); form p_θ(x_{t−1} | x_t)."""
+        output = model(self.model_input(x_t, t), self.model_time(t), y).to(torch.float32)
         return self.reverse_step(output, x_t, t, clip_denoised=clip_denoised)
 
     def vb_terms_bits_per_dim(
@@ -238,22 +276,30 @@ class GaussianDiffusion:
         return torch.where(t == 0, decoder_nll, kl) / math.log(2.0)
 
     def training_losses(
-        self, model: Model, x0: Tensor, t: Tensor, noise: Tensor, y: Tensor | None = None
+        self,
+        model: Model,
+        x0: Tensor,
+        t: Tensor,
+        noise: Tensor,
+        y: Tensor | None = None,
+        mse_weights: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Per-sample losses: AAAI Eq. 4 (ε) or Eq. 5 (x0) as "mse", plus Nichol & Dhariwal's
-        VB term when Σ is learned ("vb", scaled by T/1000); "loss" is their sum.
+        """Per-sample losses: the target MSE (AAAI Eq. 4 for ε, Eq. 5 for x0, or v) as "mse",
+        plus Nichol & Dhariwal's VB term when Σ is learned ("vb", scaled by T/1000).
 
-        No per-timestep weights here: the training loop applies any sampler weights.
+        "loss" is mse_weights·mse + vb: a loss weighting (dmstab.diffusion.weighting) scales
+        only the MSE, the VB term stays unweighted. "mse" is reported unweighted. Sampler
+        importance weights are the objective's business, not applied here.
         """
         x_t = self.q_sample(x0, t, noise)
-        output = model(x_t, self.model_time(t), y).to(torch.float32)
+        output = model(self.model_input(x_t, t), self.model_time(t), y).to(torch.float32)
         prediction, v = self.split_output(output, x0.shape[1])
-        target = noise if self.target == "eps" else x0
-        mse = mean_flat((target - prediction) ** 2)
+        mse = mean_flat((self.training_target(x0, t, noise) - prediction) ** 2)
+        weighted = mse if mse_weights is None else mse_weights.to(mse.device) * mse
         if v is None:
-            return {"loss": mse, "mse": mse}
+            return {"loss": weighted, "mse": mse}
         # Stop-gradient on the mean: the VB term trains only Σ (Nichol & Dhariwal Sec. 3.1).
         frozen = torch.cat([prediction.detach(), v], dim=1)
         step = self.reverse_step(frozen, x_t, t, clip_denoised=False)
         vb = self.vb_terms_bits_per_dim(x0, x_t, t, step) * (self.num_timesteps / 1000.0)
-        return {"loss": mse + vb, "mse": mse, "vb": vb}
+        return {"loss": weighted + vb, "mse": mse, "vb": vb}

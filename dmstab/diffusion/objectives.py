@@ -1,7 +1,9 @@
 """Training objectives: what one batch of clean data costs under a recipe's formulation.
 
 An objective turns (model, x0, labels, noise, generator, step) into per-sample losses. `DDPM`
-draws timesteps (uniform or CLTS, AAAI Eqs. 6–7) and uses the ε/x0 losses (Eqs. 4–5);
+draws timesteps from the recipe's sampler (uniform, CLTS of AAAI Eqs. 6–7, shifted Gaussian or
+loss-aware importance sampling) and uses the ε/x0/v losses (Eqs. 4–5) with the recipe's loss
+weighting;
 `EDM` draws ln σ ~ N(P_mean, P_std²) and uses EDM2's loss with learned uncertainty (Eq. 21),
 with labels dropped at `label_dropout` for classifier-free guidance.
 """
@@ -16,6 +18,7 @@ from torch.nn import functional as F
 
 from dmstab.diffusion import build_diffusion, build_timestep_sampler
 from dmstab.diffusion.edm import EDMPrecond, edm2_loss, sample_sigmas
+from dmstab.diffusion.weighting import mse_weights
 from dmstab.recipe import Recipe
 
 
@@ -36,11 +39,18 @@ class Objective(Protocol):
         """Scalars describing the objective at `step` (e.g. the CLTS mixing weight γ)."""
         ...
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """What a resumed run needs besides the model (e.g. an importance sampler's history)."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
+
 
 class DDPMObjective:
     """Discrete timesteps from the recipe's sampler; counts kept for the histogram figure."""
 
     def __init__(self, recipe: Recipe) -> None:
+        self.config = recipe.diffusion
         self.diffusion = build_diffusion(recipe)
         self.timesteps = build_timestep_sampler(recipe)
         self.sampler_name = recipe.timesteps.sampler
@@ -57,13 +67,28 @@ class DDPMObjective:
     ) -> dict[str, Tensor]:
         t, weights = self.timesteps.sample(x0.shape[0], step, generator)
         self.timestep_counts += torch.bincount(t, minlength=self.timestep_counts.numel())
-        terms = self.diffusion.training_losses(model, x0, t.to(x0.device), noise, labels)
-        if weights is not None:  # importance-sampling weights; CLTS and uniform return none
+        t = t.to(x0.device)
+        loss_weight = mse_weights(self.config, self.diffusion, t, step)
+        terms = self.diffusion.training_losses(model, x0, t, noise, labels, loss_weight)
+        # As improved-diffusion: the sampler learns from the per-sample loss before its own
+        # importance weights (here: after the loss weighting, i.e. the objective minimised).
+        self.timesteps.update(t, terms["loss"].detach())
+        if weights is not None:  # importance-sampling weights; the curricula return none
             terms["loss"] = terms["loss"] * weights.to(x0.device)
+        terms["loss_weight"] = loss_weight
         return terms
 
     def metrics(self, step: int) -> dict[str, float]:
         return self.timesteps.metrics(step)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {f"timesteps.{k}": v for k, v in self.timesteps.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        prefix = "timesteps."
+        self.timesteps.load_state_dict(
+            {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        )
 
 
 class EDMObjective:
@@ -102,6 +127,13 @@ class EDMObjective:
 
     def metrics(self, step: int) -> dict[str, float]:
         return {}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if state:
+            raise ValueError(f"the EDM objective has no state; got {sorted(state)}")
 
 
 def one_hot_labels(labels: Tensor, num_classes: int) -> Tensor:

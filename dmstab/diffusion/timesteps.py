@@ -1,9 +1,14 @@
-"""Timestep samplers for training: uniform, and the AAAI 2024 curriculum (CLTS, Eqs. 6–7).
+"""Timestep samplers for training: uniform, the AAAI 2024 curriculum (CLTS, Eqs. 6–7), its
+shifted-Gaussian first attempt, and improved-diffusion's loss-aware importance sampler.
 
 Every sampler returns int64 timesteps on the generator's device and optional per-sample loss
-weights; the training loop multiplies the losses by the weights when they are not None.
+weights; the objective multiplies the losses by the weights when they are not None. Only the
+importance sampler learns from the losses it is fed (`update`) and has state to checkpoint.
 """
 
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Protocol
 
 import torch
@@ -11,7 +16,7 @@ from torch import Tensor
 
 
 class TimestepSampler(Protocol):
-    """A distribution over {0, …, T−1} that may change with the training iteration."""
+    """A distribution over {0, …, T−1} that may change with the iteration or the losses seen."""
 
     def probabilities(self, iteration: int) -> Tensor:
         """P(t) as float64 of shape (T,), summing to 1."""
@@ -20,12 +25,22 @@ class TimestepSampler(Protocol):
     def sample(
         self, batch_size: int, iteration: int, generator: torch.Generator
     ) -> tuple[Tensor, Tensor | None]:
-        """(t, weights): int64 timesteps (B,) and optional loss weights (B,)."""
+        """(t, weights): int64 timesteps (B,) and optional float32 loss weights (B,)."""
         ...
 
     def metrics(self, iteration: int) -> dict[str, float]:
         """Values worth logging at this iteration."""
         ...
+
+    def update(self, t: Tensor, losses: Tensor) -> None:
+        """Feed back the per-sample losses of timesteps t (no-op unless loss-aware)."""
+        ...
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """What a checkpoint must keep for a resumed run to draw the same timesteps."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None: ...
 
 
 def _check_iteration(iteration: int) -> None:
@@ -33,12 +48,45 @@ def _check_iteration(iteration: int) -> None:
         raise ValueError(f"iteration must be non-negative, got {iteration}")
 
 
-class UniformSampler:
+def _check_num_timesteps(num_timesteps: int) -> None:
+    if num_timesteps < 1:
+        raise ValueError(f"num_timesteps must be at least 1, got {num_timesteps}")
+
+
+class ScheduledSampler(ABC):
+    """Base of samplers whose P(t) depends on the iteration only: draws from probabilities(),
+    returns no loss weights, ignores losses and has no state."""
+
+    @abstractmethod
+    def probabilities(self, iteration: int) -> Tensor:
+        """P(t) as float64 of shape (T,), summing to 1."""
+
+    def sample(
+        self, batch_size: int, iteration: int, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor | None]:
+        probabilities = self.probabilities(iteration).to(generator.device)
+        t = torch.multinomial(probabilities, batch_size, replacement=True, generator=generator)
+        return t, None
+
+    def metrics(self, iteration: int) -> dict[str, float]:
+        return {}
+
+    def update(self, t: Tensor, losses: Tensor) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state; got {sorted(state)}")
+
+
+class UniformSampler(ScheduledSampler):
     """U(t) = 1/T, the usual DDPM timestep distribution."""
 
     def __init__(self, num_timesteps: int) -> None:
-        if num_timesteps < 1:
-            raise ValueError(f"num_timesteps must be at least 1, got {num_timesteps}")
+        _check_num_timesteps(num_timesteps)
         self.num_timesteps = num_timesteps
 
     def probabilities(self, iteration: int) -> Tensor:
@@ -54,8 +102,23 @@ class UniformSampler:
         )
         return t, None
 
-    def metrics(self, iteration: int) -> dict[str, float]:
-        return {}
+
+def _ramp(iteration: int, target_iteration: int) -> float:
+    """min(iteration / target_iteration, 1): 0 at the start, 1 from the target iteration on."""
+    _check_iteration(iteration)
+    return min(iteration / target_iteration, 1.0)
+
+
+def _check_gaussian(
+    name: str, num_timesteps: int, mu: float, sigma: float, target_iteration: int
+) -> None:
+    _check_num_timesteps(num_timesteps)
+    if not 0 <= mu < num_timesteps:
+        raise ValueError(f"{name} mu must lie in [0, {num_timesteps}), got {mu}")
+    if not sigma > 0:
+        raise ValueError(f"{name} sigma must be positive, got {sigma}")
+    if target_iteration <= 0:
+        raise ValueError(f"{name} target_iteration must be positive, got {target_iteration}")
 
 
 def discrete_gaussian(num_timesteps: int, mu: float, sigma: float) -> Tensor:
@@ -66,7 +129,7 @@ def discrete_gaussian(num_timesteps: int, mu: float, sigma: float) -> Tensor:
     return density / density.sum()
 
 
-class CLTSSampler:
+class CLTSSampler(ScheduledSampler):
     """Curriculum Learning-based Timestep Schedule, AAAI 2024 Eq. 7.
 
     P(t) = (1 − γ)·U(t) + γ·N(t; μ, σ) with γ = min(iteration / target_iteration, 1).
@@ -74,33 +137,124 @@ class CLTSSampler:
     """
 
     def __init__(self, num_timesteps: int, mu: float, sigma: float, target_iteration: int) -> None:
-        if num_timesteps < 1:
-            raise ValueError(f"num_timesteps must be at least 1, got {num_timesteps}")
-        if not 0 <= mu < num_timesteps:
-            raise ValueError(f"CLTS mu must lie in [0, {num_timesteps}), got {mu}")
-        if not sigma > 0:
-            raise ValueError(f"CLTS sigma must be positive, got {sigma}")
-        if target_iteration <= 0:
-            raise ValueError(f"CLTS target_iteration must be positive, got {target_iteration}")
+        _check_gaussian("CLTS", num_timesteps, mu, sigma, target_iteration)
         self.num_timesteps = num_timesteps
         self.target_iteration = target_iteration
         self.gaussian = discrete_gaussian(num_timesteps, mu, sigma)
 
     def gamma(self, iteration: int) -> float:
         """AAAI Eq. 7's mixing factor, held at 1 after the target iteration."""
-        _check_iteration(iteration)
-        return min(iteration / self.target_iteration, 1.0)
+        return _ramp(iteration, self.target_iteration)
 
     def probabilities(self, iteration: int) -> Tensor:
         gamma = self.gamma(iteration)
         return (1.0 - gamma) / self.num_timesteps + gamma * self.gaussian
+
+    def metrics(self, iteration: int) -> dict[str, float]:
+        return {"timesteps/gamma": self.gamma(iteration)}
+
+
+class ShiftedGaussianSampler(ScheduledSampler):
+    """The AAAI 2024 paper's first attempt before CLTS (text before Eq. 7), a negative result:
+    "shifting the Gaussian distribution as the mean transitions from T to 0".
+
+    P(t) = N(t; μ_i, σ) over {0, …, T−1} (Eq. 6 renormalised), μ_i = (T−1) + (μ − (T−1))·r,
+    r = min(iteration / target_iteration, 1); μ = 0 is the paper's literal "T to 0".
+    A curriculum like CLTS: no loss weights.
+    """
+
+    def __init__(self, num_timesteps: int, mu: float, sigma: float, target_iteration: int) -> None:
+        _check_gaussian("shifted Gaussian", num_timesteps, mu, sigma, target_iteration)
+        self.num_timesteps = num_timesteps
+        self.mu = mu
+        self.sigma = sigma
+        self.target_iteration = target_iteration
+
+    def mean(self, iteration: int) -> float:
+        """μ_i: T−1 at iteration 0, moving linearly to μ at target_iteration, then held."""
+        start = self.num_timesteps - 1
+        return start + (self.mu - start) * _ramp(iteration, self.target_iteration)
+
+    def probabilities(self, iteration: int) -> Tensor:
+        return discrete_gaussian(self.num_timesteps, self.mean(iteration), self.sigma)
+
+    def metrics(self, iteration: int) -> dict[str, float]:
+        return {"timesteps/mean": self.mean(iteration)}
+
+
+class LossSecondMomentSampler:
+    """improved-diffusion's LossSecondMomentResampler (Nichol & Dhariwal 2021 Sec. 3.3).
+
+    Keeps the last `history` losses of every timestep. Until every timestep has a full history
+    it samples uniformly (weights 1); then p_t ∝ √(mean of the stored L_t²), mixed with
+    uniform: p ← (1 − u)·p + u/T. Weights 1/(T·p_t) keep the loss estimate unbiased:
+    E_p[w(t)·L(t)] = (1/T)·Σ_t L(t).
+    """
+
+    def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 0.001) -> None:
+        _check_num_timesteps(num_timesteps)
+        if history < 1:
+            raise ValueError(f"history must be at least 1, got {history}")
+        if not 0.0 <= uniform_prob < 1.0:
+            raise ValueError(f"uniform_prob must lie in [0, 1), got {uniform_prob}")
+        self.num_timesteps = num_timesteps
+        self.uniform_prob = uniform_prob
+        self.loss_history = torch.zeros(num_timesteps, history, dtype=torch.float64)
+        self.loss_counts = torch.zeros(num_timesteps, dtype=torch.long)
+
+    def warmed_up(self) -> bool:
+        """Whether every timestep has a full history of losses."""
+        return bool((self.loss_counts == self.loss_history.shape[1]).all())
+
+    def probabilities(self, iteration: int) -> Tensor:
+        _check_iteration(iteration)
+        T = self.num_timesteps
+        if not self.warmed_up():
+            return torch.full((T,), 1.0 / T, dtype=torch.float64)
+        root_mean_square = self.loss_history.pow(2).mean(dim=1).sqrt()
+        p = root_mean_square / root_mean_square.sum()
+        return p * (1.0 - self.uniform_prob) + self.uniform_prob / T
 
     def sample(
         self, batch_size: int, iteration: int, generator: torch.Generator
     ) -> tuple[Tensor, Tensor | None]:
         probabilities = self.probabilities(iteration).to(generator.device)
         t = torch.multinomial(probabilities, batch_size, replacement=True, generator=generator)
-        return t, None
+        weights = 1.0 / (self.num_timesteps * probabilities[t])
+        return t, weights.to(torch.float32)
+
+    def update(self, t: Tensor, losses: Tensor) -> None:
+        """Append each sample's loss to its timestep's history, dropping the oldest when full.
+
+        Non-finite losses are not recorded (the training loop reports the divergence).
+        """
+        full = self.loss_history.shape[1]
+        pairs = zip(t.tolist(), losses.detach().to("cpu", torch.float64).tolist(), strict=True)
+        for step, loss in pairs:
+            if not math.isfinite(loss):
+                continue
+            count = int(self.loss_counts[step])
+            if count == full:
+                self.loss_history[step] = self.loss_history[step].roll(-1)
+                self.loss_history[step, -1] = loss
+            else:
+                self.loss_history[step, count] = loss
+                self.loss_counts[step] = count + 1
 
     def metrics(self, iteration: int) -> dict[str, float]:
-        return {"timesteps/gamma": self.gamma(iteration)}
+        return {"timesteps/warmed_up": float(self.warmed_up())}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"loss_history": self.loss_history.clone(), "loss_counts": self.loss_counts.clone()}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        history, counts = state.get("loss_history"), state.get("loss_counts")
+        if history is None or counts is None:
+            raise ValueError("importance-sampler state needs loss_history and loss_counts")
+        if history.shape != self.loss_history.shape or counts.shape != self.loss_counts.shape:
+            raise ValueError(
+                f"importance-sampler history {tuple(history.shape)} does not fit "
+                f"{tuple(self.loss_history.shape)} (diffusion.steps, timesteps.history)"
+            )
+        self.loss_history = history.to(torch.float64).clone()
+        self.loss_counts = counts.to(torch.long).clone()

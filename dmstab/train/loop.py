@@ -2,7 +2,8 @@
 
 Every random draw of step k (batch order, flips, timesteps, noise, dropout) comes from
 seeds derived from (train.seed, k), so the loop has no RNG state to save: a run resumed
-from the checkpoint of step k continues bit for bit as if it had never stopped.
+from the checkpoint of step k continues bit for bit as if it had never stopped. (A loss-aware
+timestep sampler's history is objective state, saved in the checkpoint.)
 """
 
 from __future__ import annotations
@@ -147,6 +148,7 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "power_ema": self.power_ema.state_dict() if self.power_ema else None,
             "optimizer": self.optimizer.state_dict(),
+            "objective": self.objective.state_dict(),
             "step": self.step,
             "recipe": to_dict(self.recipe),
             "num_classes": self.dataset.num_classes,
@@ -169,7 +171,17 @@ class Trainer:
         power_ema = state.get("power_ema")
         if self.power_ema is not None and isinstance(power_ema, dict):
             self.power_ema.load_state_dict(power_ema)
+        self._load_objective_state(state.get("objective", {}))
         self.step = step
+
+    def _load_objective_state(self, objective: object) -> None:
+        """The objective's state (an importance sampler's loss history); {} in old checkpoints."""
+        if not isinstance(objective, dict):
+            raise DmstabError("checkpoint's 'objective' entry is not a mapping")
+        try:
+            self.objective.load_state_dict(objective)
+        except ValueError as exc:
+            raise DmstabError(f"checkpoint's objective state does not fit: {exc}") from None
 
     def train_step(self) -> dict[str, torch.Tensor]:
         """One optimiser step; returns detached per-step scalars (still on the device)."""
@@ -279,13 +291,16 @@ def train(
     resume: str | None = None,
     progress: Progress | None = None,
     on_sample: Callable[[int, int], None] | None = None,
+    parent_run_id: str | None = None,
 ) -> TrainResult:
-    """Run (or resume) a training run; everything is logged to MLflow."""
+    """Run (or resume) a training run, a child of `parent_run_id` when given; all to MLflow."""
     device = pick_device(recipe.train.device)
     resume_run_id = _resolve_resume(recipe, resume)
     trainer = Trainer(recipe, device)  # bad data or model settings fail before a run exists
     evaluator = build_evaluator(recipe, num_classes=trainer.dataset.num_classes, device=device)
-    tracker = MlflowTracker.start(recipe, kind="train", resume_run_id=resume_run_id)
+    tracker = MlflowTracker.start(
+        recipe, kind="train", resume_run_id=resume_run_id, parent_run_id=parent_run_id
+    )
     assert tracker.run_id is not None
     run_id = tracker.run_id
     with tracked_run(tracker):

@@ -81,7 +81,8 @@ def probe_batch(recipe: Recipe, dataset: ImageDataset, device: torch.device) -> 
     else:
         diffusion = build_diffusion(recipe)
         t = torch.randint(recipe.diffusion.steps, (size,), generator=generator)
-        x, noise_level = diffusion.q_sample(x0, t, noise), diffusion.model_time(t)
+        x_t = diffusion.q_sample(x0, t, noise)
+        x, noise_level = diffusion.model_input(x_t, t), diffusion.model_time(t)  # FDM scales x_t
         y = labels if conditional else None
     return ProbeBatch(x.to(device), noise_level.to(device), None if y is None else y.to(device))
 
