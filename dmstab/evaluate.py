@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dmstab.analysis.features import RandomConvFeatures, extractor_for
 from dmstab.errors import DmstabError
 from dmstab.generate import generate_for_recipe
 from dmstab.networks import load_guide
@@ -22,8 +21,8 @@ from dmstab.recipe import EvalConfig, Recipe
 from dmstab.score import (
     FeaturePipeline,
     image_metrics,
-    inception_pipeline,
     load_reference,
+    network_pipeline,
     require_images,
 )
 
@@ -31,15 +30,10 @@ METRIC_PREFIX = "eval/"
 
 
 def feature_pipeline(ev: EvalConfig, device: torch.device) -> FeaturePipeline:
-    """Inception from its local file per `eval.mode`, or the seeded random-conv stand-in."""
-    if ev.features == "inception":
-        return inception_pipeline(ev.mode, ev.inception_weights, device, ev.batch_size)
-    if "is" in ev.metrics:
-        raise DmstabError("eval.metrics 'is' needs eval.features: inception (a classifier)")
-    network = RandomConvFeatures().to(device)
-    return FeaturePipeline(
-        extractor_for(network, ev.mode), device, ev.batch_size, f"random_conv-{ev.mode}"
-    )
+    """The network `eval.features` names (dmstab.score.network_pipeline)."""
+    if ev.features != "inception" and "is" in ev.metrics:
+        raise DmstabError("eval.metrics 'is' needs eval.features: inception (its 1008 classes)")
+    return network_pipeline(ev.features, ev.mode, ev.inception_weights, device, ev.batch_size)
 
 
 class Evaluator:

@@ -22,12 +22,14 @@ from PIL import Image
 from dmstab.analysis.features import (
     PreprocessedNetwork,
     PytorchFidInception,
+    RandomConvFeatures,
     TorchscriptInception,
     extractor_for,
     load_inception,
 )
 from dmstab.analysis.fid import ImageSource, compute_features, fid_from_stats
 from dmstab.analysis.frechet import FeatureStats, inception_score, kid
+from dmstab.analysis.shape_classifier import ClassifierConfig, classifier_extractor, classifier_key
 from dmstab.data import build_dataset
 from dmstab.data.images import IMAGE_SUFFIXES, image_files, nhwc_to_nchw, read_npz_images
 from dmstab.devices import pick_device
@@ -40,7 +42,7 @@ from dmstab.networks import (
     stored_recipe,
 )
 from dmstab.plots import to_uint8
-from dmstab.recipe import DataConfig, Recipe, load_recipe
+from dmstab.recipe import FEATURE_NETWORKS, DataConfig, FeatureNetwork, Recipe, load_recipe
 from dmstab.tracking import TAG_PARENT, MlflowTracker, tracked_run
 from dmstab.train.checkpoint import load_checkpoint
 
@@ -54,12 +56,14 @@ def stats_cache() -> Path:
 
 @dataclass(frozen=True)
 class FeaturePipeline:
-    """A feature extractor on a device; `key` names it in the statistics cache."""
+    """A feature extractor on a device; `key` names it in the statistics cache; `dataset`, when
+    set, is the only dataset whose images the network was trained to understand."""
 
     extractor: PreprocessedNetwork
     device: torch.device
     batch_size: int
     key: str
+    dataset: str | None = None
 
     def features(self, images: ImageSource) -> torch.Tensor:
         return compute_features(
@@ -80,6 +84,24 @@ def inception_pipeline(
     """clean-fid's Inception for `mode`; the one-line missing-weights error comes from here."""
     network = load_inception(mode, weights, device)
     return FeaturePipeline(extractor_for(network, mode), device, batch_size, mode)
+
+
+def network_pipeline(
+    features: FeatureNetwork, mode: str, weights: str | None, device: torch.device, batch_size: int
+) -> FeaturePipeline:
+    """Inception from its local file per `mode`, the seeded random-conv stand-in (resized as
+    `mode` resizes), or the synthetic-shape classifier (native resolution, `mode` unused)."""
+    if features == "inception":
+        return inception_pipeline(mode, weights, device, batch_size)
+    if features == "random_conv":
+        extractor = extractor_for(RandomConvFeatures().to(device), mode)
+        return FeaturePipeline(extractor, device, batch_size, f"random_conv-{mode}")
+    if features == "classifier":
+        config = ClassifierConfig()
+        extractor = classifier_extractor(config)
+        key = classifier_key(config)
+        return FeaturePipeline(extractor, device, batch_size, key, dataset="synthetic")
+    raise DmstabError(f"features {features!r}: choose one of {', '.join(FEATURE_NETWORKS)}")
 
 
 @dataclass(frozen=True)
@@ -149,6 +171,10 @@ def _from_features(features: torch.Tensor, keep: bool, cache: Path | None) -> Re
 
 def _dataset_reference(data: DataConfig, pipeline: FeaturePipeline, keep: bool) -> Reference:
     """Statistics of a dataset, computed once and cached; its features only when `keep`."""
+    if pipeline.dataset not in (None, data.name):
+        raise DmstabError(
+            f"{pipeline.key} features score {pipeline.dataset} data only, not {data.name}"
+        )
     cache = stats_cache_file(data, pipeline.key)
     if cache.is_file() and not keep:
         return Reference(FeatureStats.load(cache), None, cache)
@@ -275,6 +301,7 @@ def score(
     reference: Path,
     *,
     mode: str = "clean",
+    features: FeatureNetwork = "inception",
     inception_weights: str | None = None,
     with_kid: bool = False,
     with_is: bool = False,
@@ -289,8 +316,10 @@ def score(
 
     Logged as a run of kind `fid`, a child of `parent_run` or of the sampled training run.
     """
+    if with_is and features != "inception":
+        raise DmstabError(f"the Inception Score needs --features inception, not {features}")
     device = device or pick_device("auto")
-    pipeline = inception_pipeline(mode, inception_weights, device, batch_size)  # fails first
+    pipeline = network_pipeline(features, mode, inception_weights, device, batch_size)  # first
     ref = load_reference(reference, pipeline, with_features=with_kid)  # before any sampling
     source, params, sampled_run = _images_to_score(
         str(images), num_images, batch_size, device, callback
@@ -298,7 +327,7 @@ def score(
     generated = pipeline.features(source)
     names = [name for name, wanted in (("fid", True), ("kid", with_kid), ("is", with_is)) if wanted]
     metrics = image_metrics(generated, ref, pipeline, names)
-    params |= {"reference": str(reference.resolve()), "mode": mode}
+    params |= {"reference": str(reference.resolve()), "mode": mode, "features": features}
     run_id = _log(params, metrics, len(generated), experiment, parent_run or sampled_run)
     result = Score(metrics["fid"], metrics.get("kid"), metrics.get("is"), len(generated), run_id)
     return result, ref.cache
