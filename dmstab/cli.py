@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
 
 from dmstab import __version__
 from dmstab.errors import DmstabError
+
+if TYPE_CHECKING:
+    from dmstab.sweep import Sweep
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -58,6 +61,13 @@ Overrides = Annotated[
     list[str] | None,
     typer.Argument(help="Recipe overrides `section.key=value` (YAML-typed).", show_default=False),
 ]
+Features = Annotated[
+    str,
+    typer.Option(
+        help="FID feature network: inception; random_conv (a seeded proxy for toy data); or "
+        "classifier (a small CNN trained on the synthetic shapes; synthetic data only, no IS)."
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -95,14 +105,20 @@ def train(
         str | None,
         typer.Option(
             "--resume",
-            help="`auto`: continue the latest unfinished run of this recipe; or a run id.",
+            help="`auto`: continue the latest unfinished run of this recipe (or sweep); "
+            "or a run id (a sweep's parent run id).",
             show_default=False,
         ),
     ] = None,
 ) -> None:
-    """Train a diffusion model from a recipe, logging to MLflow."""
+    """Train a diffusion model from a recipe (every child of its `sweep:`), logging to MLflow."""
     from dmstab.recipe import load_recipe, to_yaml
+    from dmstab.sweep import load_sweep
 
+    sweep = load_sweep(recipe, overrides or [])
+    if sweep is not None:
+        _train_sweep(sweep, dry_run=dry_run, resume=resume)
+        return
     resolved = load_recipe(recipe, overrides or [])
     if dry_run:
         typer.echo(to_yaml(resolved), nl=False)
@@ -118,6 +134,30 @@ def train(
     if result.samples:
         console.print(f"  samples     {result.samples}")
     console.print("  browse      mlflow ui   (then open http://127.0.0.1:5000)")
+
+
+def _train_sweep(sweep: Sweep, *, dry_run: bool, resume: str | None) -> None:
+    """`dmstab train` on a recipe with a `sweep:` section: its children under one parent run."""
+    from dmstab.recipe import to_yaml
+
+    if dry_run:
+        typer.echo(to_yaml(sweep.base), nl=False)
+        typer.echo(sweep.describe())
+        return
+    from dmstab.console import SampleProgress, TrainProgress, announce_child, console
+    from dmstab.sweep import run_sweep
+
+    result = run_sweep(
+        sweep,
+        resume=resume,
+        progress=TrainProgress,
+        on_sample=SampleProgress("sample"),
+        on_child=announce_child,
+    )
+    console.print(f"[green]done[/] sweep {result.run_id}: {len(result.children)} children")
+    for child in result.children:
+        console.print(f"  {child.label}  run {child.run_id} ({child.action})")
+    console.print(f"  report      dmstab report {result.run_id}")
 
 
 @app.command(
@@ -262,6 +302,7 @@ def fid(
     mode: Annotated[
         str, typer.Option(help="clean-fid mode: clean, legacy_pytorch or legacy_tensorflow.")
     ] = "clean",
+    features: Features = "inception",
     inception_weights: Annotated[
         str | None,
         typer.Option(
@@ -291,6 +332,7 @@ def fid(
         images,
         ref,
         mode=mode,
+        features=features,  # type: ignore[arg-type]  # checked by the library
         inception_weights=inception_weights,
         with_kid=with_kid,
         with_is=with_is,
@@ -346,9 +388,7 @@ def fid_sweep(
         str | None,
         typer.Option(help="Guide for w != 1: self (classifier-free) or a checkpoint / run id."),
     ] = None,
-    features: Annotated[
-        str, typer.Option(help="inception, or random_conv (a seeded proxy for toy data).")
-    ] = "inception",
+    features: Features = "inception",
     mode: Annotated[str, typer.Option(help="clean-fid mode.")] = "clean",
     inception_weights: Annotated[
         str | None, typer.Option(help="Local Inception weights (else $DMSTAB_INCEPTION_WEIGHTS).")
@@ -371,8 +411,6 @@ def fid_sweep(
     from dmstab.networks import find_checkpoint
     from dmstab.recipe import EvalConfig
 
-    if features not in ("inception", "random_conv"):
-        raise DmstabError(f"--features is {features!r}; choose inception or random_conv")
     config = EvalConfig(
         features=features,  # type: ignore[arg-type]
         mode=mode,  # type: ignore[arg-type]
@@ -436,7 +474,8 @@ def report(
     baseline: Annotated[
         str | None,
         typer.Option(
-            help="Recipe or run id of the baseline: adds the Fig. 5 speed-up of each method.",
+            help="Baseline for the Fig. 5 speed-up of each method: a recipe, a run id, or the "
+            "label of a reported method (e.g. a sweep point: uniform).",
             show_default=False,
         ),
     ] = None,

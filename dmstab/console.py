@@ -24,6 +24,11 @@ def error(message: str) -> None:
     console.print(f"[bold red]error:[/] {escape(message)}")
 
 
+def announce_child(index: int, total: int, label: str, action: str) -> None:
+    """The line a sweep prints before each child: `child 2/6 clts (resumed)`."""
+    console.print(f"[bold]child {index}/{total}[/] {escape(label)} ({action})")
+
+
 class TrainProgress:
     """step, loss, img/s and ETA; quiet (no live bar) when stderr is not a terminal."""
 

@@ -39,6 +39,7 @@ TAG_COMMAND = "dmstab.command"
 TAG_KIND = "dmstab.kind"
 TAG_RUN_DIR = "dmstab.run_dir"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_SWEEP_FINGERPRINT = "dmstab.sweep_fingerprint"
 
 
 class Tracker(Protocol):
