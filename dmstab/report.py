@@ -1,8 +1,9 @@
 """`dmstab report`: the paper's numbers beside the measured ones, read back from MLflow.
 
-Each reported method is one training run: its metric (e.g. `eval/fid`) at the iterations of
-its recipe's `paper:` block (AAAI Tables 2-3), and, against a baseline, the Fig. 5 speed-up.
-A measured value is the one logged at exactly the paper's iteration; nothing is interpolated.
+Each reported method is one training run, or the seeds of one sweep point averaged: its metric
+(e.g. `eval/fid`) at the iterations of its recipe's `paper:` block (AAAI Tables 2-3), and,
+against a baseline, the Fig. 5 speed-up. A measured value is the one logged at exactly the
+paper's iteration (for seeds, at an iteration every seed logged); nothing is interpolated.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import io
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
@@ -20,11 +21,13 @@ from rich.table import Table
 
 from dmstab.errors import DmstabError
 from dmstab.recipe import EvalMetric, fingerprint, flatten, load_recipe
+from dmstab.sweep import Sweep, load_sweep
 from dmstab.tracking import (
     TAG_FINGERPRINT,
     TAG_KIND,
     TAG_PARENT,
     TAG_RECIPE_NAME,
+    TAG_SWEEP_FINGERPRINT,
     MlflowTracker,
     RunRecord,
     find_runs,
@@ -41,6 +44,7 @@ _SCALE = {"": 1, "k": 1_000, "m": 1_000_000}
 _HIGHER_IS_BETTER = frozenset({"is"})  # Inception Score; FID and KID fall as samples improve
 _MISSING = "—"
 _LISTED_STEPS = 8  # a caption lists the logged steps up to this many, else their range
+_SEED_PARAMS = ("train.seed", "name", "tracking.run_name")  # what differs between seeds of a point
 
 
 def parse_iteration(text: str, final_step: int | None = None) -> int:
@@ -109,13 +113,19 @@ class Paper:
 
 @dataclass(frozen=True)
 class Method:
-    """One reported training run and what it logged of the reported metric."""
+    """One reported training run (or seeds averaged) and what it logged of the reported metric.
+
+    With seeds, `run` is the first of `seeds`, `measured` the mean over seeds and `spread` the
+    sample standard deviation, at the iterations every seed logged.
+    """
 
     label: str
     run: RunRecord
     paper: Paper
     measured: Points
     uri: str | None  # the store holding the run
+    seeds: tuple[RunRecord, ...] = ()
+    spread: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -198,7 +208,8 @@ class _Target:
     label: str
     paper: Paper
     uri: str | None
-    candidates: list[RunRecord]  # preferred first
+    candidates: list[RunRecord]  # preferred first; with `average`, the seeds to average
+    average: bool = False
 
 
 def _is_recipe(source: str) -> bool:
@@ -228,8 +239,48 @@ def _recipe_target(path: str) -> _Target:
     return _Target(recipe.name, Paper.from_params(flatten(recipe)), recipe.tracking.uri, runs)
 
 
+def seed_groups(runs: Sequence[RunRecord]) -> list[list[RunRecord]]:
+    """Runs whose recipes differ only in train.seed (and names) form one group, in order.
+
+    A group holding a seed twice is no set of seeds (a repeated run): its runs stay apart.
+    """
+    groups: dict[tuple[tuple[str, str], ...], list[RunRecord]] = {}
+    for run in runs:
+        key = tuple(sorted((k, v) for k, v in run.params.items() if k not in _SEED_PARAMS))
+        groups.setdefault(key, []).append(run)
+    result: list[list[RunRecord]] = []
+    for group in groups.values():
+        seeds = [run.params.get("train.seed") for run in group]
+        distinct = len(set(seeds)) == len(seeds)
+        result += [group] if distinct else [[run] for run in group]
+    return result
+
+
+def _seed_label(group: Sequence[RunRecord]) -> str:
+    """The first run's recipe name without its seed part, with the number of seeds."""
+    name = group[0].params.get("name", group[0].name)
+    if len(group) == 1:
+        return name
+    bare = re.sub(r"[,/ ]*train\.seed=\d+", "", name).strip(" ,/") or name
+    return f"{bare} ({len(group)} seeds)"
+
+
+def _grouped_targets(runs: Sequence[RunRecord], uri: str | None) -> list[_Target]:
+    """One target per run, or per set of seeds of the same recipe (averaged); the children of
+    one sweep are labelled without their common `SWEEP/` prefix."""
+    groups = seed_groups(runs)
+    labels = [_seed_label(group) for group in groups]
+    prefixes = {label.partition("/")[0] for label in labels}
+    if len(prefixes) == 1 and all("/" in label for label in labels):
+        labels = [label.partition("/")[2] for label in labels]
+    return [
+        _Target(label, Paper.from_params(group[0].params), uri, list(group), len(group) > 1)
+        for label, group in zip(labels, groups, strict=True)
+    ]
+
+
 def _run_id_targets(run_id: str, uri: str | None) -> list[_Target]:
-    """A training run, or the training runs under a sweep parent."""
+    """A training run, or the training runs under a sweep parent (seeds of a point averaged)."""
     run = run_record(run_id, uri)
     if run.tags.get(TAG_KIND) == "train":
         return [_run_target(run, uri)]
@@ -240,25 +291,61 @@ def _run_id_targets(run_id: str, uri: str | None) -> list[_Target]:
             f"run {run_id} is a '{kind}' run with no training runs under it; "
             "give a training run, a sweep parent, a recipe or --experiment"
         )
-    return [_run_target(child, uri) for child in reversed(children)]
+    return _grouped_targets(list(reversed(children)), uri)
 
 
 def _experiment_targets(experiment: str, uri: str | None) -> list[_Target]:
     runs = find_runs({TAG_KIND: "train"}, experiment, uri)
     if not runs:
         raise DmstabError(f"MLflow experiment '{experiment}' has no dmstab training runs")
-    return [_run_target(run, uri) for run in reversed(runs)]
+    return _grouped_targets(list(reversed(runs)), uri)
+
+
+def _sweep_targets(sweep: Sweep) -> list[_Target]:
+    """The children of the sweep file's newest parent run, preferring runs of exactly it."""
+    base = sweep.base
+    parents = find_runs(
+        {TAG_KIND: "sweep", TAG_RECIPE_NAME: base.name}, base.tracking.experiment, base.tracking.uri
+    )
+    if not parents:
+        raise DmstabError(
+            f"no runs of sweep '{base.name}' in experiment '{base.tracking.experiment}' of "
+            f"{resolve_uri(base.tracking.uri)} yet; run it first: dmstab train RECIPE"
+        )
+    parents.sort(key=lambda run: run.tags.get(TAG_SWEEP_FINGERPRINT) != sweep.fingerprint)
+    return _run_id_targets(parents[0].run_id, base.tracking.uri)
 
 
 def _targets(source: str, uri: str | None) -> list[_Target]:
-    return [_recipe_target(source)] if _is_recipe(source) else _run_id_targets(source, uri)
+    if not _is_recipe(source):
+        return _run_id_targets(source, uri)
+    sweep = load_sweep(source)
+    return [_recipe_target(source)] if sweep is None else _sweep_targets(sweep)
 
 
 def _method(target: _Target, key: str) -> Method:
-    """The first candidate run that logged `key` (else the first run), with its curve."""
+    """The first candidate run that logged `key` (else the first run), with its curve; or,
+    for seeds, their mean curve."""
+    if target.average:
+        return _seed_mean(target, key)
     run = next((r for r in target.candidates if key in r.metrics), target.candidates[0])
     measured = metric_history(run.run_id, key, target.uri)
     return Method(target.label, run, target.paper, measured, target.uri)
+
+
+def _seed_mean(target: _Target, key: str) -> Method:
+    """Mean and sample standard deviation over seeds, at the iterations all of them logged."""
+    curves = [dict(metric_history(r.run_id, key, target.uri)) for r in target.candidates]
+    common = sorted(set.intersection(*(set(curve) for curve in curves)))
+    measured: Points = []
+    spread: dict[int, float] = {}
+    for step in common:
+        values = [curve[step] for curve in curves]
+        mean = math.fsum(values) / len(values)
+        measured.append((step, mean))
+        spread[step] = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    runs = tuple(target.candidates)
+    return Method(target.label, runs[0], target.paper, measured, target.uri, runs, spread)
 
 
 # ---------------------------------------------------------------- the report
@@ -290,7 +377,7 @@ def build_report(
         targets += _experiment_targets(experiment, uri)
     if not targets:
         raise DmstabError("nothing to report: give recipe files, run ids or --experiment NAME")
-    base_targets = _targets(baseline, uri) if baseline is not None else []
+    base_targets = _baseline_targets(baseline, targets, uri) if baseline is not None else []
     if len(base_targets) > 1:
         raise DmstabError(f"baseline {baseline} names {len(base_targets)} runs; give one run")
     first = (base_targets or targets)[0]
@@ -298,6 +385,18 @@ def build_report(
     base = _method(base_targets[0], key) if base_targets else None
     methods = _unique([base] if base else [], (_method(t, key) for t in targets))
     return Report(key, methods, base, speed_ups(base, methods, key) if base else [])
+
+
+def _short_label(label: str) -> str:
+    """A sweep child's label as the sweep wrote it: `mini/uniform (3 seeds)` -> `uniform`."""
+    return re.sub(r" \(\d+ seeds\)$", "", label).rpartition("/")[2]
+
+
+def _baseline_targets(baseline: str, targets: Sequence[_Target], uri: str | None) -> list[_Target]:
+    """A reported method named by its label (e.g. a sweep point `uniform`), else a recipe or
+    run id."""
+    named = [t for t in targets if baseline in (t.label, _short_label(t.label))]
+    return named[:1] if named else _targets(baseline, uri)
 
 
 def _unique(head: list[Method], rest: Iterable[Method]) -> list[Method]:
@@ -322,6 +421,13 @@ def _number(value: float | None, signed: bool = False) -> str:
     return format(value, ("+" if signed else "") + spec)
 
 
+def _paper_reached(item: SpeedUp, baseline: Method) -> tuple[str, str]:
+    """The paper's speed-up, or dashes when the two paper blocks give nothing to compare."""
+    if not _paper_comparable(baseline.paper, item.method.paper):
+        return _MISSING, _MISSING
+    return _reached(item.paper)
+
+
 def _reached(result: tuple[int, float] | None) -> tuple[str, str]:
     if result is None:
         return "not reached", _MISSING
@@ -330,6 +436,12 @@ def _reached(result: tuple[int, float] | None) -> tuple[str, str]:
 
 def logged_note(method: Method, key: str) -> str:
     """Where the metric was logged, or, when it was not, what the run has logged instead."""
+    if method.seeds:
+        ids = ", ".join(r.run_id for r in method.seeds)
+        listed = ", ".join(format_iteration(step) for step, _ in method.measured[:_LISTED_STEPS])
+        more = "…" if len(method.measured) > _LISTED_STEPS else ""
+        where = f"at {listed}{more}" if listed else "at no step common to all seeds"
+        return f"mean ± std over {len(method.seeds)} seeds (runs {ids}), {where}"
     run = f"run {method.run.run_id}"
     steps = [format_iteration(step) for step, _ in method.measured]
     if len(steps) > _LISTED_STEPS:
@@ -354,12 +466,18 @@ class TextTable:
     caption: str = ""
 
 
+def _measured(method: Method, row: Row) -> str:
+    spread = method.spread.get(row.iteration)
+    text = _number(row.measured)
+    return text if spread is None or row.measured is None else f"{text} ± {_number(spread)}"
+
+
 def _method_table(method: Method, key: str) -> TextTable:
     body = [
         (
             format_iteration(row.iteration),
             _number(row.paper),
-            _number(row.measured),
+            _measured(method, row),
             _number(row.delta, signed=True),
         )
         for row in rows(method)
@@ -373,7 +491,10 @@ def _speed_up_table(report: Report, baseline: Method) -> TextTable:
     reached = f"final {_number(final[1])} at {format_iteration(final[0])}" if final else "none"
     title = f"Speed-up vs {baseline.label} (Fig. 5): baseline {report.key} {reached}"
     header = ("method", "reaches it at", "speed-up", "paper: reaches at", "paper speed-up")
-    body = [(s.method.label, *_reached(s.measured), *_reached(s.paper)) for s in report.speed_ups]
+    body = [
+        (s.method.label, *_reached(s.measured), *_paper_reached(s, baseline))
+        for s in report.speed_ups
+    ]
     return TextTable(title, header, body)
 
 
@@ -405,16 +526,19 @@ def to_markdown(report: Report) -> str:
 
 
 def to_csv(report: Report) -> str:
-    """method, run_id, iteration, paper, measured, delta: one line per table row."""
+    """method, run_id(s), iteration, paper, measured, delta, std and seeds: one line per row."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["method", "run_id", "metric", "iteration", "paper", "measured", "delta"])
+    header = ["method", "run_id", "metric", "iteration", "paper", "measured", "delta", "std"]
+    writer.writerow([*header, "seeds"])
     for method in report.methods:
+        run_ids = " ".join(r.run_id for r in method.seeds) or method.run.run_id
         for row in rows(method):
-            values = (row.paper, row.measured, row.delta)
+            values = (row.paper, row.measured, row.delta, method.spread.get(row.iteration))
             writer.writerow(
-                [method.label, method.run.run_id, report.key, row.iteration]
+                [method.label, run_ids, report.key, row.iteration]
                 + ["" if v is None else f"{v:.10g}" for v in values]
+                + [len(method.seeds) or 1]
             )
     return out.getvalue()
 
@@ -448,6 +572,11 @@ def curves_figure(report: Report) -> Any:
         if method.measured:
             steps, values = zip(*method.measured, strict=True)
             ax.plot(steps, values, "-", marker=".", ms=4, color=color, label=label)
+            if method.spread:
+                std = [method.spread[step] for step in steps]
+                low = [v - s for v, s in zip(values, std, strict=True)]
+                high = [v + s for v, s in zip(values, std, strict=True)]
+                ax.fill_between(steps, low, high, color=color, alpha=0.2, lw=0)
         if method.paper.values:
             steps, values = zip(*method.paper.points(), strict=True)
             ax.plot(steps, values, "o", color=color, mfc="none", label=f"{method.label}: paper")
@@ -456,6 +585,59 @@ def curves_figure(report: Report) -> Any:
     ax.set_ylabel(report.key)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # nothing to label when no run logged the metric
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def varied_parameter(report: Report) -> str | None:
+    """The one numeric recipe key in which the reported methods differ (a 1-D sweep such as
+    AAAI Fig. 6's μ or target iteration), else None."""
+    if len(report.methods) < 2:
+        return None
+    params = [m.run.params for m in report.methods]
+    keys = {k for p in params for k in p} - set(_SEED_PARAMS)
+    varied = [k for k in sorted(keys) if len({p.get(k) for p in params}) > 1]
+    if len(varied) != 1:
+        return None
+    try:
+        [float(p[varied[0]]) for p in params]
+    except (KeyError, ValueError):
+        return None
+    return varied[0]
+
+
+def sweep_figure(report: Report, parameter: str) -> Any:
+    """Metric vs the swept value, one line per logged iteration (AAAI Fig. 6's layout)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    iterations = sorted({step for m in report.methods for step, _ in m.measured})
+    for index, iteration in enumerate(iterations):
+        points = sorted(
+            (float(m.run.params[parameter]), dict(m.measured)[iteration], m.spread.get(iteration))
+            for m in report.methods
+            if iteration in dict(m.measured)
+        )
+        xs, ys, spreads = zip(*points, strict=True)
+        errors = [e or 0.0 for e in spreads] if any(e is not None for e in spreads) else None
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=errors,
+            marker="o",
+            ms=4,
+            capsize=3,
+            color=f"C{index % 10}",
+            label=f"iteration {format_iteration(iteration)}",
+        )
+    ax.set_xlabel(parameter)
+    ax.set_ylabel(report.key)
+    ax.grid(alpha=0.3)
+    if iterations:
         ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
@@ -492,5 +674,10 @@ def log_report(report: Report, experiment: str = "report") -> LoggedReport:
             files.append("speedup.csv")
         save_figure(tracker, curves_figure(report), figure_name)
         files.append(figure_name)
+        parameter = varied_parameter(report)
+        if parameter is not None:
+            sweep_name = f"{report.key.replace('/', '_')}_vs_{parameter}.png"
+            save_figure(tracker, sweep_figure(report, parameter), sweep_name)
+            files.append(sweep_name)
     root = tracker.artifact_uri().rstrip("/")
     return LoggedReport(tracker.run_id, [f"{root}/{name}" for name in files])

@@ -23,15 +23,19 @@ from dmstab.report import (
     final_step,
     first_reaching,
     format_iteration,
+    log_report,
     metric_key,
     parse_iteration,
     rows,
     speed_up,
     to_csv,
+    to_markdown,
+    varied_parameter,
 )
 from dmstab.tracking import (
     TAG_KIND,
     TAG_PARENT,
+    TAG_RECIPE_NAME,
     MlflowTracker,
     find_runs,
     metric_history,
@@ -47,6 +51,7 @@ from .test_cli import dmstab
 BASELINE_FID = {100_000: 6.0, 200_000: 4.5, 300_000: 3.6, 400_000: 3.2, 500_000: 3.0}
 CLTS_FID = {100_000: 4.0, 150_000: 3.4, 200_000: 3.0, 300_000: 2.7, 500_000: 2.4}
 # Paper (Table 3): ID ends at 2.60 (500k); ID+Ours is first <= 2.60 at 300k (2.46): 5/3.
+K = 100_000
 PAPER_CLTS = {100_000: 4.24, 200_000: 2.81, 300_000: 2.46, 400_000: 2.38, 500_000: 2.31}
 
 
@@ -57,9 +62,11 @@ def _recipe_file(directory: Path, name: str, base: str) -> Path:
     return path
 
 
-def _train_run(recipe: Path, fids: Mapping[int, float], key: str = "eval/fid") -> str:
+def _train_run(
+    recipe: Path, fids: Mapping[int, float], key: str = "eval/fid", overrides: tuple[str, ...] = ()
+) -> str:
     """A training run as `dmstab train` opens it (params, tags), with `fids` logged at steps."""
-    tracker = MlflowTracker.start(load_recipe(recipe), kind="train")
+    tracker = MlflowTracker.start(load_recipe(recipe, overrides), kind="train")
     with tracked_run(tracker):
         for step, value in sorted(fids.items()):
             tracker.log_metrics({key: value}, step)
@@ -165,6 +172,81 @@ def test_sweep_parent_reports_its_child_training_runs(recipes: tuple[Path, Path]
     report = build_report([parent.run_id])
     assert [m.run.run_id for m in report.methods] == children
     assert [m.measured for m in report.methods] == [[(100_000, 4.0)], [(100_000, 3.0)]]
+
+
+def test_seeds_of_a_sweep_point_are_averaged_and_other_points_stay_apart(
+    recipes: tuple[Path, Path],
+) -> None:
+    """Three seeds of CLTS become one method: mean and sample std at the steps all logged."""
+    baseline, clts = recipes
+    seed_fids = [{K: 4.0, 2 * K: 3.0}, {K: 5.0, 2 * K: 2.0}, {K: 6.0}]  # seed 2 skips 200k
+    seeds = [
+        _train_run(clts, fids, overrides=(f"train.seed={seed}", f"name=clts/train.seed={seed}"))
+        for seed, fids in enumerate(seed_fids)
+    ]
+    other = _train_run(baseline, {K: 9.0})
+    parent = MlflowTracker.create(experiment="tests", kind="sweep", params={}, tags={})
+    parent.finish("FINISHED")
+    for child in [*seeds, other]:
+        store().set_tag(child, TAG_PARENT, parent.run_id)
+    assert parent.run_id is not None
+    report = build_report([parent.run_id], metric="fid")
+    averaged, single = report.methods
+    assert [r.run_id for r in averaged.seeds] == seeds and averaged.label == "clts (3 seeds)"
+    assert averaged.measured == [(K, 5.0)]  # 200k is missing from seed 2: no mean there
+    assert averaged.spread == {K: pytest.approx(1.0)}  # sample std of 4, 5, 6
+    assert single.run.run_id == other and single.seeds == () and single.measured == [(K, 9.0)]
+    line = next(csv.DictReader(io.StringIO(to_csv(report))))
+    assert (line["measured"], line["std"], line["seeds"]) == ("5", "1", "3")
+    assert "| 100k | 4.24 | 5.00 ± 1.00 | +0.76 |" in to_markdown(report)
+    assert varied_parameter(report) is None  # baseline and CLTS differ in many keys
+    by_label = build_report([parent.run_id], metric="fid", baseline="clts")  # a point's label
+    assert by_label.baseline is not None and by_label.baseline.seeds == averaged.seeds
+    assert [s.method.run.run_id for s in by_label.speed_ups] == [other]
+
+
+def test_a_sweep_file_reports_the_children_of_its_newest_parent_run(
+    isolated_workdir: Path,
+) -> None:
+    sweep_file = isolated_workdir / "seeds.yaml"
+    sweep_file.write_text(
+        f"base: {RECIPES / 'cifar10_clts.yaml'}\ntracking: {{experiment: tests}}\n"
+        "sweep: {grid: {train.seed: [0, 1]}}\n"
+    )
+    with pytest.raises(DmstabError, match="no runs of sweep 'seeds'"):
+        build_report([str(sweep_file)])
+    for values in ((7.0, 9.0), (4.0, 6.0)):  # an older parent, then the newer one reported
+        parent = MlflowTracker.create(
+            experiment="tests", kind="sweep", params={}, tags={TAG_RECIPE_NAME: "seeds"}
+        )
+        parent.finish("FINISHED")
+        for seed, value in enumerate(values):
+            overrides = (f"train.seed={seed}", f"name=seeds/train.seed={seed}")
+            child = _train_run(
+                RECIPES / "cifar10_clts.yaml",
+                {K: value},
+                "eval/fid",
+                (*overrides, "tracking.experiment=tests"),
+            )
+            store().set_tag(child, TAG_PARENT, parent.run_id)
+    (method,) = build_report([str(sweep_file)]).methods
+    assert method.label == "seeds (2 seeds)" and method.measured == [(K, 5.0)]
+
+
+def test_a_one_key_sweep_gets_the_fig6_figure_of_the_metric_against_that_key(
+    recipes: tuple[Path, Path],
+) -> None:
+    _, clts = recipes
+    runs = [
+        _train_run(clts, {K: 5.0 - mu / 100}, overrides=(f"timesteps.mu={mu}",))
+        for mu in (10, 20, 30)
+    ]
+    report = build_report(runs)
+    assert varied_parameter(report) == "timesteps.mu"
+    logged = log_report(report)
+    names = {uri.rpartition("/")[2] for uri in logged.artifacts}
+    assert "eval_fid_vs_timesteps.mu.png" in names
+    assert varied_parameter(build_report(runs[:1])) is None
 
 
 def test_metric_history_keeps_the_latest_value_of_a_step_and_find_runs_filters_tags(
