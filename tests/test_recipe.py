@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from dmstab.cli import app
 from dmstab.errors import DmstabError
 from dmstab.recipe import (
     Recipe,
@@ -18,7 +20,15 @@ from dmstab.recipe import (
 )
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-RUNNABLE = sorted(p for p in RECIPES.glob("*.yaml") if not p.stem.endswith("_base"))
+ALL_RECIPES = sorted(p for p in RECIPES.glob("*.yaml") if not p.stem.endswith("_base"))
+RUNNABLE = [p for p in ALL_RECIPES if "\nsweep:" not in p.read_text()]  # sweeps: test_sweep
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_and_sweep_passes_dry_run(path: Path) -> None:
+    result = CliRunner().invoke(app, ["train", str(path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert f"name: {path.stem}" in result.output
 
 
 @pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.stem)
@@ -78,7 +88,7 @@ def test_overrides_are_yaml_typed() -> None:
         ("optim.lr=fast", "'optim.lr' is 'fast'; expected float"),
         ("train.steps=1.5", "'train.steps' is 1.5; expected int"),
         ("train.steps=true", "expected int"),
-        ("diffusion.target=v", "allowed: 'eps' | 'x0'"),
+        ("diffusion.target=z", "allowed: 'eps' | 'x0' | 'v'"),
         ("timesteps.mu=1000", r"must be in \[0, diffusion.steps\)"),
         ("timesteps.sigma=0", "timesteps.sigma"),
         ("optim.betas=[0.9]", "list of 2 float"),
