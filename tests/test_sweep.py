@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -232,3 +237,41 @@ def _children(parent_id: str) -> list[Run]:
         order_by=["attributes.start_time ASC"],
     )
     return list(runs)
+
+
+def test_kill_9_mid_sweep_then_resume_auto_finishes_the_same_sweep(
+    isolated_workdir: Path,
+) -> None:
+    """A SIGKILL leaves the parent and the child RUNNING; --resume auto takes both up again."""
+    path = _write("sweep:\n  grid:\n    train.seed: [0, 1]\n")
+    args = [sys.executable, "-m", "dmstab", "train", str(path), *TINY, "train.steps=60"]
+    victim = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    checkpoints: list[Path] = []
+    while len(checkpoints) < 2:  # the second child has written a checkpoint
+        assert victim.poll() is None, victim.communicate()
+        assert time.monotonic() < deadline, "the second child never wrote a checkpoint"
+        time.sleep(0.05)
+        checkpoints = list(isolated_workdir.glob("runs/*/checkpoint.pt"))
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    client = store()
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("tests").experiment_id],
+        filter_string=f"tags.`{TAG_KIND}` = 'sweep'",
+    )
+    parent_id = parent.info.run_id
+    assert parent.info.status == "RUNNING"  # nothing could mark it
+    first, second = _children(parent_id)
+    assert (first.info.status, second.info.status) == ("FINISHED", "RUNNING")
+
+    resumed = subprocess.run([*args, "--resume", "auto"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "child 1/2 train.seed=0 (skipped)" in resumed.stderr  # rich writes to stderr
+    assert "child 2/2 train.seed=1 (resumed)" in resumed.stderr
+    after = _children(parent_id)
+    assert [run.info.run_id for run in after] == [first.info.run_id, second.info.run_id]
+    assert [run.info.status for run in after] == ["FINISHED", "FINISHED"]
+    steps = [m.step for m in client.get_metric_history(second.info.run_id, "loss")]
+    assert sorted(steps) == list(range(1, 61))  # no step lost or logged twice
+    assert client.get_run(parent_id).info.status == "FINISHED"
