@@ -1,0 +1,212 @@
+"""The Hessian of a training loss, seen only through Hessian-vector products (AAAI Fig. 4).
+
+The loss is a deterministic function of the parameters θ (a fixed batch, fixed noise and fixed
+timesteps), so H = ∇²L(θ) is a fixed symmetric matrix; nothing here ever forms it. Products
+H·v come from forward-over-reverse differentiation (torch.func.jvp of torch.func.grad) or from
+double backward, and feed:
+
+- the top eigenvalues by power iteration with deflation (as PyHessian: stop when the relative
+  change of the estimate falls below `tol`),
+- the trace by Hutchinson's estimator, E[zᵀHz] = tr H for Rademacher z, with its standard error,
+- the spectral density by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017): Lanczos with
+  full reorthogonalisation from random unit vectors; the Ritz values are the nodes and the
+  squared first components of the Ritz vectors their weights.
+
+Vectors are flat float64 tensors over all parameters (in `named_parameters` order).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp
+
+Loss = Callable[[nn.Module], Tensor]  # the model -> a scalar loss on fixed data
+Method = Literal["forward_over_reverse", "double_backward"]
+
+
+class HessianOperator:
+    """v ↦ H·v for the Hessian of `loss(model)` with respect to the model's parameters."""
+
+    def __init__(self, model: nn.Module, loss: Loss, method: Method = "forward_over_reverse"):
+        self.model = model
+        self.loss = loss
+        self.method = method
+        self.names = [name for name, p in model.named_parameters() if p.requires_grad]
+        params = dict(model.named_parameters())
+        self.shapes = [params[name].shape for name in self.names]
+        self.point = {name: params[name].detach() for name in self.names}
+        self.size = sum(math.prod(shape) for shape in self.shapes)
+
+    def _unflatten(self, vector: Tensor) -> dict[str, Tensor]:
+        pieces = torch.split(vector, [math.prod(shape) for shape in self.shapes])
+        return {
+            name: piece.reshape(shape).to(self.point[name].dtype)
+            for name, piece, shape in zip(self.names, pieces, self.shapes, strict=True)
+        }
+
+    def _loss_at(self, params: Mapping[str, Tensor]) -> Tensor:
+        # functional_call swaps the parameters in for one call, so `loss` sees the same model.
+        return self.loss(_Bound(self.model, params))
+
+    def __call__(self, vector: Tensor) -> Tensor:
+        direction = self._unflatten(vector)
+        if self.method == "forward_over_reverse":
+            gradient = grad(self._loss_at)
+            product = jvp(gradient, (self.point,), (direction,))[1]
+        else:
+            product = self._double_backward(direction)
+        return torch.cat([product[name].reshape(-1) for name in self.names]).to(torch.float64)
+
+    def _double_backward(self, direction: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        params = {name: value.clone().requires_grad_(True) for name, value in self.point.items()}
+        loss = self._loss_at(params)
+        first = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        dot = torch.stack(
+            [(g * direction[name]).sum() for g, name in zip(first, self.names, strict=True)]
+        ).sum()
+        second = torch.autograd.grad(dot, list(params.values()))
+        return dict(zip(self.names, second, strict=True))
+
+
+class _Bound(nn.Module):
+    """`model` evaluated with `params` in place of its own (torch.func.functional_call)."""
+
+    def __init__(self, model: nn.Module, params: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self.inner = model
+        self.params = dict(params)
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        return functional_call(self.inner, self.params, args, kwargs)
+
+
+def _unit(vector: Tensor) -> Tensor:
+    return vector / float(vector.norm())
+
+
+def top_eigenvalues(
+    operator: Callable[[Tensor], Tensor],
+    size: int,
+    k: int,
+    *,
+    iterations: int = 100,
+    tol: float = 1e-3,
+    generator: torch.Generator,
+) -> list[float]:
+    """The k eigenvalues of largest magnitude, by power iteration on H with the eigenvectors
+    already found projected out (deflation); each stops at a relative change below `tol`."""
+    found: list[tuple[float, Tensor]] = []
+    for _ in range(k):
+        v = _unit(torch.randn(size, generator=generator, dtype=torch.float64))
+        value = math.nan
+        for _ in range(iterations):
+            for _, u in found:  # deflation: search the complement of earlier eigenvectors
+                v = v - (u @ v) * u
+            hv = operator(_unit(v))
+            for _, u in found:
+                hv = hv - (u @ hv) * u
+            new_value = float(_unit(v) @ hv)
+            v = hv
+            converged = math.isfinite(value) and abs(new_value - value) <= tol * abs(value) + 1e-30
+            value = new_value
+            if converged:
+                break
+        found.append((value, _unit(v)))
+    return [value for value, _ in found]
+
+
+@dataclass(frozen=True)
+class TraceEstimate:
+    mean: float
+    standard_error: float
+    samples: int
+
+
+def hutchinson_trace(
+    operator: Callable[[Tensor], Tensor], size: int, samples: int, *, generator: torch.Generator
+) -> TraceEstimate:
+    """tr H ≈ mean of zᵀHz over Rademacher z (Hutchinson 1989), with its standard error."""
+    if samples < 2:
+        raise ValueError("Hutchinson's estimate needs at least 2 samples for its error")
+    values = []
+    for _ in range(samples):
+        z = torch.randint(0, 2, (size,), generator=generator, dtype=torch.float64) * 2 - 1
+        values.append(float(z @ operator(z)))
+    estimates = torch.tensor(values, dtype=torch.float64)
+    return TraceEstimate(
+        float(estimates.mean()), float(estimates.std() / math.sqrt(samples)), samples
+    )
+
+
+@dataclass(frozen=True)
+class SpectralDensity:
+    """Stochastic Lanczos quadrature: per run, Ritz values (nodes) and weights summing to 1."""
+
+    nodes: Tensor  # (runs, steps)
+    weights: Tensor  # (runs, steps)
+
+    def moment(self, power: int) -> float:
+        """∫ λ^power dμ ≈ (1/n)·tr(H^power), averaged over runs."""
+        return float((self.weights * self.nodes**power).sum(dim=1).mean())
+
+    def variance(self) -> float:
+        return self.moment(2) - self.moment(1) ** 2
+
+
+def lanczos(
+    operator: Callable[[Tensor], Tensor], start: Tensor, steps: int
+) -> tuple[Tensor, Tensor]:
+    """The tridiagonal T (steps × steps) of `steps` Lanczos iterations from `start`, with full
+    reorthogonalisation, and its eigen-decomposition (Ritz values, Ritz vectors)."""
+    basis = [_unit(start)]
+    alphas: list[float] = []
+    betas: list[float] = []
+    for index in range(steps):
+        w = operator(basis[index])
+        alphas.append(float(basis[index] @ w))
+        stacked = torch.stack(basis)
+        w = w - stacked.T @ (stacked @ w)  # full reorthogonalisation (twice is enough)
+        w = w - stacked.T @ (stacked @ w)
+        if index == steps - 1:
+            break
+        beta = float(w.norm())
+        if beta < 1e-12:  # an invariant subspace: T is exact and smaller
+            break
+        betas.append(beta)
+        basis.append(w / beta)
+    n = len(alphas)
+    tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if n > 1:
+        off = torch.tensor(betas[: n - 1], dtype=torch.float64)
+        tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
+    values, vectors = torch.linalg.eigh(tridiagonal)
+    return values, vectors
+
+
+def spectral_density(
+    operator: Callable[[Tensor], Tensor],
+    size: int,
+    *,
+    steps: int = 80,
+    runs: int = 1,
+    generator: torch.Generator,
+) -> SpectralDensity:
+    """SLQ: `runs` Lanczos runs of min(`steps`, size) steps from random unit vectors."""
+    steps = min(steps, size)
+    nodes, weights = [], []
+    for _ in range(runs):
+        start = torch.randn(size, generator=generator, dtype=torch.float64)
+        values, vectors = lanczos(operator, start, steps)
+        padded = torch.zeros(steps, dtype=torch.float64)
+        padded_weights = torch.zeros(steps, dtype=torch.float64)
+        padded[: len(values)] = values
+        padded_weights[: len(values)] = vectors[0] ** 2
+        nodes.append(padded)
+        weights.append(padded_weights)
+    return SpectralDensity(torch.stack(nodes), torch.stack(weights))
