@@ -652,16 +652,21 @@ def _yaml_load(text: str) -> Any:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise DmstabError(f"recipe {path} is a directory, not a recipe file")
     if not path.is_file():
         raise DmstabError(f"recipe file not found: {path}")
     try:
-        data = _yaml_load(path.read_text())
+        data = _yaml_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DmstabError(f"recipe {path} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise DmstabError(f"recipe {path}{where} is not valid YAML: {exc}") from None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise DmstabError(f"recipe {path}{where} is not valid YAML: {problem}") from None
     if data is None:
-        return {}
+        raise DmstabError(f"recipe {path} is empty; it needs at least one section or `base:`")
     if not isinstance(data, dict):
         raise DmstabError(f"recipe {path} must be a YAML mapping of sections")
     return data

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import zipfile
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,8 +147,11 @@ def _folder_images(path: Path, batch_size: int) -> Iterator[torch.Tensor]:
 
 def _stats_file(path: Path) -> FeatureStats | None:
     """A statistics file (`mu`, `sigma`), or None when the `.npz` holds images instead."""
-    with np.load(path, allow_pickle=False) as archive:
-        has_stats = "mu" in archive and "sigma" in archive
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            has_stats = "mu" in archive and "sigma" in archive
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # ValueError: pickled data
+        raise DmstabError(f"{path} is not a readable .npz of statistics or images") from None
     return FeatureStats.load(path) if has_stats else None
 
 

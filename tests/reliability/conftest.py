@@ -1,0 +1,135 @@
+"""The fault-injection suite: its summary line and JSON report, and the helpers its tests share."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from mlflow.entities import Run
+from typer.testing import CliRunner
+
+from dmstab.cli import app
+
+from ..conftest import store
+from ..test_edm_training import MINI, TINY_EDM
+from . import counts
+
+REPORT_ENV = "DMSTAB_RELIABILITY_REPORT"
+HERE = Path(__file__).resolve().parent
+_ran: list[str] = []
+
+# TINY_EDM with power EMAs snapshotted every 2 steps, a checkpoint every 3 steps and MLflow
+# written at every step: every kind of file the training loop writes, all the time.
+EDM_EVERY_WRITE = [*TINY_EDM, "train.kimg=0", "train.checkpoint_every=3", "tracking.flush_every=1"]
+__all__ = [
+    "EDM_EVERY_WRITE",
+    "MINI",
+    "TINY_EDM",
+    "InterruptAt",
+    "Payload",
+    "cli",
+    "dmstab",
+    "one_line_error",
+    "only_run",
+    "start_dmstab",
+]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.path.resolve().parent == HERE:
+        _ran.append(item.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _ran:
+        return
+    terminalreporter.write_line(counts.summary())
+    target = os.environ.get(REPORT_ENV)
+    if target:
+        Path(target).write_text(json.dumps({**counts.TOTALS, "tests": len(_ran)}, indent=1) + "\n")
+
+
+def _child_env() -> dict[str, str]:
+    """One thread per child: tiny models run fastest so, and in step with an in-process run."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def start_dmstab(*args: str, preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen[str]:
+    """`dmstab ARGS` as a child process in the current directory, output captured."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dmstab", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_child_env(),
+        preexec_fn=preexec_fn,
+    )
+
+
+def dmstab(
+    *args: str, preexec_fn: Callable[[], None] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`dmstab ARGS` run to completion."""
+    process = start_dmstab(*args, preexec_fn=preexec_fn)
+    out, err = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`dmstab ARGS` in this process through typer's CliRunner: the same path from the argument
+    list to the exit code as the installed command, without the interpreter's start-up."""
+    result = CliRunner().invoke(app, list(args))
+    stderr = result.stderr
+    if result.exc_info is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    return subprocess.CompletedProcess(["dmstab", *args], result.exit_code, result.stdout, stderr)
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], exit_code: int = 2) -> str:
+    """The single `error:` line a refused command prints, after checking its exit code."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == exit_code, (result.returncode, result.stderr[-2000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    return lines[0]
+
+
+class InterruptAt:
+    """Training progress that presses Ctrl-C once training reports step `step`."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def start(self, total: int, completed: int) -> None:
+        """Nothing to show."""
+
+    def advance(self, step: int, loss: float, images_per_s: float) -> None:
+        if step >= self.step:
+            raise KeyboardInterrupt
+
+    def stop(self) -> None:
+        """Nothing to close."""
+
+
+class Payload:
+    """A malicious pickle: unpickling it runs `touch MARKER` (weights-only loading refuses it)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Callable[[str], int], tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
+
+
+def only_run(experiment: str = "tests") -> Run:
+    """The one run of `experiment` in ./mlflow.db (a resume must not start a second one)."""
+    client = store()
+    found = client.get_experiment_by_name(experiment)
+    assert found is not None, f"no MLflow experiment {experiment!r}"
+    [run] = client.search_runs([found.experiment_id])
+    return run

@@ -1,0 +1,121 @@
+"""Bad recipes and overrides through the real `dmstab train`: exit 2, exactly one line naming
+the key or file, and nothing written (no MLflow store, no run directory)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ..conftest import RECIPES
+from . import counts
+from .conftest import cli, one_line_error
+
+QUICKSTART = str(RECIPES / "quickstart.yaml")
+EDM = str(RECIPES / "edm2_mini.yaml")
+
+BAD_OVERRIDES = [
+    # wrong types
+    ([QUICKSTART, "optim.lr=fast"], "'optim.lr' is 'fast'; expected float"),
+    ([QUICKSTART, "train.steps=1.5"], "'train.steps' is 1.5; expected int"),
+    ([QUICKSTART, "train.batch_size=true"], "'train.batch_size' is True; expected int"),
+    ([QUICKSTART, "model.channel_mult=3"], "'model.channel_mult' is 3"),
+    ([QUICKSTART, "model.channel_mult=[1,x]"], "'model.channel_mult[1]' is 'x'"),
+    ([QUICKSTART, "optim.betas=[0.9]"], "'optim.betas' is [0.9]; expected list of 2 float"),
+    ([QUICKSTART, "train=5"], "recipe key 'train' must be a mapping"),
+    ([QUICKSTART, "ema.power_sigma_rels=0.1"], "'ema.power_sigma_rels' is 0.1"),
+    ([QUICKSTART, "train.precision=fp16"], "'train.precision' is 'fp16'; allowed: 'fp32' | 'bf16'"),
+    ([QUICKSTART, "train.device=tpu"], "'train.device' is 'tpu'"),
+    ([QUICKSTART, "timesteps.sampler=bogus"], "'timesteps.sampler' is 'bogus'"),
+    # out of range
+    ([QUICKSTART, "optim.lr=-1"], "optim.lr is -1.0; must be positive"),
+    ([QUICKSTART, "optim.lr=0"], "optim.lr is 0.0; must be positive"),
+    ([QUICKSTART, "optim.betas=[0.9,1.5]"], "optim.betas [0.9, 1.5] must be in [0,1)"),
+    ([QUICKSTART, "train.steps=0"], "train.steps must be at least 1"),
+    ([QUICKSTART, "train.kimg=-1"], "train.kimg is -1.0; must be >= 0"),
+    ([QUICKSTART, "ema.rate=1.0"], "ema.rate is 1.0; must be in [0, 1)"),
+    ([QUICKSTART, "data.resolution=4"], "data.resolution is 4; must be at least 8"),
+    ([QUICKSTART, "sample.steps=5000"], "sample.steps is 5000; must be in [1, diffusion.steps"),
+    ([QUICKSTART, "sample.num_images=0"], "sample.num_images/batch_size must be >= 1"),
+    ([QUICKSTART, "tracking.flush_every=0"], "tracking.flush_every must be at least 1"),
+    ([QUICKSTART, "eval.at=[0]"], "eval.at [0] must be steps >= 1"),
+    ([QUICKSTART, "ema.power_sigma_rels=[0.5]"], "ema.power_sigma_rels [0.5] must lie in (0,"),
+    ([QUICKSTART, "diffusion.min_snr_gamma=0"], "diffusion.min_snr_gamma is 0.0; must be > 0"),
+    # unknown keys and sections
+    ([QUICKSTART, "optim.lrr=1e-4"], "unknown recipe key 'optim.lrr'; did you mean 'optim.lr'"),
+    ([QUICKSTART, "optimizer.lr=1e-4"], "unknown recipe key 'optimizer'"),
+    ([QUICKSTART, "model.edm2.nope=1"], "unknown recipe key 'model.edm2.nope'"),
+    # contradictory options
+    ([QUICKSTART, "timesteps.mu=1000"], "timesteps.mu is 1000.0; must be in [0, diffusion.steps)"),
+    ([QUICKSTART, "timesteps.mu=-1"], "timesteps.mu is -1.0; must be in [0, diffusion.steps)"),
+    ([QUICKSTART, "sample.sampler=heun"], "sample.sampler heun needs diffusion.formulation edm"),
+    ([QUICKSTART, "diffusion.formulation=edm"], "model.name adm_unet trains with diffusion."),
+    ([EDM, "sample.sampler=ddim"], "sample.sampler is 'ddim'; the edm formulation uses heun"),
+    ([EDM, "diffusion.target=x0"], "diffusion.target x0 is a ddpm option"),
+    ([QUICKSTART, "train.kimg=1", "train.steps=5"], "set train.steps or train.kimg, not both"),
+    ([QUICKSTART, "sample.guidance=2"], "sample.guidance != 1 needs sample.guide"),
+    ([QUICKSTART, "model.label_dropout=0.5"], "model.label_dropout needs model.name edm2_unet"),
+    (
+        [QUICKSTART, "eval.every=5", "eval.features=classifier", "data.name=npz", "data.root=x"],
+        "eval.features: classifier knows the synthetic shapes only",
+    ),
+    (
+        [QUICKSTART, "optim.ref_kimg=1"],
+        "optim.ref_kimg/rampup_kimg belong to optim.schedule inverse_sqrt",
+    ),
+    ([QUICKSTART, "eval.every=5", "eval.inception_weights=nowhere.pt"], "nowhere.pt"),
+    (
+        [QUICKSTART, "eval.every=5", "eval.features=random_conv", "eval.reference=nothere.npz"],
+        "nothere.npz",
+    ),
+    # data that is not there
+    ([QUICKSTART, "data.name=folder"], "data.root is required for data.name='folder'"),
+    ([QUICKSTART, "data.name=folder", "data.root=does/not/exist"], "does/not/exist"),
+    ([QUICKSTART, "data.name=cifar10", "data.root=nowhere"], "CIFAR-10 not found"),
+    # malformed overrides
+    ([QUICKSTART, "optim.lr"], "override 'optim.lr' must look like section.key=value"),
+    ([QUICKSTART, "optim.betas=[0.9,"], "override 'optim.betas=[0.9,': value"),
+    ([QUICKSTART, "optim..lr=1"], "override 'optim..lr=1' must look like"),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), BAD_OVERRIDES, ids=lambda v: " ".join(v[1:]))
+def test_bad_override_is_one_line_exit_2_nothing_written(args: list[str], expected: str) -> None:
+    _refused(["train", *args], expected)
+
+
+BAD_FILES = {
+    "malformed YAML": ("optim: {lr: [1e-4\n", "is not valid YAML: expected ',' or ']'"),
+    "empty file": ("", "is empty"),
+    "a list, not sections": ("- optim\n- train\n", "must be a YAML mapping of sections"),
+    "unknown section": ("optimiser: {lr: 1.0e-4}\n", "unknown recipe key 'optimiser'"),
+    "wrong type in a file": ("train: {steps: many}\n", "'train.steps' is 'many'"),
+    "base not a path": ("base: [a, b]\n", "`base:` must be a file path"),
+    "missing base": ("base: nowhere.yaml\n", "nowhere.yaml"),
+    "base cycle": ("base: bad.yaml\n", "a cycle"),
+    "not text": (b"\xff\xfe\x00garbage\x80", "is not UTF-8 text"),
+}
+
+
+@pytest.mark.parametrize(("content", "expected"), BAD_FILES.values(), ids=BAD_FILES.keys())
+def test_bad_recipe_file_is_one_line_exit_2_nothing_written(
+    content: str | bytes, expected: str
+) -> None:
+    path = Path("bad.yaml")
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert expected in _refused(["train", str(path)], expected)
+
+
+def test_directory_or_missing_recipe_is_one_line_exit_2() -> None:
+    Path("recipes.d").mkdir()
+    assert "recipes.d" in _refused(["train", "recipes.d"], "is a directory, not a recipe file")
+    _refused(["train", "missing.yaml"], "recipe file not found: missing.yaml")
+
+
+def _refused(args: list[str], expected: str) -> str:
+    line = one_line_error(cli(*args))
+    written = [p for p in ("mlflow.db", "runs", "mlruns", "samples") if Path(p).exists()]
+    counts.record(trials=1, faults=1, losses=len(written))
+    assert expected in line, line
+    assert not written, f"a refused recipe wrote {written}"
+    return line
