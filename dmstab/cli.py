@@ -43,7 +43,7 @@ def user_errors(command: Callable[P, R]) -> Callable[P, R]:
     @wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         from dmstab.console import error
-        from dmstab.train.loop import TrainingDiverged
+        from dmstab.train.loss_guard import TrainingDiverged
 
         try:
             return command(*args, **kwargs)
@@ -91,7 +91,8 @@ def _main(
         "  dmstab train recipes/quickstart.yaml\n\n"
         "  dmstab train recipes/cifar10_clts.yaml data.root=~/data train.batch_size=64\n\n"
         "  dmstab train recipes/cifar10_clts.yaml --dry-run\n\n"
-        "  dmstab train recipes/quickstart.yaml --resume auto"
+        "  dmstab train recipes/quickstart.yaml --resume auto\n\n"
+        "  torchrun --nproc_per_node 4 -m dmstab train recipes/edm2_mini.yaml"
     )
 )
 @user_errors
@@ -124,11 +125,17 @@ def train(
         typer.echo(to_yaml(resolved), nl=False)
         return
     from dmstab.console import SampleProgress, TrainProgress, console
+    from dmstab.train.distributed import shutdown_distributed
     from dmstab.train.loop import train as run_training
 
-    result = run_training(
-        resolved, resume=resume, progress=TrainProgress(), on_sample=SampleProgress("sample")
-    )
+    try:
+        result = run_training(
+            resolved, resume=resume, progress=TrainProgress(), on_sample=SampleProgress("sample")
+        )
+    finally:
+        shutdown_distributed()
+    if not result.is_main:  # a torchrun rank other than 0: rank 0 reports
+        return
     console.print(f"[green]done[/] run {result.run_id}: step {result.step}")
     console.print(f"  checkpoint  {result.checkpoint}")
     if result.samples:
@@ -189,16 +196,22 @@ def sample(
     """Sample images (DDPM or DDIM, fixed seeds) and write an .npz and a PNG grid."""
     from dmstab.console import SampleProgress, console
     from dmstab.sample import sample as run_sampling
+    from dmstab.train.distributed import shutdown_distributed
 
     if source is not None and "=" in source:
         overrides, source = [source, *(overrides or [])], None
-    result = run_sampling(
-        source,
-        overrides or [],
-        experiment=experiment,
-        out_dir=out,
-        callback=SampleProgress("sample"),
-    )
+    try:
+        result = run_sampling(
+            source,
+            overrides or [],
+            experiment=experiment,
+            out_dir=out,
+            callback=SampleProgress("sample"),
+        )
+    finally:
+        shutdown_distributed()
+    if result is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     console.print(f"[green]done[/] {result.count} images, run {result.run_id}")
     console.print(f"  images  {result.npz}")
     console.print(f"  grid    {result.grid}")
@@ -327,21 +340,28 @@ def fid(
     """FID (clean-fid numbers, batched), KID and IS of images or a model; logged to MLflow."""
     from dmstab.console import SampleProgress, console
     from dmstab.score import score
+    from dmstab.train.distributed import shutdown_distributed
 
-    result, cache = score(
-        images,
-        ref,
-        mode=mode,
-        features=features,  # type: ignore[arg-type]  # checked by the library
-        inception_weights=inception_weights,
-        with_kid=with_kid,
-        with_is=with_is,
-        num_images=num_images,
-        batch_size=batch_size,
-        experiment=experiment,
-        parent_run=parent,
-        callback=SampleProgress("sample"),
-    )
+    try:
+        scored = score(
+            images,
+            ref,
+            mode=mode,
+            features=features,  # type: ignore[arg-type]  # checked by the library
+            inception_weights=inception_weights,
+            with_kid=with_kid,
+            with_is=with_is,
+            num_images=num_images,
+            batch_size=batch_size,
+            experiment=experiment,
+            parent_run=parent,
+            callback=SampleProgress("sample"),
+        )
+    finally:
+        shutdown_distributed()
+    if scored is None:  # a torchrun rank other than 0: rank 0 reports
+        return
+    result, cache = scored
     if cache is not None:
         console.print(f"  reference statistics cached at {cache}")
     kid_text = f"  KID {result.kid:.5f}" if result.kid is not None else ""

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dmstab.errors import DmstabError
-from dmstab.generate import generate_for_recipe
+from dmstab.generate import gather_rows, generate_for_recipe
 from dmstab.networks import load_guide
 from dmstab.recipe import EvalConfig, Recipe
 from dmstab.score import (
@@ -25,6 +25,7 @@ from dmstab.score import (
     network_pipeline,
     require_images,
 )
+from dmstab.train.distributed import SINGLE_PROCESS, DistributedContext
 
 METRIC_PREFIX = "eval/"
 
@@ -39,16 +40,29 @@ def feature_pipeline(ev: EvalConfig, device: torch.device) -> FeaturePipeline:
 class Evaluator:
     """Scores a model under training against fixed reference statistics (recipe `eval:`)."""
 
-    def __init__(self, recipe: Recipe, *, num_classes: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        num_classes: int,
+        device: torch.device,
+        context: DistributedContext = SINGLE_PROCESS,
+    ) -> None:
+        """Only rank 0 of `context` scores, so only it loads (and caches) the reference."""
         ev = recipe.eval
         require_images(recipe, device)  # a missing VAE stops training before it starts
         self.recipe = recipe
         self.config = ev
         self.num_classes = num_classes
         self.device = device
+        self.context = context
         self.pipeline = feature_pipeline(ev, device)  # missing weights stop everything here
         source = Path(ev.reference).expanduser() if ev.reference else recipe.data
-        self.reference = load_reference(source, self.pipeline, with_features="kid" in ev.metrics)
+        self.reference = (
+            load_reference(source, self.pipeline, with_features="kid" in ev.metrics)
+            if context.is_main
+            else None
+        )
         self.sample = dataclasses.replace(
             recipe.sample,
             num_images=ev.num_images,
@@ -68,7 +82,11 @@ class Evaluator:
         )
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """`eval/fid`, `eval/kid`, `eval/is` (as `eval.metrics` asks) of `model`'s samples."""
+        """`eval/fid`, `eval/kid`, `eval/is` (as `eval.metrics` asks) of `model`'s samples.
+
+        Under torchrun (call it on every rank) each rank samples and featurises its share of
+        the images; rank 0 scores the gathered features and every rank returns its numbers.
+        """
         images = generate_for_recipe(
             model,
             self.recipe,
@@ -76,14 +94,29 @@ class Evaluator:
             device=self.device,
             sample=self.sample,
             guide=self.guide,
+            context=self.context,
+            gather=False,
         )
-        features = self.pipeline.features(images)
-        metrics = image_metrics(features, self.reference, self.pipeline, self.config.metrics)
-        return {METRIC_PREFIX + name: value for name, value in metrics.items()}
+        context = self.context
+        features = gather_rows(self.pipeline.features(images), self.device, context)
+        metrics: dict[str, float] = {}
+        if context.is_main:
+            assert self.reference is not None, "rank 0 loads the reference"
+            scores = image_metrics(features, self.reference, self.pipeline, self.config.metrics)
+            metrics = {METRIC_PREFIX + name: value for name, value in scores.items()}
+        shared = context.broadcast_object(metrics)
+        assert isinstance(shared, dict)
+        return shared
 
 
-def build_evaluator(recipe: Recipe, *, num_classes: int, device: torch.device) -> Evaluator | None:
+def build_evaluator(
+    recipe: Recipe,
+    *,
+    num_classes: int,
+    device: torch.device,
+    context: DistributedContext = SINGLE_PROCESS,
+) -> Evaluator | None:
     """The recipe's Evaluator, or None when `eval.every` is 0 and `eval.at` is empty."""
     if not (recipe.eval.every or recipe.eval.at):
         return None
-    return Evaluator(recipe, num_classes=num_classes, device=device)
+    return Evaluator(recipe, num_classes=num_classes, device=device, context=context)

@@ -1,7 +1,8 @@
 """Generating images from a trained network: the part `train`, `sample` and `fid` share.
 
 Image i depends only on (sample.seed, i) and the model: its class is i mod K and its noise
-comes from its own NoiseSource stream, whatever the batch split.
+comes from its own NoiseSource stream, whatever the batch split. Under `torchrun` each rank
+generates a contiguous share of the indices, so the gathered images equal one process's.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from dmstab.diffusion.edm import Denoiser
 from dmstab.diffusion.edm_sampling import Churn, heun_sample, karras_sigmas, unconditional
 from dmstab.diffusion.objectives import one_hot_labels
 from dmstab.diffusion.sampling import NoiseSource, sample_images
+from dmstab.errors import DmstabError
 from dmstab.plots import save_grid, to_uint8
 from dmstab.recipe import Recipe, SampleConfig
+from dmstab.train.distributed import SINGLE_PROCESS, DistributedContext
 
 
 def class_labels(first_index: int, count: int, num_classes: int) -> torch.Tensor | None:
@@ -94,15 +97,27 @@ def generate_for_recipe(
     sample: SampleConfig | None = None,
     guide: Denoiser | None = None,
     preview_latents_without_vae: bool = False,
+    context: DistributedContext = SINGLE_PROCESS,
+    gather: bool = True,
 ) -> torch.Tensor:
-    """`sample.num_images` uint8 images (N, 3, H, W) from `model` trained with `recipe`.
+    """`sample.num_images` uint8 images (N, 3, H, W) on the CPU from `model` trained with `recipe`.
 
     `sample` replaces `recipe.sample` (evaluation draws its own count). `guide` is the guide
     denoiser when `sample.guide` names a checkpoint; `guide: self` uses `model` without labels.
     Latents are decoded with the SD VAE; without one this fails before sampling, unless
     `preview_latents_without_vae` asks for `latent_preview` pictures instead.
+
+    Under `context` every rank samples `context.shard(num_images)` in batches of at most
+    `sample.batch_size` and, with `gather`, every rank returns all images in index order;
+    without it, only its own share.
     """
     cfg = sample or recipe.sample
+    if cfg.num_images < context.world_size:
+        raise DmstabError(
+            f"{cfg.num_images} images cannot be shared by {context.world_size} ranks; "
+            f"sample at least {context.world_size}"
+        )
+    share = context.shard(cfg.num_images)
     num_classes = dataset_classes if recipe.model.class_cond else 0
     channels = 4 if recipe.data.name == "latents" else 3
     shape = (channels, recipe.data.resolution, recipe.data.resolution)
@@ -117,8 +132,8 @@ def generate_for_recipe(
     model.eval()
     batches = []
     try:
-        for first in range(0, cfg.num_images, cfg.batch_size):
-            count = min(cfg.batch_size, cfg.num_images - first)
+        for first in range(share.start, share.stop, cfg.batch_size):
+            count = min(cfg.batch_size, share.stop - first)
             noise = NoiseSource(cfg.seed, first, count, shape)
             labels = class_labels(first, count, num_classes)
             x = sample_batch(noise, labels)
@@ -127,7 +142,17 @@ def generate_for_recipe(
             batches.append(to_uint8(x).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(batches)
+    images = torch.cat(batches)
+    return gather_rows(images, device, context) if gather else images
+
+
+def gather_rows(
+    rows: torch.Tensor, device: torch.device, context: DistributedContext
+) -> torch.Tensor:
+    """Every rank's `rows` concatenated in rank order, on the device `rows` are on. NCCL
+    carries CUDA tensors only, so on CUDA they travel through `device`; gloo uses the CPU."""
+    carrier = device if device.type == "cuda" else torch.device("cpu")
+    return context.all_gather_cat(rows.to(carrier)).to(rows.device)
 
 
 def write_samples(images: torch.Tensor, directory: Path, stem: str) -> tuple[Path, Path]:

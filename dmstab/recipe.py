@@ -39,6 +39,8 @@ FeatureNetwork = Literal["inception", "random_conv", "classifier"]
 FEATURE_NETWORKS: tuple[str, ...] = get_args(FeatureNetwork)
 Precision = Literal["fp32", "bf16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
+NonfinitePolicy = Literal["stop", "skip"]
+SpikePolicy = Literal["skip", "stop"]
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,12 @@ class EmaConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """`kimg`, when positive, sets the length in thousands of images as EDM2 counts it."""
+    """`kimg`, when positive, sets the length in thousands of images as EDM2 counts it.
+
+    `batch_size` is the global batch; `micro_batch_size` rows per forward pass and process
+    (0 = batch_size / processes, no gradient accumulation). `nonfinite` and the `spike_*` keys
+    decide what a NaN/inf or spiking step does (docs/distributed.md, dmstab.train.loss_guard).
+    """
 
     steps: int = 500_000
     kimg: float = 0.0
@@ -194,6 +201,12 @@ class TrainConfig:
     sample_every: int = 0
     magnitudes_every: int = 0
     out_dir: str = "runs"
+    micro_batch_size: int = 0
+    nonfinite: NonfinitePolicy = "stop"
+    spike_factor: float = 0.0
+    spike_window: int = 100
+    spike_policy: SpikePolicy = "skip"
+    max_skipped: int = 10
 
     @property
     def total_steps(self) -> int:
@@ -263,6 +276,7 @@ class TrackingConfig:
     experiment: str = "dmstab"
     run_name: str | None = None
     flush_every: int = 50
+    offline: bool = False  # train on, spooled, when the server does not answer at start
 
 
 @dataclass(frozen=True)
@@ -567,6 +581,17 @@ def _validate_train(tr: TrainConfig) -> None:
     _require(tr.checkpoint_every >= 1, "train.checkpoint_every must be at least 1")
     _require(tr.sample_every >= 0, "train.sample_every must be >= 0 (0 = only at the end)")
     _require(tr.magnitudes_every >= 0, "train.magnitudes_every must be >= 0 (0 = never)")
+    _require(
+        tr.micro_batch_size >= 0 and tr.batch_size % max(tr.micro_batch_size, 1) == 0,
+        f"train.micro_batch_size is {tr.micro_batch_size}; must be 0 (no accumulation) or "
+        f"divide train.batch_size={tr.batch_size}",
+    )
+    _require(
+        tr.spike_factor == 0 or tr.spike_factor > 1,
+        f"train.spike_factor is {tr.spike_factor}; must be 0 (off) or > 1",
+    )
+    _require(tr.spike_window >= 1, f"train.spike_window is {tr.spike_window}; must be >= 1")
+    _require(tr.max_skipped >= 1, f"train.max_skipped is {tr.max_skipped}; must be >= 1")
 
 
 def _validate_sampler(recipe: Recipe, sampler: str, steps: int, key: str) -> None:
@@ -786,9 +811,22 @@ def flatten(recipe: Recipe) -> dict[str, str]:
     return flat
 
 
+# How a run executes, not what it computes: a run may resume with other values of these.
+EXECUTION_KEYS = ("train.device", "train.micro_batch_size", "tracking.offline")
+
+
+def result_dict(recipe: Recipe) -> dict[str, Any]:
+    """`to_dict(recipe)` without the execution keys: equal for runs that train the same model."""
+    data = to_dict(recipe)
+    for key in EXECUTION_KEYS:
+        section, name = key.split(".")
+        data[section].pop(name)
+    return data
+
+
 def fingerprint(recipe: Recipe) -> str:
     """Stable hash of everything that determines a training run's result."""
-    data = to_dict(recipe)
+    data = result_dict(recipe)
     data.pop("paper", None)
     data.get("tracking", {}).pop("run_name", None)
     text = json.dumps(data, sort_keys=True)

@@ -1,4 +1,8 @@
-"""`dmstab sample`: images from a checkpoint or a training run, logged as a child run."""
+"""`dmstab sample`: images from a checkpoint or a training run, logged as a child run.
+
+Under `torchrun` every rank samples its share of the images; rank 0 alone owns the MLflow
+run and writes the `.npz` and the grid.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,9 @@ from pathlib import Path
 from dmstab.devices import pick_device
 from dmstab.generate import generate_for_recipe, write_samples
 from dmstab.networks import find_checkpoint, load_guide, network_from_state, stored_recipe
-from dmstab.tracking import TAG_PARENT, MlflowTracker, tracked_run
+from dmstab.tracking import TAG_PARENT, MlflowTracker, NullTracker, Tracker, tracked_run
 from dmstab.train.checkpoint import load_checkpoint
+from dmstab.train.distributed import init_distributed, rank_device
 
 
 @dataclass(frozen=True)
@@ -29,27 +34,35 @@ def sample(
     uri: str | None = None,
     out_dir: Path | None = None,
     callback: Callable[[int, int], None] | None = None,
-) -> SampleResult:
+) -> SampleResult | None:
+    """The images' files and run on rank 0 (or a single process); None on the other ranks."""
     checkpoint = find_checkpoint(source, experiment, uri)
     state = load_checkpoint(checkpoint)
     recipe = stored_recipe(state, checkpoint, overrides)
     device = pick_device(recipe.train.device)
+    context = init_distributed(device.type)
+    device = rank_device(device, context)
     num_classes = int(state.get("num_classes", 0))
     model = network_from_state(state, recipe, use_ema=recipe.sample.use_ema, source=checkpoint)
     model.to(device)
     train_run = state.get("run_id")
     tags = {TAG_PARENT: str(train_run)} if train_run else {}
-    tracker = MlflowTracker.start(recipe, kind="sample", extra_tags=tags)
-    assert tracker.run_id is not None
+    tracker: Tracker = NullTracker()
+    if context.is_main:
+        tracker = MlflowTracker.start(recipe, kind="sample", extra_tags=tags)
     with tracked_run(tracker):
         images = generate_for_recipe(
             model,
             recipe,
             dataset_classes=num_classes,
             device=device,
-            callback=callback,
+            callback=callback if context.is_main else None,
             guide=load_guide(recipe, device),
+            context=context,
         )
+        if not context.is_main:
+            return None
+        assert tracker.run_id is not None
         directory = out_dir or Path("samples") / tracker.run_id
         stem = f"{recipe.sample.sampler}{recipe.sample.steps}_seed{recipe.sample.seed}"
         npz, grid = write_samples(images, directory, stem)

@@ -5,6 +5,7 @@ run / checkpoint (sampled with its recipe's sampler, kept in memory). The refere
 statistics `.npz` (`mu`, `sigma`), images (`.npz` or folder), a recipe or a `DataConfig`, whose
 dataset's statistics are computed once and cached. The Inception weights file is checked
 before anything else runs. Evaluation during training (dmstab.evaluate) reuses these pieces.
+Under `torchrun` the ranks share the sampling; rank 0 alone scores and logs.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ from dmstab.plots import to_uint8
 from dmstab.recipe import FEATURE_NETWORKS, DataConfig, FeatureNetwork, Recipe, load_recipe
 from dmstab.tracking import TAG_PARENT, MlflowTracker, tracked_run
 from dmstab.train.checkpoint import load_checkpoint
+from dmstab.train.distributed import (
+    SINGLE_PROCESS,
+    DistributedContext,
+    init_distributed,
+    rank_device,
+)
 
 PAPER_NUM_IMAGES = 50_000  # both papers score 50k generated images
 
@@ -249,9 +256,11 @@ def sampled_images(
     device: torch.device,
     callback: Callable[[int, int], None] | None = None,
     overrides: Sequence[str] = (),
+    context: DistributedContext = SINGLE_PROCESS,
 ) -> tuple[torch.Tensor, Path, str | None]:
     """`num_images` images from a checkpoint or training run with its recipe's sampler
-    (`overrides`: sampling keys such as `sample.guidance=2`, as `dmstab sample` takes them).
+    (`overrides`: sampling keys such as `sample.guidance=2`, as `dmstab sample` takes them),
+    shared out over the ranks of `context` and gathered on each.
 
     Returns the images, the checkpoint and the training run it belongs to.
     """
@@ -271,6 +280,7 @@ def sampled_images(
         callback=callback,
         sample=dataclasses.replace(recipe.sample, num_images=num_images),
         guide=load_guide(recipe, device),
+        context=context,
     )
     run_id = state.get("run_id")
     return images, checkpoint, str(run_id) if run_id else None
@@ -282,6 +292,7 @@ def _images_to_score(
     batch_size: int,
     device: torch.device,
     callback: Callable[[int, int], None] | None,
+    context: DistributedContext = SINGLE_PROCESS,
 ) -> tuple[ImageSource, dict[str, str], str | None]:
     """The images, their description for the run's params, and the training run they come from."""
     path = Path(images)
@@ -296,7 +307,9 @@ def _images_to_score(
             f"images to score not found: {path} (expected a folder, an .npz, a checkpoint .pt "
             "or a training run id)"
         )
-    sampled, checkpoint, run_id = sampled_images(images, num_images, device, callback)
+    sampled, checkpoint, run_id = sampled_images(
+        images, num_images, device, callback, context=context
+    )
     return sampled, {"images": images, "checkpoint": str(checkpoint.resolve())}, run_id
 
 
@@ -315,18 +328,24 @@ def score(
     parent_run: str | None = None,
     device: torch.device | None = None,
     callback: Callable[[int, int], None] | None = None,
-) -> tuple[Score, Path | None]:
+) -> tuple[Score, Path | None] | None:
     """FID of `images` (sampled first when a run or checkpoint) against `reference`.
 
     Logged as a run of kind `fid`, a child of `parent_run` or of the sampled training run.
+    Under `torchrun` the other ranks only help sample, and return None.
     """
     if with_is and features != "inception":
         raise DmstabError(f"the Inception Score needs --features inception, not {features}")
     device = device or pick_device("auto")
+    context = init_distributed(device.type)
+    device = rank_device(device, context)
+    if not context.is_main:
+        _images_to_score(str(images), num_images, batch_size, device, None, context)
+        return None
     pipeline = network_pipeline(features, mode, inception_weights, device, batch_size)  # first
     ref = load_reference(reference, pipeline, with_features=with_kid)  # before any sampling
     source, params, sampled_run = _images_to_score(
-        str(images), num_images, batch_size, device, callback
+        str(images), num_images, batch_size, device, callback, context
     )
     generated = pipeline.features(source)
     names = [name for name, wanted in (("fid", True), ("kid", with_kid), ("is", with_is)) if wanted]

@@ -43,6 +43,7 @@ from dmstab.tracking import (
     run_info,
     tracked_run,
 )
+from dmstab.train.distributed import launched_by_torchrun
 
 if TYPE_CHECKING:
     from dmstab.train.loop import Progress
@@ -269,6 +270,11 @@ def run_sweep(
     Ctrl-C marks it FAILED or KILLED and propagates. `progress` makes one bar per child;
     `on_child(index, total, label, action)` is told before each child.
     """
+    if launched_by_torchrun():
+        raise DmstabError(
+            "a sweep does not run under torchrun; train each child under torchrun instead "
+            "(dmstab train RECIPE --dry-run lists the children's overrides)"
+        )
     tracker = _open_parent(sweep, _resolve_parent(sweep, resume))
     assert tracker.run_id is not None
     parent_id, total = tracker.run_id, len(sweep.children)

@@ -1,6 +1,9 @@
 """Training objectives: what one batch of clean data costs under a recipe's formulation.
 
-An objective turns (model, x0, labels, noise, generator, step) into per-sample losses. `DDPM`
+An objective turns (model, x0, labels, noise, generator, step) into per-sample losses, in three
+parts a distributed step calls separately: `draw` makes every per-sample random choice of the
+whole global batch (identical on every rank), `terms` computes the losses of some of its rows,
+and `learn` feeds the whole batch's losses back (a loss-aware timestep sampler). `DDPM`
 draws timesteps from the recipe's sampler (uniform, CLTS of AAAI Eqs. 6–7, shifted Gaussian or
 loss-aware importance sampling) and uses the ε/x0/v losses (Eqs. 4–5) with the recipe's loss
 weighting;
@@ -21,8 +24,39 @@ from dmstab.diffusion.edm import EDMPrecond, edm2_loss, sample_sigmas
 from dmstab.diffusion.weighting import mse_weights
 from dmstab.recipe import Recipe
 
+Draws = dict[str, Tensor]
+"""A batch's per-sample random draws (timesteps, σ, label keep masks), one row per sample."""
+
+# The DDPM per-sample loss before importance weights: what a loss-aware sampler learns from.
+LOSS_BEFORE_IMPORTANCE = "loss_before_importance"
+
+
+def take_rows(draws: Draws, rows: range) -> Draws:
+    """The draws of rows `rows` of the batch."""
+    return {key: value[rows.start : rows.stop] for key, value in draws.items()}
+
 
 class Objective(Protocol):
+    def draw(self, batch: int, step: int, generator: torch.Generator) -> Draws:
+        """Every per-sample random draw of a batch of `batch` rows (on the CPU)."""
+        ...
+
+    def terms(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        labels: Tensor | None,
+        noise: Tensor,
+        draws: Draws,
+        step: int,
+    ) -> dict[str, Tensor]:
+        """Per-sample terms (B,) of rows with these draws; "loss" is the one to minimise."""
+        ...
+
+    def learn(self, draws: Draws, terms: dict[str, Tensor]) -> None:
+        """Feed back the terms of the whole batch `draws` was made for."""
+        ...
+
     def losses(
         self,
         model: nn.Module,
@@ -32,7 +66,7 @@ class Objective(Protocol):
         generator: torch.Generator,
         step: int,
     ) -> dict[str, Tensor]:
-        """Per-sample terms (B,) on the model's device; "loss" is the one to minimise."""
+        """draw, terms and learn for one whole batch in one process."""
         ...
 
     def metrics(self, step: int) -> dict[str, float]:
@@ -56,6 +90,37 @@ class DDPMObjective:
         self.sampler_name = recipe.timesteps.sampler
         self.timestep_counts = torch.zeros(recipe.diffusion.steps, dtype=torch.long)
 
+    def draw(self, batch: int, step: int, generator: torch.Generator) -> Draws:
+        t, weights = self.timesteps.sample(batch, step, generator)
+        self.timestep_counts += torch.bincount(t, minlength=self.timestep_counts.numel())
+        draws = {"t": t}
+        if weights is not None:  # importance-sampling weights; the curricula return none
+            draws["weights"] = weights
+        return draws
+
+    def terms(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        labels: Tensor | None,
+        noise: Tensor,
+        draws: Draws,
+        step: int,
+    ) -> dict[str, Tensor]:
+        t = draws["t"].to(x0.device)
+        loss_weight = mse_weights(self.config, self.diffusion, t, step)
+        terms = self.diffusion.training_losses(model, x0, t, noise, labels, loss_weight)
+        if "weights" in draws:
+            terms[LOSS_BEFORE_IMPORTANCE] = terms["loss"].detach()
+            terms["loss"] = terms["loss"] * draws["weights"].to(x0.device)
+        terms["loss_weight"] = loss_weight
+        return terms
+
+    def learn(self, draws: Draws, terms: dict[str, Tensor]) -> None:
+        # As improved-diffusion: the sampler learns from the per-sample loss before its own
+        # importance weights (here: after the loss weighting, i.e. the objective minimised).
+        self.timesteps.update(draws["t"], terms.get(LOSS_BEFORE_IMPORTANCE, terms["loss"]).detach())
+
     def losses(
         self,
         model: nn.Module,
@@ -65,18 +130,7 @@ class DDPMObjective:
         generator: torch.Generator,
         step: int,
     ) -> dict[str, Tensor]:
-        t, weights = self.timesteps.sample(x0.shape[0], step, generator)
-        self.timestep_counts += torch.bincount(t, minlength=self.timestep_counts.numel())
-        t = t.to(x0.device)
-        loss_weight = mse_weights(self.config, self.diffusion, t, step)
-        terms = self.diffusion.training_losses(model, x0, t, noise, labels, loss_weight)
-        # As improved-diffusion: the sampler learns from the per-sample loss before its own
-        # importance weights (here: after the loss weighting, i.e. the objective minimised).
-        self.timesteps.update(t, terms["loss"].detach())
-        if weights is not None:  # importance-sampling weights; the curricula return none
-            terms["loss"] = terms["loss"] * weights.to(x0.device)
-        terms["loss_weight"] = loss_weight
-        return terms
+        return _whole_batch(self, model, x0, labels, noise, generator, step)
 
     def metrics(self, step: int) -> dict[str, float]:
         return self.timesteps.metrics(step)
@@ -101,6 +155,37 @@ class EDMObjective:
         self.num_classes = num_classes
         self.label_dropout = recipe.model.label_dropout
 
+    def draw(self, batch: int, step: int, generator: torch.Generator) -> Draws:
+        sigma = sample_sigmas(batch, self.p_mean, self.p_std, generator)
+        keep = torch.rand(batch, generator=generator) >= self.label_dropout  # unused if no labels
+        return {"sigma": sigma, "keep": keep}
+
+    def terms(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        labels: Tensor | None,
+        noise: Tensor,
+        draws: Draws,
+        step: int,
+    ) -> dict[str, Tensor]:
+        if not isinstance(model, EDMPrecond):
+            raise TypeError("the EDM objective trains an EDMPrecond denoiser")
+        sigma = draws["sigma"].to(x0.device)
+        one_hot = None
+        if labels is not None:
+            keep = draws["keep"][:, None].to(x0.device)
+            one_hot = one_hot_labels(labels, self.num_classes) * keep
+        logvar = model.logvar(sigma) if model.uncertainty is not None else None
+        loss = edm2_loss(model, x0, sigma, noise, one_hot, logvar, self.sigma_data)
+        terms = {"loss": loss}
+        if logvar is not None:
+            terms["logvar"] = logvar.detach()
+        return terms
+
+    def learn(self, draws: Draws, terms: dict[str, Tensor]) -> None:
+        return None
+
     def losses(
         self,
         model: nn.Module,
@@ -110,20 +195,7 @@ class EDMObjective:
         generator: torch.Generator,
         step: int,
     ) -> dict[str, Tensor]:
-        if not isinstance(model, EDMPrecond):
-            raise TypeError("the EDM objective trains an EDMPrecond denoiser")
-        batch = x0.shape[0]
-        sigma = sample_sigmas(batch, self.p_mean, self.p_std, generator).to(x0.device)
-        one_hot = None
-        if labels is not None:
-            keep = torch.rand(batch, generator=generator) >= self.label_dropout
-            one_hot = one_hot_labels(labels, self.num_classes) * keep[:, None].to(x0.device)
-        logvar = model.logvar(sigma) if model.uncertainty is not None else None
-        loss = edm2_loss(model, x0, sigma, noise, one_hot, logvar, self.sigma_data)
-        terms = {"loss": loss}
-        if logvar is not None:
-            terms["logvar"] = logvar.detach()
-        return terms
+        return _whole_batch(self, model, x0, labels, noise, generator, step)
 
     def metrics(self, step: int) -> dict[str, float]:
         return {}
@@ -134,6 +206,21 @@ class EDMObjective:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         if state:
             raise ValueError(f"the EDM objective has no state; got {sorted(state)}")
+
+
+def _whole_batch(
+    objective: Objective,
+    model: nn.Module,
+    x0: Tensor,
+    labels: Tensor | None,
+    noise: Tensor,
+    generator: torch.Generator,
+    step: int,
+) -> dict[str, Tensor]:
+    draws = objective.draw(x0.shape[0], step, generator)
+    terms = objective.terms(model, x0, labels, noise, draws, step)
+    objective.learn(draws, terms)
+    return terms
 
 
 def one_hot_labels(labels: Tensor, num_classes: int) -> Tensor:

@@ -4,6 +4,11 @@ Every random draw of step k (batch order, flips, timesteps, noise, dropout) come
 seeds derived from (train.seed, k), so the loop has no RNG state to save: a run resumed
 from the checkpoint of step k continues bit for bit as if it had never stopped. (A loss-aware
 timestep sampler's history is objective state, saved in the checkpoint.)
+
+Under `torchrun` each rank trains its rows of the global batch under DistributedDataParallel.
+The draws of step k are made for the whole global batch on every rank, so the weights do not
+depend on the number of processes or on `train.micro_batch_size` (up to float summation order;
+model dropout is the exception, docs/distributed.md). Rank 0 owns the MLflow run and the files.
 """
 
 from __future__ import annotations
@@ -11,45 +16,66 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from dmstab import __version__
 from dmstab.data import ImageDataset, build_dataset
 from dmstab.devices import pick_device
-from dmstab.diffusion.objectives import DDPMObjective, build_objective
+from dmstab.diffusion.objectives import (
+    DDPMObjective,
+    Draws,
+    EDMObjective,
+    build_objective,
+    take_rows,
+)
 from dmstab.errors import DmstabError
 from dmstab.evaluate import Evaluator, build_evaluator
 from dmstab.generate import generate_for_recipe, write_samples
 from dmstab.models import build_model, count_parameters
 from dmstab.networks import CHECKPOINT_NAME
 from dmstab.plots import timestep_histogram
-from dmstab.recipe import Recipe, differences, fingerprint, from_mapping, to_dict, to_yaml
+from dmstab.recipe import (
+    Recipe,
+    differences,
+    fingerprint,
+    from_mapping,
+    result_dict,
+    to_dict,
+    to_yaml,
+)
 from dmstab.tracking import (
     TAG_FINGERPRINT,
     TAG_RUN_DIR,
     MlflowTracker,
+    NullTracker,
     Tracker,
     find_resumable_run,
     run_info,
     save_figure,
     tracked_run,
 )
-from dmstab.train.checkpoint import load_checkpoint, save_checkpoint
+from dmstab.train.checkpoint import load_checkpoint, remove_interrupted_writes, save_checkpoint
+from dmstab.train.distributed import (
+    SINGLE_PROCESS,
+    DistributedContext,
+    init_distributed,
+    rank_device,
+    split_batch,
+)
 from dmstab.train.ema import EMA
+from dmstab.train.loss_guard import LossGuard, TrainingDiverged
 from dmstab.train.magnitudes import MAGNITUDES_ARTIFACT, MagnitudeMonitor
 from dmstab.train.optim import build_optimizer, learning_rate
 from dmstab.train.power_ema import SNAPSHOT_DTYPES, PowerEMA
 
 SNAPSHOT_DIR = "snapshots"
-
-
-class TrainingDiverged(Exception):
-    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
 
 
 class Progress(Protocol):
@@ -65,6 +91,7 @@ class TrainResult:
     step: int
     checkpoint: Path
     samples: Path | None
+    is_main: bool = True  # False on torchrun ranks other than 0
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -123,18 +150,52 @@ def _resolve_resume(recipe: Recipe, resume: str | None) -> str | None:
     return resume
 
 
-class Trainer:
-    """The objects a recipe builds, and one training step over them."""
+@dataclass(frozen=True)
+class _RankBatch:
+    """This rank's rows of a step's global batch, with the draws of the whole batch."""
 
-    def __init__(self, recipe: Recipe, device: torch.device) -> None:
+    x0: Tensor
+    labels: Tensor | None
+    noise: Tensor
+    draws: Draws  # this rank's rows
+    global_draws: Draws
+
+
+class _RowLosses(nn.Module):
+    """The objective's per-sample terms as one forward, so DDP sees every parameter it uses."""
+
+    def __init__(self, model: nn.Module, objective: DDPMObjective | EDMObjective) -> None:
+        super().__init__()
+        self.model = model
+        self.objective = objective
+
+    def forward(
+        self, x0: Tensor, labels: Tensor | None, noise: Tensor, draws: Draws, step: int
+    ) -> dict[str, Tensor]:
+        return self.objective.terms(self.model, x0, labels, noise, draws, step)
+
+
+class Trainer:
+    """The objects a recipe builds, and one training step over them (on this rank's rows)."""
+
+    def __init__(
+        self, recipe: Recipe, device: torch.device, context: DistributedContext = SINGLE_PROCESS
+    ) -> None:
         self.recipe = recipe
         self.device = device
+        self.context = context
+        self.split = split_batch(recipe.train.batch_size, recipe.train.micro_batch_size, context)
         self.dataset: ImageDataset = build_dataset(recipe.data)
         if recipe.model.class_cond and self.dataset.num_classes < 1:
             raise DmstabError("model.class_cond is true but the dataset has no labels")
         torch.manual_seed(recipe.train.seed)
         self.model: nn.Module = build_model(recipe, self.dataset.num_classes).to(device)
         self.objective = build_objective(recipe, self.dataset.num_classes)
+        self.row_losses: nn.Module = _RowLosses(self.model, self.objective)
+        if context.active:  # gradients averaged over ranks in backward
+            ids = [device.index] if device.type == "cuda" else None
+            self.row_losses = DistributedDataParallel(self.row_losses, device_ids=ids)
+        self.guard = LossGuard(recipe.train)
         self.optimizer = build_optimizer(self.model, recipe.optim)
         self.ema = EMA(self.model, recipe.ema.rate, recipe.ema.warmup)
         sigma_rels = recipe.ema.power_sigma_rels
@@ -149,6 +210,7 @@ class Trainer:
             "power_ema": self.power_ema.state_dict() if self.power_ema else None,
             "optimizer": self.optimizer.state_dict(),
             "objective": self.objective.state_dict(),
+            "loss_guard": self.guard.state_dict(),
             "step": self.step,
             "recipe": to_dict(self.recipe),
             "num_classes": self.dataset.num_classes,
@@ -172,6 +234,9 @@ class Trainer:
         if self.power_ema is not None and isinstance(power_ema, dict):
             self.power_ema.load_state_dict(power_ema)
         self._load_objective_state(state.get("objective", {}))
+        guard = state.get("loss_guard")  # absent from checkpoints older than the guard
+        if isinstance(guard, dict):
+            self.guard.load_state_dict(guard)
         self.step = step
 
     def _load_objective_state(self, objective: object) -> None:
@@ -184,39 +249,80 @@ class Trainer:
             raise DmstabError(f"checkpoint's objective state does not fit: {exc}") from None
 
     def train_step(self) -> dict[str, torch.Tensor]:
-        """One optimiser step; returns detached per-step scalars (still on the device)."""
+        """One optimiser step, or a skipped one (`self.guard.skipping`, see LossGuard); returns
+        the global batch's mean terms, detached (still on the device)."""
         self.step += 1
-        recipe, device = self.recipe, self.device
+        recipe = self.recipe
         seed = step_seed(recipe.train.seed, self.step)
-        torch.manual_seed(seed)  # dropout
-        generator = torch.Generator().manual_seed(seed)
-        indices = self.order.batch(self.step, recipe.train.batch_size)
-        x0, labels = self.dataset.get_batch(indices)
-        if recipe.data.hflip:
-            flip = torch.rand(len(indices), generator=generator) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        noise_generator = torch.Generator(device=device).manual_seed(seed)
-        noise = torch.randn(x0.shape, generator=noise_generator, device=device)
-        x0 = x0.to(device, non_blocking=True)
-        y = labels.to(device) if recipe.model.class_cond else None
-
+        torch.manual_seed(seed)  # dropout: differs with the world size (docs/distributed.md)
+        batch = self._rank_batch(seed)
         lr = learning_rate(recipe.optim, self.step, recipe.train.batch_size)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with _autocast(device, recipe.train.precision):
-            terms = self.objective.losses(self.model, x0, y, noise, generator, self.step)
-        loss = terms["loss"].mean()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        clip = recipe.optim.grad_clip if recipe.optim.grad_clip is not None else float("inf")
-        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self.optimizer.step()
-        self.ema.update(self.model)
-        if self.power_ema is not None:
+        terms = self._accumulate_gradients(batch)
+        out = {key: value.mean() for key, value in terms.items()}
+        if self.guard.accept(self.step, float(out["loss"])):  # same verdict on every rank
+            self.objective.learn(batch.global_draws, terms)
+            clip = recipe.optim.grad_clip if recipe.optim.grad_clip is not None else float("inf")
+            out["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), clip).detach()
+            self.optimizer.step()
+            self.ema.update(self.model)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        if self.power_ema is not None:  # its profile (EDM2 Eq. 2) counts every step, skipped too
             self.power_ema.update(self.model, self.step)
-        out = {"loss": loss.detach(), "grad_norm": grad_norm.detach()}
-        out.update({k: v.detach().mean() for k, v in terms.items() if k != "loss"})
         return out
+
+    def _rank_batch(self, seed: int) -> _RankBatch:
+        """Step `self.step`'s draws for the whole global batch, and this rank's rows of it."""
+        recipe, device, rows = self.recipe, self.device, self.split.rows
+        generator = torch.Generator().manual_seed(seed)
+        indices = self.order.batch(self.step, recipe.train.batch_size)
+        x0, labels = self.dataset.get_batch(indices[rows.start : rows.stop])
+        if recipe.data.hflip:
+            flip = (torch.rand(len(indices), generator=generator) < 0.5)[rows.start : rows.stop]
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        noise_generator = torch.Generator(device=device).manual_seed(seed)
+        shape = (len(indices), *x0.shape[1:])
+        noise = torch.randn(shape, generator=noise_generator, device=device)
+        global_draws = self.objective.draw(len(indices), self.step, generator)
+        return _RankBatch(
+            x0=x0.to(device, non_blocking=True),
+            labels=labels.to(device) if recipe.model.class_cond else None,
+            noise=noise[rows.start : rows.stop],
+            draws=take_rows(global_draws, rows),
+            global_draws=global_draws,
+        )
+
+    def _accumulate_gradients(self, batch: _RankBatch) -> dict[str, Tensor]:
+        """Gradients of the global batch's mean loss, and its per-sample terms in batch order.
+
+        Each micro-batch adds the gradient of (sum of its losses) / (rows of this rank); DDP
+        averages over ranks in the last micro-batch's backward, giving the global mean.
+        """
+        parts: list[dict[str, Tensor]] = []
+        micro_batches = self.split.micro_batches()
+        for index, rows in enumerate(micro_batches):
+            with self._gradient_sync(index == len(micro_batches) - 1):
+                with _autocast(self.device, self.recipe.train.precision):
+                    terms = self.row_losses(
+                        batch.x0[rows.start : rows.stop],
+                        None if batch.labels is None else batch.labels[rows.start : rows.stop],
+                        batch.noise[rows.start : rows.stop],
+                        take_rows(batch.draws, rows),
+                        self.step,
+                    )
+                (terms["loss"].sum() / len(self.split.rows)).backward()
+            parts.append({key: value.detach() for key, value in terms.items()})
+        rank_terms = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+        return {key: self.context.all_gather_cat(value) for key, value in rank_terms.items()}
+
+    def _gradient_sync(self, last_micro_batch: bool) -> AbstractContextManager[object]:
+        """DDP's all-reduce only in the last micro-batch's backward (`no_sync` before it)."""
+        if isinstance(self.row_losses, DistributedDataParallel) and not last_micro_batch:
+            return self.row_losses.no_sync()
+        return nullcontext()
 
     def ema_model(self) -> nn.Module:
         """A copy of the network carrying the EMA weights."""
@@ -236,6 +342,7 @@ def _log_timestep_histogram(objective: DDPMObjective, step: int, tracker: Tracke
 def _sample_and_log(
     trainer: Trainer, tracker: Tracker, run_dir: Path, on_sample: Callable[[int, int], None] | None
 ) -> Path:
+    """Every rank samples its share; rank 0 writes and logs the grid (its path on every rank)."""
     model = trainer.ema_model() if trainer.recipe.sample.use_ema else trainer.model
     images = generate_for_recipe(
         model,
@@ -244,8 +351,12 @@ def _sample_and_log(
         device=trainer.device,
         callback=on_sample,
         preview_latents_without_vae=True,  # the optional VAE never fails a training run
+        context=trainer.context,
     )
-    npz, grid = write_samples(images, run_dir / "samples", f"step_{trainer.step:08d}")
+    stem = f"step_{trainer.step:08d}"
+    if not trainer.context.is_main:
+        return run_dir / "samples" / f"{stem}.png"
+    npz, grid = write_samples(images, run_dir / "samples", stem)
     tracker.log_artifact(grid, "samples")
     tracker.log_artifact(npz, "samples")
     return grid
@@ -267,17 +378,39 @@ def _save_snapshots(trainer: Trainer, run_dir: Path) -> None:
 
 
 def _save(trainer: Trainer, run_id: str, path: Path) -> None:
-    """Checkpoint only a finite model: a diverged step must not replace the last good one."""
+    """Checkpoint only a finite model: a diverged step must not replace the last good one.
+
+    Every rank checks its (identical) weights; rank 0 writes; the others wait for the file.
+    """
     if not all(torch.isfinite(p).all() for p in trainer.model.parameters()):
         raise TrainingDiverged(
             f"weights are not finite at step {trainer.step}; last good checkpoint: {path}"
         )
-    save_checkpoint(trainer.state_dict(run_id), path)
+    if trainer.context.is_main:
+        save_checkpoint(trainer.state_dict(run_id), path)
+    trainer.context.barrier()
+
+
+def _load(trainer: Trainer, checkpoint: Path) -> None:
+    """Every rank loads rank 0's checkpoint, when rank 0 sees one (a shared filesystem)."""
+    context = trainer.context
+    if not context.broadcast_object(checkpoint.is_file()):
+        return
+    if not checkpoint.is_file():
+        raise DmstabError(
+            f"rank {context.rank} cannot read {checkpoint}, which rank 0 resumes from; "
+            "multi-node resume needs train.out_dir on a shared filesystem"
+        )
+    state = load_checkpoint(checkpoint)
+    if result_dict(from_mapping(state["recipe"])) != result_dict(trainer.recipe):
+        raise DmstabError(f"checkpoint {checkpoint} belongs to a different recipe")
+    trainer.load_state_dict(state)
 
 
 def _magnitude_monitor(trainer: Trainer, tracker: Tracker) -> MagnitudeMonitor | None:
-    """EDM2 Fig. 3 magnitudes every `train.magnitudes_every` steps, from step 0 of a new run."""
-    if not trainer.recipe.train.magnitudes_every:
+    """EDM2 Fig. 3 magnitudes every `train.magnitudes_every` steps, from step 0 of a new run
+    (measured on rank 0 only)."""
+    if not trainer.recipe.train.magnitudes_every or not trainer.context.is_main:
         return None
     monitor = MagnitudeMonitor(trainer.model, trainer.recipe, trainer.dataset, trainer.device)
     if trainer.step == 0:
@@ -293,32 +426,46 @@ def train(
     on_sample: Callable[[int, int], None] | None = None,
     parent_run_id: str | None = None,
 ) -> TrainResult:
-    """Run (or resume) a training run, a child of `parent_run_id` when given; all to MLflow."""
+    """Run (or resume) a training run, a child of `parent_run_id` when given; all to MLflow.
+
+    Under `torchrun` every rank calls this; rank 0 opens the MLflow run and writes the files,
+    the others get a NullTracker and no progress or sample callbacks.
+    """
     device = pick_device(recipe.train.device)
-    resume_run_id = _resolve_resume(recipe, resume)
-    trainer = Trainer(recipe, device)  # bad data or model settings fail before a run exists
-    evaluator = build_evaluator(recipe, num_classes=trainer.dataset.num_classes, device=device)
-    tracker = MlflowTracker.start(
-        recipe, kind="train", resume_run_id=resume_run_id, parent_run_id=parent_run_id
+    context = init_distributed(device.type)
+    device = rank_device(device, context)
+    if not context.is_main:
+        progress, on_sample = None, None
+    resumed = context.broadcast_object(context.from_main(lambda: _resolve_resume(recipe, resume)))
+    resume_run_id = resumed if isinstance(resumed, str) else None
+    trainer = Trainer(recipe, device, context)  # bad settings fail before a run exists
+    evaluator = build_evaluator(
+        recipe, num_classes=trainer.dataset.num_classes, device=device, context=context
     )
-    assert tracker.run_id is not None
-    run_id = tracker.run_id
+    started = context.from_main(
+        lambda: MlflowTracker.start(
+            recipe, kind="train", resume_run_id=resume_run_id, parent_run_id=parent_run_id
+        )
+    )
+    tracker: Tracker = started if started is not None else NullTracker()
+    run_id = context.broadcast_object(tracker.run_id)
+    assert isinstance(run_id, str)
     with tracked_run(tracker):
         run_dir = (Path(recipe.train.out_dir) / run_id).resolve()
         checkpoint = run_dir / CHECKPOINT_NAME
-        if resume_run_id is None:
+        if resume_run_id is None and context.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "recipe.yaml").write_text(to_yaml(recipe))
             tracker.set_tags({TAG_RUN_DIR: str(run_dir)})
-        if resume_run_id is not None and checkpoint.is_file():
-            state = load_checkpoint(checkpoint)
-            if from_mapping(state["recipe"]) != recipe:
-                raise DmstabError(f"checkpoint {checkpoint} belongs to a different recipe")
-            trainer.load_state_dict(state)
+        if resume_run_id is not None:
+            if context.is_main:  # a kill -9 mid-write leaves a partial temporary file behind
+                for directory in (run_dir, run_dir / SNAPSHOT_DIR):
+                    remove_interrupted_writes(directory)
+            _load(trainer, checkpoint)
         if trainer.step == 0:
             tracker.log_metrics({"model/parameters": count_parameters(trainer.model)}, 0)
         samples = _run_steps(trainer, tracker, run_id, checkpoint, progress, on_sample, evaluator)
-    return TrainResult(run_id, run_dir, trainer.step, checkpoint, samples)
+    return TrainResult(run_id, run_dir, trainer.step, checkpoint, samples, context.is_main)
 
 
 def _run_steps(
@@ -340,12 +487,19 @@ def _run_steps(
     magnitudes = _magnitude_monitor(trainer, tracker)
     try:
         while trainer.step < total:
-            scalars = trainer.train_step()
-            window_steps += 1
-            for key, value in scalars.items():
-                window[key] = window.get(key, 0.0) + float(value)
+            try:
+                scalars = trainer.train_step()
+            except TrainingDiverged as exc:  # the loss guard's verdict, taken by every rank
+                raise TrainingDiverged(f"{exc}; last good checkpoint: {checkpoint}") from None
             step = trainer.step
-            if step % cfg.log_every == 0 or step == total:
+            if trainer.guard.skipping:
+                skipped = {"train/skipped": 1.0, "train/skipped_total": trainer.guard.total_skipped}
+                tracker.log_metrics(skipped, step)
+            else:
+                window_steps += 1
+                for key, value in scalars.items():
+                    window[key] = window.get(key, 0.0) + float(value)
+            if window_steps and (step % cfg.log_every == 0 or step == total):
                 metrics = {k: v / window_steps for k, v in window.items()}
                 if not all(map(torch.isfinite, torch.tensor(list(metrics.values())))):
                     raise TrainingDiverged(
@@ -365,9 +519,10 @@ def _run_steps(
             if magnitudes is not None and step % cfg.magnitudes_every == 0:
                 tracker.log_metrics(magnitudes.measure(step), step)
             every = trainer.recipe.timesteps.histogram_every
-            if isinstance(trainer.objective, DDPMObjective) and every and step % every == 0:
-                _log_timestep_histogram(trainer.objective, step, tracker)
-            if _snapshot_due(trainer, step):
+            objective, main = trainer.objective, trainer.context.is_main
+            if isinstance(objective, DDPMObjective) and main and every and step % every == 0:
+                _log_timestep_histogram(objective, step, tracker)
+            if _snapshot_due(trainer, step) and trainer.context.is_main:
                 _save_snapshots(trainer, run_dir)
             if step % cfg.checkpoint_every == 0 or step == total:
                 tracker.flush()
