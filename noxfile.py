@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import nox
 
 nox.options.default_venv_backend = "venv"
@@ -39,6 +41,29 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict on the library."""
     _install(session)
     session.run("mypy", "dmstab")
+
+
+@nox.session(name="tracking-server")
+def tracking_server(session: nox.Session) -> None:
+    """A shared MLflow server: `nox -s tracking-server -- [HOST [PORT [BACKEND_URI [ARTIFACTS]]]]`.
+
+    Defaults (or DMSTAB_SERVER_HOST/_PORT/_BACKEND/_ARTIFACTS): 127.0.0.1, 5000, sqlite:///
+    mlflow-server.db and ./mlflow-artifacts, uploaded through the server (docs/tracking.md).
+    """
+    defaults = [
+        os.environ.get("DMSTAB_SERVER_HOST", "127.0.0.1"),
+        os.environ.get("DMSTAB_SERVER_PORT", "5000"),
+        os.environ.get("DMSTAB_SERVER_BACKEND", "sqlite:///mlflow-server.db"),
+        os.environ.get("DMSTAB_SERVER_ARTIFACTS", "mlflow-artifacts"),
+    ]
+    host, port, backend, artifacts = [*session.posargs, *defaults[len(session.posargs) :]][:4]
+    session.install("mlflow>=3")
+    session.log(f"export MLFLOW_TRACKING_URI=http://{host}:{port}")
+    session.run(
+        *("mlflow", "server", "--backend-store-uri", backend),
+        *("--artifacts-destination", artifacts, "--serve-artifacts"),
+        *("--host", host, "--port", port),
+    )
 
 
 @nox.session

@@ -519,5 +519,34 @@ def report(
         console.print(f"  {artifact}")
 
 
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  dmstab sync                                  # every spool in runs/.mlflow-spool\n\n"
+        "  dmstab sync runs/.mlflow-spool/RUN_ID\n\n"
+        "  dmstab sync --uri http://mlflow.lab:5000     # the server moved"
+    )
+)
+@user_errors
+def sync(
+    spool: Annotated[
+        Path,
+        typer.Argument(help="A run's spool, or a .mlflow-spool folder of them."),
+    ] = Path("runs/.mlflow-spool"),
+    uri: Annotated[
+        str | None,
+        typer.Option(
+            help="Tracking URI to upload to (default: the spool's own).", show_default=False
+        ),
+    ] = None,
+) -> None:
+    """Upload runs spooled while the MLflow server was unreachable, then delete the spools."""
+    from dmstab.console import console
+    from dmstab.tracking import sync as sync_spools
+
+    for result in sync_spools(spool, uri):
+        console.print(f"[green]synced[/] {result.records} records -> run {result.run_id}")
+
+
 def main() -> Any:
     return app()

@@ -1,0 +1,271 @@
+"""A real `mlflow server` that dies (SIGKILL) while `dmstab train` runs against it: training goes
+on, the run is spooled to disk and replayed when the server answers again (or by `dmstab sync`),
+every metric step exactly once, the artifacts all there."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from dmstab.recipe import load_recipe
+from dmstab.spool import SPOOL_DIRNAME, Spool
+from dmstab.tracking import MlflowTracker, sync
+
+from ..conftest import RECIPES, TINY, store
+from . import counts
+from .conftest import dmstab, one_line_error, start_dmstab
+
+STEPS = 300  # 30-40 s of TINY training: longer than a server restart
+RECIPE = [*TINY, f"train.steps={STEPS}", "train.checkpoint_every=100", "tracking.flush_every=2"]
+KEYS = ("loss", "mse", "lr", "kimg", "images_per_s")
+START_TIMEOUT_S = 180.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """`mlflow server` on 127.0.0.1 with a SQLite store and served artifacts, restartable on the
+    same port with the same store."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = [
+            *(sys.executable, "-m", "mlflow", "server"),
+            *("--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"),
+            *("--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts"),
+            *("--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"),
+        ]
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115  # the server owns it
+        self._process = subprocess.Popen(
+            command, stdout=log, stderr=log, start_new_session=True, cwd=self.root
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self.answers():
+            assert self._process.poll() is None, (self.root / "server.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+
+    def answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as reply:
+                return bool(reply.status == 200)
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL to the server and its workers (its own process group); counted as a fault."""
+        assert self._process is not None
+        os.killpg(self._process.pid, signal.SIGKILL)
+        self._process.wait()
+        self._process = None
+        counts.record(faults=1)
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None
+
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.uri)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server for the module (it takes many seconds to start); tests kill and restart it."""
+    instance = Server(tmp_path_factory.mktemp("mlflow-server"))
+    yield instance
+    if instance.running:
+        os.killpg(instance._process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+
+
+def _up(server: Server) -> Server:
+    if not server.running:
+        server.start()
+    return server
+
+
+def _train(server: Server, *extra: str) -> subprocess.Popen[str]:
+    args = ["train", str(RECIPES / "quickstart.yaml"), *RECIPE, f"tracking.uri={server.uri}"]
+    return start_dmstab(*args, *extra)
+
+
+def _run_ids(client: MlflowClient) -> set[str]:
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return {str(run.info.run_id) for run in client.search_runs(experiments)}
+
+
+def _wait_for_metrics(client: MlflowClient, earlier: set[str], minimum_step: int) -> str:
+    """The new run's id (not in `earlier`), once the server holds its `loss` to `minimum_step`."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        for run_id in _run_ids(client) - earlier:
+            steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+            if steps and max(steps) >= minimum_step:
+                return run_id
+        time.sleep(0.3)
+    raise AssertionError("training logged no metrics")
+
+
+def _check_complete(client: MlflowClient, run_id: str) -> None:
+    """Every key has every step 1..STEPS once, the run finished, samples and checkpoint there."""
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    lost = 0
+    for key in KEYS:
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        lost += abs(len(steps) - STEPS) + len(set(range(1, STEPS + 1)) ^ set(steps))
+        assert steps == list(range(1, STEPS + 1)), (key, steps)
+    counts.record(losses=lost)
+    assert [m.step for m in client.get_metric_history(run_id, "model/parameters")] == [0]
+    artifacts = {a.path for a in client.list_artifacts(run_id, "samples")}
+    assert {f"samples/step_{STEPS:08d}.png", f"samples/step_{STEPS:08d}.npz"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run_id, "checkpoints")] == [
+        "checkpoints/checkpoint.pt"
+    ]
+    assert "recipe.yaml" in {a.path for a in client.list_artifacts(run_id)}
+
+
+def _finish(process: subprocess.Popen[str]) -> tuple[str, str]:
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err[-3000:]
+    return out, err
+
+
+def test_server_killed_and_restarted_mid_run(server: Server) -> None:
+    client = _up(server).client()
+    earlier = _run_ids(client)
+    process = _train(server)
+    run_id = _wait_for_metrics(client, earlier, 4)
+    server.kill()
+    time.sleep(3)
+    server.start()  # same port, same store, same artifact root
+    _, err = _finish(process)
+    counts.record(trials=1)
+    assert "spooled to" in err
+    assert not (Path("runs") / SPOOL_DIRNAME).exists(), err[-2000:]  # replayed, then deleted
+    _check_complete(client, run_id)
+
+
+def test_server_gone_until_the_end_then_sync(server: Server) -> None:
+    client = _up(server).client()
+    earlier = _run_ids(client)
+    process = _train(server)
+    run_id = _wait_for_metrics(client, earlier, 4)
+    server.kill()
+    _, err = _finish(process)
+    counts.record(trials=1)
+    spool = Path("runs").resolve() / SPOOL_DIRNAME / run_id
+    kept = [line for line in err.splitlines() if "dmstab sync" in line]
+    assert len(kept) == 1 and str(spool) in kept[0], err[-2000:]
+    assert Spool(spool).pending()
+    server.start()
+    synced = dmstab("sync", str(spool))
+    assert synced.returncode == 0, synced.stderr[-2000:]
+    assert not spool.exists()
+    _check_complete(client, run_id)
+    again = dmstab("sync", str(spool))  # nothing left to send: a one-line refusal
+    one_line_error(again)
+
+
+def test_unreachable_at_start_then_offline_run_and_sync(server: Server) -> None:
+    if server.running:
+        server.kill()
+    refused = dmstab("train", str(RECIPES / "quickstart.yaml"), *TINY, f"tracking.uri={server.uri}")
+    line = one_line_error(refused)
+    assert server.uri in line and "unreachable" in line
+    assert not Path("runs").exists() and not Path("mlflow.db").exists()
+
+    offline = [*TINY, f"tracking.uri={server.uri}", "tracking.offline=true"]
+    trained = dmstab("train", str(RECIPES / "quickstart.yaml"), *offline)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    counts.record(trials=1)
+    (spool,) = (Path("runs") / SPOOL_DIRNAME).iterdir()
+    local_id = spool.name
+    assert (Path("runs") / local_id / "checkpoint.pt").is_file()
+    server.start()
+    synced = dmstab("sync")  # the default: every spool in runs/.mlflow-spool
+    assert synced.returncode == 0, synced.stderr[-2000:]
+    client = server.client()
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("tests").experiment_id],
+        filter_string=f"tags.`dmstab.local_run_id` = '{local_id}'",
+    )
+    assert run.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+    assert steps == list(range(1, 13))
+    assert (Path("runs") / run.info.run_id / "checkpoint.pt").is_file()  # linked to the run dir
+    assert run.data.params["train.steps"] == "12"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"recipe.yaml", "samples", "checkpoints"} <= artifacts
+
+
+# ---------------------------------------------------------------- the spool on its own
+
+
+def test_spool_keeps_order_and_survives_a_torn_last_line(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "run")
+    assert not spool.exists and spool.records() == []
+    spool.create({"uri": "http://x", "run_id": "run"})
+    records = [{"type": "metrics", "metrics": [["loss", float(i), 1000 + i, i]]} for i in range(5)]
+    for record in records:
+        spool.append(record)
+    source = tmp_path / "grid.png"
+    source.write_bytes(b"\x89PNG")
+    spool.add_file(source, "samples")
+    source.write_bytes(b"changed after logging")
+    assert spool.records()[:5] == records
+    artifact = spool.records()[5]
+    assert artifact["artifact_path"] == "samples"
+    assert spool.file(artifact).read_bytes() == b"\x89PNG"  # a copy, as it was when logged
+
+    with open(tmp_path / "run" / "records.jsonl", "a") as handle:  # kill -9 mid-append
+        handle.write('{"type": "metrics", "metrics": [["loss", 9.0, 20')
+    assert len(spool.records()) == 6
+    spool.mark_sent(2)
+    assert [i for i, _ in spool.pending()] == [2, 3, 4, 5]
+    reopened = Spool(tmp_path / "run")
+    reopened.append({"type": "tags", "tags": {"a": "b"}})
+    lines = (tmp_path / "run" / "records.jsonl").read_text().splitlines()
+    assert [json.loads(line)["type"] for line in lines] == ["metrics"] * 5 + ["artifact", "tags"]
+    reopened.remove()
+    assert not (tmp_path / "run").exists()
+
+
+def test_replaying_a_spool_twice_logs_each_step_once(tmp_path: Path) -> None:
+    """A crash between an upload and its `sent` mark re-sends records: still one row a step."""
+    tracker = MlflowTracker.start(load_recipe(RECIPES / "quickstart.yaml", TINY), kind="train")
+    run_id = str(tracker.run_id)
+    tracker.log_metrics({"loss": 0.5}, 1)
+    tracker.flush()
+    rows = [["loss", 1.0 / step, 1000 + step, step] for step in range(1, 8)]  # step 1 is there
+    for attempt in range(2):
+        spool = Spool(tmp_path / SPOOL_DIRNAME / run_id)
+        spool.create({"uri": "sqlite:///mlflow.db", "run_id": run_id, "server_run_id": run_id})
+        spool.append({"type": "metrics", "metrics": rows[:4]})
+        spool.append({"type": "metrics", "metrics": rows[3:]})  # step 4 twice in the spool
+        spool.append({"type": "tags", "tags": {"attempt": str(attempt)}})
+        (result,) = sync(tmp_path / SPOOL_DIRNAME)
+        assert result.run_id == run_id and result.records == 3
+    history = {m.step: m.value for m in store().get_metric_history(run_id, "loss")}
+    assert len(store().get_metric_history(run_id, "loss")) == 7
+    assert history == {1: 0.5, **{step: 1.0 / step for step in range(2, 8)}}
+    assert store().get_run(run_id).data.tags["attempt"] == "1"
