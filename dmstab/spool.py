@@ -14,7 +14,9 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+from dmstab.atomic import fsync_directory, write_atomically
 
 SPOOL_DIRNAME = ".mlflow-spool"
 _RECORDS = "records.jsonl"
@@ -25,21 +27,13 @@ _META = "meta.json"
 Record = dict[str, Any]
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _write_text(path: Path, text: str) -> None:
+    write_atomically(path, lambda handle: handle.write(text.encode()))
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+def _copy_into(source: Path, handle: BinaryIO) -> None:
+    with open(source, "rb") as original:
+        shutil.copyfileobj(original, handle)
 
 
 class Spool:
@@ -62,12 +56,12 @@ class Spool:
         """Make the directory and its `meta.json` (kept when they already exist)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         if not (self.directory / _META).is_file():
-            _write_atomically(self.directory / _META, json.dumps(dict(meta)))
+            _write_text(self.directory / _META, json.dumps(dict(meta)))
             (self.directory / _RECORDS).touch()
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
 
     def update_meta(self, **values: str) -> None:
-        _write_atomically(self.directory / _META, json.dumps({**self.meta(), **values}))
+        _write_text(self.directory / _META, json.dumps({**self.meta(), **values}))
 
     def append(self, record: Record) -> None:
         """Add one record at the end, on disk (fsync'd) before this returns."""
@@ -83,11 +77,7 @@ class Spool:
     def add_file(self, source: Path, artifact_path: str | None) -> None:
         """Copy `source` into the spool (fsync'd), then record it as an artifact."""
         target = self.directory / _FILES / f"{self._count():06d}" / source.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
-        with open(target, "rb") as handle:
-            os.fsync(handle.fileno())
-        _fsync_directory(target.parent)
+        write_atomically(target, lambda handle: _copy_into(source, handle))
         self.append(
             {
                 "type": "artifact",
@@ -100,8 +90,7 @@ class Spool:
         """A text artifact (`log_text`), spooled as a file under its directory."""
         directory, _, name = artifact_file.rpartition("/")
         target = self.directory / _FILES / f"{self._count():06d}" / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(target, text)
+        _write_text(target, text)
         self.append(
             {
                 "type": "artifact",
@@ -139,7 +128,7 @@ class Spool:
 
     def mark_sent(self, count: int) -> None:
         """The first `count` records are on the server (a re-send after a crash is harmless)."""
-        _write_atomically(self.directory / _SENT, str(count))
+        _write_text(self.directory / _SENT, str(count))
 
     def remove(self) -> None:
         """Delete the spool once everything in it is on the server."""

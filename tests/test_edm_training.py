@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from dmstab.diffusion.edm import EDMPrecond
-from dmstab.diffusion.objectives import EDMObjective
+from dmstab.diffusion.objectives import EDMObjective, whole_batch_losses
 from dmstab.errors import DmstabError
 from dmstab.generate import generate_for_recipe
 from dmstab.models import build_model
@@ -62,8 +62,8 @@ def test_edm_objective_is_the_edm2_loss_with_learned_uncertainty() -> None:
     x0 = torch.rand(6, 3, 16, 16) * 2 - 1
     labels = torch.arange(6) % 10
     noise = torch.randn_like(x0)
-    terms = EDMObjective(recipe, 10).losses(
-        model, x0, labels, noise, torch.Generator().manual_seed(3), step=1
+    terms = whole_batch_losses(
+        EDMObjective(recipe, 10), model, x0, labels, noise, torch.Generator().manual_seed(3), step=1
     )
 
     # the same σ draw: ln σ = P_mean + P_std·z with z the generator's first normals
@@ -101,7 +101,8 @@ def test_label_dropout_zeroes_the_requested_fraction_of_labels() -> None:
     recipe = load_recipe(MINI, [*TINY_EDM, "model.label_dropout=0.25"])
     net = _RecordLabels()
     batch = 4000
-    EDMObjective(recipe, 10).losses(
+    whole_batch_losses(
+        EDMObjective(recipe, 10),
         EDMPrecond(net),
         torch.zeros(batch, 3, 2, 2),
         torch.arange(batch) % 10,

@@ -57,18 +57,6 @@ class Objective(Protocol):
         """Feed back the terms of the whole batch `draws` was made for."""
         ...
 
-    def losses(
-        self,
-        model: nn.Module,
-        x0: Tensor,
-        labels: Tensor | None,
-        noise: Tensor,
-        generator: torch.Generator,
-        step: int,
-    ) -> dict[str, Tensor]:
-        """draw, terms and learn for one whole batch in one process."""
-        ...
-
     def metrics(self, step: int) -> dict[str, float]:
         """Scalars describing the objective at `step` (e.g. the CLTS mixing weight γ)."""
         ...
@@ -120,17 +108,6 @@ class DDPMObjective:
         # As improved-diffusion: the sampler learns from the per-sample loss before its own
         # importance weights (here: after the loss weighting, i.e. the objective minimised).
         self.timesteps.update(draws["t"], terms.get(LOSS_BEFORE_IMPORTANCE, terms["loss"]).detach())
-
-    def losses(
-        self,
-        model: nn.Module,
-        x0: Tensor,
-        labels: Tensor | None,
-        noise: Tensor,
-        generator: torch.Generator,
-        step: int,
-    ) -> dict[str, Tensor]:
-        return _whole_batch(self, model, x0, labels, noise, generator, step)
 
     def metrics(self, step: int) -> dict[str, float]:
         return self.timesteps.metrics(step)
@@ -186,17 +163,6 @@ class EDMObjective:
     def learn(self, draws: Draws, terms: dict[str, Tensor]) -> None:
         return None
 
-    def losses(
-        self,
-        model: nn.Module,
-        x0: Tensor,
-        labels: Tensor | None,
-        noise: Tensor,
-        generator: torch.Generator,
-        step: int,
-    ) -> dict[str, Tensor]:
-        return _whole_batch(self, model, x0, labels, noise, generator, step)
-
     def metrics(self, step: int) -> dict[str, float]:
         return {}
 
@@ -208,7 +174,7 @@ class EDMObjective:
             raise ValueError(f"the EDM objective has no state; got {sorted(state)}")
 
 
-def _whole_batch(
+def whole_batch_losses(
     objective: Objective,
     model: nn.Module,
     x0: Tensor,
@@ -217,6 +183,7 @@ def _whole_batch(
     generator: torch.Generator,
     step: int,
 ) -> dict[str, Tensor]:
+    """`draw`, `terms` and `learn` for one whole batch in one process: its per-sample terms."""
     draws = objective.draw(x0.shape[0], step, generator)
     terms = objective.terms(model, x0, labels, noise, draws, step)
     objective.learn(draws, terms)

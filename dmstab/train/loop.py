@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dmstab import __version__
+from dmstab.atomic import remove_interrupted_writes
 from dmstab.data import ImageDataset, build_dataset
 from dmstab.devices import pick_device
 from dmstab.diffusion.objectives import (
@@ -61,7 +62,7 @@ from dmstab.tracking import (
     save_figure,
     tracked_run,
 )
-from dmstab.train.checkpoint import load_checkpoint, remove_interrupted_writes, save_checkpoint
+from dmstab.train.checkpoint import load_checkpoint, save_checkpoint
 from dmstab.train.distributed import (
     SINGLE_PROCESS,
     DistributedContext,

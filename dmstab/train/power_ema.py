@@ -20,8 +20,9 @@ import torch
 from scipy.optimize import brentq
 from torch import nn
 
+from dmstab.atomic import write_atomically
 from dmstab.errors import DmstabError
-from dmstab.train.checkpoint import load_checkpoint, save_checkpoint, write_atomically
+from dmstab.train.checkpoint import load_checkpoint, save_checkpoint
 
 SNAPSHOT_PREFIX = "phema"
 SNAPSHOT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
