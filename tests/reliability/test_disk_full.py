@@ -3,12 +3,14 @@ file intact, no temporary file left, and the run resumes once there is room agai
 
 The disk is filled with RLIMIT_FSIZE (portable, no root needed): a write past the limit fails
 with EFBIG ("File too large"), as a full disk fails with ENOSPC, through the same code path.
+Where tmpfs can be mounted (root), a real full filesystem gives ENOSPC as well.
 """
 
 from __future__ import annotations
 
 import resource
 import signal
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +21,7 @@ from torch import nn
 
 from dmstab.errors import DmstabError
 from dmstab.recipe import load_recipe
+from dmstab.train.checkpoint import load_checkpoint
 from dmstab.train.loop import train
 from dmstab.train.power_ema import PowerEMA, list_snapshots, load_snapshot
 
@@ -100,3 +103,42 @@ def test_full_disk_at_a_snapshot_keeps_the_earlier_snapshots(tmp_path: Path) -> 
     assert unchanged and not _temporaries(tmp_path)
     for snapshot in listed:
         load_snapshot(snapshot.path)
+
+
+@contextmanager
+def _small_tmpfs(mount_point: Path, size_mb: int) -> Iterator[Path]:
+    """A tmpfs of `size_mb` MiB at `mount_point` (skips the test where mounting is not allowed)."""
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(mount_point)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()[:120]}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_really_full_filesystem_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    """20 MiB holds one ~12 MB checkpoint but not the next one's temporary copy beside it."""
+    with _small_tmpfs(tmp_path / "disk", 20) as disk:
+        recipe = [*RECIPE, f"train.out_dir={disk / 'runs'}"]
+        full = dmstab("train", str(RECIPES / "quickstart.yaml"), *recipe)
+        line = one_line_error(full)
+        [checkpoint] = (disk / "runs").glob("*/checkpoint.pt")
+        assert f"cannot write {checkpoint}: No space left on device" in line
+        assert "the previous checkpoint.pt is intact" in line
+        kept_step = load_checkpoint(checkpoint)["step"]
+        leftovers = _temporaries(disk)
+        counts.record(trials=1, faults=1, losses=int(kept_step != 4) + len(leftovers))
+        assert kept_step == 4 and not leftovers
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        room = dmstab("train", str(RECIPES / "quickstart.yaml"), *recipe, "--resume", "auto")
+        assert room.returncode == 0, room.stderr[-2000:]
+        run = only_run()
+        steps = sorted(m.step for m in store().get_metric_history(run.info.run_id, "loss"))
+        counts.record(resumes=1, losses=int(steps != list(range(1, 13))))
+        assert run.info.status == "FINISHED" and steps == list(range(1, 13))
