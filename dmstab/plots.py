@@ -43,6 +43,35 @@ def save_grid(images: torch.Tensor, path: Path, scale: int = 2) -> Path:
     return path
 
 
+def consistency_grid(
+    images: torch.Tensor, labels: Sequence[str], psnr: np.ndarray | None = None
+) -> Any:
+    """AAAI Fig. 1: uint8 images (N models, M seeds, 3, H, W), one row per model named by its
+    label, one column per image index (one noise stream, see NoiseSource). `psnr` (N−1, M), if
+    given, captions each image of models 2…N with its PSNR against model 1's (Eq. 1's terms)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    num_models, num_seeds = images.shape[:2]
+    size = (0.9 * num_seeds + 1.2, 1.0 * num_models + 0.3)
+    fig, axes = plt.subplots(num_models, num_seeds, figsize=size, squeeze=False)
+    pixels = images.permute(0, 1, 3, 4, 2).cpu().numpy()
+    for (row, column), ax in np.ndenumerate(axes):
+        ax.imshow(pixels[row, column], interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if column == 0:
+            ax.set_ylabel(labels[row], fontsize="small")
+        if row == 0:
+            ax.set_title(f"image {column}", fontsize="x-small")
+        elif psnr is not None:
+            ax.set_xlabel(f"{psnr[row - 1, column]:.1f} dB", fontsize="x-small")
+    fig.tight_layout(pad=0.3)
+    return fig
+
+
 def timestep_histogram(
     counts: torch.Tensor, probabilities: torch.Tensor, step: int, title: str
 ) -> Any:
