@@ -129,3 +129,47 @@ def magnitude_figure(
     axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def interpolation_figure(alphas: np.ndarray, curves: Mapping[str, np.ndarray], title: str) -> Any:
+    """AAAI Fig. 3: the loss along θ(α) = α·θa + (1 − α)·θb, one line per curve (timestep)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for name, values in curves.items():
+        ax.plot(alphas, values, marker=".", lw=1.2, label=name)
+    ax.set_xlabel("α  (θ = α·θa + (1 − α)·θb)")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def surface_figure(xs: np.ndarray, ys: np.ndarray, values: np.ndarray, title: str) -> Any:
+    """AAAI Fig. 2 (Li et al. 2018): a loss surface values[i, j] at (xs[j], ys[i]) as a contour
+    map (left) and a 3D surface (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    grid_x, grid_y = np.meshgrid(xs, ys)
+    fig = plt.figure(figsize=(11, 4.4))
+    contour_ax = fig.add_subplot(1, 2, 1)
+    levels = contour_ax.contour(grid_x, grid_y, values, levels=20, cmap="viridis")
+    contour_ax.clabel(levels, fontsize="x-small")
+    contour_ax.set_xlabel("x  (direction 1)")
+    contour_ax.set_ylabel("y  (direction 2)")
+    contour_ax.set_title(f"{title} — contours")
+    surface_ax = fig.add_subplot(1, 2, 2, projection="3d")
+    surface_ax.plot_surface(grid_x, grid_y, values, cmap="viridis", linewidth=0)
+    surface_ax.set_xlabel("x")
+    surface_ax.set_ylabel("y")
+    surface_ax.set_zlabel("loss")
+    surface_ax.set_title(f"{title} — surface")
+    fig.tight_layout()
+    return fig

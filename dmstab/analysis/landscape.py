@@ -1,0 +1,322 @@
+"""Loss-landscape geometry: 1D interpolation between checkpoints and 2D filter-normalised
+surfaces (AAAI Figs. 2–3, after Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets").
+
+Every landscape is a function of the weights only: the DM loss on a fixed batch with fixed
+noise and fixed draws (`FixedBatchLoss`, built on the objective's own `terms`), evaluated with
+the model in eval mode and without gradients.
+
+- Interpolation (Goodfellow et al. 2015; AAAI Sec. "Analyze the Smoothness of Landscape"):
+  θ(α) = α·θa + (1 − α)·θb over whole state dicts, one pass over α for every loss.
+- Surface: L(θ + x·d1 + y·d2) over a grid, for random Gaussian directions d whose every filter
+  (a slice along dim 0 of a weight with ≥ 2 dims) is rescaled to the norm of the matching filter
+  of θ (Li et al. Eq. 1). Parameters with ≤ 1 dims (biases, norm gains and shifts) get a zero
+  direction (`ignore="biasbn"`, the reference default) or, with `ignore="none"`, the weight itself
+  as their direction (as the reference code `net_plotter.normalize_directions_for_weights`).
+
+Directions cover the trainable parameters (`requires_grad`) in `named_parameters` order, as the
+Hessian analysis does; buffers (EDM2's Fourier features) stay fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import Tensor, nn
+
+from dmstab.analysis.hessian import Loss
+from dmstab.atomic import write_atomically
+from dmstab.diffusion.objectives import DDPMObjective, Draws, Objective
+from dmstab.errors import DmstabError
+
+Direction = dict[str, Tensor]
+"""One tensor per trainable parameter, keyed by its `named_parameters` name."""
+Ignore = Literal["biasbn", "none"]
+IGNORE_CHOICES: tuple[Ignore, ...] = ("biasbn", "none")
+
+# Guards the rescaling of a random filter against a zero norm, as the reference code does.
+_FILTER_EPS = 1e-10
+
+
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value
+class FixedBatchLoss:
+    """The mean DM loss `term` of a model on one fixed batch: fixed x0, labels and noise, and
+    fixed per-sample draws (timesteps or σ); with several draws, the mean over them.
+
+    The call puts the model in eval mode (no dropout; EDM2's forced weight normalisation leaves
+    the weights alone) and back afterwards. It keeps gradients when they are enabled, so the
+    same closure serves `HessianOperator`; the landscape functions call it under no_grad.
+    """
+
+    objective: Objective
+    x0: Tensor
+    labels: Tensor | None
+    noise: Tensor
+    draws: tuple[Draws, ...]
+    step: int = 0  # the training iteration the loss weighting is taken at
+    term: str = "loss"
+
+    def __call__(self, model: nn.Module) -> Tensor:
+        was_training = model.training
+        model.eval()
+        try:
+            means = [self._mean_term(model, draws) for draws in self.draws]
+        finally:
+            model.train(was_training)
+        return torch.stack(means).mean()
+
+    def _mean_term(self, model: nn.Module, draws: Draws) -> Tensor:
+        terms = self.objective.terms(model, self.x0, self.labels, self.noise, draws, self.step)
+        return terms[self.term].mean()
+
+
+def at_timestep(batch: int, t: int) -> Draws:
+    """DDPM draws that put every sample of a batch at timestep t (no importance weights)."""
+    return {"t": torch.full((batch,), t, dtype=torch.long)}
+
+
+def timestep_loss(
+    objective: Objective,
+    x0: Tensor,
+    labels: Tensor | None,
+    noise: Tensor,
+    timesteps: Sequence[int],
+    *,
+    step: int = 0,
+) -> FixedBatchLoss:
+    """The fixed-batch DDPM loss with the whole batch at each of `timesteps`, averaged."""
+    if not isinstance(objective, DDPMObjective):
+        raise DmstabError("per-timestep landscapes need a DDPM recipe (EDM draws σ, not t)")
+    steps = objective.diffusion.num_timesteps
+    outside = [t for t in timesteps if not 0 <= t < steps]
+    if outside or not timesteps:
+        raise DmstabError(f"timesteps must be a non-empty list in 0..{steps - 1}; got {outside}")
+    draws = tuple(at_timestep(x0.shape[0], t) for t in timesteps)
+    return FixedBatchLoss(objective, x0, labels, noise, draws, step)
+
+
+def per_timestep_losses(
+    objective: Objective,
+    x0: Tensor,
+    labels: Tensor | None,
+    noise: Tensor,
+    timesteps: Sequence[int],
+    *,
+    step: int = 0,
+) -> dict[str, FixedBatchLoss]:
+    """One fixed-batch loss per timestep, named "t=<t>": the paper's per-t curves."""
+    return {
+        f"t={t}": timestep_loss(objective, x0, labels, noise, [t], step=step) for t in timesteps
+    }
+
+
+def evaluate(loss: Loss, model: nn.Module) -> float:
+    """`loss(model)` as a Python float, without building a graph."""
+    with torch.no_grad():
+        return float(loss(model))
+
+
+# ---------------------------------------------------------------------------- interpolation
+
+
+def interpolate(
+    state_a: Mapping[str, Tensor], state_b: Mapping[str, Tensor], alpha: float
+) -> dict[str, Tensor]:
+    """θ(α) = α·θa + (1 − α)·θb (AAAI Fig. 3) for every floating tensor of two state dicts.
+
+    Integer and boolean tensors (counters, masks) cannot be mixed: they come from the nearer
+    end, θa's for α ≥ 0.5 and θb's otherwise, so α = 1 and α = 0 give θa and θb exactly.
+    """
+    _require_same_layout(state_a, state_b, "the two checkpoints")
+    return {name: _mix(a, state_b[name], alpha) for name, a in state_a.items()}
+
+
+def _mix(a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    if a.is_floating_point() or a.is_complex():
+        return alpha * a + (1.0 - alpha) * b
+    return a if alpha >= 0.5 else b
+
+
+def interpolation_curve(
+    model: nn.Module,
+    state_a: Mapping[str, Tensor],
+    state_b: Mapping[str, Tensor],
+    alphas: npt.ArrayLike,
+    loss_fns: Mapping[str, Loss],
+) -> dict[str, np.ndarray]:
+    """Every loss along θ(α) for each α (one load of θ(α) per α, then all losses): name →
+    float64 array over `alphas`. The model's own state is restored afterwards."""
+    points = _axis(alphas, "alphas")
+    _require_same_layout(model.state_dict(), state_a, "the model and the checkpoints")
+    original = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    curves = {name: np.empty(len(points)) for name in loss_fns}
+    try:
+        for index, alpha in enumerate(points):
+            model.load_state_dict(interpolate(state_a, state_b, float(alpha)))
+            for name, loss in loss_fns.items():
+                curves[name][index] = evaluate(loss, model)
+    finally:
+        model.load_state_dict(original)
+    return curves
+
+
+def _require_same_layout(
+    reference: Mapping[str, Tensor], other: Mapping[str, Tensor], what: str
+) -> None:
+    """`what` must hold the same tensor names, shapes and dtypes."""
+    missing = sorted(set(reference) ^ set(other))
+    if missing:
+        raise DmstabError(f"{what} hold different networks: {', '.join(missing[:5])} not in both")
+    for name, value in reference.items():
+        if value.shape != other[name].shape or value.dtype != other[name].dtype:
+            raise DmstabError(
+                f"{what} differ at {name}: {tuple(value.shape)} {value.dtype} vs "
+                f"{tuple(other[name].shape)} {other[name].dtype}"
+            )
+
+
+def _axis(values: npt.ArrayLike, name: str) -> np.ndarray:
+    points = np.asarray(values, dtype=np.float64)
+    if points.ndim != 1 or points.size == 0 or not np.isfinite(points).all():
+        raise DmstabError(f"{name} must be a non-empty list of finite numbers")
+    return points
+
+
+# ----------------------------------------------------------------- filter-normalised surface
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def random_direction(
+    model: nn.Module, generator: torch.Generator, ignore: Ignore = "biasbn"
+) -> Direction:
+    """A Gaussian direction shaped like the trainable parameters, filter-normalised (Li et al.
+    Eq. 1). Drawn on the CPU from `generator` (one draw per parameter, 1-D ones included, so
+    both `ignore` choices share their filters), then moved to each parameter's device."""
+    if ignore not in IGNORE_CHOICES:
+        raise DmstabError(f"ignore must be one of {', '.join(IGNORE_CHOICES)}; got {ignore!r}")
+    direction = {}
+    for name, weight in trainable_parameters(model).items():
+        draw = torch.randn(weight.shape, generator=generator, dtype=weight.dtype)
+        direction[name] = filter_normalized(draw.to(weight.device), weight.detach(), ignore)
+    return direction
+
+
+def filter_normalized(draw: Tensor, weight: Tensor, ignore: Ignore) -> Tensor:
+    """Each filter d_j (slice along dim 0) of `draw` rescaled to ‖θ_j‖: d_j·‖θ_j‖/‖d_j‖ (a
+    linear layer's filter is the weights of one output unit). A 1-D or scalar weight gets zero
+    ("biasbn") or itself ("none") as its direction."""
+    if weight.dim() <= 1:
+        return torch.zeros_like(weight) if ignore == "biasbn" else weight.clone()
+    dims = tuple(range(1, weight.dim()))
+    weight_norms = torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
+    draw_norms = torch.linalg.vector_norm(draw, dim=dims, keepdim=True)
+    return torch.mul(draw, weight_norms / (draw_norms + _FILTER_EPS))
+
+
+def surface(
+    model: nn.Module,
+    loss_fn: Loss,
+    directions: tuple[Direction, Direction],
+    xs: npt.ArrayLike,
+    ys: npt.ArrayLike,
+) -> np.ndarray:
+    """L(θ + x·d1 + y·d2) at every grid point: float64 values[i, j] at (xs[j], ys[i]) (the
+    layout matplotlib's contour takes), one call of `loss_fn` per point. The trainable
+    parameters are restored bit for bit afterwards, also when `loss_fn` raises."""
+    grid_x, grid_y = _axis(xs, "xs"), _axis(ys, "ys")
+    params = trainable_parameters(model)
+    for direction in directions:
+        _require_same_layout(params, direction, "the model and the direction")
+    origin = {name: p.detach().clone() for name, p in params.items()}
+    values = np.empty((len(grid_y), len(grid_x)))
+    try:
+        for i, y in enumerate(grid_y):
+            for j, x in enumerate(grid_x):
+                _move(params, origin, directions, float(x), float(y))
+                values[i, j] = evaluate(loss_fn, model)
+    finally:
+        _restore(params, origin)
+    return values
+
+
+def _move(
+    params: Mapping[str, nn.Parameter],
+    origin: Mapping[str, Tensor],
+    directions: tuple[Direction, Direction],
+    x: float,
+    y: float,
+) -> None:
+    d1, d2 = directions
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(origin[name] + x * d1[name] + y * d2[name])
+
+
+def _restore(params: Mapping[str, nn.Parameter], origin: Mapping[str, Tensor]) -> None:
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(origin[name])
+
+
+# -------------------------------------------------------------------------------- raw grids
+
+
+@dataclass(frozen=True)
+class LandscapeGrid:
+    """Raw landscape values, one array per loss (e.g. per timestep "t=100"): a 1D curve over
+    `xs` (α; `ys` is None) with values of shape (len(xs),), or a surface over xs × ys with
+    values of shape (len(ys), len(xs)). `metadata` is anything JSON can hold (timesteps,
+    seed, checkpoints, ignore)."""
+
+    xs: np.ndarray
+    ys: np.ndarray | None
+    values: dict[str, np.ndarray]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.values:
+            raise ValueError("a landscape grid needs at least one array of values")
+        shape = (len(self.xs),) if self.ys is None else (len(self.ys), len(self.xs))
+        for name, array in self.values.items():
+            if array.shape != shape:
+                raise ValueError(f"values {name!r} have shape {array.shape}, expected {shape}")
+
+
+def save_landscape(grid: LandscapeGrid, path: Path) -> Path:
+    """Write `grid` to an .npz (atomically): xs, ys if 2D, values stacked in name order, and a
+    JSON header with the names and metadata."""
+    names = list(grid.values)
+    header = json.dumps({"names": names, "metadata": grid.metadata})
+    arrays: dict[str, Any] = {
+        "xs": np.asarray(grid.xs, dtype=np.float64),
+        "values": np.stack([np.asarray(grid.values[n], dtype=np.float64) for n in names]),
+        "header": np.array(header),
+    }
+    if grid.ys is not None:
+        arrays["ys"] = np.asarray(grid.ys, dtype=np.float64)
+    write_atomically(path, lambda handle: np.savez(handle, **arrays))
+    return path
+
+
+def load_landscape(path: Path) -> LandscapeGrid:
+    """The grid `save_landscape` wrote to `path`."""
+    if not path.is_file():
+        raise DmstabError(f"no landscape file at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(str(data["header"]))
+            ys = np.array(data["ys"]) if "ys" in data.files else None
+            values = dict(zip(header["names"], np.array(data["values"]), strict=True))
+            return LandscapeGrid(np.array(data["xs"]), ys, values, header["metadata"])
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        raise DmstabError(f"{path} is not a landscape .npz written by dmstab: {exc}") from None
