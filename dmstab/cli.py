@@ -140,7 +140,18 @@ def train(
     console.print(f"  checkpoint  {result.checkpoint}")
     if result.samples:
         console.print(f"  samples     {result.samples}")
-    console.print("  browse      mlflow ui   (then open http://127.0.0.1:5000)")
+    console.print(f"  browse      {_browse_hint(resolved.tracking.uri)}")
+
+
+def _browse_hint(recipe_uri: str | None) -> str:
+    """Where to look at the run: the tracking server itself, or `mlflow ui` on a local store."""
+    from dmstab.tracking import DEFAULT_TRACKING_URI, is_remote, resolve_uri
+
+    uri = resolve_uri(recipe_uri)
+    if is_remote(uri):
+        return uri
+    store = "" if uri == resolve_uri(DEFAULT_TRACKING_URI) else f" --backend-store-uri {uri}"
+    return f"mlflow ui{store}   (then open http://127.0.0.1:5000)"
 
 
 def _train_sweep(sweep: Sweep, *, dry_run: bool, resume: str | None) -> None:

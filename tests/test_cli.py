@@ -121,3 +121,12 @@ def test_train_then_sample_with_fixed_seeds(isolated_workdir: Path) -> None:
 
     refused = dmstab("sample", "model.channels=64")
     assert refused.returncode == 2 and "cannot change a trained model" in refused.stderr
+
+
+def test_the_browse_hint_points_at_the_store_the_run_went_to(tmp_path: Path) -> None:
+    from dmstab.cli import _browse_hint
+
+    assert _browse_hint("http://mlflow.lab:5000") == "http://mlflow.lab:5000"
+    assert _browse_hint(None).startswith("mlflow ui   (")
+    other = _browse_hint(f"sqlite:///{tmp_path}/other.db")
+    assert other.startswith(f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/other.db")
