@@ -25,7 +25,7 @@ import yaml
 from dmstab.errors import DmstabError
 
 DatasetName = Literal["synthetic", "cifar10", "folder", "npz", "latents"]
-ModelName = Literal["adm_unet", "edm2_unet"]
+ModelName = Literal["adm_unet", "edm2_unet", "uvit"]
 Formulation = Literal["ddpm", "edm"]
 ScheduleName = Literal["linear", "cosine"]
 Target = Literal["eps", "x0", "v"]
@@ -80,10 +80,12 @@ class Edm2Switches:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The network: the improved/guided-diffusion UNet or the EDM2 UNet (configs A–G).
+    """The network: the improved/guided-diffusion UNet, the EDM2 UNet (configs A–G) or U-ViT.
 
     `channels`, `channel_mult`, `num_res_blocks`, `attention_resolutions`, `dropout` and
-    `class_cond` serve both; `edm2` only the EDM2 UNet; the rest only the ADM UNet.
+    `class_cond` serve both UNets; `edm2` only the EDM2 UNet; the rest only the ADM UNet, except
+    that U-ViT (Bao et al. 2023) reads `patch_size`, `embed_dim`, `depth`, `mlp_ratio`,
+    `num_heads`, `dropout`, `learn_sigma` and `class_cond` and ignores the other keys.
     """
 
     name: ModelName = "adm_unet"
@@ -100,6 +102,10 @@ class ModelConfig:
     class_cond: bool = False
     label_dropout: float = 0.0  # EDM only: drop labels for classifier-free guidance
     edm2: Edm2Switches = Edm2Switches()
+    patch_size: int = 2  # uvit: the U-ViT-S/2 defaults (CIFAR-10)
+    embed_dim: int = 512
+    depth: int = 13  # all transformer blocks: depth//2 in, 1 mid, depth//2 out
+    mlp_ratio: float = 4.0
 
 
 @dataclass(frozen=True)
@@ -439,6 +445,13 @@ def _validate_data(d: DataConfig) -> None:
 
 def _validate_model(recipe: Recipe) -> None:
     d, m = recipe.data, recipe.model
+    _require(0.0 <= m.dropout < 1.0, f"model.dropout is {m.dropout}; must be in [0, 1)")
+    _require(
+        0.0 <= m.label_dropout < 1.0, f"model.label_dropout is {m.label_dropout}; must be in [0, 1)"
+    )
+    if m.name == "uvit":
+        _validate_uvit(recipe)
+        return
     _require(m.channels >= 1, "model.channels must be positive")
     _require(len(m.channel_mult) >= 1, "model.channel_mult needs at least one level")
     _require(min(m.channel_mult) >= 1, "model.channel_mult entries must be positive")
@@ -447,10 +460,6 @@ def _validate_model(recipe: Recipe) -> None:
         d.resolution % 2 ** (len(m.channel_mult) - 1) == 0,
         f"data.resolution {d.resolution} must be divisible by 2^(levels-1) = "
         f"{2 ** (len(m.channel_mult) - 1)} for model.channel_mult {list(m.channel_mult)}",
-    )
-    _require(0.0 <= m.dropout < 1.0, f"model.dropout is {m.dropout}; must be in [0, 1)")
-    _require(
-        0.0 <= m.label_dropout < 1.0, f"model.label_dropout is {m.label_dropout}; must be in [0, 1)"
     )
     if m.name == "adm_unet":
         _require(
@@ -474,6 +483,25 @@ def _validate_model(recipe: Recipe) -> None:
         from dmstab.models.edm2_unet import edm2_config
 
         edm2_config(recipe, num_classes=1)  # the network's own layout and switch checks
+
+
+def _validate_uvit(recipe: Recipe) -> None:
+    """U-ViT (Bao et al. 2023) is a ddpm backbone here; its own checks name the bad key."""
+    m = recipe.model
+    _require(
+        recipe.diffusion.formulation == "ddpm",
+        "model.name uvit trains with diffusion.formulation ddpm; EDM uses edm2_unet",
+    )
+    _require(m.label_dropout == 0.0, "model.label_dropout needs model.name edm2_unet")
+    _require(
+        recipe.train.magnitudes_every == 0,
+        "train.magnitudes_every works for adm_unet and edm2_unet, not uvit (set it to 0)",
+    )
+    from dmstab.models.uvit import check_uvit_config
+
+    check_uvit_config(
+        recipe.data.resolution, m.patch_size, m.embed_dim, m.depth, m.num_heads, m.mlp_ratio
+    )
 
 
 def _validate_diffusion(recipe: Recipe) -> None:

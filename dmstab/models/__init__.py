@@ -15,6 +15,8 @@ def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
     """
     if recipe.model.name == "edm2_unet":
         return _edm2_denoiser(recipe, num_classes)
+    if recipe.model.name == "uvit":
+        return _uvit(recipe, num_classes)
     from dmstab.models.adm_unet import ADMUNet
 
     m = recipe.model
@@ -41,6 +43,24 @@ def _edm2_denoiser(recipe: Recipe, num_classes: int) -> nn.Module:
 
     net = EDM2UNet(edm2_config(recipe, num_classes))
     return EDMPrecond(net, sigma_data=recipe.diffusion.sigma_data, uncertainty=net.uncertainty)
+
+
+def _uvit(recipe: Recipe, num_classes: int) -> nn.Module:
+    from dmstab.models.uvit import UViT
+
+    m = recipe.model
+    return UViT(
+        image_size=recipe.data.resolution,
+        in_channels=3,
+        out_channels=6 if m.learn_sigma else 3,
+        patch_size=m.patch_size,
+        embed_dim=m.embed_dim,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio,
+        num_classes=num_classes if m.class_cond else None,
+        dropout=m.dropout,
+    )
 
 
 def count_parameters(model: nn.Module) -> int:
