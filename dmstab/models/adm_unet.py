@@ -21,6 +21,16 @@ Resample = Literal["none", "down", "up"]
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
+def check_timesteps_and_labels(t: Tensor, y: Tensor | None, batch: int, conditional: bool) -> None:
+    """A backbone's t is (B,); y (B,) is given exactly when the network is class-conditional."""
+    if t.shape != (batch,):
+        raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
+    if (y is None) == conditional:
+        raise ValueError("y (class labels) must be given if and only if num_classes is set")
+    if y is not None and y.shape != (batch,):
+        raise ValueError(f"y must have shape ({batch},), got {tuple(y.shape)}")
+
+
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     """Sinusoidal embedding [cos(t·f_j), sin(t·f_j)], f_j = max_period^(−j/half), zero-padded."""
     half = dim // 2
@@ -299,9 +309,4 @@ class ADMUNet(nn.Module):
             raise ValueError(f"x must be (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         if x.shape[2] % self.downsampling or x.shape[3] % self.downsampling:
             raise ValueError(f"H and W must be multiples of {self.downsampling}, got {x.shape[2:]}")
-        if t.shape != (batch,):
-            raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
-        if (y is None) != (self.label_embed is None):
-            raise ValueError("y (class labels) must be given if and only if num_classes is set")
-        if y is not None and y.shape != (batch,):
-            raise ValueError(f"y must have shape ({batch},), got {tuple(y.shape)}")
+        check_timesteps_and_labels(t, y, batch, conditional=self.label_embed is not None)

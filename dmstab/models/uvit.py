@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dmstab.errors import DmstabError
-from dmstab.models.adm_unet import timestep_embedding
+from dmstab.models.adm_unet import check_timesteps_and_labels, timestep_embedding
 
 INIT_STD = 0.02  # U-ViT's truncated-normal init of Linear weights and position embeddings
 
@@ -198,9 +198,4 @@ class UViT(nn.Module):
                 f"x must be (B, {self.in_channels}, {size}, {size}) (position embeddings fix "
                 f"the size), got {tuple(x.shape)}"
             )
-        if t.shape != (batch,):
-            raise ValueError(f"t must have shape ({batch},), got {tuple(t.shape)}")
-        if (y is None) != (self.label_embed is None):
-            raise ValueError("y (class labels) must be given if and only if num_classes is set")
-        if y is not None and y.shape != (batch,):
-            raise ValueError(f"y must have shape ({batch},), got {tuple(y.shape)}")
+        check_timesteps_and_labels(t, y, batch, conditional=self.label_embed is not None)
