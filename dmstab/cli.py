@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -38,7 +39,8 @@ app = typer.Typer(
 
 
 def user_errors(command: Callable[P, R]) -> Callable[P, R]:
-    """Bad input -> one line on stderr, exit 2; divergence -> one line, exit 1."""
+    """Bad input -> one line on stderr, exit 2; divergence -> one line, exit 1; under torchrun,
+    the process group is left however the command ends."""
 
     @wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -53,6 +55,9 @@ def user_errors(command: Callable[P, R]) -> Callable[P, R]:
         except TrainingDiverged as exc:
             error(str(exc))
             raise typer.Exit(1) from None
+        finally:  # leave a torchrun process group; none exists unless its module was imported
+            if "dmstab.train.distributed" in sys.modules:
+                sys.modules["dmstab.train.distributed"].shutdown_distributed()
 
     return wrapper
 
@@ -125,15 +130,11 @@ def train(
         typer.echo(to_yaml(resolved), nl=False)
         return
     from dmstab.console import SampleProgress, TrainProgress, console
-    from dmstab.train.distributed import shutdown_distributed
     from dmstab.train.loop import train as run_training
 
-    try:
-        result = run_training(
-            resolved, resume=resume, progress=TrainProgress(), on_sample=SampleProgress("sample")
-        )
-    finally:
-        shutdown_distributed()
+    result = run_training(
+        resolved, resume=resume, progress=TrainProgress(), on_sample=SampleProgress("sample")
+    )
     if not result.is_main:  # a torchrun rank other than 0: rank 0 reports
         return
     console.print(f"[green]done[/] run {result.run_id}: step {result.step}")
@@ -207,20 +208,16 @@ def sample(
     """Sample images (DDPM or DDIM, fixed seeds) and write an .npz and a PNG grid."""
     from dmstab.console import SampleProgress, console
     from dmstab.sample import sample as run_sampling
-    from dmstab.train.distributed import shutdown_distributed
 
     if source is not None and "=" in source:
         overrides, source = [source, *(overrides or [])], None
-    try:
-        result = run_sampling(
-            source,
-            overrides or [],
-            experiment=experiment,
-            out_dir=out,
-            callback=SampleProgress("sample"),
-        )
-    finally:
-        shutdown_distributed()
+    result = run_sampling(
+        source,
+        overrides or [],
+        experiment=experiment,
+        out_dir=out,
+        callback=SampleProgress("sample"),
+    )
     if result is None:  # a torchrun rank other than 0: rank 0 reports
         return
     console.print(f"[green]done[/] {result.count} images, run {result.run_id}")
@@ -351,25 +348,21 @@ def fid(
     """FID (clean-fid numbers, batched), KID and IS of images or a model; logged to MLflow."""
     from dmstab.console import SampleProgress, console
     from dmstab.score import score
-    from dmstab.train.distributed import shutdown_distributed
 
-    try:
-        scored = score(
-            images,
-            ref,
-            mode=mode,
-            features=features,  # type: ignore[arg-type]  # checked by the library
-            inception_weights=inception_weights,
-            with_kid=with_kid,
-            with_is=with_is,
-            num_images=num_images,
-            batch_size=batch_size,
-            experiment=experiment,
-            parent_run=parent,
-            callback=SampleProgress("sample"),
-        )
-    finally:
-        shutdown_distributed()
+    scored = score(
+        images,
+        ref,
+        mode=mode,
+        features=features,  # type: ignore[arg-type]  # checked by the library
+        inception_weights=inception_weights,
+        with_kid=with_kid,
+        with_is=with_is,
+        num_images=num_images,
+        batch_size=batch_size,
+        experiment=experiment,
+        parent_run=parent,
+        callback=SampleProgress("sample"),
+    )
     if scored is None:  # a torchrun rank other than 0: rank 0 reports
         return
     result, cache = scored
