@@ -18,6 +18,14 @@ from dmstab.tracking import latest_run, resolve_uri, run_directory
 from dmstab.train.checkpoint import load_checkpoint
 
 CHECKPOINT_NAME = "checkpoint.pt"
+KEPT_DIR = "checkpoints"  # train.keep_checkpoints: RUN_DIR/checkpoints/step_XXXXXXXX.pt
+
+
+def kept_checkpoint(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of `step` is kept when `train.keep_checkpoints` names it."""
+    return run_dir / KEPT_DIR / f"step_{step:08d}.pt"
+
+
 SAMPLING_KEYS = ("sample.", "tracking.", "train.device=")
 
 
@@ -55,19 +63,26 @@ def network_from_state(
     return model.eval()
 
 
-def _restricted(overrides: Sequence[str]) -> None:
+def _restricted(overrides: Sequence[str], allowed: tuple[str, ...]) -> None:
     for text in overrides:
-        if not text.startswith(SAMPLING_KEYS):
+        if not text.startswith(allowed):
             key = text.partition("=")[0]
+            accepted = ", ".join(a.rstrip("=") + ("*" if a.endswith(".") else "") for a in allowed)
             raise DmstabError(
-                f"override '{key}' cannot change a trained model; sampling accepts "
-                "sample.*, tracking.* and train.device"
+                f"override '{key}' cannot change a trained model; accepted: {accepted}"
             )
 
 
-def stored_recipe(state: dict[str, Any], source: Path, overrides: Sequence[str] = ()) -> Recipe:
-    """The training recipe a dmstab checkpoint carries, with sampling `overrides` applied."""
-    _restricted(overrides)
+def stored_recipe(
+    state: dict[str, Any],
+    source: Path,
+    overrides: Sequence[str] = (),
+    *,
+    allowed: tuple[str, ...] = SAMPLING_KEYS,
+) -> Recipe:
+    """The training recipe a dmstab checkpoint carries, with `overrides` of the `allowed`
+    prefixes applied (sampling keys by default)."""
+    _restricted(overrides, allowed)
     stored = state.get("recipe")
     if not isinstance(stored, dict):
         raise DmstabError(f"checkpoint {source} carries no recipe; it was not written by dmstab")

@@ -25,7 +25,11 @@ import yaml
 from dmstab.errors import DmstabError
 
 DatasetName = Literal["synthetic", "cifar10", "folder", "npz", "latents"]
-ModelName = Literal["adm_unet", "edm2_unet", "uvit"]
+ModelName = Literal["adm_unet", "edm2_unet", "uvit", "dcgan", "biggan"]
+GAN_MODELS: tuple[str, ...] = ("dcgan", "biggan")
+GanLoss = Literal["bce", "hinge"]
+GanNetwork = Literal["generator", "discriminator"]
+HvpMethod = Literal["forward_over_reverse", "double_backward"]
 Formulation = Literal["ddpm", "edm"]
 ScheduleName = Literal["linear", "cosine"]
 Target = Literal["eps", "x0", "v"]
@@ -213,6 +217,7 @@ class TrainConfig:
     spike_window: int = 100
     spike_policy: SpikePolicy = "skip"
     max_skipped: int = 10
+    keep_checkpoints: tuple[int, ...] = ()  # also keep checkpoints/step_XXXXXXXX.pt at these steps
 
     @property
     def total_steps(self) -> int:
@@ -286,6 +291,90 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class GanConfig:
+    """GAN training, read when `model.name` is `dcgan` or `biggan` (AAAI Table 1's baselines).
+
+    DCGAN (Radford et al. 2016) at 32×32 with `loss: bce`; the BigGAN-style class-conditional
+    GAN (Brock et al. 2019: shared class embedding of `shared_dim`, hierarchical latent,
+    self-attention at `attention_resolution`, spectral norm) with `loss: hinge`. The generator
+    and discriminator have their own Adam (`g_lr`, `d_lr`, `betas`); `d_steps` discriminator
+    steps per generator step. `optim`, `diffusion`, `timesteps` are not used.
+    """
+
+    loss: GanLoss = "bce"
+    z_dim: int = 100
+    g_channels: int = 64
+    d_channels: int = 64
+    g_lr: float = 2e-4
+    d_lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    d_steps: int = 1
+    shared_dim: int = 128
+    attention_resolution: int = 64
+
+
+@dataclass(frozen=True)
+class ConsistencyConfig:
+    """`dmstab consistency` (AAAI Eq. 1, Table 1): N models, `num_images` images each (M).
+
+    `members` lists the group, one string of space-separated overrides of this recipe per model
+    ("" = the recipe as it is; "train.seed=1"; "model.channels=64"). The command trains each
+    member (or reuses its finished run) and samples all from the same noise (`sample.seed`).
+    `samplers` scores the group once per sampler (() = `sample.sampler` only).
+    """
+
+    members: tuple[str, ...] = ()
+    num_images: int = 32
+    samplers: tuple[SamplerName, ...] = ()
+
+
+@dataclass(frozen=True)
+class LandscapeConfig:
+    """`dmstab landscape` (AAAI Figs 2–3) on one fixed batch with fixed noise and timesteps.
+
+    2D: filter-normalised directions (Li et al. 2018, biasbn) on a `points`×`points` grid over
+    [−`span`, `span`]². 1D: θ = α·θa + (1−α)·θb for `alphas` values of α on [`alpha_min`,
+    `alpha_max`] between the run's checkpoints kept at `interpolate` = (step b, step a).
+    `timesteps` are the DDPM t of the per-timestep curves and surfaces (the t-averaged loss is
+    always computed). For GANs, `network` is the one whose weights move.
+    """
+
+    batch_size: int = 64
+    timesteps: tuple[int, ...] = ()
+    points: int = 51
+    span: float = 1.0
+    alphas: int = 21
+    alpha_min: float = 0.0
+    alpha_max: float = 1.0
+    interpolate: tuple[int, ...] = ()
+    network: GanNetwork = "generator"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class HessianConfig:
+    """`dmstab hessian` (AAAI Fig. 4): the loss Hessian on one fixed batch with fixed noise.
+
+    Top-`top_k` eigenvalues by power iteration with deflation (`max_iterations`, relative
+    `tolerance`, as PyHessian), trace by Hutchinson (`trace_samples`), density by stochastic
+    Lanczos quadrature (`slq_runs` runs of `lanczos_steps`). For GANs, `network`'s loss with
+    the other network fixed.
+    """
+
+    batch_size: int = 64
+    timesteps: tuple[int, ...] = ()
+    top_k: int = 3
+    max_iterations: int = 100
+    tolerance: float = 1e-3
+    trace_samples: int = 100
+    slq_runs: int = 4
+    lanczos_steps: int = 80
+    method: HvpMethod = "forward_over_reverse"
+    network: GanNetwork = "generator"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class PaperConfig:
     """Published numbers a recipe targets, for `dmstab report` (paper vs measured)."""
 
@@ -311,6 +400,10 @@ class Recipe:
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     paper: PaperConfig = PaperConfig()
+    gan: GanConfig = GanConfig()
+    consistency: ConsistencyConfig = ConsistencyConfig()
+    landscape: LandscapeConfig = LandscapeConfig()
+    hessian: HessianConfig = HessianConfig()
 
 
 # ---------------------------------------------------------------- building from plain data
@@ -430,8 +523,41 @@ def validate(recipe: Recipe) -> Recipe:
     _validate_train(recipe.train)
     _validate_sample(recipe)
     _validate_eval(recipe)
+    _validate_analyses(recipe)
     _require(recipe.tracking.flush_every >= 1, "tracking.flush_every must be at least 1")
     return recipe
+
+
+def _validate_analyses(recipe: Recipe) -> None:
+    """Ranges of the consistency, landscape and hessian sections."""
+    c, land, h = recipe.consistency, recipe.landscape, recipe.hessian
+    _require(c.num_images >= 1, "consistency.num_images must be at least 1")
+    for sampler in c.samplers:
+        _validate_sampler(recipe, sampler, recipe.sample.steps, "consistency.samplers")
+    for key, size in (("landscape", land.batch_size), ("hessian", h.batch_size)):
+        _require(size >= 1, f"{key}.batch_size must be at least 1")
+    T = recipe.diffusion.steps
+    for key, steps in (("landscape", land.timesteps), ("hessian", h.timesteps)):
+        _require(
+            all(0 <= t < T for t in steps),
+            f"{key}.timesteps {list(steps)} must lie in [0, diffusion.steps={T})",
+        )
+    _require(land.points >= 2, f"landscape.points is {land.points}; must be at least 2")
+    _require(land.span > 0, f"landscape.span is {land.span}; must be positive")
+    _require(land.alphas >= 2, f"landscape.alphas is {land.alphas}; must be at least 2")
+    _require(land.alpha_min < land.alpha_max, "landscape.alpha_min must be below alpha_max")
+    _require(
+        len(land.interpolate) in (0, 2),
+        f"landscape.interpolate is {list(land.interpolate)}; give two steps (b, a) or none",
+    )
+    _require(h.top_k >= 1, "hessian.top_k must be at least 1")
+    _require(h.max_iterations >= 1, "hessian.max_iterations must be at least 1")
+    _require(h.tolerance > 0, "hessian.tolerance must be positive")
+    _require(h.trace_samples >= 1, "hessian.trace_samples must be at least 1")
+    _require(
+        h.slq_runs >= 1 and h.lanczos_steps >= 2,
+        "hessian needs slq_runs >= 1 and lanczos_steps >= 2",
+    )
 
 
 def _validate_data(d: DataConfig) -> None:
@@ -620,6 +746,11 @@ def _validate_train(tr: TrainConfig) -> None:
     )
     _require(tr.spike_window >= 1, f"train.spike_window is {tr.spike_window}; must be >= 1")
     _require(tr.max_skipped >= 1, f"train.max_skipped is {tr.max_skipped}; must be >= 1")
+    _require(
+        all(1 <= step <= tr.total_steps for step in tr.keep_checkpoints),
+        f"train.keep_checkpoints {list(tr.keep_checkpoints)} must be steps in "
+        f"[1, {tr.total_steps}]",
+    )
 
 
 def _validate_sampler(recipe: Recipe, sampler: str, steps: int, key: str) -> None:
@@ -840,15 +971,26 @@ def flatten(recipe: Recipe) -> dict[str, str]:
 
 
 # How a run executes, not what it computes: a run may resume with other values of these.
-EXECUTION_KEYS = ("train.device", "train.micro_batch_size", "tracking.offline")
+EXECUTION_KEYS = (
+    "train.device",
+    "train.micro_batch_size",
+    "train.keep_checkpoints",
+    "tracking.offline",
+)
+ANALYSIS_SECTIONS = ("consistency", "landscape", "hessian")  # read by analyses, not training
 
 
 def result_dict(recipe: Recipe) -> dict[str, Any]:
-    """`to_dict(recipe)` without the execution keys: equal for runs that train the same model."""
+    """`to_dict(recipe)` without the execution keys, the analysis sections and (for diffusion
+    models) the `gan` section: equal for runs that train the same model."""
     data = to_dict(recipe)
     for key in EXECUTION_KEYS:
         section, name = key.split(".")
         data[section].pop(name)
+    for section in ANALYSIS_SECTIONS:
+        data.pop(section)
+    if recipe.model.name not in GAN_MODELS:
+        data.pop("gan")
     return data
 
 

@@ -642,20 +642,33 @@ def _experiment_ids(client: Any, experiment: str | None) -> list[str]:
     return [str(found.experiment_id)] if found is not None else []
 
 
-def find_resumable_run(recipe: Recipe) -> str | None:
-    """Latest unfinished run (RUNNING after kill -9, FAILED, KILLED) of this exact recipe."""
+def _runs_of_recipe(recipe: Recipe) -> list[Any]:
+    """This recipe's training runs (by fingerprint), newest first."""
     client = _client(resolve_uri(recipe.tracking.uri))
     experiment = client.get_experiment_by_name(recipe.tracking.experiment)
     if experiment is None:
-        return None
-    runs = client.search_runs(
-        [experiment.experiment_id],
-        filter_string=f"tags.`{TAG_FINGERPRINT}` = '{fingerprint(recipe)}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=100,
+        return []
+    return list(
+        client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`{TAG_FINGERPRINT}` = '{fingerprint(recipe)}' "
+            f"and tags.`{TAG_KIND}` = 'train'",
+            order_by=["attributes.start_time DESC"],
+            max_results=100,
+        )
     )
-    unfinished = [run for run in runs if run.info.status in UNFINISHED]
+
+
+def find_resumable_run(recipe: Recipe) -> str | None:
+    """Latest unfinished run (RUNNING after kill -9, FAILED, KILLED) of this exact recipe."""
+    unfinished = [run for run in _runs_of_recipe(recipe) if run.info.status in UNFINISHED]
     return str(unfinished[0].info.run_id) if unfinished else None
+
+
+def find_finished_run(recipe: Recipe) -> str | None:
+    """Latest FINISHED training run of this exact recipe, for analyses that reuse it."""
+    finished = [run for run in _runs_of_recipe(recipe) if run.info.status == "FINISHED"]
+    return str(finished[0].info.run_id) if finished else None
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from dmstab.errors import DmstabError
 from dmstab.evaluate import Evaluator, build_evaluator
 from dmstab.generate import generate_for_recipe, write_samples
 from dmstab.models import build_model, count_parameters
-from dmstab.networks import CHECKPOINT_NAME
+from dmstab.networks import CHECKPOINT_NAME, KEPT_DIR, kept_checkpoint
 from dmstab.plots import timestep_histogram
 from dmstab.recipe import (
     Recipe,
@@ -460,7 +460,7 @@ def train(
             tracker.set_tags({TAG_RUN_DIR: str(run_dir)})
         if resume_run_id is not None:
             if context.is_main:  # a kill -9 mid-write leaves a partial temporary file behind
-                for directory in (run_dir, run_dir / SNAPSHOT_DIR):
+                for directory in (run_dir, run_dir / SNAPSHOT_DIR, run_dir / KEPT_DIR):
                     remove_interrupted_writes(directory)
             _load(trainer, checkpoint)
         if trainer.step == 0:
@@ -528,6 +528,8 @@ def _run_steps(
             if step % cfg.checkpoint_every == 0 or step == total:
                 tracker.flush()
                 _save(trainer, run_id, checkpoint)
+            if step in cfg.keep_checkpoints:
+                _save(trainer, run_id, kept_checkpoint(run_dir, step))
             if evaluator is not None and evaluator.due(step):
                 model = trainer.ema_model() if trainer.recipe.eval.use_ema else trainer.model
                 tracker.log_metrics(evaluator.evaluate(model), step)

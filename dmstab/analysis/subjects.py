@@ -1,0 +1,115 @@
+"""The trained models an analysis reads: run ids, checkpoint paths, or a recipe it trains.
+
+`dmstab consistency`, `landscape` and `hessian` take either trained models (a training run
+id, a run directory or a checkpoint `.pt`) or a recipe; for a recipe they reuse its latest
+FINISHED training run (found by fingerprint) or train it, continuing an unfinished run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dmstab.errors import DmstabError
+from dmstab.networks import (
+    CHECKPOINT_NAME,
+    find_checkpoint,
+    kept_checkpoint,
+    network_from_state,
+    stored_recipe,
+)
+from dmstab.recipe import ANALYSIS_SECTIONS, Recipe
+from dmstab.tracking import find_finished_run, run_directory
+from dmstab.train.checkpoint import load_checkpoint
+from dmstab.train.loop import Progress, train
+
+# What an analysis may change of a trained model's recipe: how it is sampled and analysed.
+ANALYSIS_OVERRIDES = (
+    "sample.",
+    "tracking.",
+    "train.device=",
+    *(f"{section}." for section in ANALYSIS_SECTIONS),
+)
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One trained model: its checkpoint, the checkpoint's contents and its recipe."""
+
+    checkpoint: Path
+    state: dict[str, Any]
+    recipe: Recipe
+    label: str
+
+    @property
+    def run_id(self) -> str | None:
+        run_id = self.state.get("run_id")
+        return str(run_id) if run_id else None
+
+    @property
+    def step(self) -> int:
+        return int(self.state.get("step", 0))
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.state.get("num_classes", 0))
+
+    def network(self, device: torch.device, *, use_ema: bool) -> nn.Module:
+        """The recipe's network with the checkpoint's EMA (or raw) weights, in eval mode."""
+        model = network_from_state(self.state, self.recipe, use_ema=use_ema, source=self.checkpoint)
+        return model.to(device)
+
+    def kept(self, step: int) -> Subject:
+        """The same run at a checkpoint kept by `train.keep_checkpoints` (AAAI Fig. 3's epochs)."""
+        if step == self.step:
+            return self
+        path = kept_checkpoint(self.checkpoint.parent, step)
+        if not path.is_file():
+            raise DmstabError(
+                f"run {self.run_id or self.checkpoint.parent} kept no checkpoint at step {step} "
+                f"({path} is missing); train it with train.keep_checkpoints=[{step}]"
+            )
+        return Subject(path, load_checkpoint(path), self.recipe, f"{self.label}@{step}")
+
+
+def load_subject(
+    source: str, overrides: Sequence[str] = (), *, uri: str | None = None, label: str = ""
+) -> Subject:
+    """A run id, run directory or checkpoint path, with analysis `overrides` applied."""
+    checkpoint = find_checkpoint(source, None, uri)
+    state = load_checkpoint(checkpoint)
+    recipe = stored_recipe(state, checkpoint, overrides, allowed=ANALYSIS_OVERRIDES)
+    return Subject(checkpoint, state, recipe, label or _default_label(source, state))
+
+
+def _default_label(source: str, state: dict[str, Any]) -> str:
+    run_id = state.get("run_id")
+    return str(run_id)[:8] if run_id else Path(source).stem
+
+
+def trained_subject(
+    recipe: Recipe,
+    *,
+    label: str,
+    progress: Progress | None = None,
+    on_sample: Callable[[int, int], None] | None = None,
+) -> Subject:
+    """`recipe`'s latest FINISHED training run, or a new one trained now (continuing the
+    latest unfinished run of the recipe, as `dmstab train --resume auto`)."""
+    run_id = find_finished_run(recipe)
+    if run_id is None:
+        checkpoint = train(recipe, resume="auto", progress=progress, on_sample=on_sample).checkpoint
+    else:
+        checkpoint = run_directory(run_id, recipe.tracking.uri) / CHECKPOINT_NAME
+        if not checkpoint.is_file():
+            raise DmstabError(
+                f"finished run {run_id} of recipe {recipe.name} has no {checkpoint}; "
+                "delete the run in MLflow to train it again, or pass a checkpoint"
+            )
+    state = load_checkpoint(checkpoint)
+    return Subject(checkpoint, state, recipe, label)
