@@ -552,5 +552,94 @@ def sync(
         console.print(f"[green]synced[/] {result.records} records -> run {result.run_id}")
 
 
+Analyzed = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="A recipe (trained, or its finished run reused), or trained models (run ids, run "
+        "directories, checkpoints; default: the latest training run), and `section.key=value` "
+        "overrides (for trained models: sample.*, tracking.*, train.device and the analysis "
+        "sections).",
+        show_default=False,
+    ),
+]
+
+
+def _analysis_subjects(arguments: list[str] | None) -> list[Any]:
+    from dmstab.analysis.subjects import parse_inputs, subjects_for
+    from dmstab.console import SampleProgress, TrainProgress
+
+    inputs = parse_inputs(arguments or [])
+    return subjects_for(inputs, progress=TrainProgress(), on_sample=SampleProgress("sample"))
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  dmstab hessian recipes/mini_fig4_hessian_dm.yaml     # trains it first if needed\n\n"
+        "  dmstab hessian RUN_ID hessian.top_k=5 hessian.timesteps=[10,500]\n\n"
+        "  dmstab hessian runs/RUN_ID/checkpoint.pt hessian.method=double_backward"
+    )
+)
+@user_errors
+def hessian(arguments: Analyzed = None) -> None:
+    """Hessian of the loss on a fixed batch: top eigenvalues, trace, density (AAAI Fig. 4)."""
+    from dmstab.console import console
+    from dmstab.devices import pick_device
+    from dmstab.hessian_study import hessian as run_hessian
+
+    subjects = _analysis_subjects(arguments)
+    if len(subjects) != 1:
+        raise DmstabError(f"dmstab hessian reads one model; got {len(subjects)}")
+    subject = subjects[0]
+    result = run_hessian(subject, pick_device(subject.recipe.train.device))
+    console.print(f"[green]done[/] Hessian of {subject.label} at step {subject.step}")
+    for name, item in result.spectra.items():
+        top = ", ".join(f"{value:.4g}" for value in item.top)
+        console.print(
+            f"  {name:>8}  λ1..k {top}  trace {item.trace.mean:.4g} ± "
+            f"{item.trace.standard_error:.2g}  mean {item.mean:.3g}  "
+            f"variance {item.density.variance():.4g}"
+        )
+    console.print(f"  run     {result.run_id}   (arrays: {result.directory})")
+    console.print(f"  browse  {_browse_hint(subject.recipe.tracking.uri)}")
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  dmstab landscape recipes/mini_fig2_landscape_dm.yaml      # 2D surfaces\n\n"
+        "  dmstab landscape recipes/mini_fig3_interpolation_dm.yaml  # 1D, kept checkpoints\n\n"
+        "  dmstab landscape RUN_ID landscape.points=21 landscape.timesteps=[10,900]\n\n"
+        "  dmstab landscape early.pt late.pt                         # 1D from θb to θa"
+    )
+)
+@user_errors
+def landscape(arguments: Analyzed = None) -> None:
+    """Loss surface around a model (AAAI Fig. 2) or the loss between two checkpoints (Fig. 3)."""
+    from dmstab.console import console
+    from dmstab.devices import pick_device
+    from dmstab.landscape_study import interpolation, loss_surface
+
+    subjects = _analysis_subjects(arguments)
+    if len(subjects) > 2:
+        raise DmstabError(
+            f"dmstab landscape reads one model or two checkpoints; got {len(subjects)}"
+        )
+    last = subjects[-1]
+    device = pick_device(last.recipe.train.device)
+    steps = last.recipe.landscape.interpolate
+    if len(subjects) == 2:
+        result = interpolation(subjects[0], subjects[1], device)
+    elif steps:
+        result = interpolation(last.kept(steps[0]), last.kept(steps[1]), device)
+    else:
+        result = loss_surface(last, device)
+    kind = "surface" if result.grid.ys is not None else "interpolation"
+    console.print(f"[green]done[/] loss {kind} of {last.label}: {', '.join(result.grid.values)}")
+    console.print(f"  run     {result.run_id}")
+    console.print(f"  arrays  {result.path}")
+    console.print(f"  browse  {_browse_hint(last.recipe.tracking.uri)}")
+
+
 def main() -> Any:
     return app()

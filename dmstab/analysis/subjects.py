@@ -23,7 +23,7 @@ from dmstab.networks import (
     network_from_state,
     stored_recipe,
 )
-from dmstab.recipe import ANALYSIS_SECTIONS, Recipe
+from dmstab.recipe import ANALYSIS_SECTIONS, Recipe, load_recipe
 from dmstab.tracking import find_finished_run, run_directory
 from dmstab.train.checkpoint import load_checkpoint
 from dmstab.train.loop import Progress, train
@@ -78,18 +78,21 @@ class Subject:
 
 
 def load_subject(
-    source: str, overrides: Sequence[str] = (), *, uri: str | None = None, label: str = ""
+    source: str | None, overrides: Sequence[str] = (), *, uri: str | None = None, label: str = ""
 ) -> Subject:
-    """A run id, run directory or checkpoint path, with analysis `overrides` applied."""
+    """A run id, run directory or checkpoint path (None: the latest training run), with
+    analysis `overrides` applied."""
     checkpoint = find_checkpoint(source, None, uri)
     state = load_checkpoint(checkpoint)
     recipe = stored_recipe(state, checkpoint, overrides, allowed=ANALYSIS_OVERRIDES)
     return Subject(checkpoint, state, recipe, label or _default_label(source, state))
 
 
-def _default_label(source: str, state: dict[str, Any]) -> str:
+def _default_label(source: str | None, state: dict[str, Any]) -> str:
     run_id = state.get("run_id")
-    return str(run_id)[:8] if run_id else Path(source).stem
+    if run_id:
+        return str(run_id)[:8]
+    return Path(source).stem if source else "latest"
 
 
 def trained_subject(
@@ -113,3 +116,40 @@ def trained_subject(
             )
     state = load_checkpoint(checkpoint)
     return Subject(checkpoint, state, recipe, label)
+
+
+@dataclass(frozen=True)
+class AnalysisInputs:
+    """An analysis command's arguments: one recipe to train (or reuse), or trained models
+    (none: the latest training run), and `section.key=value` overrides for either."""
+
+    recipe: Recipe | None
+    sources: tuple[str, ...]
+    overrides: tuple[str, ...]
+
+
+def parse_inputs(arguments: Sequence[str]) -> AnalysisInputs:
+    """Arguments with '=' are overrides; a .yaml/.yml file is a recipe; the rest are models."""
+    overrides = tuple(a for a in arguments if "=" in a)
+    sources = tuple(a for a in arguments if "=" not in a)
+    recipes = [s for s in sources if Path(s).suffix in (".yaml", ".yml")]
+    if not recipes:
+        return AnalysisInputs(None, sources, overrides)
+    if len(sources) > 1:
+        raise DmstabError(
+            f"give one recipe or trained models (run ids, checkpoints), not {' and '.join(sources)}"
+        )
+    return AnalysisInputs(load_recipe(recipes[0], overrides), (), overrides)
+
+
+def subjects_for(
+    inputs: AnalysisInputs,
+    *,
+    progress: Progress | None = None,
+    on_sample: Callable[[int, int], None] | None = None,
+) -> list[Subject]:
+    """The recipe's trained model, or each source's (the latest training run for none)."""
+    if inputs.recipe is not None:
+        recipe = inputs.recipe
+        return [trained_subject(recipe, label=recipe.name, progress=progress, on_sample=on_sample)]
+    return [load_subject(source, inputs.overrides) for source in inputs.sources or (None,)]

@@ -1,0 +1,139 @@
+"""`dmstab hessian`: the loss Hessian's top eigenvalues, trace and spectral density of one
+trained model on a fixed batch (AAAI Fig. 4: λ1 and the variance σ² of the eigenvalues).
+
+Every loss of `dmstab.analysis.fixed_batch` (averaged over t, and per chosen t) gets λ1..λk by
+power iteration with deflation, tr H by Hutchinson, and the eigenvalue density by stochastic
+Lanczos quadrature; its mean is tr H / P and its variance the SLQ estimate of
+(1/P)·tr H² − (tr H / P)². Everything is logged to one MLflow run of kind "hessian".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from dmstab.analysis.fixed_batch import metric_name
+from dmstab.analysis.hessian import (
+    HessianOperator,
+    Loss,
+    SpectralDensity,
+    TraceEstimate,
+    hutchinson_trace,
+    spectral_density,
+    top_eigenvalues,
+)
+from dmstab.analysis.study import AnalysisRun, analysis_losses, open_analysis
+from dmstab.analysis.subjects import Subject
+from dmstab.atomic import write_atomically
+from dmstab.plots import spectral_density_figure
+from dmstab.recipe import HessianConfig
+from dmstab.tracking import save_figure
+
+SPECTRUM_FILE = "spectrum.npz"
+
+
+@dataclass(frozen=True, eq=False)
+class Spectrum:
+    """The Hessian of one fixed-batch loss, seen through `parameters`-dimensional HVPs."""
+
+    top: list[float]
+    trace: TraceEstimate
+    density: SpectralDensity
+    parameters: int
+
+    @property
+    def mean(self) -> float:
+        """The mean eigenvalue, tr H / P."""
+        return self.trace.mean / self.parameters
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        values = {f"{prefix}/lambda_{i + 1}": value for i, value in enumerate(self.top)}
+        values[f"{prefix}/trace"] = self.trace.mean
+        values[f"{prefix}/trace_se"] = self.trace.standard_error
+        values[f"{prefix}/mean"] = self.mean
+        values[f"{prefix}/variance"] = self.density.variance()
+        return values
+
+
+def spectrum(model: nn.Module, loss: Loss, config: HessianConfig) -> Spectrum:
+    """λ1..λk, Hutchinson trace and SLQ density of ∇²loss at the model's weights (the math
+    attention kernel: CPU fused attention kernels have no forward-over-reverse derivative)."""
+    operator = HessianOperator(model, loss, method=config.method)
+    generator = torch.Generator().manual_seed(config.seed)
+    with sdpa_kernel(SDPBackend.MATH):
+        top = top_eigenvalues(
+            operator,
+            operator.size,
+            config.top_k,
+            iterations=config.max_iterations,
+            tol=config.tolerance,
+            generator=generator,
+        )
+        trace = hutchinson_trace(operator, operator.size, config.trace_samples, generator=generator)
+        density = spectral_density(
+            operator,
+            operator.size,
+            steps=config.lanczos_steps,
+            runs=config.slq_runs,
+            generator=generator,
+        )
+    return Spectrum(top, trace, density, operator.size)
+
+
+def save_spectra(spectra: Mapping[str, Spectrum], path: Path) -> Path:
+    """Raw numbers of every loss's spectrum as one .npz: `<name>/top`, `<name>/trace`
+    (mean, standard error, samples), `<name>/slq_nodes` and `<name>/slq_weights`."""
+    arrays: dict[str, Any] = {"names": np.array(json.dumps(list(spectra)))}
+    for name, item in spectra.items():
+        key = metric_name(name)
+        arrays[f"{key}/top"] = np.array(item.top)
+        trace = [item.trace.mean, item.trace.standard_error, item.trace.samples]
+        arrays[f"{key}/trace"] = np.array(trace, dtype=np.float64)
+        arrays[f"{key}/slq_nodes"] = item.density.nodes.numpy()
+        arrays[f"{key}/slq_weights"] = item.density.weights.numpy()
+        arrays[f"{key}/parameters"] = np.array(item.parameters)
+    write_atomically(path, lambda handle: np.savez(handle, **arrays))
+    return path
+
+
+@dataclass(frozen=True)
+class HessianResult:
+    run_id: str
+    spectra: dict[str, Spectrum]
+    directory: Path
+
+
+def hessian(subject: Subject, device: torch.device) -> HessianResult:
+    """The spectra of `subject`'s fixed-batch losses, logged to a new MLflow run."""
+    config = subject.recipe.hessian
+    with open_analysis(subject, "hessian") as run:
+        model, losses = analysis_losses(subject, device, config)
+        spectra = {name: spectrum(model, loss, config) for name, loss in losses.items()}
+        _log(run, spectra, subject)
+    return HessianResult(run.run_id, spectra, run.directory)
+
+
+def _log(run: AnalysisRun, spectra: Mapping[str, Spectrum], subject: Subject) -> None:
+    metrics: dict[str, float] = {
+        "hessian/parameters": float(next(iter(spectra.values())).parameters)
+    }
+    for name, item in spectra.items():
+        metrics.update(item.metrics(f"hessian/{metric_name(name)}"))
+    run.tracker.log_metrics(metrics, subject.step)
+    run.tracker.log_artifact(save_spectra(spectra, run.directory / SPECTRUM_FILE), "hessian")
+    figure = spectral_density_figure(
+        {
+            name: (item.density.nodes.numpy(), item.density.weights.numpy())
+            for name, item in spectra.items()
+        },
+        f"Hessian eigenvalue density, {subject.label} (step {subject.step})",
+    )
+    save_figure(run.tracker, figure, "hessian/density.png")

@@ -1,0 +1,131 @@
+"""`dmstab landscape`: loss surfaces around one trained model (AAAI Fig. 2) and the loss along
+the line between two checkpoints (Fig. 3), on a fixed batch with fixed noise and timesteps.
+
+- Surface: L(θ + x·d1 + y·d2) over [−span, span]² for two filter-normalised random
+  directions with biases and norm layers zeroed ("biasbn", Li et al. 2018).
+- Interpolation: L(α·θa + (1 − α)·θb) for α on [alpha_min, alpha_max], θb the earlier
+  checkpoint (the paper's epoch 10) and θa the later (epoch 100).
+
+Both use the trained (raw, not EMA) weights, every loss of `dmstab.analysis.fixed_batch`, and
+one MLflow run of kind "landscape" with the figures and the raw grids as `.npz`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmstab.analysis.fixed_batch import metric_name
+from dmstab.analysis.landscape import (
+    LandscapeGrid,
+    interpolation_curve,
+    random_direction,
+    save_landscape,
+    surface,
+)
+from dmstab.analysis.study import AnalysisRun, analysis_losses, open_analysis
+from dmstab.analysis.subjects import Subject
+from dmstab.errors import DmstabError
+from dmstab.plots import interpolation_figure, surface_figure
+from dmstab.tracking import save_figure
+
+SURFACE_FILE = "surface.npz"
+INTERPOLATION_FILE = "interpolation.npz"
+
+
+@dataclass(frozen=True)
+class LandscapeResult:
+    run_id: str
+    grid: LandscapeGrid
+    path: Path
+
+
+def surface_metrics(grid: LandscapeGrid) -> dict[str, float]:
+    """Per loss: the value at θ, the grid's mean and maximum rise above it, and the rise
+    relative to the value at θ (scale-free, for comparing models with different losses)."""
+    assert grid.ys is not None
+    centre = (int(np.argmin(np.abs(grid.ys))), int(np.argmin(np.abs(grid.xs))))
+    metrics = {}
+    for name, values in grid.values.items():
+        at_theta = float(values[centre])
+        prefix = f"landscape/{metric_name(name)}"
+        metrics[f"{prefix}/center"] = at_theta
+        metrics[f"{prefix}/mean_rise"] = float(values.mean()) - at_theta
+        metrics[f"{prefix}/max_rise"] = float(values.max()) - at_theta
+        metrics[f"{prefix}/relative_rise"] = (float(values.mean()) - at_theta) / abs(at_theta)
+    return metrics
+
+
+def loss_surface(subject: Subject, device: torch.device) -> LandscapeResult:
+    """The 2D filter-normalised surface of every fixed-batch loss around `subject`."""
+    config = subject.recipe.landscape
+    axis = np.linspace(-config.span, config.span, config.points)
+    with open_analysis(subject, "landscape") as run:
+        model, losses = analysis_losses(subject, device, config)
+        generator = torch.Generator().manual_seed(config.seed)
+        directions = (random_direction(model, generator), random_direction(model, generator))
+        values = {
+            name: surface(model, loss, directions, axis, axis) for name, loss in losses.items()
+        }
+        metadata = {"checkpoint": str(subject.checkpoint), "step": subject.step, "ignore": "biasbn"}
+        grid = LandscapeGrid(axis, axis, values, {**metadata, "seed": config.seed})
+        run.tracker.log_metrics(surface_metrics(grid), subject.step)
+        for name, array in values.items():
+            title = f"{subject.label}, {name} (step {subject.step})"
+            figure = surface_figure(axis, axis, array, title)
+            save_figure(run.tracker, figure, f"landscape/surface_{metric_name(name)}.png")
+        path = _log_grid(run, grid, SURFACE_FILE)
+    return LandscapeResult(run.run_id, grid, path)
+
+
+def interpolation(start: Subject, end: Subject, device: torch.device) -> LandscapeResult:
+    """Every fixed-batch loss along θ(α) = α·θa + (1 − α)·θb, θb = `start`, θa = `end`."""
+    config = end.recipe.landscape
+    alphas = np.linspace(config.alpha_min, config.alpha_max, config.alphas)
+    with open_analysis([start, end], "landscape") as run:
+        model, losses = analysis_losses(end, device, config)
+        curves = interpolation_curve(model, _weights(end), _weights(start), alphas, losses)
+        metadata = {
+            "theta_b": str(start.checkpoint),
+            "theta_a": str(end.checkpoint),
+            "steps": [start.step, end.step],
+            "seed": config.seed,
+        }
+        grid = LandscapeGrid(alphas, None, curves, metadata)
+        run.tracker.log_metrics(_curve_metrics(alphas, curves), end.step)
+        title = f"{start.label} (α=0) → {end.label} (α=1)"
+        save_figure(
+            run.tracker, interpolation_figure(alphas, curves, title), "landscape/interpolation.png"
+        )
+        path = _log_grid(run, grid, INTERPOLATION_FILE)
+    return LandscapeResult(run.run_id, grid, path)
+
+
+def _weights(subject: Subject) -> dict[str, torch.Tensor]:
+    weights = subject.state.get("model")
+    if not isinstance(weights, dict):
+        raise DmstabError(f"checkpoint {subject.checkpoint} has no model weights")
+    return weights
+
+
+def _curve_metrics(alphas: np.ndarray, curves: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Per loss: the values at α = 0 and 1 (when on the grid) and the largest rise above the
+    straight line between the two ends (a barrier; 0 for a convex path)."""
+    metrics = {}
+    for name, values in curves.items():
+        prefix = f"landscape/{metric_name(name)}"
+        line = np.interp(alphas, [alphas[0], alphas[-1]], [values[0], values[-1]])
+        metrics[f"{prefix}/barrier"] = float((values - line).max())
+        metrics[f"{prefix}/start"] = float(values[0])
+        metrics[f"{prefix}/end"] = float(values[-1])
+    return metrics
+
+
+def _log_grid(run: AnalysisRun, grid: LandscapeGrid, filename: str) -> Path:
+    path = save_landscape(grid, run.directory / filename)
+    run.tracker.log_artifact(path, "landscape")
+    return path
