@@ -575,6 +575,53 @@ def _analysis_subjects(arguments: list[str] | None) -> list[Any]:
 @app.command(
     epilog=(
         "Examples:\n\n"
+        "  dmstab consistency recipes/mini_table1_dm_consistency.yaml   # trains the group\n\n"
+        "  dmstab consistency RUN_A RUN_B RUN_C consistency.num_images=32\n\n"
+        "  dmstab consistency a.pt b.pt consistency.samplers=[ddpm,ddim] sample.steps=100"
+    )
+)
+@user_errors
+def consistency(arguments: Analyzed = None) -> None:
+    """Same noise, N models: PSNR of their images, AAAI Eq. 1 (Table 1, Fig. 1)."""
+    from dmstab.analysis.subjects import load_subject, parse_inputs
+    from dmstab.consistency_study import consistency as run_consistency
+    from dmstab.consistency_study import trained_group
+    from dmstab.console import SampleProgress, TrainProgress, console
+    from dmstab.devices import pick_device
+
+    inputs = parse_inputs(arguments or [])
+    if inputs.recipe is not None:
+        subjects = trained_group(
+            inputs.recipe, progress=TrainProgress(), on_sample=SampleProgress("sample")
+        )
+    else:
+        if len(inputs.sources) < 2:
+            raise DmstabError(
+                "give a recipe with consistency.members, or at least two trained models"
+            )
+        subjects = [load_subject(source, inputs.overrides) for source in inputs.sources]
+    device = pick_device(subjects[0].recipe.train.device)
+    report = run_consistency(subjects, device, SampleProgress("sample"))
+    console.print(
+        f"[green]done[/] consistency of {len(subjects)} models (reference: {report.labels[0]})"
+    )
+    for scored in report.scores:
+        result = scored.result
+        console.print(
+            f"  {scored.name:>10}  C = {result.score:.2f} dB over {result.num_pairs} pairs"
+            f"  ({result.identical_pairs} identical, capped at {result.cap:.1f} dB)"
+        )
+        for label, row in zip(report.labels[1:], result.per_pair, strict=True):
+            console.print(f"  {'':>10}  {report.labels[0]} vs {label}: {row.mean():.2f} dB")
+        for target, by_target in scored.by_target.items():
+            console.print(f"  {'':>10}  target {target} only: {by_target.score:.2f} dB")
+    console.print(f"  run     {report.run_id}   (images and scores: {report.directory})")
+    console.print(f"  browse  {_browse_hint(subjects[0].recipe.tracking.uri)}")
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
         "  dmstab hessian recipes/mini_fig4_hessian_dm.yaml     # trains it first if needed\n\n"
         "  dmstab hessian RUN_ID hessian.top_k=5 hessian.timesteps=[10,500]\n\n"
         "  dmstab hessian runs/RUN_ID/checkpoint.pt hessian.method=double_backward"

@@ -1,0 +1,223 @@
+"""`dmstab consistency`: how alike a group of trained models' images are for the same noise
+(AAAI 2024 Eq. 1, Table 1, Fig. 1).
+
+Every model draws `consistency.num_images` images with ONE sampling configuration, so image i
+of every model starts from the same x_T and gets the same per-step noise (a GAN: the same z).
+The group is scored once per sampler in `consistency.samplers` and, within each sampler, per
+prediction target for the members that share one (the paper credits ε-prediction near t → T).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dmstab.analysis.consistency import ConsistencyResult, consistency_score
+from dmstab.analysis.study import AnalysisRun, open_analysis
+from dmstab.analysis.subjects import Subject, trained_subject
+from dmstab.atomic import write_atomically
+from dmstab.errors import DmstabError
+from dmstab.generate import generate_for_recipe
+from dmstab.plots import consistency_grid
+from dmstab.recipe import GAN_MODELS, Recipe, SampleConfig, apply_overrides, from_mapping, to_dict
+from dmstab.tracking import save_figure
+from dmstab.train.loop import Progress
+
+
+def member_recipes(recipe: Recipe) -> list[tuple[str, Recipe]]:
+    """The group `consistency.members` defines: (label, the recipe with that member's
+    space-separated overrides) for each member."""
+    members = recipe.consistency.members
+    if len(members) < 2:
+        raise DmstabError(
+            f"consistency.members lists {len(members)} model(s); a group needs at least 2 "
+            '(e.g. ["train.seed=0", "train.seed=1", "train.seed=2"])'
+        )
+    tree = to_dict(recipe)
+    return [
+        (member or recipe.name, from_mapping(apply_overrides(tree, member.split())))
+        for member in members
+    ]
+
+
+def trained_group(
+    recipe: Recipe,
+    *,
+    progress: Progress | None = None,
+    on_sample: Callable[[int, int], None] | None = None,
+) -> list[Subject]:
+    """Every member of the recipe's group, trained now or reused from a finished run."""
+    return [
+        trained_subject(member, label=label, progress=progress, on_sample=on_sample)
+        for label, member in member_recipes(recipe)
+    ]
+
+
+def _is_gan(recipe: Recipe) -> bool:
+    return recipe.model.name in GAN_MODELS
+
+
+def _noise_signature(subject: Subject) -> dict[str, object]:
+    """What must agree for two models to receive the same noise for the same seed."""
+    recipe = subject.recipe
+    signature: dict[str, object] = {
+        "kind": "GAN" if _is_gan(recipe) else "diffusion model",
+        "data.resolution": recipe.data.resolution,
+        "image channels": 4 if recipe.data.name == "latents" else 3,
+        "class conditioning (classes)": subject.num_classes if recipe.model.class_cond else 0,
+    }
+    if _is_gan(recipe):
+        signature["gan.z_dim"] = recipe.gan.z_dim
+    else:
+        signature["diffusion.formulation"] = recipe.diffusion.formulation
+        signature["diffusion.steps"] = recipe.diffusion.steps
+    return signature
+
+
+def require_shared_noise(subjects: Sequence[Subject]) -> None:
+    """One line naming the first setting that stops the models from sharing noise."""
+    if len(subjects) < 2:
+        raise DmstabError(f"consistency compares at least 2 models; got {len(subjects)}")
+    reference = _noise_signature(subjects[0])
+    for subject in subjects[1:]:
+        for key, value in _noise_signature(subject).items():
+            if value != reference[key]:
+                raise DmstabError(
+                    f"{subjects[0].label} and {subject.label} cannot share noise: {key} is "
+                    f"{reference[key]} vs {value}"
+                )
+
+
+def sample_settings(subjects: Sequence[Subject]) -> list[SampleConfig]:
+    """One SampleConfig per sampler, from the first model's recipe, for every model."""
+    recipe = subjects[0].recipe
+    config = dataclasses.replace(recipe.sample, num_images=recipe.consistency.num_images)
+    if _is_gan(recipe):
+        return [config]
+    samplers = recipe.consistency.samplers or (config.sampler,)
+    return [dataclasses.replace(config, sampler=sampler) for sampler in samplers]
+
+
+def sampler_name(recipe: Recipe, config: SampleConfig) -> str:
+    return "gan" if _is_gan(recipe) else f"{config.sampler}{config.steps}"
+
+
+def group_images(
+    subjects: Sequence[Subject],
+    config: SampleConfig,
+    device: torch.device,
+    callback: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """uint8 images (N models, M seeds, C, H, W), every model sampled with `config`."""
+    images = []
+    for subject in subjects:
+        model = subject.network(device, use_ema=config.use_ema)
+        images.append(
+            generate_for_recipe(
+                model,
+                subject.recipe,
+                dataset_classes=subject.num_classes,
+                device=device,
+                callback=callback,
+                sample=config,
+            )
+        )
+    return torch.stack(images)
+
+
+@dataclass(frozen=True)
+class SamplerScores:
+    """The group's Eq. 1 score for one sampler, and per prediction target."""
+
+    name: str
+    result: ConsistencyResult
+    by_target: dict[str, ConsistencyResult]
+
+
+def score_group(subjects: Sequence[Subject], images: torch.Tensor, name: str) -> SamplerScores:
+    targets: dict[str, list[int]] = {}
+    if not _is_gan(subjects[0].recipe):
+        for index, subject in enumerate(subjects):
+            targets.setdefault(subject.recipe.diffusion.target, []).append(index)
+    by_target = {
+        target: consistency_score(images[indices])
+        for target, indices in targets.items()
+        if len(indices) >= 2 and len(targets) > 1
+    }
+    return SamplerScores(name, consistency_score(images), by_target)
+
+
+@dataclass(frozen=True)
+class ConsistencyReport:
+    run_id: str
+    labels: list[str]
+    scores: list[SamplerScores]
+    directory: Path
+
+
+def consistency(
+    subjects: Sequence[Subject],
+    device: torch.device,
+    callback: Callable[[int, int], None] | None = None,
+) -> ConsistencyReport:
+    """Sample every model with each shared configuration, score Eq. 1, log one MLflow run."""
+    require_shared_noise(subjects)
+    labels = [subject.label for subject in subjects]
+    scores = []
+    with open_analysis(subjects, "consistency") as run:
+        for config in sample_settings(subjects):
+            images = group_images(subjects, config, device, callback)
+            name = sampler_name(subjects[0].recipe, config)
+            scored = score_group(subjects, images, name)
+            _log(run, scored, images, labels, subjects[0].step)
+            scores.append(scored)
+        run.tracker.log_metrics({"consistency/psnr": scores[0].result.score}, 0)
+    return ConsistencyReport(run.run_id, labels, scores, run.directory)
+
+
+def _summary(result: ConsistencyResult) -> dict[str, Any]:
+    return {
+        "score": result.score,
+        "cap": result.cap,
+        "identical_pairs": result.identical_pairs,
+        "pairs": result.num_pairs,
+        "per_pair": result.per_pair.tolist(),
+        "per_seed": result.per_seed.tolist(),
+        "pairwise": [[None if np.isnan(v) else v for v in row] for row in result.pairwise],
+    }
+
+
+def _log(
+    run: AnalysisRun, scored: SamplerScores, images: torch.Tensor, labels: list[str], step: int
+) -> None:
+    prefix = f"consistency/{scored.name}"
+    metrics = {
+        f"{prefix}/psnr": scored.result.score,
+        f"{prefix}/identical_pairs": float(scored.result.identical_pairs),
+    }
+    for target, result in scored.by_target.items():
+        metrics[f"{prefix}/target_{target}/psnr"] = result.score
+    run.tracker.log_metrics(metrics, 0)
+    directory = run.directory / scored.name
+    npz = directory / "images.npz"
+    write_atomically(npz, lambda handle: np.savez(handle, images=images.numpy(), labels=labels))
+    report = {
+        "labels": labels,
+        "training_step_of_first_model": step,
+        **_summary(scored.result),
+        "by_target": {target: _summary(result) for target, result in scored.by_target.items()},
+    }
+    scores_file = directory / "scores.json"
+    text = json.dumps(report, indent=2)
+    write_atomically(scores_file, lambda handle: handle.write(text.encode()))
+    run.tracker.log_artifact(npz, prefix)
+    run.tracker.log_artifact(scores_file, prefix)
+    figure = consistency_grid(images, labels, psnr=scored.result.per_pair)
+    save_figure(run.tracker, figure, f"{prefix}/grid.png")

@@ -1,0 +1,118 @@
+"""`dmstab consistency` through the CLI on tiny trained DMs (AAAI Eq. 1)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from dmstab.recipe import load_recipe
+from dmstab.train.loop import TrainResult, train
+
+from .conftest import RECIPES, TINY, store
+from .test_cli import dmstab
+
+SMALL = [*TINY, "model.attention_resolutions=[]", "data.resolution=8"]
+SAMPLING = ["consistency.num_images=3", "sample.steps=4", "sample.batch_size=3"]
+
+
+def _train(*extra: str) -> TrainResult:
+    return train(load_recipe(RECIPES / "quickstart.yaml", [*SMALL, *extra]))
+
+
+def _consistency_runs(client: MlflowClient) -> list[str]:
+    experiment = client.get_experiment_by_name("tests")
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string="tags.`dmstab.kind` = 'consistency'",
+        order_by=["attributes.start_time DESC"],
+    )
+    return [str(run.info.run_id) for run in runs]
+
+
+def _independent_eq_1(images: np.ndarray) -> float:
+    """Eq. 1 from scratch: PSNR = 10·log10(255² / MSE) against model 1, mean over j ≥ 2, i."""
+    values = []
+    for j in range(1, images.shape[0]):
+        for i in range(images.shape[1]):
+            diff = images[0, i].astype(np.float64) - images[j, i].astype(np.float64)
+            values.append(10 * math.log10(255.0**2 / np.mean(diff**2)))
+    return float(np.mean(values))
+
+
+def test_checkpoint_and_run_id_give_eq_1_of_the_logged_images() -> None:
+    first, second, third = _train(), _train("train.seed=1"), _train("train.seed=2")
+    result = dmstab(
+        "consistency", str(first.checkpoint), second.run_id, str(third.run_dir), *SAMPLING
+    )
+    assert result.returncode == 0, result.stderr
+    client = store()
+    (run_id,) = _consistency_runs(client)
+    directory = Path("analyses/consistency") / run_id / "ddim4"
+    with np.load(directory / "images.npz") as arrays:
+        images = arrays["images"]
+    assert images.shape == (3, 3, 3, 8, 8) and images.dtype == np.uint8
+    expected = _independent_eq_1(images)
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["consistency/psnr"] == pytest.approx(expected, rel=1e-9)
+    assert metrics["consistency/ddim4/psnr"] == pytest.approx(expected, rel=1e-9)
+    scores = json.loads((directory / "scores.json").read_text())
+    assert np.array(scores["per_pair"]).shape == (2, 3)
+    artifacts = {a.path for a in client.list_artifacts(run_id, "consistency/ddim4")}
+    assert {"images.npz", "scores.json", "grid.png"} <= {Path(a).name for a in artifacts}
+
+
+def test_the_same_model_twice_is_counted_identical_and_scores_the_cap() -> None:
+    run = _train()
+    result = dmstab("consistency", str(run.checkpoint), run.run_id, *SAMPLING)
+    assert result.returncode == 0, result.stderr
+    metrics = store().get_run(_consistency_runs(store())[0]).data.metrics
+    assert metrics["consistency/ddim4/identical_pairs"] == 3
+    assert metrics["consistency/psnr"] == pytest.approx(10 * math.log10(255.0**2 * 3 * 8 * 8))
+
+
+def test_a_recipe_trains_its_group_once_and_scores_samplers_and_targets() -> None:
+    recipe = RECIPES / "quickstart.yaml"
+    members = (
+        'consistency.members=["train.seed=0", "train.seed=1", '
+        '"train.seed=0 diffusion.target=x0", "train.seed=1 diffusion.target=x0"]'
+    )
+    arguments = [str(recipe), *SMALL, members, "consistency.samplers=[ddpm,ddim]", *SAMPLING]
+    assert dmstab("consistency", *arguments).returncode == 0
+    client = store()
+    experiment = client.get_experiment_by_name("tests").experiment_id
+    trained = client.search_runs([experiment], filter_string="tags.`dmstab.kind` = 'train'")
+    assert len(trained) == 4
+    again = dmstab("consistency", *arguments)
+    assert again.returncode == 0, again.stderr
+    assert len(client.search_runs([experiment], "tags.`dmstab.kind` = 'train'")) == 4
+    metrics = client.get_run(_consistency_runs(client)[0]).data.metrics
+    for sampler in ("ddpm4", "ddim4"):
+        for target in ("eps", "x0"):
+            assert f"consistency/{sampler}/target_{target}/psnr" in metrics
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["data.resolution=16"], "cannot share noise: data.resolution is 8 vs 16"),
+        (["diffusion.steps=50"], "cannot share noise: diffusion.steps is 100 vs 50"),
+    ],
+)
+def test_models_that_cannot_share_noise_are_refused(extra: list[str], message: str) -> None:
+    first, other = _train(), _train(*extra)
+    result = dmstab("consistency", first.run_id, other.run_id, *SAMPLING)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_fewer_than_two_models_is_one_line_and_exit_2() -> None:
+    run = _train()
+    for arguments in ([run.run_id], [str(RECIPES / "quickstart.yaml"), *SMALL]):
+        result = dmstab("consistency", *arguments)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
