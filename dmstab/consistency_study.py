@@ -24,7 +24,7 @@ from dmstab.analysis.study import AnalysisRun, open_analysis
 from dmstab.analysis.subjects import Subject, trained_subject
 from dmstab.atomic import write_atomically
 from dmstab.errors import DmstabError
-from dmstab.generate import generate_for_recipe
+from dmstab.generate import generate_for_recipe, sampler_label
 from dmstab.plots import consistency_grid
 from dmstab.recipe import GAN_MODELS, Recipe, SampleConfig, apply_overrides, from_mapping, to_dict
 from dmstab.tracking import save_figure
@@ -105,10 +105,6 @@ def sample_settings(subjects: Sequence[Subject]) -> list[SampleConfig]:
     return [dataclasses.replace(config, sampler=sampler) for sampler in samplers]
 
 
-def sampler_name(recipe: Recipe, config: SampleConfig) -> str:
-    return "gan" if _is_gan(recipe) else f"{config.sampler}{config.steps}"
-
-
 def group_images(
     subjects: Sequence[Subject],
     config: SampleConfig,
@@ -174,7 +170,7 @@ def consistency(
     with open_analysis(subjects, "consistency") as run:
         for config in sample_settings(subjects):
             images = group_images(subjects, config, device, callback)
-            name = sampler_name(subjects[0].recipe, config)
+            name = sampler_label(subjects[0].recipe, config)
             scored = score_group(subjects, images, name)
             _log(run, scored, images, labels, subjects[0].step)
             scores.append(scored)

@@ -21,6 +21,7 @@ from dmstab.diffusion.edm_sampling import Churn, heun_sample, karras_sigmas, unc
 from dmstab.diffusion.objectives import one_hot_labels
 from dmstab.diffusion.sampling import NoiseSource, sample_images
 from dmstab.errors import DmstabError
+from dmstab.gan import is_gan, latent_shape, sample_gan
 from dmstab.plots import save_grid, to_uint8
 from dmstab.recipe import Recipe, SampleConfig
 from dmstab.train.distributed import SINGLE_PROCESS, DistributedContext
@@ -36,6 +37,19 @@ def class_labels(first_index: int, count: int, num_classes: int) -> torch.Tensor
 BatchSampler = Callable[[NoiseSource, torch.Tensor | None], torch.Tensor]
 
 
+def sampler_label(recipe: Recipe, cfg: SampleConfig) -> str:
+    """How images were drawn, for file and metric names: "ddim50", "heun32", or "gan"."""
+    return "gan" if is_gan(recipe) else f"{cfg.sampler}{cfg.steps}"
+
+
+def noise_shape(recipe: Recipe) -> tuple[int, int, int]:
+    """Each image's noise draws: x_T's shape for a diffusion model, z's for a GAN."""
+    if is_gan(recipe):
+        return latent_shape(recipe)
+    channels = 4 if recipe.data.name == "latents" else 3
+    return (channels, recipe.data.resolution, recipe.data.resolution)
+
+
 def _batch_sampler(
     model: nn.Module,
     recipe: Recipe,
@@ -45,8 +59,10 @@ def _batch_sampler(
     device: torch.device,
     callback: Callable[[int, int], None] | None,
 ) -> BatchSampler:
-    """(noise, labels) → one batch in data space, float32: DDPM/DDIM ancestral steps or EDM's
-    Heun ODE; the schedule is built once for all batches."""
+    """(noise, labels) → one batch in data space, float32: DDPM/DDIM ancestral steps, EDM's
+    Heun ODE, or a GAN generator's G(z, y); the schedule is built once for all batches."""
+    if is_gan(recipe):
+        return lambda noise, labels: sample_gan(model, noise, labels)
     if recipe.diffusion.formulation == "edm":
         sigmas = karras_sigmas(cfg.steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
         churn = Churn(cfg.s_churn, cfg.s_min, cfg.s_max, cfg.s_noise) if cfg.s_churn else None
@@ -119,8 +135,7 @@ def generate_for_recipe(
         )
     share = context.shard(cfg.num_images)
     num_classes = dataset_classes if recipe.model.class_cond else 0
-    channels = 4 if recipe.data.name == "latents" else 3
-    shape = (channels, recipe.data.resolution, recipe.data.resolution)
+    shape = noise_shape(recipe)
     guide_denoiser = unconditional(model) if cfg.guide == "self" else guide
     decode = (
         latent_image_decoder(recipe.data, device, preview_without_vae=preview_latents_without_vae)

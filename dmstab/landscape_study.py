@@ -27,9 +27,14 @@ from dmstab.analysis.landscape import (
     save_landscape,
     surface,
 )
-from dmstab.analysis.study import AnalysisRun, analysis_losses, open_analysis
+from dmstab.analysis.study import (
+    AnalysisRun,
+    analysis_losses,
+    interpolation_losses,
+    open_analysis,
+    trained_weights,
+)
 from dmstab.analysis.subjects import Subject
-from dmstab.errors import DmstabError
 from dmstab.plots import interpolation_figure, surface_figure
 from dmstab.tracking import save_figure
 
@@ -87,8 +92,9 @@ def interpolation(start: Subject, end: Subject, device: torch.device) -> Landsca
     config = end.recipe.landscape
     alphas = np.linspace(config.alpha_min, config.alpha_max, config.alphas)
     with open_analysis([start, end], "landscape") as run:
-        model, losses = analysis_losses(end, device, config)
-        curves = interpolation_curve(model, _weights(end), _weights(start), alphas, losses)
+        model, losses = interpolation_losses(end, device, config)
+        weights_a, weights_b = trained_weights(end), trained_weights(start)
+        curves = interpolation_curve(model, weights_a, weights_b, alphas, losses)
         metadata = {
             "theta_b": str(start.checkpoint),
             "theta_a": str(end.checkpoint),
@@ -103,13 +109,6 @@ def interpolation(start: Subject, end: Subject, device: torch.device) -> Landsca
         )
         path = _log_grid(run, grid, INTERPOLATION_FILE)
     return LandscapeResult(run.run_id, grid, path)
-
-
-def _weights(subject: Subject) -> dict[str, torch.Tensor]:
-    weights = subject.state.get("model")
-    if not isinstance(weights, dict):
-        raise DmstabError(f"checkpoint {subject.checkpoint} has no model weights")
-    return weights
 
 
 def _curve_metrics(alphas: np.ndarray, curves: Mapping[str, np.ndarray]) -> dict[str, float]:

@@ -578,6 +578,9 @@ def _validate_model(recipe: Recipe) -> None:
     if m.name == "uvit":
         _validate_uvit(recipe)
         return
+    if m.name in GAN_MODELS:
+        _validate_gan(recipe)
+        return
     _require(m.channels >= 1, "model.channels must be positive")
     _require(len(m.channel_mult) >= 1, "model.channel_mult needs at least one level")
     _require(min(m.channel_mult) >= 1, "model.channel_mult entries must be positive")
@@ -609,6 +612,43 @@ def _validate_model(recipe: Recipe) -> None:
         from dmstab.models.edm2_unet import edm2_config
 
         edm2_config(recipe, num_classes=1)  # the network's own layout and switch checks
+
+
+def _validate_gan(recipe: Recipe) -> None:
+    """A GAN trains with its own two Adams, no diffusion objective and no DDP (docs/gans.md)."""
+    g, tr, resolution = recipe.gan, recipe.train, recipe.data.resolution
+    name = recipe.model.name
+    if name == "dcgan":
+        _require(
+            not recipe.model.class_cond,
+            "DCGAN is unconditional: set model.class_cond false "
+            "(model.name biggan is the class-conditional GAN)",
+        )
+        _require(
+            resolution >= 16 and resolution & (resolution - 1) == 0,
+            f"DCGAN needs data.resolution a power of two >= 16; got {resolution}",
+        )
+    else:
+        _require(
+            resolution in (32, 64, 128),
+            f"biggan supports data.resolution 32, 64 or 128; got {resolution}",
+        )
+    _require(recipe.data.name != "latents", f"model.name {name} trains on images, not latents")
+    _require(
+        min(g.z_dim, g.g_channels, g.d_channels, g.shared_dim, g.d_steps) >= 1,
+        "gan.z_dim, g_channels, d_channels, shared_dim and d_steps must be at least 1",
+    )
+    _require(g.g_lr > 0 and g.d_lr > 0, "gan.g_lr and gan.d_lr must be positive")
+    _require(all(0 <= b < 1 for b in g.betas), f"gan.betas {list(g.betas)} must lie in [0, 1)")
+    unsupported = {
+        "train.nonfinite: skip": tr.nonfinite == "skip",
+        "train.spike_factor": tr.spike_factor != 0,
+        "train.magnitudes_every": tr.magnitudes_every != 0,
+        "train.micro_batch_size": tr.micro_batch_size not in (0, tr.batch_size),
+        "ema.power_sigma_rels": bool(recipe.ema.power_sigma_rels),
+    }
+    for key, used in unsupported.items():
+        _require(not used, f"{key} is for diffusion models; GAN training does not support it")
 
 
 def _validate_uvit(recipe: Recipe) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dmstab.devices import pick_device
-from dmstab.generate import generate_for_recipe, write_samples
+from dmstab.generate import generate_for_recipe, sampler_label, write_samples
 from dmstab.networks import find_checkpoint, load_guide, network_from_state, stored_recipe
 from dmstab.tracking import TAG_PARENT, MlflowTracker, NullTracker, Tracker, tracked_run
 from dmstab.train.checkpoint import load_checkpoint
@@ -64,7 +64,7 @@ def sample(
             return None
         assert tracker.run_id is not None
         directory = out_dir or Path("samples") / tracker.run_id
-        stem = f"{recipe.sample.sampler}{recipe.sample.steps}_seed{recipe.sample.seed}"
+        stem = f"{sampler_label(recipe, recipe.sample)}_seed{recipe.sample.seed}"
         npz, grid = write_samples(images, directory, stem)
         step = int(state.get("step", 0))
         tracker.log_metrics({"sample/num_images": float(len(images))}, step)

@@ -116,3 +116,32 @@ def test_fewer_than_two_models_is_one_line_and_exit_2() -> None:
         result = dmstab("consistency", *arguments)
         assert result.returncode == 2, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_two_gans_share_z_and_a_gan_cannot_join_a_diffusion_group() -> None:
+    gan = [
+        "data.synthetic_size=64",
+        "data.resolution=16",
+        "gan.g_channels=4",
+        "gan.d_channels=4",
+        "gan.z_dim=8",
+        "train.batch_size=8",
+        "train.steps=3",
+        "tracking.experiment=tests",
+    ]
+    first, second = (
+        train(load_recipe(RECIPES / "mini_dcgan.yaml", [*gan, f"train.seed={seed}"]))
+        for seed in (0, 1)
+    )
+    result = dmstab("consistency", first.run_id, second.run_id, "consistency.num_images=4")
+    assert result.returncode == 0, result.stderr
+    (run_id,) = _consistency_runs(store())
+    with np.load(Path("analyses/consistency") / run_id / "gan" / "images.npz") as arrays:
+        images = arrays["images"]
+    assert images.shape == (2, 4, 3, 16, 16)
+    metrics = store().get_run(run_id).data.metrics
+    assert metrics["consistency/gan/psnr"] == pytest.approx(_independent_eq_1(images), rel=1e-9)
+    diffusion = train(load_recipe(RECIPES / "quickstart.yaml", [*TINY, "data.resolution=16"]))
+    mixed = dmstab("consistency", first.run_id, diffusion.run_id)
+    assert mixed.returncode == 2
+    assert "cannot share noise: kind is GAN vs diffusion model" in mixed.stderr

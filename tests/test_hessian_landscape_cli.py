@@ -137,3 +137,52 @@ def test_bad_input_is_one_line_and_exit_2(
     result = dmstab(*resolved)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+GAN = [
+    "data.synthetic_size=64",
+    "data.resolution=16",
+    "gan.g_channels=4",
+    "gan.d_channels=4",
+    "gan.z_dim=8",
+    "train.batch_size=8",
+    "train.steps=6",
+    "train.checkpoint_every=2",
+    "train.keep_checkpoints=[2]",
+    "tracking.experiment=tests",
+]
+
+
+def test_gan_hessian_of_the_generator_loss_and_interpolation_of_both_losses() -> None:
+    run = train(load_recipe(RECIPES / "mini_dcgan.yaml", GAN))
+    options = [*HESSIAN[:1], *HESSIAN[2:]]  # no timesteps for a GAN
+    result = dmstab("hessian", run.run_id, *options)
+    assert result.returncode == 0, result.stderr
+    metrics = store().get_run(_latest_run(store(), "hessian")).data.metrics
+    top = metrics["hessian/generator/lambda_1"]
+    subject = load_subject(run.run_id, options)
+    model, losses = analysis_losses(subject, torch.device("cpu"), subject.recipe.hessian)
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(3):  # |vᵀHv| ≤ |λ1|, λ1 the eigenvalue of largest magnitude
+        vector = [torch.randn(p.shape, generator=generator) for p in model.parameters()]
+        norm = torch.sqrt(sum((v**2).sum() for v in vector))
+        vector = [v / norm for v in vector]
+        hv = _hvp(model, losses["generator"](model), vector)
+        assert abs(float(sum((h * v).sum() for h, v in zip(hv, vector, strict=True)))) <= abs(
+            top
+        ) * (1 + 1e-3)
+
+    landscape = ["landscape.interpolate=[2,6]", "landscape.alphas=3", "landscape.batch_size=4"]
+    assert dmstab("landscape", str(run.checkpoint), *landscape).returncode == 0
+    grid = load_landscape(
+        Path("analyses/landscape") / _latest_run(store(), "landscape") / "interpolation.npz"
+    )
+    assert set(grid.values) == {"generator", "discriminator"}
+    for alpha_index, step in ((0, 2), (2, 6)):
+        for network in ("generator", "discriminator"):
+            kept = load_subject(
+                str(run.checkpoint), [*landscape, f"landscape.network={network}"]
+            ).kept(step)
+            model, losses = analysis_losses(kept, torch.device("cpu"), kept.recipe.landscape)
+            expected = evaluate(losses[network], model)
+            assert grid.values[network][alpha_index] == pytest.approx(expected, rel=1e-6)

@@ -3,18 +3,28 @@ network with its fixed-batch losses."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from dmstab.analysis.fixed_batch import diffusion_losses, fixed_batch
+from dmstab.analysis.fixed_batch import FixedBatch, diffusion_losses, fixed_batch
 from dmstab.analysis.hessian import Loss
 from dmstab.analysis.subjects import Subject
+from dmstab.errors import DmstabError
+from dmstab.gan import (
+    GanLosses,
+    GanPair,
+    discriminator_from_state,
+    gan_losses,
+    is_gan,
+    seeded_latents,
+)
+from dmstab.recipe import Recipe
 from dmstab.tracking import TAG_PARENT, MlflowTracker, Tracker, tracked_run
 
 ANALYSES_DIR = Path("analyses")
@@ -29,6 +39,8 @@ class FixedBatchSettings(Protocol):
     def timesteps(self) -> tuple[int, ...]: ...
     @property
     def seed(self) -> int: ...
+    @property
+    def network(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -60,16 +72,81 @@ def open_analysis(subjects: Subject | Sequence[Subject], kind: str) -> Iterator[
 def analysis_losses(
     subject: Subject, device: torch.device, settings: FixedBatchSettings
 ) -> tuple[nn.Module, dict[str, Loss]]:
-    """The subject's trained (raw, not EMA) network on `device` and its fixed-batch losses."""
-    model = subject.network(device, use_ema=False)
+    """The network whose weights the analysis moves, on `device`, and its fixed-batch losses:
+    a DM's trained (raw, not EMA) network with the t-averaged and per-t losses, or a GAN's
+    `settings.network` with its own loss, the other network fixed."""
     recipe = subject.recipe
     batch = fixed_batch(recipe, settings.batch_size, settings.seed, device)
-    losses = diffusion_losses(
-        recipe,
-        subject.num_classes,
-        batch,
-        settings.timesteps,
-        seed=settings.seed,
-        step=subject.step,
-    )
-    return model, losses
+    if not is_gan(recipe):
+        model = subject.network(device, use_ema=False)
+        losses = diffusion_losses(
+            recipe,
+            subject.num_classes,
+            batch,
+            settings.timesteps,
+            seed=settings.seed,
+            step=subject.step,
+        )
+        return model, losses
+    if settings.timesteps:
+        raise DmstabError("timesteps are for diffusion models; a GAN's loss has none")
+    pair = _gan_pair(subject, device)
+    both = _gan_loss_function(subject.recipe, batch, settings.seed)
+    if settings.network == "generator":
+        return pair.generator, {"generator": lambda g: both(g, pair.discriminator).generator}
+    return pair.discriminator, {"discriminator": lambda d: both(pair.generator, d).discriminator}
+
+
+def interpolation_losses(
+    subject: Subject, device: torch.device, settings: FixedBatchSettings
+) -> tuple[nn.Module, dict[str, Loss]]:
+    """What moves along θ(α): a DM's network with its losses, or a GAN's two networks
+    together (`GanPair`) with the generator's and the discriminator's loss."""
+    if not is_gan(subject.recipe):
+        return analysis_losses(subject, device, settings)
+    batch = fixed_batch(subject.recipe, settings.batch_size, settings.seed, device)
+    both = _gan_loss_function(subject.recipe, batch, settings.seed)
+
+    def of_pair(module: nn.Module) -> GanLosses:
+        assert isinstance(module, GanPair)
+        return both(module.generator, module.discriminator)
+
+    return _gan_pair(subject, device), {
+        "generator": lambda module: of_pair(module).generator,
+        "discriminator": lambda module: of_pair(module).discriminator,
+    }
+
+
+def trained_weights(subject: Subject) -> dict[str, Tensor]:
+    """The raw trained weights in the layout `interpolation_losses` moves."""
+    weights = subject.state.get("model")
+    if not isinstance(weights, dict):
+        raise DmstabError(f"checkpoint {subject.checkpoint} has no model weights")
+    if not is_gan(subject.recipe):
+        return weights
+    discriminator = discriminator_from_state(subject.state, subject.recipe, subject.checkpoint)
+    return {
+        **{f"generator.{k}": v for k, v in weights.items()},
+        **{f"discriminator.{k}": v for k, v in discriminator.state_dict().items()},
+    }
+
+
+def _gan_pair(subject: Subject, device: torch.device) -> GanPair:
+    """The checkpoint's raw generator and its discriminator, in eval mode (batch-norm running
+    statistics, no spectral-norm power iteration: the losses are functions of the weights)."""
+    generator = subject.network(device, use_ema=False)
+    discriminator = discriminator_from_state(subject.state, subject.recipe, subject.checkpoint)
+    return GanPair(generator, discriminator.to(device)).eval()
+
+
+def _gan_loss_function(
+    recipe: Recipe, batch: FixedBatch, seed: int
+) -> Callable[[nn.Module, nn.Module], GanLosses]:
+    """(generator, discriminator) → both GAN losses on the fixed real batch and the fixed z of
+    images 0…B−1 for `seed` (fakes get the real batch's labels)."""
+    z = seeded_latents(recipe, 0, batch.x0.shape[0], seed).to(batch.x0.device)
+
+    def losses(generator: nn.Module, discriminator: nn.Module) -> GanLosses:
+        return gan_losses(generator, discriminator, batch.x0, batch.labels, z, recipe.gan.loss)
+
+    return losses

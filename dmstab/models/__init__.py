@@ -4,19 +4,24 @@ from __future__ import annotations
 
 from torch import nn
 
-from dmstab.recipe import Recipe
+from dmstab.recipe import GAN_MODELS, Recipe
 
 
 def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
     """The recipe's network; `num_classes` comes from the dataset (used when class_cond).
 
-    For `edm2_unet` this is the EDM denoiser D(x, σ, one-hot labels): the UNet wrapped in EDM's
-    preconditioning, with the UNet's learned uncertainty u(σ) for the EDM2 loss.
+    For a GAN (`dcgan`, `biggan`) it is the generator. For `edm2_unet` it is the EDM denoiser
+    D(x, σ, one-hot labels): the UNet wrapped in EDM's preconditioning, with the UNet's learned
+    uncertainty u(σ) for the EDM2 loss.
     """
     if recipe.model.name == "edm2_unet":
         return _edm2_denoiser(recipe, num_classes)
     if recipe.model.name == "uvit":
         return _uvit(recipe, num_classes)
+    if recipe.model.name in GAN_MODELS:  # a GAN's generator; dmstab.gan builds its discriminator
+        from dmstab.gan import build_generator
+
+        return build_generator(recipe, num_classes)
     from dmstab.models.adm_unet import ADMUNet
 
     m = recipe.model

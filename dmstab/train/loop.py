@@ -43,6 +43,7 @@ from dmstab.models import build_model, count_parameters
 from dmstab.networks import CHECKPOINT_NAME, KEPT_DIR, kept_checkpoint
 from dmstab.plots import timestep_histogram
 from dmstab.recipe import (
+    GAN_MODELS,
     Recipe,
     differences,
     fingerprint,
@@ -83,6 +84,28 @@ class Progress(Protocol):
     def start(self, total: int, completed: int) -> None: ...
     def advance(self, step: int, loss: float, images_per_s: float) -> None: ...
     def stop(self) -> None: ...
+
+
+class LoopTrainer(Protocol):
+    """What the loop needs of a trainer: a diffusion `Trainer` or a `GanTrainer`."""
+
+    recipe: Recipe
+    device: torch.device
+    context: DistributedContext
+    dataset: ImageDataset
+    model: nn.Module  # the network that samples (a GAN's generator)
+    optimizer: torch.optim.Optimizer  # its learning rate is logged
+    guard: LossGuard
+    power_ema: PowerEMA | None
+    step: int
+
+    def train_step(self) -> dict[str, Tensor]: ...
+    def ema_model(self) -> nn.Module: ...
+    def state_dict(self, run_id: str) -> dict[str, object]: ...
+    def load_state_dict(self, state: dict[str, object]) -> None: ...
+    def parameter_metrics(self) -> dict[str, float]: ...
+    def objective_metrics(self, step: int) -> dict[str, float]: ...
+    def ddpm_objective(self) -> DDPMObjective | None: ...
 
 
 @dataclass(frozen=True)
@@ -126,7 +149,7 @@ class EpochOrder:
         return out
 
 
-def _autocast(device: torch.device, precision: str) -> torch.autocast:
+def autocast(device: torch.device, precision: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
@@ -306,7 +329,7 @@ class Trainer:
         micro_batches = self.split.micro_batches()
         for index, rows in enumerate(micro_batches):
             with self._gradient_sync(index == len(micro_batches) - 1):
-                with _autocast(self.device, self.recipe.train.precision):
+                with autocast(self.device, self.recipe.train.precision):
                     terms = self.row_losses(
                         batch.x0[rows.start : rows.stop],
                         None if batch.labels is None else batch.labels[rows.start : rows.stop],
@@ -326,10 +349,35 @@ class Trainer:
         return nullcontext()
 
     def ema_model(self) -> nn.Module:
-        """A copy of the network carrying the EMA weights."""
-        model = copy.deepcopy(self.model)
-        model.load_state_dict({k: v.to(self.device) for k, v in self.ema.shadow.items()})
-        return model
+        return ema_copy(self.model, self.ema, self.device)
+
+    def parameter_metrics(self) -> dict[str, float]:
+        return {"model/parameters": count_parameters(self.model)}
+
+    def objective_metrics(self, step: int) -> dict[str, float]:
+        return self.objective.metrics(step)
+
+    def ddpm_objective(self) -> DDPMObjective | None:
+        """The objective when it draws DDPM timesteps (for their histogram)."""
+        return self.objective if isinstance(self.objective, DDPMObjective) else None
+
+
+def ema_copy(model: nn.Module, ema: EMA, device: torch.device) -> nn.Module:
+    """A copy of `model` carrying the EMA weights."""
+    copied = copy.deepcopy(model)
+    copied.load_state_dict({k: v.to(device) for k, v in ema.shadow.items()})
+    return copied
+
+
+def build_trainer(
+    recipe: Recipe, device: torch.device, context: DistributedContext = SINGLE_PROCESS
+) -> LoopTrainer:
+    """A GanTrainer for GAN recipes (AAAI Table 1's baselines), else the diffusion Trainer."""
+    if recipe.model.name in GAN_MODELS:
+        from dmstab.train.gan_trainer import GanTrainer
+
+        return GanTrainer(recipe, device, context)
+    return Trainer(recipe, device, context)
 
 
 def _log_timestep_histogram(objective: DDPMObjective, step: int, tracker: Tracker) -> None:
@@ -341,7 +389,10 @@ def _log_timestep_histogram(objective: DDPMObjective, step: int, tracker: Tracke
 
 
 def _sample_and_log(
-    trainer: Trainer, tracker: Tracker, run_dir: Path, on_sample: Callable[[int, int], None] | None
+    trainer: LoopTrainer,
+    tracker: Tracker,
+    run_dir: Path,
+    on_sample: Callable[[int, int], None] | None,
 ) -> Path:
     """Every rank samples its share; rank 0 writes and logs the grid (its path on every rank)."""
     model = trainer.ema_model() if trainer.recipe.sample.use_ema else trainer.model
@@ -363,7 +414,7 @@ def _sample_and_log(
     return grid
 
 
-def _snapshot_due(trainer: Trainer, step: int) -> bool:
+def _snapshot_due(trainer: LoopTrainer, step: int) -> bool:
     """At the end, and whenever the image count crosses a multiple of `ema.snapshot_every`."""
     if trainer.power_ema is None:
         return False
@@ -372,13 +423,13 @@ def _snapshot_due(trainer: Trainer, step: int) -> bool:
     return crossed or step == trainer.recipe.train.total_steps
 
 
-def _save_snapshots(trainer: Trainer, run_dir: Path) -> None:
+def _save_snapshots(trainer: LoopTrainer, run_dir: Path) -> None:
     assert trainer.power_ema is not None
     dtype = SNAPSHOT_DTYPES[trainer.recipe.ema.snapshot_dtype]
     trainer.power_ema.save_snapshots(run_dir / SNAPSHOT_DIR, dtype)
 
 
-def _save(trainer: Trainer, run_id: str, path: Path) -> None:
+def _save(trainer: LoopTrainer, run_id: str, path: Path) -> None:
     """Checkpoint only a finite model: a diverged step must not replace the last good one.
 
     Every rank checks its (identical) weights; rank 0 writes; the others wait for the file.
@@ -392,7 +443,7 @@ def _save(trainer: Trainer, run_id: str, path: Path) -> None:
     trainer.context.barrier()
 
 
-def _load(trainer: Trainer, checkpoint: Path) -> None:
+def _load(trainer: LoopTrainer, checkpoint: Path) -> None:
     """Every rank loads rank 0's checkpoint, when rank 0 sees one (a shared filesystem)."""
     context = trainer.context
     if not context.broadcast_object(checkpoint.is_file()):
@@ -408,7 +459,7 @@ def _load(trainer: Trainer, checkpoint: Path) -> None:
     trainer.load_state_dict(state)
 
 
-def _magnitude_monitor(trainer: Trainer, tracker: Tracker) -> MagnitudeMonitor | None:
+def _magnitude_monitor(trainer: LoopTrainer, tracker: Tracker) -> MagnitudeMonitor | None:
     """EDM2 Fig. 3 magnitudes every `train.magnitudes_every` steps, from step 0 of a new run
     (measured on rank 0 only)."""
     if not trainer.recipe.train.magnitudes_every or not trainer.context.is_main:
@@ -439,7 +490,7 @@ def train(
         progress, on_sample = None, None
     resumed = context.broadcast_object(context.from_main(lambda: _resolve_resume(recipe, resume)))
     resume_run_id = resumed if isinstance(resumed, str) else None
-    trainer = Trainer(recipe, device, context)  # bad settings fail before a run exists
+    trainer = build_trainer(recipe, device, context)  # bad settings fail before a run exists
     evaluator = build_evaluator(
         recipe, num_classes=trainer.dataset.num_classes, device=device, context=context
     )
@@ -464,13 +515,13 @@ def train(
                     remove_interrupted_writes(directory)
             _load(trainer, checkpoint)
         if trainer.step == 0:
-            tracker.log_metrics({"model/parameters": count_parameters(trainer.model)}, 0)
+            tracker.log_metrics(trainer.parameter_metrics(), 0)
         samples = _run_steps(trainer, tracker, run_id, checkpoint, progress, on_sample, evaluator)
     return TrainResult(run_id, run_dir, trainer.step, checkpoint, samples, context.is_main)
 
 
 def _run_steps(
-    trainer: Trainer,
+    trainer: LoopTrainer,
     tracker: Tracker,
     run_id: str,
     checkpoint: Path,
@@ -511,7 +562,7 @@ def _run_steps(
                 metrics["images_per_s"] = window_steps * cfg.batch_size / max(elapsed, 1e-9)
                 metrics["lr"] = trainer.optimizer.param_groups[0]["lr"]
                 metrics["kimg"] = step * cfg.batch_size / 1000
-                metrics.update(trainer.objective.metrics(step))
+                metrics.update(trainer.objective_metrics(step))
                 tracker.log_metrics(metrics, step)
                 if progress:
                     progress.advance(step, metrics["loss"], metrics["images_per_s"])
@@ -520,8 +571,8 @@ def _run_steps(
             if magnitudes is not None and step % cfg.magnitudes_every == 0:
                 tracker.log_metrics(magnitudes.measure(step), step)
             every = trainer.recipe.timesteps.histogram_every
-            objective, main = trainer.objective, trainer.context.is_main
-            if isinstance(objective, DDPMObjective) and main and every and step % every == 0:
+            objective, main = trainer.ddpm_objective(), trainer.context.is_main
+            if objective is not None and main and every and step % every == 0:
                 _log_timestep_histogram(objective, step, tracker)
             if _snapshot_due(trainer, step) and trainer.context.is_main:
                 _save_snapshots(trainer, run_dir)

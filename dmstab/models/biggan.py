@@ -1,0 +1,233 @@
+"""A BigGAN-style class-conditional GAN (Brock, Donahue & Simonyan 2019), the AAAI paper's
+ImageNet GAN baseline.
+
+What makes it BigGAN (Sec. 3 and Appendix B of the paper):
+- a shared class embedding feeding every generator block's conditional batch norm,
+- a hierarchical latent: z is split into one chunk for the first linear layer and one per
+  block, each concatenated with the shared embedding ("skip-z"),
+- residual up/down blocks, one SAGAN self-attention block at `attention_resolution`,
+- spectral normalisation of every weight in both networks, orthogonal initialisation,
+- a projection discriminator: ψ(Σ ReLU(h)) + ⟨embed(y), Σ ReLU(h)⟩, trained with the hinge loss.
+Channel multipliers per resolution follow the paper's Table 4–5 (128: G 16,16,8,4,2,1) and its
+CIFAR-10 networks (32: 4,4,4,4).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from dmstab.errors import DmstabError
+
+# Generator widths (× channels) from 4×4 up; the discriminator reads them in reverse.
+_WIDTHS = {32: (4, 4, 4, 4), 64: (16, 8, 4, 2, 1), 128: (16, 16, 8, 4, 2, 1)}
+
+
+def _widths(resolution: int) -> tuple[int, ...]:
+    if resolution not in _WIDTHS:
+        allowed = ", ".join(map(str, _WIDTHS))
+        raise DmstabError(
+            f"the BigGAN-style GAN supports data.resolution {allowed}; got {resolution}"
+        )
+    return _WIDTHS[resolution]
+
+
+def _normalized(layer: nn.Conv2d | nn.Linear | nn.Embedding) -> nn.Module:
+    """Orthogonal initialisation, then spectral normalisation (BigGAN Sec. 4, Appendix C)."""
+    nn.init.orthogonal_(layer.weight)
+    return spectral_norm(layer)
+
+
+def _sn_conv(cin: int, cout: int, kernel: int) -> nn.Module:
+    return _normalized(nn.Conv2d(cin, cout, kernel, padding=kernel // 2))
+
+
+def _sn_linear(cin: int, cout: int, bias: bool = True) -> nn.Module:
+    return _normalized(nn.Linear(cin, cout, bias=bias))
+
+
+def _sn_embedding(classes: int, dim: int) -> nn.Module:
+    return _normalized(nn.Embedding(classes, dim))
+
+
+class ConditionalBatchNorm(nn.Module):
+    """Batch norm without affine terms, then gain 1 + W_γ·c and bias W_β·c from the block's
+    conditioning c = [shared embedding, z chunk] (BigGAN Sec. 3, Fig. 15)."""
+
+    def __init__(self, channels: int, cond_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.gain = _sn_linear(cond_dim, channels, bias=False)
+        self.bias = _sn_linear(cond_dim, channels, bias=False)
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        gain = 1 + self.gain(cond)[:, :, None, None]
+        shifted: Tensor = self.norm(x) * gain + self.bias(cond)[:, :, None, None]
+        return shifted
+
+
+class SelfAttention(nn.Module):
+    """SAGAN attention (Zhang et al. 2019) as in BigGAN: queries and keys of C/8 channels,
+    values of C/2, keys and values max-pooled by 2, and an output gain γ that starts at 0."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        if channels < 8:
+            raise DmstabError(
+                f"self-attention needs at least 8 channels (queries have C/8); it would get "
+                f"{channels}: raise gan.g_channels/d_channels or set gan.attention_resolution 0"
+            )
+        self.query = _sn_conv(channels, channels // 8, 1)
+        self.key = _sn_conv(channels, channels // 8, 1)
+        self.value = _sn_conv(channels, channels // 2, 1)
+        self.out = _sn_conv(channels // 2, channels, 1)
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        query = self.query(x).flatten(2)  # (N, C/8, HW)
+        key = F.max_pool2d(self.key(x), 2).flatten(2)  # (N, C/8, HW/4)
+        value = F.max_pool2d(self.value(x), 2).flatten(2)  # (N, C/2, HW/4)
+        attention = torch.softmax(query.transpose(1, 2) @ key, dim=-1)  # (N, HW, HW/4)
+        mixed = (value @ attention.transpose(1, 2)).reshape(n, c // 2, h, w)
+        attended: Tensor = x + self.gamma * self.out(mixed)
+        return attended
+
+
+class GeneratorBlock(nn.Module):
+    """CBN → ReLU → 2× nearest upsampling → 3×3 conv → CBN → ReLU → 3×3 conv, plus an
+    upsampled 1×1-conv shortcut (BigGAN Fig. 15b)."""
+
+    def __init__(self, cin: int, cout: int, cond_dim: int) -> None:
+        super().__init__()
+        self.norm1 = ConditionalBatchNorm(cin, cond_dim)
+        self.conv1 = _sn_conv(cin, cout, 3)
+        self.norm2 = ConditionalBatchNorm(cout, cond_dim)
+        self.conv2 = _sn_conv(cout, cout, 3)
+        self.shortcut = _sn_conv(cin, cout, 1)
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        h = F.interpolate(F.relu(self.norm1(x, cond)), scale_factor=2.0)
+        h = self.conv2(F.relu(self.norm2(self.conv1(h), cond)))
+        residual: Tensor = h + self.shortcut(F.interpolate(x, scale_factor=2.0))
+        return residual
+
+
+class DiscriminatorBlock(nn.Module):
+    """(ReLU) → 3×3 conv → ReLU → 3×3 conv → 2× average pooling, plus a 1×1-conv shortcut
+    (BigGAN Fig. 15c); the first block has no leading ReLU, the last ones no pooling."""
+
+    def __init__(self, cin: int, cout: int, *, downsample: bool, preactivation: bool) -> None:
+        super().__init__()
+        self.conv1 = _sn_conv(cin, cout, 3)
+        self.conv2 = _sn_conv(cout, cout, 3)
+        self.shortcut = _sn_conv(cin, cout, 1)
+        self.downsample = downsample
+        self.preactivation = preactivation
+
+    def _pool(self, x: Tensor) -> Tensor:
+        return F.avg_pool2d(x, 2) if self.downsample else x
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.relu(x) if self.preactivation else x
+        h = self._pool(self.conv2(F.relu(self.conv1(h))))
+        if self.preactivation:
+            return h + self._pool(self.shortcut(x))
+        residual: Tensor = h + self.shortcut(self._pool(x))
+        return residual
+
+
+class BigGANGenerator(nn.Module):
+    """(z, y) → images (N, 3, R, R) in [−1, 1]; `num_classes` 0 is unconditional."""
+
+    def __init__(
+        self,
+        resolution: int,
+        z_dim: int,
+        channels: int,
+        num_classes: int,
+        shared_dim: int,
+        attention_resolution: int,
+    ) -> None:
+        super().__init__()
+        widths = _widths(resolution)
+        blocks = len(widths) - 1
+        if z_dim % (blocks + 1):
+            raise DmstabError(
+                f"gan.z_dim {z_dim} must split into {blocks + 1} equal chunks (one per generator "
+                f"block and one for the input) at resolution {resolution}"
+            )
+        sizes = [4 * 2**i for i in range(1, blocks + 1)]
+        if attention_resolution and attention_resolution not in sizes:
+            raise DmstabError(
+                f"gan.attention_resolution is {attention_resolution}; 0 or one of {sizes}"
+            )
+        self.chunk = z_dim // (blocks + 1)
+        self.z_dim = z_dim
+        self.shared = _sn_embedding(num_classes, shared_dim) if num_classes else None
+        cond_dim = self.chunk + (shared_dim if num_classes else 0)
+        self.first_width = widths[0] * channels
+        self.linear = _sn_linear(self.chunk, self.first_width * 16)
+        self.blocks = nn.ModuleList(
+            GeneratorBlock(widths[i] * channels, widths[i + 1] * channels, cond_dim)
+            for i in range(blocks)
+        )
+        self.attention = nn.ModuleDict(
+            {
+                str(i): SelfAttention(widths[i + 1] * channels)
+                for i in range(blocks)
+                if sizes[i] == attention_resolution
+            }
+        )
+        self.out_norm = nn.BatchNorm2d(widths[-1] * channels)
+        self.out = _sn_conv(widths[-1] * channels, 3, 3)
+
+    def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
+        chunks = torch.split(z, self.chunk, dim=1)
+        shared = [self.shared(labels)] if self.shared is not None and labels is not None else []
+        h = self.linear(chunks[0]).view(z.shape[0], self.first_width, 4, 4)
+        for index, block in enumerate(self.blocks):
+            h = block(h, torch.cat([*shared, chunks[index + 1]], dim=1))
+            if str(index) in self.attention:
+                h = self.attention[str(index)](h)
+        return torch.tanh(self.out(F.relu(self.out_norm(h))))
+
+
+class BigGANDiscriminator(nn.Module):
+    """(images, y) → logits (N,), with the projection term ⟨embed(y), h⟩ when conditional."""
+
+    def __init__(
+        self, resolution: int, channels: int, num_classes: int, attention_resolution: int
+    ) -> None:
+        super().__init__()
+        widths = tuple(reversed(_widths(resolution)))
+        downsampling = len(widths) - 1 if resolution != 32 else 2  # 32×32: 32 → 8, then 2 more
+        sizes = [resolution // 2 ** min(i + 1, downsampling) for i in range(len(widths))]
+        if attention_resolution and attention_resolution not in sizes:
+            allowed = sorted(set(sizes))
+            raise DmstabError(
+                f"gan.attention_resolution is {attention_resolution}; 0 or one of {allowed}"
+            )
+        layers: list[nn.Module] = []
+        cin = 3
+        for index, width in enumerate(widths):
+            layers.append(
+                DiscriminatorBlock(
+                    cin, width * channels, downsample=index < downsampling, preactivation=index > 0
+                )
+            )
+            cin = width * channels
+            if sizes[index] == attention_resolution and sizes.index(attention_resolution) == index:
+                layers.append(SelfAttention(cin))
+        self.blocks = nn.Sequential(*layers)
+        self.linear = _sn_linear(cin, 1)
+        self.embed = _sn_embedding(num_classes, cin) if num_classes else None
+
+    def forward(self, images: Tensor, labels: Tensor | None = None) -> Tensor:
+        h = F.relu(self.blocks(images)).sum(dim=(2, 3))
+        logits = self.linear(h).flatten()
+        if self.embed is not None and labels is not None:
+            logits = logits + (self.embed(labels) * h).sum(dim=1)
+        return logits  # type: ignore[no-any-return]

@@ -1,0 +1,177 @@
+"""One GAN training step for `dmstab train` (DCGAN, BigGAN-style): `gan.d_steps` discriminator
+updates, then one generator update, each with its own Adam (dmstab.gan for the losses).
+
+As in the diffusion loop, every draw of step k (real batches, flips, z, fake labels) comes from
+seeds derived from (train.seed, k), so a resumed run continues bit for bit. Discriminator step j
+of training step k reads batch (k−1)·d_steps + j + 1 of the epoch order. Fake images get class
+labels drawn uniformly (BigGAN); a DCGAN is unconditional. The loop logs `loss` (= loss_d +
+loss_g), `loss_d`, `loss_g` and the mean real/fake logits. GANs train in one process.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dmstab import __version__
+from dmstab.data import ImageDataset, build_dataset
+from dmstab.diffusion.objectives import DDPMObjective
+from dmstab.errors import DmstabError
+from dmstab.gan import build_discriminator, build_generator, discriminator_loss, generator_loss
+from dmstab.models import count_parameters
+from dmstab.recipe import Recipe, to_dict
+from dmstab.train.distributed import SINGLE_PROCESS, DistributedContext
+from dmstab.train.ema import EMA
+from dmstab.train.loop import EpochOrder, autocast, ema_copy, step_seed
+from dmstab.train.loss_guard import LossGuard
+from dmstab.train.power_ema import PowerEMA
+
+
+class GanTrainer:
+    """Generator (`model`, with an EMA), discriminator, their optimisers, and one step."""
+
+    power_ema: PowerEMA | None = None  # power EMAs are for EDM2's diffusion models
+
+    def __init__(
+        self, recipe: Recipe, device: torch.device, context: DistributedContext = SINGLE_PROCESS
+    ) -> None:
+        if context.active:
+            raise DmstabError(
+                f"GAN recipes ({recipe.model.name}) train in one process; run dmstab train "
+                "without torchrun"
+            )
+        self.recipe = recipe
+        self.device = device
+        self.context = context
+        self.dataset: ImageDataset = build_dataset(recipe.data)
+        classes = self.dataset.num_classes
+        if recipe.model.class_cond and classes < 1:
+            raise DmstabError("model.class_cond is true but the dataset has no labels")
+        self.num_classes = classes if recipe.model.class_cond else 0
+        torch.manual_seed(recipe.train.seed)
+        self.model: nn.Module = build_generator(recipe, classes).to(device)
+        self.discriminator = build_discriminator(recipe, classes).to(device)
+        g = recipe.gan
+        self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=g.g_lr, betas=g.betas
+        )
+        self.d_optimizer = torch.optim.Adam(
+            self.discriminator.parameters(), lr=g.d_lr, betas=g.betas
+        )
+        self.ema = EMA(self.model, recipe.ema.rate, recipe.ema.warmup)
+        self.guard = LossGuard(recipe.train)
+        self.order = EpochOrder(len(self.dataset), recipe.train.seed)
+        self.step = 0
+
+    def _real_batch(self, index: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        indices = self.order.batch(index, self.recipe.train.batch_size)
+        x0, labels = self.dataset.get_batch(indices)
+        if self.recipe.data.hflip:
+            flip = torch.rand(len(indices), generator=generator) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        cond = labels.to(self.device) if self.num_classes else None
+        return x0.to(self.device), cond
+
+    def _fakes(self, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """z ~ N(0, I) and, for a conditional GAN, uniform class labels."""
+        rows = self.recipe.train.batch_size
+        z = torch.randn(rows, self.recipe.gan.z_dim, generator=generator).to(self.device)
+        if not self.num_classes:
+            return z, None
+        labels = torch.randint(0, self.num_classes, (rows,), generator=generator)
+        return z, labels.to(self.device)
+
+    def train_step(self) -> dict[str, Tensor]:
+        self.step += 1
+        recipe, loss_name = self.recipe, self.recipe.gan.loss
+        seed = step_seed(recipe.train.seed, self.step)
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        precision = autocast(self.device, recipe.train.precision)
+        for index in range(recipe.gan.d_steps):
+            real, real_labels = self._real_batch(
+                (self.step - 1) * recipe.gan.d_steps + index + 1, generator
+            )
+            z, fake_labels = self._fakes(generator)
+            with precision:
+                with torch.no_grad():
+                    fake = self.model(z, fake_labels)
+                real_logits = self.discriminator(real, real_labels).float()
+                fake_logits = self.discriminator(fake, fake_labels).float()
+                loss_d = discriminator_loss(real_logits, fake_logits, loss_name)
+            self.d_optimizer.zero_grad(set_to_none=True)
+            loss_d.backward()  # type: ignore[no-untyped-call]
+            self.d_optimizer.step()
+        z, fake_labels = self._fakes(generator)
+        with precision:
+            loss_g = generator_loss(
+                self.discriminator(self.model(z, fake_labels), fake_labels).float(), loss_name
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_g.backward()  # type: ignore[no-untyped-call]
+        self.optimizer.step()
+        self.ema.update(self.model)
+        total = (loss_d + loss_g).detach()
+        self.guard.accept(self.step, float(total))  # a non-finite loss stops the run
+        return {
+            "loss": total,
+            "loss_d": loss_d.detach(),
+            "loss_g": loss_g.detach(),
+            "d_real_logit": real_logits.detach().mean(),
+            "d_fake_logit": fake_logits.detach().mean(),
+        }
+
+    def ema_model(self) -> nn.Module:
+        return ema_copy(self.model, self.ema, self.device)
+
+    def parameter_metrics(self) -> dict[str, float]:
+        return {
+            "model/parameters": count_parameters(self.model),
+            "model/discriminator_parameters": count_parameters(self.discriminator),
+        }
+
+    def objective_metrics(self, step: int) -> dict[str, float]:
+        return {}
+
+    def ddpm_objective(self) -> DDPMObjective | None:
+        return None
+
+    def state_dict(self, run_id: str) -> dict[str, object]:
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "discriminator": self.discriminator.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "d_optimizer": self.d_optimizer.state_dict(),
+            "loss_guard": self.guard.state_dict(),
+            "step": self.step,
+            "recipe": to_dict(self.recipe),
+            "num_classes": self.dataset.num_classes,
+            "run_id": run_id,
+            "dmstab_version": __version__,
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        step = state.get("step")
+        if not isinstance(step, int):
+            raise DmstabError("GAN checkpoint has no integer 'step'")
+        try:
+            self.model.load_state_dict(_part(state, "model"))
+            self.discriminator.load_state_dict(_part(state, "discriminator"))
+        except RuntimeError as exc:
+            first_line = str(exc).splitlines()[0]
+            raise DmstabError(f"checkpoint does not fit this recipe's GAN: {first_line}") from None
+        self.optimizer.load_state_dict(_part(state, "optimizer"))
+        self.d_optimizer.load_state_dict(_part(state, "d_optimizer"))
+        self.ema.load_state_dict(_part(state, "ema"))
+        self.guard.load_state_dict(_part(state, "loss_guard"))
+        self.step = step
+
+
+def _part(state: dict[str, object], key: str) -> dict[str, Any]:
+    value = state.get(key)
+    if not isinstance(value, dict):
+        raise DmstabError(f"GAN checkpoint has no '{key}' state")
+    return value
