@@ -1021,9 +1021,14 @@ ANALYSIS_SECTIONS = ("consistency", "landscape", "hessian")  # read by analyses,
 
 
 def result_dict(recipe: Recipe) -> dict[str, Any]:
-    """`to_dict(recipe)` without the execution keys, the analysis sections and (for diffusion
-    models) the `gan` section: equal for runs that train the same model."""
+    """`to_dict(recipe)` without what does not change the trained weights: the name, the
+    paper block, the run name, the execution keys, the analysis sections and (for diffusion
+    models) the `gan` section. Equal for runs that train the same model, whatever the recipe
+    file is called (so the analysis recipes reuse the run of the recipe they build on)."""
     data = to_dict(recipe)
+    for section in ("name", "paper"):
+        data.pop(section)
+    data["tracking"].pop("run_name")
     for key in EXECUTION_KEYS:
         section, name = key.split(".")
         data[section].pop(name)
@@ -1036,10 +1041,7 @@ def result_dict(recipe: Recipe) -> dict[str, Any]:
 
 def fingerprint(recipe: Recipe) -> str:
     """Stable hash of everything that determines a training run's result."""
-    data = result_dict(recipe)
-    data.pop("paper", None)
-    data.get("tracking", {}).pop("run_name", None)
-    text = json.dumps(data, sort_keys=True)
+    text = json.dumps(result_dict(recipe), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
