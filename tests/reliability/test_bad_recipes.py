@@ -13,6 +13,8 @@ from .conftest import cli, one_line_error
 
 QUICKSTART = str(RECIPES / "quickstart.yaml")
 EDM = str(RECIPES / "edm2_mini.yaml")
+DCGAN = str(RECIPES / "mini_dcgan.yaml")
+BIGGAN = str(RECIPES / "mini_biggan.yaml")
 
 BAD_OVERRIDES = [
     # wrong types
@@ -68,6 +70,18 @@ BAD_OVERRIDES = [
         [QUICKSTART, "eval.every=5", "eval.features=random_conv", "eval.reference=nothere.npz"],
         "nothere.npz",
     ),
+    # GANs and the analysis sections
+    ([DCGAN, "model.class_cond=true"], "DCGAN is unconditional"),
+    ([DCGAN, "data.resolution=24"], "DCGAN needs data.resolution a power of two >= 16"),
+    ([DCGAN, "gan.d_steps=0"], "gan.z_dim, g_channels, d_channels, shared_dim and d_steps"),
+    ([DCGAN, "gan.loss=wasserstein"], "'gan.loss' is 'wasserstein'"),
+    ([DCGAN, "train.nonfinite=skip"], "train.nonfinite: skip is for diffusion models"),
+    ([BIGGAN, "gan.z_dim=63"], "gan.z_dim 63 must split into 4 equal chunks"),
+    ([BIGGAN, "gan.attention_resolution=12"], "gan.attention_resolution is 12"),
+    ([QUICKSTART, "train.keep_checkpoints=[0]"], "train.keep_checkpoints [0] must be steps"),
+    ([QUICKSTART, "landscape.points=1"], "landscape.points is 1; must be at least 2"),
+    ([QUICKSTART, "hessian.timesteps=[1000]"], "hessian.timesteps [1000] must lie in [0,"),
+    ([QUICKSTART, "consistency.samplers=[heun]"], "consistency.samplers.sampler heun needs"),
     # data that is not there
     ([QUICKSTART, "data.name=folder"], "data.root is required for data.name='folder'"),
     ([QUICKSTART, "data.name=folder", "data.root=does/not/exist"], "does/not/exist"),
