@@ -9,6 +9,9 @@ Under `torchrun` each rank trains its rows of the global batch under Distributed
 The draws of step k are made for the whole global batch on every rank, so the weights do not
 depend on the number of processes or on `train.micro_batch_size` (up to float summation order;
 model dropout is the exception, docs/distributed.md). Rank 0 owns the MLflow run and the files.
+
+A GAN recipe (AAAI Table 1's baselines) runs through the same loop with a `GanTrainer`
+(dmstab.train.gan_trainer) in place of the diffusion `Trainer`: both are a `LoopTrainer`.
 """
 
 from __future__ import annotations
