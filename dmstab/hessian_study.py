@@ -24,6 +24,7 @@ from dmstab.analysis.fixed_batch import metric_name
 from dmstab.analysis.hessian import (
     HessianOperator,
     Loss,
+    Method,
     SpectralDensity,
     TraceEstimate,
     hutchinson_trace,
@@ -34,7 +35,7 @@ from dmstab.analysis.study import AnalysisRun, analysis_losses, open_analysis
 from dmstab.analysis.subjects import Subject
 from dmstab.atomic import write_atomically
 from dmstab.plots import spectral_density_figure
-from dmstab.recipe import HessianConfig
+from dmstab.recipe import HessianConfig, HvpMethod
 from dmstab.tracking import save_figure
 
 SPECTRUM_FILE = "spectrum.npz"
@@ -63,10 +64,19 @@ class Spectrum:
         return values
 
 
+def hvp_method(setting: HvpMethod, model: nn.Module) -> Method:
+    """`hessian.method`, with `auto` resolved for the model's device: forward-over-reverse on
+    CUDA, double backward on the CPU (where torch's forward-mode convolutions are slower)."""
+    if setting != "auto":
+        return setting
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    return "forward_over_reverse" if on_cuda else "double_backward"
+
+
 def spectrum(model: nn.Module, loss: Loss, config: HessianConfig) -> Spectrum:
     """λ1..λk, Hutchinson trace and SLQ density of ∇²loss at the model's weights (the math
     attention kernel: CPU fused attention kernels have no forward-over-reverse derivative)."""
-    operator = HessianOperator(model, loss, method=config.method)
+    operator = HessianOperator(model, loss, method=hvp_method(config.method, model))
     generator = torch.Generator().manual_seed(config.seed)
     with sdpa_kernel(SDPBackend.MATH):
         top = top_eigenvalues(

@@ -13,6 +13,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from dmstab.analysis.landscape import evaluate, load_landscape
 from dmstab.analysis.study import analysis_losses
 from dmstab.analysis.subjects import load_subject
+from dmstab.hessian_study import hvp_method
 from dmstab.recipe import load_recipe
 from dmstab.train.loop import TrainResult, train
 
@@ -186,3 +187,10 @@ def test_gan_hessian_of_the_generator_loss_and_interpolation_of_both_losses() ->
             model, losses = analysis_losses(kept, torch.device("cpu"), kept.recipe.landscape)
             expected = evaluate(losses[network], model)
             assert grid.values[network][alpha_index] == pytest.approx(expected, rel=1e-6)
+
+
+def test_auto_hvp_method_is_double_backward_on_cpu_and_explicit_methods_pass() -> None:
+    model = torch.nn.Linear(2, 1)
+    assert hvp_method("auto", model) == "double_backward"
+    assert hvp_method("forward_over_reverse", model) == "forward_over_reverse"
+    assert hvp_method("double_backward", model) == "double_backward"
