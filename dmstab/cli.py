@@ -583,11 +583,14 @@ def _analysis_subjects(arguments: list[str] | None) -> list[Any]:
 @user_errors
 def consistency(arguments: Analyzed = None) -> None:
     """Same noise, N models: PSNR of their images, AAAI Eq. 1 (Table 1, Fig. 1)."""
+    from rich.console import Console
+
     from dmstab.analysis.subjects import load_subject, parse_inputs
     from dmstab.consistency_study import consistency as run_consistency
-    from dmstab.consistency_study import trained_group
+    from dmstab.consistency_study import sampler_note, summary_tables, trained_group
     from dmstab.console import SampleProgress, TrainProgress, console
     from dmstab.devices import pick_device
+    from dmstab.report import rich_table
 
     inputs = parse_inputs(arguments or [])
     if inputs.recipe is not None:
@@ -602,19 +605,12 @@ def consistency(arguments: Analyzed = None) -> None:
         subjects = [load_subject(source, inputs.overrides) for source in inputs.sources]
     device = pick_device(subjects[0].recipe.train.device)
     report = run_consistency(subjects, device, SampleProgress("sample"))
-    console.print(
-        f"[green]done[/] consistency of {len(subjects)} models (reference: {report.labels[0]})"
-    )
-    for scored in report.scores:
-        result = scored.result
-        console.print(
-            f"  {scored.name:>10}  C = {result.score:.2f} dB over {result.num_pairs} pairs"
-            f"  ({result.identical_pairs} identical, capped at {result.cap:.1f} dB)"
-        )
-        for label, row in zip(report.labels[1:], result.per_pair, strict=True):
-            console.print(f"  {'':>10}  {report.labels[0]} vs {label}: {row.mean():.2f} dB")
-        for target, by_target in scored.by_target.items():
-            console.print(f"  {'':>10}  target {target} only: {by_target.score:.2f} dB")
+    stdout = Console()
+    for table in summary_tables(report):
+        stdout.print(rich_table(table))
+    if sampler_note(subjects):
+        console.print(f"  note    {sampler_note(subjects)}")
+    console.print(f"[green]done[/] consistency of {len(subjects)} models")
     console.print(f"  run     {report.run_id}   (images and scores: {report.directory})")
     console.print(f"  browse  {_browse_hint(subjects[0].recipe.tracking.uri)}")
 

@@ -27,6 +27,7 @@ from dmstab.errors import DmstabError
 from dmstab.generate import generate_for_recipe, sampler_label
 from dmstab.plots import consistency_grid
 from dmstab.recipe import GAN_MODELS, Recipe, SampleConfig, apply_overrides, from_mapping, to_dict
+from dmstab.report import TextTable
 from dmstab.tracking import save_figure
 from dmstab.train.loop import Progress
 
@@ -96,13 +97,23 @@ def require_shared_noise(subjects: Sequence[Subject]) -> None:
 
 
 def sample_settings(subjects: Sequence[Subject]) -> list[SampleConfig]:
-    """One SampleConfig per sampler, from the first model's recipe, for every model."""
+    """One SampleConfig per sampler, from the first model's recipe, for every model (a GAN
+    group has no sampler: one configuration, whatever `consistency.samplers` lists)."""
     recipe = subjects[0].recipe
     config = dataclasses.replace(recipe.sample, num_images=recipe.consistency.num_images)
     if _is_gan(recipe):
         return [config]
     samplers = recipe.consistency.samplers or (config.sampler,)
     return [dataclasses.replace(config, sampler=sampler) for sampler in samplers]
+
+
+def sampler_note(subjects: Sequence[Subject]) -> str:
+    """Why a GAN group's `consistency.samplers` are ignored ("" when they are not)."""
+    recipe = subjects[0].recipe
+    samplers = recipe.consistency.samplers
+    if not _is_gan(recipe) or not samplers:
+        return ""
+    return f"a GAN group is scored once; consistency.samplers {list(samplers)} do not apply"
 
 
 def group_images(
@@ -138,6 +149,8 @@ class SamplerScores:
 
 
 def score_group(subjects: Sequence[Subject], images: torch.Tensor, name: str) -> SamplerScores:
+    """Eq. 1 over the whole group, and over each prediction target's members (≥ 2 of them)
+    when the group mixes targets; each subgroup's first member is its reference."""
     targets: dict[str, list[int]] = {}
     if not _is_gan(subjects[0].recipe):
         for index, subject in enumerate(subjects):
@@ -152,6 +165,8 @@ def score_group(subjects: Sequence[Subject], images: torch.Tensor, name: str) ->
 
 @dataclass(frozen=True)
 class ConsistencyReport:
+    """The logged run, the models' labels (reference first) and the scores per sampler."""
+
     run_id: str
     labels: list[str]
     scores: list[SamplerScores]
@@ -168,14 +183,62 @@ def consistency(
     labels = [subject.label for subject in subjects]
     scores = []
     with open_analysis(subjects, "consistency") as run:
+        run.tracker.set_tags(_member_tags(subjects))
         for config in sample_settings(subjects):
             images = group_images(subjects, config, device, callback)
             name = sampler_label(subjects[0].recipe, config)
             scored = score_group(subjects, images, name)
             _log(run, scored, images, labels, subjects[0].step)
             scores.append(scored)
-        run.tracker.log_metrics({"consistency/psnr": scores[0].result.score}, 0)
+        run.tracker.log_metrics(_metrics(scores[0], "consistency"), 0)
     return ConsistencyReport(run.run_id, labels, scores, run.directory)
+
+
+def summary_tables(report: ConsistencyReport) -> list[TextTable]:
+    """Per sampler: each model's mean PSNR against the reference, Eq. 1's score and, for a
+    group that mixes prediction targets, the score within each target."""
+    reference = report.labels[0]
+    tables = []
+    for scored in report.scores:
+        result = scored.result
+        body = [
+            (f"{reference} vs {label}", f"{row.mean():.2f}")
+            for label, row in zip(report.labels[1:], result.per_pair, strict=True)
+        ]
+        body.append(("C(q), Eq. 1", f"{result.score:.2f}"))
+        body += [(f"C(q), target {t} only", f"{r.score:.2f}") for t, r in scored.by_target.items()]
+        caption = (
+            f"{result.identical_pairs} of {result.num_pairs} image pairs identical "
+            f"(PSNR capped at {result.cap:.1f} dB)"
+        )
+        tables.append(
+            TextTable(f"consistency, {scored.name}", ("models", "PSNR dB"), body, caption)
+        )
+    return tables
+
+
+def _member_tags(subjects: Sequence[Subject]) -> dict[str, str]:
+    """Each member's label and training run id (its checkpoint is tagged by open_analysis)."""
+    tags = {f"dmstab.member.{i}": subject.label for i, subject in enumerate(subjects)}
+    for i, subject in enumerate(subjects):
+        if subject.run_id:
+            tags[f"dmstab.member.{i}.run_id"] = subject.run_id
+    note = sampler_note(subjects)
+    if note:
+        tags["dmstab.consistency.note"] = note
+    return tags
+
+
+def _metrics(scored: SamplerScores, prefix: str) -> dict[str, float]:
+    """`<prefix>/psnr`, `<prefix>/identical_pairs` and `<prefix>/target_<t>/psnr` (the first
+    sampler's are also logged under plain `consistency/`)."""
+    metrics = {
+        f"{prefix}/psnr": scored.result.score,
+        f"{prefix}/identical_pairs": float(scored.result.identical_pairs),
+    }
+    for target, result in scored.by_target.items():
+        metrics[f"{prefix}/target_{target}/psnr"] = result.score
+    return metrics
 
 
 def _summary(result: ConsistencyResult) -> dict[str, Any]:
@@ -194,13 +257,7 @@ def _log(
     run: AnalysisRun, scored: SamplerScores, images: torch.Tensor, labels: list[str], step: int
 ) -> None:
     prefix = f"consistency/{scored.name}"
-    metrics = {
-        f"{prefix}/psnr": scored.result.score,
-        f"{prefix}/identical_pairs": float(scored.result.identical_pairs),
-    }
-    for target, result in scored.by_target.items():
-        metrics[f"{prefix}/target_{target}/psnr"] = result.score
-    run.tracker.log_metrics(metrics, 0)
+    run.tracker.log_metrics(_metrics(scored, prefix), 0)
     directory = run.directory / scored.name
     npz = directory / "images.npz"
     write_atomically(npz, lambda handle: np.savez(handle, images=images.numpy(), labels=labels))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dmstab.recipe import load_recipe
+from dmstab.consistency_study import member_recipes
+from dmstab.recipe import fingerprint, load_recipe
 from dmstab.train.loop import TrainResult, train
 
 from .conftest import RECIPES, TINY, store
@@ -34,6 +35,11 @@ def _consistency_runs(client: MlflowClient) -> list[str]:
     return [str(run.info.run_id) for run in runs]
 
 
+def _logged_images(run_id: str, sampler: str) -> np.ndarray:
+    with np.load(Path("analyses/consistency") / run_id / sampler / "images.npz") as arrays:
+        return np.asarray(arrays["images"])
+
+
 def _independent_eq_1(images: np.ndarray) -> float:
     """Eq. 1 from scratch: PSNR = 10·log10(255² / MSE) against model 1, mean over j ≥ 2, i."""
     values = []
@@ -53,8 +59,7 @@ def test_checkpoint_and_run_id_give_eq_1_of_the_logged_images() -> None:
     client = store()
     (run_id,) = _consistency_runs(client)
     directory = Path("analyses/consistency") / run_id / "ddim4"
-    with np.load(directory / "images.npz") as arrays:
-        images = arrays["images"]
+    images = _logged_images(run_id, "ddim4")
     assert images.shape == (3, 3, 3, 8, 8) and images.dtype == np.uint8
     expected = _independent_eq_1(images)
     metrics = client.get_run(run_id).data.metrics
@@ -89,11 +94,39 @@ def test_a_recipe_trains_its_group_once_and_scores_samplers_and_targets() -> Non
     assert len(trained) == 4
     again = dmstab("consistency", *arguments)
     assert again.returncode == 0, again.stderr
+    assert "C(q), target x0 only" in again.stdout
     assert len(client.search_runs([experiment], "tags.`dmstab.kind` = 'train'")) == 4
-    metrics = client.get_run(_consistency_runs(client)[0]).data.metrics
+    run = client.get_run(_consistency_runs(client)[0])
+    member_runs = {run.data.tags[f"dmstab.member.{i}.run_id"] for i in range(4)}
+    assert member_runs == {str(r.info.run_id) for r in trained}
+    assert run.data.tags["dmstab.member.2"] == "train.seed=0 diffusion.target=x0"
     for sampler in ("ddpm4", "ddim4"):
-        for target in ("eps", "x0"):
-            assert f"consistency/{sampler}/target_{target}/psnr" in metrics
+        images = _logged_images(run.info.run_id, sampler)
+        for target, members_of_target in (("eps", [0, 1]), ("x0", [2, 3])):
+            expected = _independent_eq_1(images[members_of_target])
+            logged = run.data.metrics[f"consistency/{sampler}/target_{target}/psnr"]
+            assert logged == pytest.approx(expected, rel=1e-9)
+    first_sampler_x0 = _independent_eq_1(_logged_images(run.info.run_id, "ddpm4")[[2, 3]])
+    assert run.data.metrics["consistency/target_x0/psnr"] == pytest.approx(first_sampler_x0)
+
+
+@pytest.mark.parametrize(
+    ("group", "trained_by"),
+    [
+        ("table1_cifar10_id_consistency", "cifar10_baseline"),
+        ("table1_cifar10_eps_vs_x0_consistency", "cifar10_baseline"),
+        ("table1_cifar10_dcgan_consistency", "dcgan_cifar10"),
+        ("table1_imagenet128_gd_consistency", "imagenet128_gd"),
+        ("table1_imagenet128_biggan_consistency", "biggan_imagenet128"),
+        ("table1_uvit_consistency", "uvit_cifar10_s2"),
+        ("mini_table1_eps_vs_x0_consistency", "mini_stability_dm"),
+    ],
+)
+def test_a_groups_first_member_reuses_the_run_of_the_recipe_it_builds_on(
+    group: str, trained_by: str
+) -> None:
+    (_, first), *_ = member_recipes(load_recipe(RECIPES / f"{group}.yaml"))
+    assert fingerprint(first) == fingerprint(load_recipe(RECIPES / f"{trained_by}.yaml"))
 
 
 @pytest.mark.parametrize(
@@ -133,12 +166,13 @@ def test_two_gans_share_z_and_a_gan_cannot_join_a_diffusion_group() -> None:
         train(load_recipe(RECIPES / "mini_dcgan.yaml", [*gan, f"train.seed={seed}"]))
         for seed in (0, 1)
     )
-    result = dmstab("consistency", first.run_id, second.run_id, "consistency.num_images=4")
+    sampling = ["consistency.num_images=4", "consistency.samplers=[ddpm,ddim]"]
+    result = dmstab("consistency", first.run_id, second.run_id, *sampling)
     assert result.returncode == 0, result.stderr
     (run_id,) = _consistency_runs(store())
-    with np.load(Path("analyses/consistency") / run_id / "gan" / "images.npz") as arrays:
-        images = arrays["images"]
+    images = _logged_images(run_id, "gan")  # scored once: a GAN has no sampler
     assert images.shape == (2, 4, 3, 16, 16)
+    assert "do not apply" in store().get_run(run_id).data.tags["dmstab.consistency.note"]
     metrics = store().get_run(run_id).data.metrics
     assert metrics["consistency/gan/psnr"] == pytest.approx(_independent_eq_1(images), rel=1e-9)
     diffusion = train(load_recipe(RECIPES / "quickstart.yaml", [*TINY, "data.resolution=16"]))
