@@ -208,8 +208,7 @@ def summary_tables(report: ConsistencyReport) -> list[TextTable]:
         body.append(("C(q), Eq. 1", f"{result.score:.2f}"))
         body += [(f"C(q), target {t} only", f"{r.score:.2f}") for t, r in scored.by_target.items()]
         caption = (
-            f"{result.identical_pairs} of {result.num_pairs} image pairs identical "
-            f"(PSNR capped at {result.cap:.1f} dB)"
+            f"{result.identical_pairs}/{result.num_pairs} pairs identical, cap {result.cap:.1f} dB"
         )
         tables.append(
             TextTable(f"consistency, {scored.name}", ("models", "PSNR dB"), body, caption)
