@@ -2,7 +2,7 @@
 trained model on a fixed batch (AAAI Fig. 4: λ1 and the variance σ² of the eigenvalues).
 
 Every loss of `dmstab.analysis.fixed_batch` (averaged over t, and per chosen t) gets λ1..λk by
-power iteration with deflation, tr H by Hutchinson, and the eigenvalue density by stochastic
+Lanczos with deflation, tr H by Hutchinson, and the eigenvalue density by stochastic
 Lanczos quadrature; its mean is tr H / P and its variance the SLQ estimate of
 (1/P)·tr H² − (tr H / P)². Everything is logged to one MLflow run of kind "hessian".
 """

@@ -355,9 +355,10 @@ class LandscapeConfig:
 class HessianConfig:
     """`dmstab hessian` (AAAI Fig. 4): the loss Hessian on one fixed batch with fixed noise.
 
-    Top-`top_k` eigenvalues by power iteration with deflation (`max_iterations`, relative
-    `tolerance`, as PyHessian), trace by Hutchinson (`trace_samples`), density by stochastic
-    Lanczos quadrature (`slq_runs` runs of `lanczos_steps`). Hessian-vector products by `method`;
+    Top-`top_k` eigenvalues by Lanczos with deflation (at most `max_iterations` steps each,
+    until the Ritz residual is below `tolerance`·|λ|), trace by Hutchinson (`trace_samples`),
+    density by stochastic Lanczos quadrature (`slq_runs` runs of `lanczos_steps`).
+    Hessian-vector products by `method`;
     `auto` takes forward-over-reverse on CUDA (FACTS.md: ~3× faster on an H100) and double
     backward on the CPU (3.5× faster there, docs/performance.md). For GANs, `network`'s loss
     with the other network fixed.

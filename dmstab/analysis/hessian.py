@@ -5,8 +5,11 @@ timesteps), so H = ∇²L(θ) is a fixed symmetric matrix; nothing here ever for
 H·v come from forward-over-reverse differentiation (torch.func.jvp of torch.func.grad) or from
 double backward, and feed:
 
-- the top eigenvalues by power iteration with deflation (as PyHessian: stop when the relative
-  change of the estimate falls below `tol`),
+- the top eigenvalues by Lanczos with deflation: one Lanczos run per eigenvalue on H with the
+  eigenvectors already found projected out, stopped when the Ritz pair's residual
+  ‖Hx − θx‖ = β_m·|e_mᵀy| falls below `tol`·|θ| (Golub & Van Loan §10.1). PyHessian's power
+  iteration stops early when the top two magnitudes are close (an indefinite GAN Hessian's ±λ):
+  Lanczos converges in far fewer products and deflation keeps repeated eigenvalues,
 - the trace by Hutchinson's estimator, E[zᵀHz] = tr H for Rademacher z, with its standard error,
 - the spectral density by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017): Lanczos with
   full reorthogonalisation from random unit vectors; the Ritz values are the nodes and the
@@ -99,26 +102,39 @@ def top_eigenvalues(
     tol: float = 1e-3,
     generator: torch.Generator,
 ) -> list[float]:
-    """The k eigenvalues of largest magnitude, by power iteration on H with the eigenvectors
-    already found projected out (deflation); each stops at a relative change below `tol`."""
+    """The k eigenvalues of largest magnitude, largest first: for each, at most `iterations`
+    Lanczos steps on H with the eigenvectors already found projected out (deflation), until the
+    largest-magnitude Ritz pair's residual is below `tol`·|θ|."""
     found: list[tuple[float, Tensor]] = []
-    for _ in range(k):
-        v = _unit(torch.randn(size, generator=generator, dtype=torch.float64))
-        value = math.nan
-        for _ in range(iterations):
-            for _, u in found:  # deflation: search the complement of earlier eigenvectors
-                v = v - (u @ v) * u
-            hv = operator(_unit(v))
-            for _, u in found:
-                hv = hv - (u @ hv) * u
-            new_value = float(_unit(v) @ hv)
-            v = hv
-            converged = math.isfinite(value) and abs(new_value - value) <= tol * abs(value) + 1e-30
-            value = new_value
-            if converged:
+
+    def deflated(v: Tensor) -> Tensor:
+        for _, u in found:
+            v = v - (u @ v) * u
+        hv = operator(v)
+        for _, u in found:
+            hv = hv - (u @ hv) * u
+        return hv
+
+    for _ in range(min(k, size)):
+        krylov = _Lanczos(deflated, _deflated_start(found, size, generator))
+        for _ in range(min(iterations, size - len(found))):
+            krylov.step()
+            values, vectors = krylov.ritz()
+            top = int(values.abs().argmax())
+            if krylov.residual(vectors[:, top]) <= tol * abs(float(values[top])):
                 break
-        found.append((value, _unit(v)))
-    return [value for value, _ in found]
+        found.append((float(values[top]), _unit(krylov.ritz_vector(vectors[:, top]))))
+    return sorted((value for value, _ in found), key=abs, reverse=True)
+
+
+def _deflated_start(
+    found: list[tuple[float, Tensor]], size: int, generator: torch.Generator
+) -> Tensor:
+    """A random unit vector orthogonal to the eigenvectors already found."""
+    v = torch.randn(size, generator=generator, dtype=torch.float64)
+    for _, u in found:
+        v = v - (u @ v) * u
+    return _unit(v)
 
 
 @dataclass(frozen=True)
@@ -159,34 +175,60 @@ class SpectralDensity:
         return self.moment(2) - self.moment(1) ** 2
 
 
+class _Lanczos:
+    """Lanczos iterations with full reorthogonalisation, one step at a time: an orthonormal
+    Krylov basis q_1..q_m and the tridiagonal T = QᵀHQ with diagonal α and off-diagonal β."""
+
+    def __init__(self, operator: Callable[[Tensor], Tensor], start: Tensor) -> None:
+        self.operator = operator
+        self.basis = [_unit(start)]
+        self.alphas: list[float] = []
+        self.betas: list[float] = []  # β_j couples q_j and q_{j+1}; the last one is the residual's
+        self.exhausted = False  # the Krylov space is invariant: T's eigenvalues are exact
+
+    def step(self) -> None:
+        q = self.basis[len(self.alphas)]
+        w = self.operator(q)
+        self.alphas.append(float(q @ w))
+        stacked = torch.stack(self.basis)
+        w = w - stacked.T @ (stacked @ w)  # full reorthogonalisation (twice is enough)
+        w = w - stacked.T @ (stacked @ w)
+        beta = float(w.norm())
+        self.betas.append(beta)
+        if beta < 1e-12:
+            self.exhausted = True
+        else:
+            self.basis.append(w / beta)
+
+    def ritz(self) -> tuple[Tensor, Tensor]:
+        """T's eigenvalues (ascending) and eigenvectors."""
+        n = len(self.alphas)
+        tridiagonal = torch.diag(torch.tensor(self.alphas, dtype=torch.float64))
+        if n > 1:
+            off = torch.tensor(self.betas[: n - 1], dtype=torch.float64)
+            tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
+        values, vectors = torch.linalg.eigh(tridiagonal)
+        return values, vectors
+
+    def residual(self, y: Tensor) -> float:
+        """‖H·Qy − θ·Qy‖ = β_m·|y_m| for an eigenvector y of T (0 once exhausted)."""
+        return 0.0 if self.exhausted else self.betas[-1] * abs(float(y[-1]))
+
+    def ritz_vector(self, y: Tensor) -> Tensor:
+        return torch.stack(self.basis[: len(y)]).T @ y
+
+
 def lanczos(
     operator: Callable[[Tensor], Tensor], start: Tensor, steps: int
 ) -> tuple[Tensor, Tensor]:
-    """The tridiagonal T (steps × steps) of `steps` Lanczos iterations from `start`, with full
-    reorthogonalisation, and its eigen-decomposition (Ritz values, Ritz vectors)."""
-    basis = [_unit(start)]
-    alphas: list[float] = []
-    betas: list[float] = []
-    for index in range(steps):
-        w = operator(basis[index])
-        alphas.append(float(basis[index] @ w))
-        stacked = torch.stack(basis)
-        w = w - stacked.T @ (stacked @ w)  # full reorthogonalisation (twice is enough)
-        w = w - stacked.T @ (stacked @ w)
-        if index == steps - 1:
+    """The eigen-decomposition (Ritz values, Ritz vectors) of the tridiagonal T of at most
+    `steps` Lanczos iterations from `start`, with full reorthogonalisation."""
+    krylov = _Lanczos(operator, start)
+    for _ in range(steps):
+        krylov.step()
+        if krylov.exhausted:  # an invariant subspace: T is exact and smaller
             break
-        beta = float(w.norm())
-        if beta < 1e-12:  # an invariant subspace: T is exact and smaller
-            break
-        betas.append(beta)
-        basis.append(w / beta)
-    n = len(alphas)
-    tridiagonal = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if n > 1:
-        off = torch.tensor(betas[: n - 1], dtype=torch.float64)
-        tridiagonal += torch.diag(off, 1) + torch.diag(off, -1)
-    values, vectors = torch.linalg.eigh(tridiagonal)
-    return values, vectors
+    return krylov.ritz()
 
 
 def spectral_density(
