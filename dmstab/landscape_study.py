@@ -50,8 +50,11 @@ class LandscapeResult:
 
 
 def surface_metrics(grid: LandscapeGrid) -> dict[str, float]:
-    """Per loss: the value at θ, the grid's mean and maximum rise above it, and the rise
-    relative to the value at θ (scale-free, for comparing models with different losses)."""
+    """Per loss: the value at θ; the grid's mean and maximum rise above it, and the mean rise
+    relative to the value at θ (scale-free, for comparing models with different losses); how
+    far the grid's minimum lies below θ's value (0 when θ is the lowest point); and the share
+    of interior grid points where the surface is locally non-convex (a negative five-point
+    Laplacian): 0 for a bowl, Fig. 2's smooth DM surface, and large for a rugged one."""
     assert grid.ys is not None
     centre = (int(np.argmin(np.abs(grid.ys))), int(np.argmin(np.abs(grid.xs))))
     metrics = {}
@@ -62,7 +65,19 @@ def surface_metrics(grid: LandscapeGrid) -> dict[str, float]:
         metrics[f"{prefix}/mean_rise"] = float(values.mean()) - at_theta
         metrics[f"{prefix}/max_rise"] = float(values.max()) - at_theta
         metrics[f"{prefix}/relative_rise"] = (float(values.mean()) - at_theta) / abs(at_theta)
+        metrics[f"{prefix}/below_center"] = at_theta - float(values.min())
+        metrics[f"{prefix}/nonconvex_fraction"] = nonconvex_fraction(values)
     return metrics
+
+
+def nonconvex_fraction(values: np.ndarray) -> float:
+    """The share of interior points of a 2D grid with a negative five-point Laplacian
+    (the grid spacing is uniform, so its scale does not change the sign)."""
+    interior = values[1:-1, 1:-1]
+    laplacian = (
+        values[:-2, 1:-1] + values[2:, 1:-1] + values[1:-1, :-2] + values[1:-1, 2:] - 4 * interior
+    )
+    return float((laplacian < 0).mean())
 
 
 def loss_surface(subject: Subject, device: torch.device) -> LandscapeResult:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from dmstab.analysis.landscape import (
 )
 from dmstab.diffusion.objectives import build_objective
 from dmstab.errors import DmstabError
+from dmstab.landscape_study import surface_metrics
 from dmstab.models import build_model
 from dmstab.plots import interpolation_figure, surface_figure
 from dmstab.recipe import load_recipe
@@ -316,3 +317,22 @@ def test_figures_draw_one_line_per_curve_and_a_contour_beside_a_surface() -> Non
     both = surface_figure(xs, ys, values, "t=5")
     assert [ax.name for ax in both.axes[:2]] == ["rectilinear", "3d"]
     plt.close("all")
+
+
+@pytest.mark.parametrize(
+    ("surface", "nonconvex", "below_center"),
+    [
+        (lambda x, y: 1 + x**2 + y**2, 0.0, 0.0),  # a bowl with θ at its bottom
+        (lambda x, y: 1 - x**2 - y**2, 1.0, 2.0),  # a dome: every point concave, corners -1
+        (lambda x, y: 1 + (x - 0.6) ** 2 + y**2, 0.0, 0.36),  # a bowl whose bottom is off θ
+    ],
+)
+def test_surface_metrics_of_closed_form_surfaces(
+    surface: Callable[[np.ndarray, np.ndarray], np.ndarray], nonconvex: float, below_center: float
+) -> None:
+    xs = np.linspace(-1, 1, 11)
+    values = surface(xs[None, :], xs[:, None])
+    metrics = surface_metrics(LandscapeGrid(xs, xs, {"mean": values}))
+    assert metrics["landscape/mean/nonconvex_fraction"] == nonconvex
+    assert metrics["landscape/mean/below_center"] == pytest.approx(below_center, abs=1e-12)
+    assert metrics["landscape/mean/center"] == pytest.approx(float(surface(0.0, 0.0)))
