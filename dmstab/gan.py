@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from dmstab.diffusion.sampling import NoiseSource
 from dmstab.errors import DmstabError
 from dmstab.recipe import GAN_MODELS, GanLoss, Recipe
+from dmstab.train.checkpoint import load_weights
 
 
 def is_gan(recipe: Recipe) -> bool:
@@ -62,12 +63,7 @@ def discriminator_from_state(state: dict[str, Any], recipe: Recipe, source: Path
     if not isinstance(weights, dict):
         raise DmstabError(f"checkpoint {source} has no discriminator; it is not a GAN checkpoint")
     model = build_discriminator(recipe, int(state.get("num_classes", 0)))
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        first_line = str(exc).splitlines()[0]
-        raise DmstabError(f"checkpoint {source} does not fit its recipe: {first_line}") from None
-    return model.eval()
+    return load_weights(model, weights, source)
 
 
 def latent_shape(recipe: Recipe) -> tuple[int, int, int]:

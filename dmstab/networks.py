@@ -15,7 +15,7 @@ from dmstab.errors import DmstabError
 from dmstab.models import build_model
 from dmstab.recipe import Recipe, apply_overrides, from_mapping
 from dmstab.tracking import latest_run, resolve_uri, run_directory
-from dmstab.train.checkpoint import load_checkpoint
+from dmstab.train.checkpoint import load_checkpoint, load_weights
 
 CHECKPOINT_NAME = "checkpoint.pt"
 KEPT_DIR = "checkpoints"  # train.keep_checkpoints: RUN_DIR/checkpoints/step_XXXXXXXX.pt
@@ -55,12 +55,7 @@ def network_from_state(
         raise DmstabError(f"checkpoint {source} has no EMA weights; use sample.use_ema=false")
     if not isinstance(weights, dict):
         raise DmstabError(f"checkpoint {source} has no model weights")
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as exc:
-        first_line = str(exc).splitlines()[0]
-        raise DmstabError(f"checkpoint {source} does not fit its recipe: {first_line}") from None
-    return model.eval()
+    return load_weights(model, weights, source)
 
 
 def _restricted(overrides: Sequence[str], allowed: tuple[str, ...]) -> None:

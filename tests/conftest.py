@@ -40,6 +40,16 @@ TINY = [
     "tracking.experiment=tests",
 ]
 
+TINY_GAN = [  # mini_dcgan at 16×16 with 4 channels and z of 8: a few seconds of training
+    "data.synthetic_size=64",
+    "data.resolution=16",
+    "gan.g_channels=4",
+    "gan.d_channels=4",
+    "gan.z_dim=8",
+    "train.batch_size=8",
+    "tracking.experiment=tests",
+]
+
 
 @pytest.fixture(autouse=True)
 def isolated_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:

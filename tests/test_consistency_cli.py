@@ -14,7 +14,7 @@ from dmstab.consistency_study import member_recipes
 from dmstab.recipe import fingerprint, load_recipe
 from dmstab.train.loop import TrainResult, train
 
-from .conftest import RECIPES, TINY, store
+from .conftest import RECIPES, TINY, TINY_GAN, store
 from .test_cli import dmstab
 
 SMALL = [*TINY, "model.attention_resolutions=[]", "data.resolution=8"]
@@ -152,16 +152,7 @@ def test_fewer_than_two_models_is_one_line_and_exit_2() -> None:
 
 
 def test_two_gans_share_z_and_a_gan_cannot_join_a_diffusion_group() -> None:
-    gan = [
-        "data.synthetic_size=64",
-        "data.resolution=16",
-        "gan.g_channels=4",
-        "gan.d_channels=4",
-        "gan.z_dim=8",
-        "train.batch_size=8",
-        "train.steps=3",
-        "tracking.experiment=tests",
-    ]
+    gan = [*TINY_GAN, "train.steps=3"]
     first, second = (
         train(load_recipe(RECIPES / "mini_dcgan.yaml", [*gan, f"train.seed={seed}"]))
         for seed in (0, 1)

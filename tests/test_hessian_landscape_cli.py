@@ -17,7 +17,7 @@ from dmstab.hessian_study import hvp_method
 from dmstab.recipe import load_recipe
 from dmstab.train.loop import TrainResult, train
 
-from .conftest import RECIPES, TINY, store
+from .conftest import RECIPES, TINY, TINY_GAN, store
 from .test_cli import dmstab
 
 HESSIAN = [
@@ -140,18 +140,7 @@ def test_bad_input_is_one_line_and_exit_2(
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-GAN = [
-    "data.synthetic_size=64",
-    "data.resolution=16",
-    "gan.g_channels=4",
-    "gan.d_channels=4",
-    "gan.z_dim=8",
-    "train.batch_size=8",
-    "train.steps=6",
-    "train.checkpoint_every=2",
-    "train.keep_checkpoints=[2]",
-    "tracking.experiment=tests",
-]
+GAN = [*TINY_GAN, "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=[2]"]
 
 
 def test_gan_hessian_of_the_generator_loss_and_interpolation_of_both_losses() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from dmstab.atomic import write_atomically
 from dmstab.errors import DmstabError
@@ -17,6 +18,16 @@ from dmstab.errors import DmstabError
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """`torch.save` through `write_atomically`."""
     write_atomically(path, lambda handle: torch.save(state, handle))
+
+
+def load_weights(model: nn.Module, weights: dict[str, Any], source: Path) -> nn.Module:
+    """`weights` loaded into `model`, in eval mode; a mismatch is one line naming `source`."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        first_line = str(exc).splitlines()[0]
+        raise DmstabError(f"checkpoint {source} does not fit its recipe: {first_line}") from None
+    return model.eval()
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -15,16 +15,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dmstab import __version__
 from dmstab.data import ImageDataset, build_dataset
 from dmstab.diffusion.objectives import DDPMObjective
 from dmstab.errors import DmstabError
 from dmstab.gan import build_discriminator, build_generator, discriminator_loss, generator_loss
 from dmstab.models import count_parameters
-from dmstab.recipe import Recipe, to_dict
+from dmstab.recipe import Recipe
 from dmstab.train.distributed import SINGLE_PROCESS, DistributedContext
 from dmstab.train.ema import EMA
-from dmstab.train.loop import EpochOrder, autocast, ema_copy, step_seed
+from dmstab.train.loop import EpochOrder, autocast, common_state, ema_copy, step_seed
 from dmstab.train.loss_guard import LossGuard
 from dmstab.train.power_ema import PowerEMA
 
@@ -140,17 +139,9 @@ class GanTrainer:
 
     def state_dict(self, run_id: str) -> dict[str, object]:
         return {
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
+            **common_state(self, run_id),
             "discriminator": self.discriminator.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "d_optimizer": self.d_optimizer.state_dict(),
-            "loss_guard": self.guard.state_dict(),
-            "step": self.step,
-            "recipe": to_dict(self.recipe),
-            "num_classes": self.dataset.num_classes,
-            "run_id": run_id,
-            "dmstab_version": __version__,
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:

@@ -97,6 +97,7 @@ class LoopTrainer(Protocol):
     context: DistributedContext
     dataset: ImageDataset
     model: nn.Module  # the network that samples (a GAN's generator)
+    ema: EMA
     optimizer: torch.optim.Optimizer  # its learning rate is logged
     guard: LossGuard
     power_ema: PowerEMA | None
@@ -109,6 +110,21 @@ class LoopTrainer(Protocol):
     def parameter_metrics(self) -> dict[str, float]: ...
     def objective_metrics(self, step: int) -> dict[str, float]: ...
     def ddpm_objective(self) -> DDPMObjective | None: ...
+
+
+def common_state(trainer: LoopTrainer, run_id: str) -> dict[str, object]:
+    """The checkpoint entries of every trainer; each adds its own (objective, discriminator)."""
+    return {
+        "model": trainer.model.state_dict(),
+        "ema": trainer.ema.state_dict(),
+        "optimizer": trainer.optimizer.state_dict(),
+        "loss_guard": trainer.guard.state_dict(),
+        "step": trainer.step,
+        "recipe": to_dict(trainer.recipe),
+        "num_classes": trainer.dataset.num_classes,
+        "run_id": run_id,
+        "dmstab_version": __version__,
+    }
 
 
 @dataclass(frozen=True)
@@ -232,17 +248,9 @@ class Trainer:
 
     def state_dict(self, run_id: str) -> dict[str, object]:
         return {
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
+            **common_state(self, run_id),
             "power_ema": self.power_ema.state_dict() if self.power_ema else None,
-            "optimizer": self.optimizer.state_dict(),
             "objective": self.objective.state_dict(),
-            "loss_guard": self.guard.state_dict(),
-            "step": self.step,
-            "recipe": to_dict(self.recipe),
-            "num_classes": self.dataset.num_classes,
-            "run_id": run_id,
-            "dmstab_version": __version__,
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
