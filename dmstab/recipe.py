@@ -360,7 +360,7 @@ class HessianConfig:
     density by stochastic Lanczos quadrature (`slq_runs` runs of `lanczos_steps`).
     Hessian-vector products by `method`;
     `auto` takes forward-over-reverse on CUDA (FACTS.md: ~3× faster on an H100) and double
-    backward on the CPU (3.5× faster there, docs/performance.md). For GANs, `network`'s loss
+    backward on the CPU (faster there, docs/performance.md). For GANs, `network`'s loss
     with the other network fixed.
     """
 
