@@ -58,6 +58,24 @@ def test_both_hessian_vector_products_equal_the_explicit_hessian_times_v() -> No
         torch.testing.assert_close(_operator(method)(v), hessian @ v, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.gpu
+def test_a_model_on_cuda_takes_and_returns_host_vectors() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model, x, y = _problem()
+    cuda = torch.device("cuda")
+    model, x, y = model.to(cuda), x.to(cuda), y.to(cuda)
+    hessian = _explicit_hessian()
+    v = torch.randn(
+        hessian.shape[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64
+    )
+    for method in ("forward_over_reverse", "double_backward"):
+        operator = HessianOperator(model, lambda m: ((m(x) - y) ** 2).mean(), method)  # type: ignore[arg-type]
+        product = operator(v)
+        assert product.device.type == "cpu"
+        torch.testing.assert_close(product, hessian @ v, rtol=1e-10, atol=1e-12)
+
+
 def test_top_three_eigenvalues_match_eigvalsh() -> None:
     hessian = _explicit_hessian()
     exact = torch.linalg.eigvalsh(hessian)

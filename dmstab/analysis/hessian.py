@@ -15,7 +15,8 @@ double backward, and feed:
   full reorthogonalisation from random unit vectors; the Ritz values are the nodes and the
   squared first components of the Ritz vectors their weights.
 
-Vectors are flat float64 tensors over all parameters (in `named_parameters` order).
+Vectors are flat float64 tensors over all parameters (in `named_parameters` order), on the host:
+each product moves its direction to the model's device and the result back.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class HessianOperator:
     def _unflatten(self, vector: Tensor) -> dict[str, Tensor]:
         pieces = torch.split(vector, [math.prod(shape) for shape in self.shapes])
         return {
-            name: piece.reshape(shape).to(self.point[name].dtype)
+            name: piece.reshape(shape).to(self.point[name].device, self.point[name].dtype)
             for name, piece, shape in zip(self.names, pieces, self.shapes, strict=True)
         }
 
@@ -64,7 +65,8 @@ class HessianOperator:
             product = jvp(gradient, (self.point,), (direction,))[1]
         else:
             product = self._double_backward(direction)
-        return torch.cat([product[name].reshape(-1) for name in self.names]).to(torch.float64)
+        flat = torch.cat([product[name].reshape(-1) for name in self.names])
+        return flat.to(vector.device, torch.float64)  # back beside the caller's vectors
 
     def _double_backward(self, direction: Mapping[str, Tensor]) -> dict[str, Tensor]:
         params = {name: value.clone().requires_grad_(True) for name, value in self.point.items()}
