@@ -358,10 +358,9 @@ class HessianConfig:
     Top-`top_k` eigenvalues by Lanczos with deflation (at most `max_iterations` steps each,
     until the Ritz residual is below `tolerance`·|λ|), trace by Hutchinson (`trace_samples`),
     density by stochastic Lanczos quadrature (`slq_runs` runs of `lanczos_steps`).
-    Hessian-vector products by `method`;
-    `auto` takes forward-over-reverse on CUDA (FACTS.md: ~3× faster on an H100) and double
-    backward on the CPU (faster there, docs/performance.md). For GANs, `network`'s loss
-    with the other network fixed.
+    Hessian-vector products by `method`; `auto` takes forward-over-reverse on CUDA (FACTS.md:
+    ~3× faster on an H100) and double backward on the CPU (faster there, docs/performance.md).
+    For GANs, `network`'s loss with the other network fixed.
     """
 
     batch_size: int = 64

@@ -107,36 +107,29 @@ def top_eigenvalues(
     """The k eigenvalues of largest magnitude, largest first: for each, at most `iterations`
     Lanczos steps on H with the eigenvectors already found projected out (deflation), until the
     largest-magnitude Ritz pair's residual is below `tol`·|θ|."""
-    found: list[tuple[float, Tensor]] = []
+    eigenvalues: list[float] = []
+    eigenvectors: list[Tensor] = []
+
+    def project_out(v: Tensor) -> Tensor:  # deflation: the complement of the vectors found
+        for u in eigenvectors:
+            v = v - (u @ v) * u
+        return v
 
     def deflated(v: Tensor) -> Tensor:
-        for _, u in found:
-            v = v - (u @ v) * u
-        hv = operator(v)
-        for _, u in found:
-            hv = hv - (u @ hv) * u
-        return hv
+        return project_out(operator(project_out(v)))
 
     for _ in range(min(k, size)):
-        krylov = _Lanczos(deflated, _deflated_start(found, size, generator))
-        for _ in range(min(iterations, size - len(found))):
+        start = project_out(torch.randn(size, generator=generator, dtype=torch.float64))
+        krylov = _Lanczos(deflated, start)
+        for _ in range(min(iterations, size - len(eigenvectors))):
             krylov.step()
             values, vectors = krylov.ritz()
             top = int(values.abs().argmax())
             if krylov.residual(vectors[:, top]) <= tol * abs(float(values[top])):
                 break
-        found.append((float(values[top]), _unit(krylov.ritz_vector(vectors[:, top]))))
-    return sorted((value for value, _ in found), key=abs, reverse=True)
-
-
-def _deflated_start(
-    found: list[tuple[float, Tensor]], size: int, generator: torch.Generator
-) -> Tensor:
-    """A random unit vector orthogonal to the eigenvectors already found."""
-    v = torch.randn(size, generator=generator, dtype=torch.float64)
-    for _, u in found:
-        v = v - (u @ v) * u
-    return _unit(v)
+        eigenvalues.append(float(values[top]))
+        eigenvectors.append(_unit(krylov.ritz_vector(vectors[:, top])))
+    return sorted(eigenvalues, key=abs, reverse=True)
 
 
 @dataclass(frozen=True)
