@@ -25,13 +25,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from dmstab.analysis.fixed_batch import MEAN_LOSS
 from dmstab.analysis.hessian import HessianOperator, Method
 from dmstab.analysis.landscape import evaluate
-from dmstab.analysis.study import analysis_losses
-from dmstab.analysis.subjects import Subject
+from dmstab.commands.study import analysis_losses
+from dmstab.commands.subjects import Subject
+from dmstab.config import load_recipe
 from dmstab.data import build_dataset
 from dmstab.devices import pick_device
-from dmstab.gan import build_discriminator, is_gan
 from dmstab.models import build_model
-from dmstab.recipe import load_recipe
+from dmstab.models.gan import build_discriminator, is_gan
 from dmstab.train.ema import EMA
 
 

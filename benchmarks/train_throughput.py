@@ -16,9 +16,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dmstab.config import load_recipe
 from dmstab.devices import pick_device
-from dmstab.recipe import load_recipe
-from dmstab.train.loop import Trainer
+from dmstab.train.trainer import Trainer
 
 
 def _sync(device: torch.device) -> None:

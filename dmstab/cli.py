@@ -6,15 +6,12 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 
 from dmstab import __version__
 from dmstab.errors import DmstabError
-
-if TYPE_CHECKING:
-    from dmstab.sweep import Sweep
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -56,8 +53,8 @@ def user_errors(command: Callable[P, R]) -> Callable[P, R]:
             error(str(exc))
             raise typer.Exit(1) from None
         finally:  # leave a torchrun process group; none exists unless its module was imported
-            if "dmstab.train.distributed" in sys.modules:
-                sys.modules["dmstab.train.distributed"].shutdown_distributed()
+            if "dmstab.distributed" in sys.modules:
+                sys.modules["dmstab.distributed"].shutdown_distributed()
 
     return wrapper
 
@@ -118,65 +115,9 @@ def train(
     ] = None,
 ) -> None:
     """Train a diffusion model from a recipe (every child of its `sweep:`), logging to MLflow."""
-    from dmstab.recipe import load_recipe, to_yaml
-    from dmstab.sweep import load_sweep
+    from dmstab.commands.train import main
 
-    sweep = load_sweep(recipe, overrides or [])
-    if sweep is not None:
-        _train_sweep(sweep, dry_run=dry_run, resume=resume)
-        return
-    resolved = load_recipe(recipe, overrides or [])
-    if dry_run:
-        typer.echo(to_yaml(resolved), nl=False)
-        return
-    from dmstab.console import SampleProgress, TrainProgress, console
-    from dmstab.train.loop import train as run_training
-
-    result = run_training(
-        resolved, resume=resume, progress=TrainProgress(), on_sample=SampleProgress("sample")
-    )
-    if not result.is_main:  # a torchrun rank other than 0: rank 0 reports
-        return
-    console.print(f"[green]done[/] run {result.run_id}: step {result.step}")
-    console.print(f"  checkpoint  {result.checkpoint}")
-    if result.samples:
-        console.print(f"  samples     {result.samples}")
-    console.print(f"  browse      {_browse_hint(resolved.tracking.uri)}")
-
-
-def _browse_hint(recipe_uri: str | None) -> str:
-    """Where to look at the run: the tracking server itself, or `mlflow ui` on a local store."""
-    from dmstab.tracking import DEFAULT_TRACKING_URI, is_remote, resolve_uri
-
-    uri = resolve_uri(recipe_uri)
-    if is_remote(uri):
-        return uri
-    store = "" if uri == resolve_uri(DEFAULT_TRACKING_URI) else f" --backend-store-uri {uri}"
-    return f"mlflow ui{store}   (then open http://127.0.0.1:5000)"
-
-
-def _train_sweep(sweep: Sweep, *, dry_run: bool, resume: str | None) -> None:
-    """`dmstab train` on a recipe with a `sweep:` section: its children under one parent run."""
-    from dmstab.recipe import to_yaml
-
-    if dry_run:
-        typer.echo(to_yaml(sweep.base), nl=False)
-        typer.echo(sweep.describe())
-        return
-    from dmstab.console import SampleProgress, TrainProgress, announce_child, console
-    from dmstab.sweep import run_sweep
-
-    result = run_sweep(
-        sweep,
-        resume=resume,
-        progress=TrainProgress,
-        on_sample=SampleProgress("sample"),
-        on_child=announce_child,
-    )
-    console.print(f"[green]done[/] sweep {result.run_id}: {len(result.children)} children")
-    for child in result.children:
-        console.print(f"  {child.label}  run {child.run_id} ({child.action})")
-    console.print(f"  report      dmstab report {result.run_id}")
+    main(recipe, overrides or [], dry_run=dry_run, resume=resume)
 
 
 @app.command(
@@ -206,23 +147,9 @@ def sample(
     ] = None,
 ) -> None:
     """Sample images (DDPM or DDIM, fixed seeds) and write an .npz and a PNG grid."""
-    from dmstab.console import SampleProgress, console
-    from dmstab.sample import sample as run_sampling
+    from dmstab.commands.sample import main
 
-    if source is not None and "=" in source:
-        overrides, source = [source, *(overrides or [])], None
-    result = run_sampling(
-        source,
-        overrides or [],
-        experiment=experiment,
-        out_dir=out,
-        callback=SampleProgress("sample"),
-    )
-    if result is None:  # a torchrun rank other than 0: rank 0 reports
-        return
-    console.print(f"[green]done[/] {result.count} images, run {result.run_id}")
-    console.print(f"  images  {result.npz}")
-    console.print(f"  grid    {result.grid}")
+    main(source, overrides or [], experiment=experiment, out=out)
 
 
 @app.command(
@@ -272,24 +199,18 @@ def ema_reconstruct(
     ] = False,
 ) -> None:
     """Post-hoc EMA (EDM2 Sec. 3): a checkpoint for any σrel from power-EMA snapshots."""
-    from dmstab.console import console
-    from dmstab.posthoc_ema import find_snapshots, make_plan, parse_sweep, reconstruct_ema
-    from dmstab.train.power_ema import gamma_to_sigma_rel
+    from dmstab.commands.ema_reconstruct import main
 
-    sigmas = [*(sigma_rel or []), *(gamma_to_sigma_rel(g) for g in gamma or [])]
-    sigmas += parse_sweep(sweep) if sweep else []
-    if not sigmas:
-        raise DmstabError("give --sigma-rel, --gamma or --sweep")
-    directory = find_snapshots(run, snapshots, None)
-    if dry_run:
-        typer.echo(make_plan(directory, sigmas, at).describe())
-        return
-    plan, results = reconstruct_ema(directory, sigmas, at=at, out_dir=out)
-    console.print(f"[green]done[/] {len(results)} reconstruction(s) at step {plan.step}")
-    for item in results:
-        console.print(
-            f"  σrel {item.sigma_rel:.4f}  {item.path}  (profile error {item.profile_error:.1e})"
-        )
+    main(
+        sigma_rel or [],
+        gamma or [],
+        sweep,
+        at=at,
+        run=run,
+        snapshots=snapshots,
+        out=out,
+        dry_run=dry_run,
+    )
 
 
 @app.command(
@@ -346,33 +267,20 @@ def fid(
     ] = None,
 ) -> None:
     """FID (clean-fid numbers, batched), KID and IS of images or a model; logged to MLflow."""
-    from dmstab.console import SampleProgress, console
-    from dmstab.score import score
+    from dmstab.commands.fid import main
 
-    scored = score(
+    main(
         images,
         ref,
         mode=mode,
-        features=features,  # type: ignore[arg-type]  # checked by the library
+        features=features,
         inception_weights=inception_weights,
         with_kid=with_kid,
         with_is=with_is,
         num_images=num_images,
         batch_size=batch_size,
         experiment=experiment,
-        parent_run=parent,
-        callback=SampleProgress("sample"),
-    )
-    if scored is None:  # a torchrun rank other than 0: rank 0 reports
-        return
-    result, cache = scored
-    if cache is not None:
-        console.print(f"  reference statistics cached at {cache}")
-    kid_text = f"  KID {result.kid:.5f}" if result.kid is not None else ""
-    is_text = f"  IS {result.inception_score:.3f}" if result.inception_score is not None else ""
-    typer.echo(
-        f"FID {result.fid:.4f}{kid_text}{is_text}  ({result.num_images} images, "
-        f"run {result.run_id})"
+        parent=parent,
     )
 
 
@@ -427,40 +335,20 @@ def fid_sweep(
     ] = None,
 ) -> None:
     """FID against EMA length σrel (EDM2 Fig. 5a; per guidance strength, Fig. 6)."""
+    from dmstab.commands.fid_sweep import main
 
-    from dmstab.console import SampleProgress, console
-    from dmstab.devices import pick_device
-    from dmstab.ema_sweep import best_points, run_sweep
-    from dmstab.evaluate import feature_pipeline
-    from dmstab.networks import find_checkpoint
-    from dmstab.recipe import EvalConfig
-
-    config = EvalConfig(
-        features=features,  # type: ignore[arg-type]
-        mode=mode,  # type: ignore[arg-type]
+    main(
+        ref,
+        checkpoints or [],
+        num_images=num_images,
+        guidances=guidance or [],
+        guide=guide,
+        features=features,
+        mode=mode,
         inception_weights=inception_weights,
         batch_size=batch_size,
+        out=out,
     )
-    device = pick_device("auto")
-    pipeline = feature_pipeline(config, device)  # missing weights fail before any sampling
-    paths = checkpoints or [find_checkpoint(None, None, None).parent / "reconstructed"]
-    result = run_sweep(
-        paths,
-        ref,
-        pipeline,
-        num_images=num_images,
-        guidances=guidance or [1.0],
-        guide=guide,
-        out_dir=out,
-        callback=SampleProgress("sample"),
-    )
-    for point in result.points:
-        typer.echo(f"σrel {point.sigma_rel:.4f}  guidance {point.guidance:g}  FID {point.fid:.4f}")
-    for strength, best in sorted(best_points(result.points).items()):
-        console.print(
-            f"[green]best[/] guidance {strength:g}: FID {best.fid:.4f} at σrel {best.sigma_rel:.4f}"
-        )
-    console.print(f"  figure {result.figure}\n  table  {result.table}\n  run    {result.run_id}")
 
 
 @app.command(
@@ -508,19 +396,15 @@ def report(
     ] = "report",
 ) -> None:
     """Paper vs measured (AAAI Tables 2-3, Fig. 5 speed-up) from MLflow; logged as a report run."""
-    from rich.console import Console
+    from dmstab.commands.report import main
 
-    from dmstab.console import console
-    from dmstab.report import build_report, log_report, rich_table, text_tables
-
-    result = build_report(sources or [], experiment=experiment, metric=metric, baseline=baseline)
-    stdout = Console()
-    for table in text_tables(result):
-        stdout.print(rich_table(table))
-    logged = log_report(result, experiment=log_experiment)
-    console.print(f"[green]done[/] report run {logged.run_id}")
-    for artifact in logged.artifacts:
-        console.print(f"  {artifact}")
+    main(
+        sources or [],
+        experiment=experiment,
+        metric=metric,
+        baseline=baseline,
+        log_experiment=log_experiment,
+    )
 
 
 @app.command(
@@ -545,11 +429,9 @@ def sync(
     ] = None,
 ) -> None:
     """Upload runs spooled while the MLflow server was unreachable, then delete the spools."""
-    from dmstab.console import console
-    from dmstab.tracking import sync as sync_spools
+    from dmstab.commands.sync import main
 
-    for result in sync_spools(spool, uri):
-        console.print(f"[green]synced[/] {result.records} records -> run {result.run_id}")
+    main(spool, uri)
 
 
 Analyzed = Annotated[
@@ -564,14 +446,6 @@ Analyzed = Annotated[
 ]
 
 
-def _analysis_subjects(arguments: list[str] | None) -> list[Any]:
-    from dmstab.analysis.subjects import parse_inputs, subjects_for
-    from dmstab.console import SampleProgress, TrainProgress
-
-    inputs = parse_inputs(arguments or [])
-    return subjects_for(inputs, progress=TrainProgress(), on_sample=SampleProgress("sample"))
-
-
 @app.command(
     epilog=(
         "Examples:\n\n"
@@ -583,36 +457,9 @@ def _analysis_subjects(arguments: list[str] | None) -> list[Any]:
 @user_errors
 def consistency(arguments: Analyzed = None) -> None:
     """Same noise, N models: PSNR of their images, AAAI Eq. 1 (Table 1, Fig. 1)."""
-    from rich.console import Console
+    from dmstab.commands.consistency import main
 
-    from dmstab.analysis.subjects import load_subject, parse_inputs
-    from dmstab.consistency_study import consistency as run_consistency
-    from dmstab.consistency_study import sampler_note, summary_tables, trained_group
-    from dmstab.console import SampleProgress, TrainProgress, console
-    from dmstab.devices import pick_device
-    from dmstab.report import rich_table
-
-    inputs = parse_inputs(arguments or [])
-    if inputs.recipe is not None:
-        subjects = trained_group(
-            inputs.recipe, progress=TrainProgress(), on_sample=SampleProgress("sample")
-        )
-    else:
-        if len(inputs.sources) < 2:
-            raise DmstabError(
-                "give a recipe with consistency.members, or at least two trained models"
-            )
-        subjects = [load_subject(source, inputs.overrides) for source in inputs.sources]
-    device = pick_device(subjects[0].recipe.train.device)
-    report = run_consistency(subjects, device, SampleProgress("sample"))
-    stdout = Console()
-    for table in summary_tables(report):
-        stdout.print(rich_table(table))
-    if sampler_note(subjects):
-        console.print(f"  note    {sampler_note(subjects)}")
-    console.print(f"[green]done[/] consistency of {len(subjects)} models")
-    console.print(f"  run     {report.run_id}   (images and scores: {report.directory})")
-    console.print(f"  browse  {_browse_hint(subjects[0].recipe.tracking.uri)}")
+    main(arguments or [])
 
 
 @app.command(
@@ -626,25 +473,9 @@ def consistency(arguments: Analyzed = None) -> None:
 @user_errors
 def hessian(arguments: Analyzed = None) -> None:
     """Hessian of the loss on a fixed batch: top eigenvalues, trace, density (AAAI Fig. 4)."""
-    from dmstab.console import console
-    from dmstab.devices import pick_device
-    from dmstab.hessian_study import hessian as run_hessian
+    from dmstab.commands.hessian import main
 
-    subjects = _analysis_subjects(arguments)
-    if len(subjects) != 1:
-        raise DmstabError(f"dmstab hessian reads one model; got {len(subjects)}")
-    subject = subjects[0]
-    result = run_hessian(subject, pick_device(subject.recipe.train.device))
-    console.print(f"[green]done[/] Hessian of {subject.label} at step {subject.step}")
-    for name, item in result.spectra.items():
-        top = ", ".join(f"{value:.4g}" for value in item.top)
-        console.print(
-            f"  {name:>8}  λ1..k {top}  trace {item.trace.mean:.4g} ± "
-            f"{item.trace.standard_error:.2g}  mean {item.mean:.3g}  "
-            f"variance {item.density.variance():.4g}"
-        )
-    console.print(f"  run     {result.run_id}   (arrays: {result.directory})")
-    console.print(f"  browse  {_browse_hint(subject.recipe.tracking.uri)}")
+    main(arguments or [])
 
 
 @app.command(
@@ -659,29 +490,9 @@ def hessian(arguments: Analyzed = None) -> None:
 @user_errors
 def landscape(arguments: Analyzed = None) -> None:
     """Loss surface around a model (AAAI Fig. 2) or the loss between two checkpoints (Fig. 3)."""
-    from dmstab.console import console
-    from dmstab.devices import pick_device
-    from dmstab.landscape_study import interpolation, loss_surface
+    from dmstab.commands.landscape import main
 
-    subjects = _analysis_subjects(arguments)
-    if len(subjects) > 2:
-        raise DmstabError(
-            f"dmstab landscape reads one model or two checkpoints; got {len(subjects)}"
-        )
-    last = subjects[-1]
-    device = pick_device(last.recipe.train.device)
-    steps = last.recipe.landscape.interpolate
-    if len(subjects) == 2:
-        result = interpolation(subjects[0], subjects[1], device)
-    elif steps:
-        result = interpolation(last.kept(steps[0]), last.kept(steps[1]), device)
-    else:
-        result = loss_surface(last, device)
-    kind = "surface" if result.grid.ys is not None else "interpolation"
-    console.print(f"[green]done[/] loss {kind} of {last.label}: {', '.join(result.grid.values)}")
-    console.print(f"  run     {result.run_id}")
-    console.print(f"  arrays  {result.path}")
-    console.print(f"  browse  {_browse_hint(last.recipe.tracking.uri)}")
+    main(arguments or [])
 
 
 def main() -> Any:

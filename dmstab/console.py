@@ -18,6 +18,12 @@ from rich.progress import (
 console = Console(stderr=True, soft_wrap=True)
 
 
+def result(text: str, end: str = "\n") -> None:
+    """What a command prints on stdout: its results, for scripts and pipes."""
+    sys.stdout.write(text + end)
+    sys.stdout.flush()
+
+
 def error(message: str) -> None:
     """One line on stderr, no traceback."""
     console = Console(stderr=True, highlight=False, soft_wrap=True)

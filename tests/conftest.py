@@ -10,6 +10,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+import dmstab.commands  # noqa: F401  (registers the built-in components, as the CLI does)
 from dmstab.tracking import resolve_uri
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"

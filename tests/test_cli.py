@@ -124,7 +124,7 @@ def test_train_then_sample_with_fixed_seeds(isolated_workdir: Path) -> None:
 
 
 def test_the_browse_hint_points_at_the_store_the_run_went_to(tmp_path: Path) -> None:
-    from dmstab.cli import _browse_hint
+    from dmstab.tracking import browse_hint as _browse_hint
 
     assert _browse_hint("http://mlflow.lab:5000") == "http://mlflow.lab:5000"
     assert _browse_hint(None).startswith("mlflow ui   (")

@@ -12,19 +12,19 @@ import pytest
 import torch
 from torch import Tensor
 
-import dmstab.generate
+import dmstab.models.generate
 from dmstab.analysis.consistency import (
     consistency_score,
     mean_squared_error,
     one_level_cap,
     psnr,
 )
+from dmstab.config import Recipe, load_recipe
 from dmstab.diffusion.sampling import NoiseSource
 from dmstab.errors import DmstabError
-from dmstab.generate import generate_for_recipe
 from dmstab.models import build_model, count_parameters
+from dmstab.models.generate import generate_for_recipe
 from dmstab.plots import consistency_grid
-from dmstab.recipe import Recipe, load_recipe
 
 from .conftest import RECIPES, TINY
 from .test_edm_training import MINI, TINY_EDM
@@ -220,7 +220,7 @@ def draws_while_generating(
                 log[self.first_index + offset].append(image.clone())
             return draw
 
-    monkeypatch.setattr(dmstab.generate, "NoiseSource", RecordingNoise)
+    monkeypatch.setattr(dmstab.models.generate, "NoiseSource", RecordingNoise)
     torch.manual_seed(0)
     model = build_model(recipe, 10)
     with torch.no_grad():  # untrained ADMs predict ε = 0 at any width (zero-initialised output)

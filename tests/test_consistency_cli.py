@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dmstab.consistency_study import member_recipes
-from dmstab.recipe import fingerprint, load_recipe
+from dmstab.commands.consistency import member_recipes
+from dmstab.config import fingerprint, load_recipe
 from dmstab.train.loop import TrainResult, train
 
 from .conftest import RECIPES, TINY, TINY_GAN, store

@@ -24,8 +24,8 @@ import torch
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from dmstab.recipe import load_recipe
-from dmstab.train.checkpoint import load_checkpoint
+from dmstab.checkpoint import load_checkpoint
+from dmstab.config import load_recipe
 from dmstab.train.loop import train
 
 from .conftest import RECIPES, TINY, store

@@ -36,11 +36,11 @@ from pathlib import Path
 
 import torch
 
-from dmstab.evaluate import Evaluator
-from dmstab.networks import network_from_state
-from dmstab.recipe import load_recipe
-from dmstab.train.checkpoint import load_checkpoint
-from dmstab.train.distributed import init_distributed, shutdown_distributed
+from dmstab.train.evaluate import Evaluator
+from dmstab.train.restore import network_from_state
+from dmstab.config import load_recipe
+from dmstab.checkpoint import load_checkpoint
+from dmstab.distributed import init_distributed, shutdown_distributed
 
 checkpoint, out, overrides = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
 context = init_distributed("cpu")

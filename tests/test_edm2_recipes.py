@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from dmstab.config import Recipe, differences, load_recipe
 from dmstab.models import build_model, count_parameters
 from dmstab.models.edm2_unet import SWITCHES, SelfAttention
-from dmstab.recipe import Recipe, differences, load_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 EDM2_RECIPES = sorted(RECIPES.glob("edm2_*.yaml"))

@@ -11,13 +11,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from dmstab.checkpoint import load_checkpoint
+from dmstab.config import load_recipe
 from dmstab.diffusion.edm import EDMPrecond
 from dmstab.diffusion.objectives import EDMObjective, whole_batch_losses
 from dmstab.errors import DmstabError
-from dmstab.generate import generate_for_recipe
 from dmstab.models import build_model
-from dmstab.recipe import load_recipe
-from dmstab.train.checkpoint import load_checkpoint
+from dmstab.models.generate import generate_for_recipe
 from dmstab.train.loop import train
 
 from .conftest import RECIPES, store

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmstab.evaluate import feature_pipeline
-from dmstab.recipe import EvalConfig
-from dmstab.score import image_metrics, load_reference
-from dmstab.train.power_ema import sigma_rel_to_gamma
+from dmstab.analysis.ema_profiles import sigma_rel_to_gamma
+from dmstab.analysis.scoring import image_metrics, load_reference
+from dmstab.config import EvalConfig
+from dmstab.train.evaluate import feature_pipeline
 
 from .conftest import store
 from .test_cli import dmstab

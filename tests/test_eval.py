@@ -15,12 +15,12 @@ import torch
 from dmstab.analysis.features import WEIGHTS_ENV
 from dmstab.analysis.fid import fid_from_stats
 from dmstab.analysis.frechet import FeatureStats
+from dmstab.analysis.scoring import stats_cache
+from dmstab.config import Recipe, load_recipe
 from dmstab.data.synthetic import CLASS_NAMES, generate_shapes
 from dmstab.errors import DmstabError
-from dmstab.evaluate import Evaluator, build_evaluator
-from dmstab.recipe import Recipe, load_recipe
-from dmstab.score import stats_cache
 from dmstab.tracking import TAG_PARENT
+from dmstab.train.evaluate import Evaluator, build_evaluator
 from dmstab.train.loop import train
 
 from .conftest import RECIPES, TINY, store

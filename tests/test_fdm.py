@@ -10,6 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from scipy.integrate import solve_ivp
 
+from dmstab.config import Recipe, load_recipe
 from dmstab.diffusion import build_diffusion
 from dmstab.diffusion.fdm import (
     VP_SIGMA_MAX,
@@ -23,7 +24,6 @@ from dmstab.diffusion.sampling import NoiseSource, sample_images
 from dmstab.diffusion.schedules import linear_betas
 from dmstab.diffusion.weighting import mse_weights
 from dmstab.errors import DmstabError
-from dmstab.recipe import Recipe, load_recipe
 from dmstab.train.loop import train
 
 from .conftest import RECIPES, TINY, store

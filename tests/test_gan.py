@@ -11,19 +11,19 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from dmstab.checkpoint import load_checkpoint
+from dmstab.config import load_recipe
 from dmstab.errors import DmstabError
-from dmstab.gan import (
+from dmstab.models import build_model
+from dmstab.models.biggan import BigGANDiscriminator, BigGANGenerator
+from dmstab.models.dcgan import DCGANDiscriminator, DCGANGenerator
+from dmstab.models.gan import (
     discriminator_loss,
     gan_losses,
     generator_loss,
     seeded_latents,
 )
-from dmstab.generate import generate_for_recipe
-from dmstab.models import build_model
-from dmstab.models.biggan import BigGANDiscriminator, BigGANGenerator
-from dmstab.models.dcgan import DCGANDiscriminator, DCGANGenerator
-from dmstab.recipe import load_recipe
-from dmstab.train.checkpoint import load_checkpoint
+from dmstab.models.generate import generate_for_recipe
 from dmstab.train.loop import train
 
 from .conftest import RECIPES, store

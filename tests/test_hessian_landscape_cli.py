@@ -11,10 +11,10 @@ from mlflow.tracking import MlflowClient
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dmstab.analysis.landscape import evaluate, load_landscape
-from dmstab.analysis.study import analysis_losses
-from dmstab.analysis.subjects import load_subject
-from dmstab.hessian_study import hvp_method
-from dmstab.recipe import load_recipe
+from dmstab.commands.hessian import hvp_method
+from dmstab.commands.study import analysis_losses
+from dmstab.commands.subjects import load_subject
+from dmstab.config import load_recipe
 from dmstab.train.loop import TrainResult, train
 
 from .conftest import RECIPES, TINY, TINY_GAN, store

@@ -26,12 +26,12 @@ from dmstab.analysis.landscape import (
     surface,
     timestep_loss,
 )
+from dmstab.commands.landscape import surface_metrics
+from dmstab.config import load_recipe
 from dmstab.diffusion.objectives import build_objective
 from dmstab.errors import DmstabError
-from dmstab.landscape_study import surface_metrics
 from dmstab.models import build_model
 from dmstab.plots import interpolation_figure, surface_figure
-from dmstab.recipe import load_recipe
 
 from .conftest import RECIPES, TINY
 

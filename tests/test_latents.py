@@ -11,7 +11,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from dmstab.checkpoint import load_checkpoint
 from dmstab.cli import app
+from dmstab.config import DataConfig, load_recipe
 from dmstab.data import build_dataset
 from dmstab.data.latents import (
     FINAL_STD,
@@ -26,10 +28,8 @@ from dmstab.data.latents import (
     normalise_latents,
 )
 from dmstab.errors import DmstabError
-from dmstab.generate import generate_for_recipe
 from dmstab.models import build_model
-from dmstab.recipe import DataConfig, load_recipe
-from dmstab.train.checkpoint import load_checkpoint
+from dmstab.models.generate import generate_for_recipe
 
 from .conftest import RECIPES, store
 

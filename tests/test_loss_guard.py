@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
+from dmstab.config import TrainConfig, fingerprint, load_recipe
+from dmstab.distributed import DistributedContext, split_batch
 from dmstab.errors import DmstabError
-from dmstab.recipe import TrainConfig, fingerprint, load_recipe
-from dmstab.train.distributed import DistributedContext, split_batch
-from dmstab.train.loop import Trainer
 from dmstab.train.loss_guard import LossGuard, TrainingDiverged
+from dmstab.train.trainer import Trainer
 
 from .conftest import RECIPES, TINY
 

@@ -12,9 +12,8 @@ import torch.nn.functional as F
 from matplotlib import pyplot as plt
 from torch import Tensor, nn
 
+from dmstab.config import Recipe, load_recipe
 from dmstab.models.adm_unet import ADMUNet
-from dmstab.recipe import Recipe, load_recipe
-from dmstab.train.loop import Trainer
 from dmstab.train.magnitudes import (
     ACTIVATION_PREFIX,
     WEIGHT_PREFIX,
@@ -24,6 +23,7 @@ from dmstab.train.magnitudes import (
     named_blocks,
     weight_magnitudes,
 )
+from dmstab.train.trainer import Trainer
 
 from .conftest import RECIPES, TINY, store
 

@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from dmstab.checkpoint import load_checkpoint
+from dmstab.config import Recipe, load_recipe
 from dmstab.diffusion.objectives import DDPMObjective, whole_batch_losses
 from dmstab.errors import DmstabError
 from dmstab.models import build_model
-from dmstab.recipe import Recipe, load_recipe
-from dmstab.train.checkpoint import load_checkpoint
-from dmstab.train.loop import Trainer, train
+from dmstab.train.loop import train
+from dmstab.train.trainer import Trainer
 
 from .conftest import RECIPES, TINY, store
 

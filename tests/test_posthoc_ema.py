@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from dmstab.analysis.ema_profiles import list_snapshots, load_snapshot
+from dmstab.checkpoint import load_checkpoint
+from dmstab.commands.ema_reconstruct import make_plan, parse_sigma_rel_range, reconstruct_ema
+from dmstab.config import load_recipe
 from dmstab.errors import DmstabError
-from dmstab.posthoc_ema import make_plan, parse_sweep, reconstruct_ema
-from dmstab.recipe import load_recipe
-from dmstab.train.checkpoint import load_checkpoint
 from dmstab.train.loop import train
-from dmstab.train.power_ema import list_snapshots, load_snapshot
 
 from .conftest import RECIPES, TINY, store
 
@@ -95,10 +95,10 @@ def test_cli_reconstructs_the_latest_run_and_sample_accepts_it() -> None:
 
 
 def test_plan_and_sweep_errors(isolated_workdir: Path) -> None:
-    assert parse_sweep("0.03:0.20:0.01")[-1] == pytest.approx(0.20)
-    assert len(parse_sweep("0.03:0.20:0.01")) == 18
+    assert parse_sigma_rel_range("0.03:0.20:0.01")[-1] == pytest.approx(0.20)
+    assert len(parse_sigma_rel_range("0.03:0.20:0.01")) == 18
     with pytest.raises(DmstabError, match="start:stop:step"):
-        parse_sweep("0.1-0.2")
+        parse_sigma_rel_range("0.1-0.2")
     empty = isolated_workdir / "empty"
     empty.mkdir()
     with pytest.raises(DmstabError, match="no snapshots"):

@@ -13,21 +13,20 @@ import pytest
 import torch
 from torch import nn
 
+from dmstab.analysis.ema_profiles import (
+    gamma_to_sigma_rel,
+    list_snapshots,
+    load_snapshot,
+    save_snapshot,
+    sigma_rel_to_gamma,
+)
 from dmstab.analysis.ema_reconstruct import (
     profile_inner_product,
     reconstruct,
     solve_coefficients,
 )
 from dmstab.errors import DmstabError
-from dmstab.train.power_ema import (
-    PowerEMA,
-    gamma_to_sigma_rel,
-    list_snapshots,
-    load_snapshot,
-    power_beta,
-    save_snapshot,
-    sigma_rel_to_gamma,
-)
+from dmstab.train.power_ema import PowerEMA, power_beta
 
 
 class Vector(nn.Module):

@@ -8,8 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dmstab.cli import app
-from dmstab.errors import DmstabError
-from dmstab.recipe import (
+from dmstab.config import (
     Recipe,
     differences,
     fingerprint,
@@ -18,6 +17,7 @@ from dmstab.recipe import (
     parse_override,
     to_yaml,
 )
+from dmstab.errors import DmstabError
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ALL_RECIPES = sorted(p for p in RECIPES.glob("*.yaml") if not p.stem.endswith("_base"))

@@ -16,9 +16,7 @@ from mlflow.entities import Metric
 from typer.testing import CliRunner
 
 from dmstab.cli import app
-from dmstab.errors import DmstabError
-from dmstab.recipe import flatten, load_recipe
-from dmstab.report import (
+from dmstab.commands.report import (
     build_report,
     final_step,
     first_reaching,
@@ -32,6 +30,8 @@ from dmstab.report import (
     to_markdown,
     varied_parameter,
 )
+from dmstab.config import flatten, load_recipe
+from dmstab.errors import DmstabError
 from dmstab.tracking import (
     TAG_KIND,
     TAG_PARENT,

@@ -17,6 +17,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from dmstab.analysis.fid import compute_features, fid_from_stats
 from dmstab.analysis.frechet import FeatureStats
+from dmstab.analysis.scoring import stats_cache
 from dmstab.analysis.shape_classifier import (
     ClassifierConfig,
     TrainedClassifier,
@@ -26,10 +27,10 @@ from dmstab.analysis.shape_classifier import (
     classifier_key,
     load_or_train,
 )
+from dmstab.commands.fid import score
+from dmstab.config import load_recipe
 from dmstab.data.synthetic import CLASS_NAMES, generate_shapes, sample_scenes, shape_coverage
 from dmstab.errors import DmstabError
-from dmstab.recipe import load_recipe
-from dmstab.score import score, stats_cache
 from dmstab.train.loop import train
 
 from .conftest import RECIPES, TINY, store

@@ -10,8 +10,8 @@ import re
 
 import pytest
 
-from dmstab.consistency_study import member_recipes
-from dmstab.recipe import fingerprint, load_recipe
+from dmstab.commands.consistency import member_recipes
+from dmstab.config import fingerprint, load_recipe
 
 from .conftest import RECIPES
 from .test_table_recipes import PAPER_TEXT

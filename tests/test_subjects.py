@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dmstab.analysis.subjects import load_subject, trained_subject
+from dmstab.checkpoint import load_checkpoint
+from dmstab.commands.sample import sample
+from dmstab.commands.subjects import load_subject, trained_subject
+from dmstab.config import fingerprint, load_recipe
 from dmstab.errors import DmstabError
-from dmstab.recipe import fingerprint, load_recipe
-from dmstab.sample import sample
 from dmstab.tracking import find_finished_run
-from dmstab.train.checkpoint import load_checkpoint
 from dmstab.train.loop import train
 
 from .conftest import RECIPES, TINY, store

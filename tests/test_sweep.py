@@ -14,10 +14,10 @@ from mlflow.entities import Run
 from typer.testing import CliRunner
 
 from dmstab.cli import app
+from dmstab.commands.report import build_report
+from dmstab.commands.sweep import load_sweep, run_sweep
+from dmstab.config import load_recipe
 from dmstab.errors import DmstabError
-from dmstab.recipe import load_recipe
-from dmstab.report import build_report
-from dmstab.sweep import load_sweep, run_sweep
 from dmstab.tracking import TAG_KIND, TAG_PARENT, TAG_SWEEP_FINGERPRINT
 
 from .conftest import RECIPES, TINY, store

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dmstab.recipe import Recipe, load_recipe
-from dmstab.report import parse_iteration
+from dmstab.commands.report import parse_iteration
+from dmstab.config import Recipe, load_recipe
 from dmstab.train.loop import train
 
 from .conftest import RECIPES, TINY, store

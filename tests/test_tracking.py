@@ -8,8 +8,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dmstab import __version__
+from dmstab.config import flatten, load_recipe
 from dmstab.errors import DmstabError
-from dmstab.recipe import flatten, load_recipe
 from dmstab.tracking import (
     DEFAULT_TRACKING_URI,
     MlflowTracker,

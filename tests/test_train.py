@@ -13,10 +13,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from dmstab.checkpoint import load_checkpoint
+from dmstab.config import flatten, load_recipe
 from dmstab.errors import DmstabError
-from dmstab.recipe import flatten, load_recipe
-from dmstab.train.checkpoint import load_checkpoint
-from dmstab.train.loop import TrainingDiverged, train
+from dmstab.train.loop import train
+from dmstab.train.loss_guard import TrainingDiverged
 
 from .conftest import RECIPES, TINY, store
 

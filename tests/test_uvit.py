@@ -10,10 +10,10 @@ from torch import Tensor, nn
 from typer.testing import CliRunner
 
 from dmstab.cli import app
+from dmstab.config import load_recipe
 from dmstab.errors import DmstabError
 from dmstab.models import build_model
 from dmstab.models.uvit import SkipBlock, UViT
-from dmstab.recipe import load_recipe
 from dmstab.train.loop import train
 
 from .conftest import RECIPES, TINY, store

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import Tensor
 
+from dmstab.config import DiffusionConfig
 from dmstab.diffusion.gaussian import GaussianDiffusion, Target
 from dmstab.diffusion.sampling import NoiseSource, sample_images
 from dmstab.diffusion.schedules import cosine_betas, make_betas
 from dmstab.diffusion.weighting import mse_weights
-from dmstab.recipe import DiffusionConfig
 
 T = 1000
 SHAPE = (7, 3, 4, 4)

@@ -15,8 +15,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from dmstab.analysis.ema_profiles import load_snapshot
 from dmstab.errors import DmstabError
-from dmstab.train.power_ema import load_snapshot
 
 FloatArray = npt.NDArray[np.float64]
 

@@ -16,10 +16,10 @@ from torch import Tensor
 
 from dmstab.analysis.hessian import Loss
 from dmstab.analysis.landscape import FixedBatchLoss, per_timestep_losses
+from dmstab.config import Recipe
 from dmstab.data import build_dataset
 from dmstab.diffusion.objectives import DDPMObjective, Draws, build_objective
 from dmstab.errors import DmstabError
-from dmstab.recipe import Recipe
 
 MEAN_LOSS = "mean"
 

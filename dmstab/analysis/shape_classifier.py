@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmstab.analysis.features import INPUT_OFFSET, PreprocessedNetwork
+from dmstab.checkpoint import load_checkpoint, save_checkpoint
 from dmstab.data.synthetic import CLASS_NAMES, generate_shapes
 from dmstab.errors import DmstabError
-from dmstab.train.checkpoint import load_checkpoint, save_checkpoint
 
 CLASSIFIER_KEY = "classifier"
 PROBE_IMAGES, PROBE_RESOLUTION = 64, 32  # the generator's fingerprint in the cache key

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dmstab.config import DataConfig
 from dmstab.data.base import ImageDataset
 from dmstab.errors import DmstabError
-from dmstab.recipe import DataConfig
 
 
 def build_dataset(cfg: DataConfig) -> ImageDataset:

@@ -30,9 +30,9 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from dmstab.config import DataConfig
 from dmstab.data.images import _checked_labels
 from dmstab.errors import DmstabError
-from dmstab.recipe import DataConfig
 
 LATENT_CHANNELS = 4
 MEAN_STD_CHANNELS = 2 * LATENT_CHANNELS  # EDM2 dataset tool: encoder mean ‖ std

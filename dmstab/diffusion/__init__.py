@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from dmstab.config import Recipe
 from dmstab.diffusion.fdm import fdm_input_scale
 from dmstab.diffusion.gaussian import GaussianDiffusion
 from dmstab.diffusion.schedules import make_betas
@@ -14,7 +15,6 @@ from dmstab.diffusion.timesteps import (
     TimestepSampler,
     UniformSampler,
 )
-from dmstab.recipe import Recipe
 
 
 def build_diffusion(recipe: Recipe) -> GaussianDiffusion:

@@ -19,10 +19,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from dmstab.config import Recipe
 from dmstab.diffusion import build_diffusion, build_timestep_sampler
 from dmstab.diffusion.edm import EDMPrecond, edm2_loss, sample_sigmas
 from dmstab.diffusion.weighting import mse_weights
-from dmstab.recipe import Recipe
 
 Draws = dict[str, Tensor]
 """A batch's per-sample random draws (timesteps, σ, label keep masks), one row per sample."""

@@ -17,9 +17,9 @@ stays unweighted, as in the Min-SNR and P2 reference code).
 import torch
 from torch import Tensor
 
+from dmstab.config import DiffusionConfig
 from dmstab.diffusion.fdm import warmup_weight_cap
 from dmstab.diffusion.gaussian import GaussianDiffusion, Target
-from dmstab.recipe import DiffusionConfig
 
 
 def eps_weights_to_target(eps_weights: Tensor, snr: Tensor, target: Target) -> Tensor:

@@ -1,10 +1,20 @@
-"""Networks named in recipes."""
+"""Networks named in recipes; importing this package registers each one's recipe checks."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from dmstab.recipe import GAN_MODELS, Recipe
+from dmstab.config import GAN_MODELS, Recipe, register_model_check
+from dmstab.models import adm_unet, biggan, dcgan, edm2_unet, uvit
+
+for _name, _module in (
+    ("adm_unet", adm_unet),
+    ("edm2_unet", edm2_unet),
+    ("uvit", uvit),
+    ("dcgan", dcgan),
+    ("biggan", biggan),
+):
+    register_model_check(_name, _module.check_recipe)
 
 
 def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
@@ -18,8 +28,10 @@ def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
         return _edm2_denoiser(recipe, num_classes)
     if recipe.model.name == "uvit":
         return _uvit(recipe, num_classes)
-    if recipe.model.name in GAN_MODELS:  # a GAN's generator; dmstab.gan builds its discriminator
-        from dmstab.gan import build_generator
+    if (
+        recipe.model.name in GAN_MODELS
+    ):  # a GAN's generator; dmstab.models.gan builds its discriminator
+        from dmstab.models.gan import build_generator
 
         return build_generator(recipe, num_classes)
     from dmstab.models.adm_unet import ADMUNet

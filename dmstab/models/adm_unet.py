@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmstab.config import Recipe
 from dmstab.errors import DmstabError
 
 GROUP_NORM_GROUPS = 32
@@ -310,3 +311,12 @@ class ADMUNet(nn.Module):
         if x.shape[2] % self.downsampling or x.shape[3] % self.downsampling:
             raise ValueError(f"H and W must be multiples of {self.downsampling}, got {x.shape[2:]}")
         check_timesteps_and_labels(t, y, batch, conditional=self.label_embed is not None)
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Every level's width must split into GroupNorm's 32 groups."""
+    m = recipe.model
+    if m.channels % 32 or any(m.channels * k % 32 for k in m.channel_mult):
+        raise DmstabError(
+            f"model.channels {m.channels} x channel_mult must be multiples of 32 (GroupNorm(32))"
+        )

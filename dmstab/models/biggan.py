@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from dmstab.config import Recipe
 from dmstab.errors import DmstabError
 
 # Generator widths (× channels) from 4×4 up; the discriminator reads them in reverse.
@@ -231,3 +232,9 @@ class BigGANDiscriminator(nn.Module):
         if self.embed is not None and labels is not None:
             logits = logits + (self.embed(labels) * h).sum(dim=1)
         return logits  # type: ignore[no-any-return]
+
+
+def check_recipe(recipe: Recipe) -> None:
+    resolution = recipe.data.resolution
+    if resolution not in (32, 64, 128):
+        raise DmstabError(f"biggan supports data.resolution 32, 64 or 128; got {resolution}")

@@ -14,6 +14,7 @@ import math
 
 from torch import Tensor, nn
 
+from dmstab.config import Recipe
 from dmstab.errors import DmstabError
 
 
@@ -89,3 +90,14 @@ class DCGANDiscriminator(nn.Module):
 
     def forward(self, images: Tensor, labels: Tensor | None = None) -> Tensor:
         return self.net(images).flatten()  # type: ignore[no-any-return]
+
+
+def check_recipe(recipe: Recipe) -> None:
+    resolution = recipe.data.resolution
+    if recipe.model.class_cond:
+        raise DmstabError(
+            "DCGAN is unconditional: set model.class_cond false "
+            "(model.name biggan is the class-conditional GAN)"
+        )
+    if resolution < 16 or resolution & (resolution - 1):
+        raise DmstabError(f"DCGAN needs data.resolution a power of two >= 16; got {resolution}")

@@ -26,18 +26,16 @@ import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, overload
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmstab.config import Recipe
 from dmstab.errors import DmstabError
 from dmstab.models.adm_unet import Resample, resample, timestep_embedding, zero_init
 from dmstab.models.mp_layers import FourierFeatures, MPConv, mp_cat, mp_silu, mp_sum, normalize
-
-if TYPE_CHECKING:
-    from dmstab.recipe import Recipe
 
 Flavor = Literal["enc", "dec"]
 
@@ -189,7 +187,7 @@ def config_for(letter: str, size: str, dataset: str = "img512") -> EDM2Config:
     )
 
 
-def edm2_config(recipe: "Recipe", num_classes: int) -> EDM2Config:
+def edm2_config(recipe: Recipe, num_classes: int) -> EDM2Config:
     """The EDM2Config a recipe's `model` section describes (`model.name: edm2_unet`); the
     Table 1 switches and MP constants of `model.edm2` carry EDM2Config's own field names."""
     m = recipe.model
@@ -576,3 +574,8 @@ class EDM2UNet(nn.Module):
                 f"got {tuple(class_labels.shape)}"
             )
         return class_labels.to(x.dtype)
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """The network's own layout and switch checks (EDM2Config), at build time's values."""
+    edm2_config(recipe, num_classes=1)

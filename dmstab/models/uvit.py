@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmstab.config import Recipe
 from dmstab.errors import DmstabError
 from dmstab.models.adm_unet import check_timesteps_and_labels, timestep_embedding
 
@@ -199,3 +200,10 @@ class UViT(nn.Module):
                 f"the size), got {tuple(x.shape)}"
             )
         check_timesteps_and_labels(t, y, batch, conditional=self.label_embed is not None)
+
+
+def check_recipe(recipe: Recipe) -> None:
+    m = recipe.model
+    check_uvit_config(
+        recipe.data.resolution, m.patch_size, m.embed_dim, m.depth, m.num_heads, m.mlp_ratio
+    )

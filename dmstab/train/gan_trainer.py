@@ -1,5 +1,5 @@
 """One GAN training step for `dmstab train` (DCGAN, BigGAN-style): `gan.d_steps` discriminator
-updates, then one generator update, each with its own Adam (dmstab.gan for the losses).
+updates, then one generator update, each with its own Adam (dmstab.models.gan for the losses).
 
 As in the diffusion loop, every draw of step k (real batches, flips, z, fake labels) comes from
 seeds derived from (train.seed, k), so a resumed run continues bit for bit. Discriminator step j
@@ -15,15 +15,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dmstab.config import Recipe
 from dmstab.data import ImageDataset, build_dataset
 from dmstab.diffusion.objectives import DDPMObjective
+from dmstab.distributed import SINGLE_PROCESS, DistributedContext
 from dmstab.errors import DmstabError
-from dmstab.gan import build_discriminator, build_generator, discriminator_loss, generator_loss
 from dmstab.models import count_parameters
-from dmstab.recipe import Recipe
-from dmstab.train.distributed import SINGLE_PROCESS, DistributedContext
+from dmstab.models.gan import (
+    build_discriminator,
+    build_generator,
+    discriminator_loss,
+    generator_loss,
+)
+from dmstab.train.common import EpochOrder, autocast, common_state, ema_copy, step_seed
 from dmstab.train.ema import EMA
-from dmstab.train.loop import EpochOrder, autocast, common_state, ema_copy, step_seed
 from dmstab.train.loss_guard import LossGuard
 from dmstab.train.power_ema import PowerEMA
 

@@ -16,45 +16,45 @@ A GAN recipe (AAAI Table 1's baselines) runs through the same loop with a `GanTr
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
-from dmstab import __version__
+from dmstab.analysis.ema_profiles import SNAPSHOT_DTYPES
 from dmstab.atomic import remove_interrupted_writes
-from dmstab.data import ImageDataset, build_dataset
-from dmstab.devices import pick_device
-from dmstab.diffusion.objectives import (
-    DDPMObjective,
-    Draws,
-    EDMObjective,
-    build_objective,
-    take_rows,
+from dmstab.checkpoint import (
+    CHECKPOINT_NAME,
+    KEPT_DIR,
+    kept_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
 )
-from dmstab.errors import DmstabError
-from dmstab.evaluate import Evaluator, build_evaluator
-from dmstab.generate import generate_for_recipe, write_samples
-from dmstab.models import build_model, count_parameters
-from dmstab.networks import CHECKPOINT_NAME, KEPT_DIR, kept_checkpoint
-from dmstab.plots import timestep_histogram
-from dmstab.recipe import (
+from dmstab.config import (
     GAN_MODELS,
     Recipe,
     differences,
     fingerprint,
     from_mapping,
     result_dict,
-    to_dict,
     to_yaml,
 )
+from dmstab.devices import pick_device
+from dmstab.diffusion.objectives import (
+    DDPMObjective,
+)
+from dmstab.distributed import (
+    SINGLE_PROCESS,
+    DistributedContext,
+    init_distributed,
+    rank_device,
+)
+from dmstab.errors import DmstabError
+from dmstab.models.generate import generate_for_recipe, write_samples
+from dmstab.plots import timestep_histogram
 from dmstab.tracking import (
     TAG_FINGERPRINT,
     TAG_RUN_DIR,
@@ -66,19 +66,11 @@ from dmstab.tracking import (
     save_figure,
     tracked_run,
 )
-from dmstab.train.checkpoint import load_checkpoint, save_checkpoint
-from dmstab.train.distributed import (
-    SINGLE_PROCESS,
-    DistributedContext,
-    init_distributed,
-    rank_device,
-    split_batch,
-)
-from dmstab.train.ema import EMA
-from dmstab.train.loss_guard import LossGuard, TrainingDiverged
+from dmstab.train.common import LoopTrainer
+from dmstab.train.evaluate import Evaluator, build_evaluator
+from dmstab.train.loss_guard import TrainingDiverged
 from dmstab.train.magnitudes import MAGNITUDES_ARTIFACT, MagnitudeMonitor
-from dmstab.train.optim import build_optimizer, learning_rate
-from dmstab.train.power_ema import SNAPSHOT_DTYPES, PowerEMA
+from dmstab.train.trainer import Trainer
 
 SNAPSHOT_DIR = "snapshots"
 
@@ -89,44 +81,6 @@ class Progress(Protocol):
     def stop(self) -> None: ...
 
 
-class LoopTrainer(Protocol):
-    """What the loop needs of a trainer: a diffusion `Trainer` or a `GanTrainer`."""
-
-    recipe: Recipe
-    device: torch.device
-    context: DistributedContext
-    dataset: ImageDataset
-    model: nn.Module  # the network that samples (a GAN's generator)
-    ema: EMA
-    optimizer: torch.optim.Optimizer  # its learning rate is logged
-    guard: LossGuard
-    power_ema: PowerEMA | None
-    step: int
-
-    def train_step(self) -> dict[str, Tensor]: ...
-    def ema_model(self) -> nn.Module: ...
-    def state_dict(self, run_id: str) -> dict[str, object]: ...
-    def load_state_dict(self, state: dict[str, object]) -> None: ...
-    def parameter_metrics(self) -> dict[str, float]: ...
-    def objective_metrics(self, step: int) -> dict[str, float]: ...
-    def ddpm_objective(self) -> DDPMObjective | None: ...
-
-
-def common_state(trainer: LoopTrainer, run_id: str) -> dict[str, object]:
-    """The checkpoint entries of every trainer; each adds its own (objective, discriminator)."""
-    return {
-        "model": trainer.model.state_dict(),
-        "ema": trainer.ema.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(),
-        "loss_guard": trainer.guard.state_dict(),
-        "step": trainer.step,
-        "recipe": to_dict(trainer.recipe),
-        "num_classes": trainer.dataset.num_classes,
-        "run_id": run_id,
-        "dmstab_version": __version__,
-    }
-
-
 @dataclass(frozen=True)
 class TrainResult:
     run_id: str
@@ -135,41 +89,6 @@ class TrainResult:
     checkpoint: Path
     samples: Path | None
     is_main: bool = True  # False on torchrun ranks other than 0
-
-
-def step_seed(seed: int, step: int) -> int:
-    """Seed of every random draw made in training step `step` (1-based)."""
-    return (seed * 1_000_003 + step) % (2**63)
-
-
-class EpochOrder:
-    """Shuffled passes over the dataset; the batch of step k depends only on (seed, k)."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size = size
-        self.seed = seed
-        self._epoch = -1
-        self._perm = torch.empty(0, dtype=torch.long)
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(step_seed(self.seed, -1 - epoch))
-            self._perm = torch.randperm(self.size, generator=generator)
-            self._epoch = epoch
-        return self._perm
-
-    def batch(self, step: int, batch_size: int) -> torch.Tensor:
-        positions = torch.arange((step - 1) * batch_size, step * batch_size)
-        epochs = positions // self.size
-        out = torch.empty(batch_size, dtype=torch.long)
-        for epoch in torch.unique(epochs).tolist():
-            mask = epochs == epoch
-            out[mask] = self._permutation(int(epoch))[positions[mask] % self.size]
-        return out
-
-
-def autocast(device: torch.device, precision: str) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def _resolve_resume(recipe: Recipe, resume: str | None) -> str | None:
@@ -185,199 +104,12 @@ def _resolve_resume(recipe: Recipe, resume: str | None) -> str | None:
         stored = Path(tags.get(TAG_RUN_DIR, "")) / "recipe.yaml"
         detail = ""
         if stored.is_file():
-            from dmstab.recipe import load_recipe
+            from dmstab.config import load_recipe
 
             changed = differences(load_recipe(stored), recipe)
             detail = ": " + "; ".join(changed[:5])
         raise DmstabError(f"recipe differs from the one run {resume} was started with{detail}")
     return resume
-
-
-@dataclass(frozen=True)
-class _RankBatch:
-    """This rank's rows of a step's global batch, with the draws of the whole batch."""
-
-    x0: Tensor
-    labels: Tensor | None
-    noise: Tensor
-    draws: Draws  # this rank's rows
-    global_draws: Draws
-
-
-class _RowLosses(nn.Module):
-    """The objective's per-sample terms as one forward, so DDP sees every parameter it uses."""
-
-    def __init__(self, model: nn.Module, objective: DDPMObjective | EDMObjective) -> None:
-        super().__init__()
-        self.model = model
-        self.objective = objective
-
-    def forward(
-        self, x0: Tensor, labels: Tensor | None, noise: Tensor, draws: Draws, step: int
-    ) -> dict[str, Tensor]:
-        return self.objective.terms(self.model, x0, labels, noise, draws, step)
-
-
-class Trainer:
-    """The objects a recipe builds, and one training step over them (on this rank's rows)."""
-
-    def __init__(
-        self, recipe: Recipe, device: torch.device, context: DistributedContext = SINGLE_PROCESS
-    ) -> None:
-        self.recipe = recipe
-        self.device = device
-        self.context = context
-        self.split = split_batch(recipe.train.batch_size, recipe.train.micro_batch_size, context)
-        self.dataset: ImageDataset = build_dataset(recipe.data)
-        if recipe.model.class_cond and self.dataset.num_classes < 1:
-            raise DmstabError("model.class_cond is true but the dataset has no labels")
-        torch.manual_seed(recipe.train.seed)
-        self.model: nn.Module = build_model(recipe, self.dataset.num_classes).to(device)
-        self.objective = build_objective(recipe, self.dataset.num_classes)
-        self.row_losses: nn.Module = _RowLosses(self.model, self.objective)
-        if context.active:  # gradients averaged over ranks in backward
-            ids = [device.index] if device.type == "cuda" else None
-            self.row_losses = DistributedDataParallel(self.row_losses, device_ids=ids)
-        self.guard = LossGuard(recipe.train)
-        self.optimizer = build_optimizer(self.model, recipe.optim)
-        self.ema = EMA(self.model, recipe.ema.rate, recipe.ema.warmup)
-        sigma_rels = recipe.ema.power_sigma_rels
-        self.power_ema = PowerEMA(self.model, sigma_rels) if sigma_rels else None
-        self.order = EpochOrder(len(self.dataset), recipe.train.seed)
-        self.step = 0
-
-    def state_dict(self, run_id: str) -> dict[str, object]:
-        return {
-            **common_state(self, run_id),
-            "power_ema": self.power_ema.state_dict() if self.power_ema else None,
-            "objective": self.objective.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, object]) -> None:
-        model, ema, optimizer, step = (state[k] for k in ("model", "ema", "optimizer", "step"))
-        if not (isinstance(model, dict) and isinstance(ema, dict) and isinstance(optimizer, dict)):
-            raise DmstabError("checkpoint is missing model/ema/optimizer state")
-        if not isinstance(step, int):
-            raise DmstabError("checkpoint has no integer 'step'")
-        try:
-            self.model.load_state_dict(model)
-        except RuntimeError as exc:
-            raise DmstabError(f"checkpoint does not fit this recipe's model: {exc}") from None
-        self.optimizer.load_state_dict(optimizer)
-        self.ema.load_state_dict(ema)
-        power_ema = state.get("power_ema")
-        if self.power_ema is not None and isinstance(power_ema, dict):
-            self.power_ema.load_state_dict(power_ema)
-        self._load_objective_state(state.get("objective", {}))
-        guard = state.get("loss_guard")  # absent from checkpoints older than the guard
-        if isinstance(guard, dict):
-            self.guard.load_state_dict(guard)
-        self.step = step
-
-    def _load_objective_state(self, objective: object) -> None:
-        """The objective's state (an importance sampler's loss history); {} in old checkpoints."""
-        if not isinstance(objective, dict):
-            raise DmstabError("checkpoint's 'objective' entry is not a mapping")
-        try:
-            self.objective.load_state_dict(objective)
-        except ValueError as exc:
-            raise DmstabError(f"checkpoint's objective state does not fit: {exc}") from None
-
-    def train_step(self) -> dict[str, torch.Tensor]:
-        """One optimiser step, or a skipped one (`self.guard.skipping`, see LossGuard); returns
-        the global batch's mean terms, detached (still on the device)."""
-        self.step += 1
-        recipe = self.recipe
-        seed = step_seed(recipe.train.seed, self.step)
-        torch.manual_seed(seed)  # dropout: differs with the world size (docs/distributed.md)
-        batch = self._rank_batch(seed)
-        lr = learning_rate(recipe.optim, self.step, recipe.train.batch_size)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
-        terms = self._accumulate_gradients(batch)
-        out = {key: value.mean() for key, value in terms.items()}
-        if self.guard.accept(self.step, float(out["loss"])):  # same verdict on every rank
-            self.objective.learn(batch.global_draws, terms)
-            clip = recipe.optim.grad_clip if recipe.optim.grad_clip is not None else float("inf")
-            out["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), clip).detach()
-            self.optimizer.step()
-            self.ema.update(self.model)
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-        if self.power_ema is not None:  # its profile (EDM2 Eq. 2) counts every step, skipped too
-            self.power_ema.update(self.model, self.step)
-        return out
-
-    def _rank_batch(self, seed: int) -> _RankBatch:
-        """Step `self.step`'s draws for the whole global batch, and this rank's rows of it."""
-        recipe, device, rows = self.recipe, self.device, self.split.rows
-        generator = torch.Generator().manual_seed(seed)
-        indices = self.order.batch(self.step, recipe.train.batch_size)
-        x0, labels = self.dataset.get_batch(indices[rows.start : rows.stop])
-        if recipe.data.hflip:
-            flip = (torch.rand(len(indices), generator=generator) < 0.5)[rows.start : rows.stop]
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        noise_generator = torch.Generator(device=device).manual_seed(seed)
-        shape = (len(indices), *x0.shape[1:])
-        noise = torch.randn(shape, generator=noise_generator, device=device)
-        global_draws = self.objective.draw(len(indices), self.step, generator)
-        return _RankBatch(
-            x0=x0.to(device, non_blocking=True),
-            labels=labels.to(device) if recipe.model.class_cond else None,
-            noise=noise[rows.start : rows.stop],
-            draws=take_rows(global_draws, rows),
-            global_draws=global_draws,
-        )
-
-    def _accumulate_gradients(self, batch: _RankBatch) -> dict[str, Tensor]:
-        """Gradients of the global batch's mean loss, and its per-sample terms in batch order.
-
-        Each micro-batch adds the gradient of (sum of its losses) / (rows of this rank); DDP
-        averages over ranks in the last micro-batch's backward, giving the global mean.
-        """
-        parts: list[dict[str, Tensor]] = []
-        micro_batches = self.split.micro_batches()
-        for index, rows in enumerate(micro_batches):
-            with self._gradient_sync(index == len(micro_batches) - 1):
-                with autocast(self.device, self.recipe.train.precision):
-                    terms = self.row_losses(
-                        batch.x0[rows.start : rows.stop],
-                        None if batch.labels is None else batch.labels[rows.start : rows.stop],
-                        batch.noise[rows.start : rows.stop],
-                        take_rows(batch.draws, rows),
-                        self.step,
-                    )
-                (terms["loss"].sum() / len(self.split.rows)).backward()
-            parts.append({key: value.detach() for key, value in terms.items()})
-        rank_terms = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
-        return {key: self.context.all_gather_cat(value) for key, value in rank_terms.items()}
-
-    def _gradient_sync(self, last_micro_batch: bool) -> AbstractContextManager[object]:
-        """DDP's all-reduce only in the last micro-batch's backward (`no_sync` before it)."""
-        if isinstance(self.row_losses, DistributedDataParallel) and not last_micro_batch:
-            return self.row_losses.no_sync()
-        return nullcontext()
-
-    def ema_model(self) -> nn.Module:
-        return ema_copy(self.model, self.ema, self.device)
-
-    def parameter_metrics(self) -> dict[str, float]:
-        return {"model/parameters": count_parameters(self.model)}
-
-    def objective_metrics(self, step: int) -> dict[str, float]:
-        return self.objective.metrics(step)
-
-    def ddpm_objective(self) -> DDPMObjective | None:
-        """The objective when it draws DDPM timesteps (for their histogram)."""
-        return self.objective if isinstance(self.objective, DDPMObjective) else None
-
-
-def ema_copy(model: nn.Module, ema: EMA, device: torch.device) -> nn.Module:
-    """A copy of `model` carrying the EMA weights."""
-    copied = copy.deepcopy(model)
-    copied.load_state_dict({k: v.to(device) for k, v in ema.shadow.items()})
-    return copied
 
 
 def build_trainer(

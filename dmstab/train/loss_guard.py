@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from collections import deque
 
+from dmstab.config import TrainConfig
 from dmstab.errors import DmstabError
-from dmstab.recipe import TrainConfig
 
 
 class TrainingDiverged(Exception):

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dmstab.config import Recipe
 from dmstab.data import ImageDataset
 from dmstab.diffusion import build_diffusion
 from dmstab.diffusion.edm import EDMPrecond, sample_sigmas
@@ -38,7 +39,6 @@ from dmstab.errors import DmstabError
 from dmstab.models.adm_unet import ADMUNet
 from dmstab.models.edm2_unet import EDM2UNet
 from dmstab.plots import magnitude_figure
-from dmstab.recipe import Recipe
 
 ACTIVATION_PREFIX = "magnitude/act/"
 WEIGHT_PREFIX = "magnitude/weight/"

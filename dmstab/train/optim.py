@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dmstab.recipe import OptimConfig
+from dmstab.config import OptimConfig
 from dmstab.train.lr_schedules import edm2_learning_rate
 
 

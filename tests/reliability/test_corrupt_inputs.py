@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dmstab.recipe import load_recipe
+from dmstab.config import load_recipe
 from dmstab.train.loop import SNAPSHOT_DIR, train
 
 from ..conftest import RECIPES, TINY, store

@@ -19,11 +19,12 @@ import pytest
 import torch
 from torch import nn
 
+from dmstab.analysis.ema_profiles import list_snapshots, load_snapshot
+from dmstab.checkpoint import load_checkpoint
+from dmstab.config import load_recipe
 from dmstab.errors import DmstabError
-from dmstab.recipe import load_recipe
-from dmstab.train.checkpoint import load_checkpoint
 from dmstab.train.loop import train
-from dmstab.train.power_ema import PowerEMA, list_snapshots, load_snapshot
+from dmstab.train.power_ema import PowerEMA
 
 from ..conftest import RECIPES, TINY, store
 from . import counts

@@ -16,11 +16,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from dmstab.analysis.ema_profiles import list_snapshots, load_snapshot
+from dmstab.checkpoint import load_checkpoint
+from dmstab.config import load_recipe
 from dmstab.errors import DmstabError
-from dmstab.recipe import load_recipe
-from dmstab.train.checkpoint import load_checkpoint
 from dmstab.train.loop import SNAPSHOT_DIR, train
-from dmstab.train.power_ema import list_snapshots, load_snapshot
 
 from ..conftest import store
 from . import counts

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from dmstab.recipe import load_recipe
-from dmstab.train.checkpoint import load_checkpoint
+from dmstab.analysis.ema_profiles import list_snapshots, load_snapshot
+from dmstab.checkpoint import load_checkpoint
+from dmstab.config import load_recipe
 from dmstab.train.loop import SNAPSHOT_DIR, train
-from dmstab.train.power_ema import list_snapshots, load_snapshot
 
 from ..conftest import RECIPES, TINY, store
 from . import counts

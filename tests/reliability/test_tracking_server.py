@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dmstab.recipe import load_recipe
-from dmstab.spool import SPOOL_DIRNAME, Spool
+from dmstab.config import load_recipe
 from dmstab.tracking import MlflowTracker, sync
+from dmstab.tracking.spool import SPOOL_DIRNAME, Spool
 
 from ..conftest import RECIPES, TINY, store
 from . import counts

@@ -18,17 +18,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 
 from dmstab.analysis.consistency import ConsistencyResult, consistency_score
-from dmstab.analysis.study import AnalysisRun, open_analysis
-from dmstab.analysis.subjects import Subject, trained_subject
 from dmstab.atomic import write_atomically
+from dmstab.commands.report import TextTable, rich_table
+from dmstab.commands.study import AnalysisRun, open_analysis
+from dmstab.commands.subjects import Subject, load_subject, parse_inputs, trained_subject
+from dmstab.config import GAN_MODELS, Recipe, SampleConfig, apply_overrides, from_mapping, to_dict
+from dmstab.console import SampleProgress, TrainProgress, console
+from dmstab.devices import pick_device
 from dmstab.errors import DmstabError
-from dmstab.generate import generate_for_recipe, sampler_label
+from dmstab.models.generate import generate_for_recipe, sampler_label
 from dmstab.plots import consistency_grid
-from dmstab.recipe import GAN_MODELS, Recipe, SampleConfig, apply_overrides, from_mapping, to_dict
-from dmstab.report import TextTable
-from dmstab.tracking import save_figure
+from dmstab.tracking import browse_hint, save_figure
 from dmstab.train.loop import Progress
 
 
@@ -273,3 +276,28 @@ def _log(
     run.tracker.log_artifact(scores_file, prefix)
     figure = consistency_grid(images, labels, psnr=scored.result.per_pair)
     save_figure(run.tracker, figure, f"{prefix}/grid.png")
+
+
+def main(arguments: Sequence[str]) -> None:
+    """A recipe's group (trained or reused) or two or more trained models, scored by Eq. 1."""
+    inputs = parse_inputs(arguments)
+    if inputs.recipe is not None:
+        subjects = trained_group(
+            inputs.recipe, progress=TrainProgress(), on_sample=SampleProgress("sample")
+        )
+    else:
+        if len(inputs.sources) < 2:
+            raise DmstabError(
+                "give a recipe with consistency.members, or at least two trained models"
+            )
+        subjects = [load_subject(source, inputs.overrides) for source in inputs.sources]
+    device = pick_device(subjects[0].recipe.train.device)
+    report = consistency(subjects, device, SampleProgress("sample"))
+    stdout = Console()
+    for table in summary_tables(report):
+        stdout.print(rich_table(table))
+    if sampler_note(subjects):
+        console.print(f"  note    {sampler_note(subjects)}")
+    console.print(f"[green]done[/] consistency of {len(subjects)} models")
+    console.print(f"  run     {report.run_id}   (images and scores: {report.directory})")
+    console.print(f"  browse  {browse_hint(subjects[0].recipe.tracking.uri)}")

@@ -15,18 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from dmstab.checkpoint import CHECKPOINT_NAME, kept_checkpoint, load_checkpoint
+from dmstab.config import ANALYSIS_SECTIONS, Recipe, load_recipe
 from dmstab.errors import DmstabError
-from dmstab.networks import (
-    CHECKPOINT_NAME,
-    find_checkpoint,
-    kept_checkpoint,
-    network_from_state,
-    stored_recipe,
-)
-from dmstab.recipe import ANALYSIS_SECTIONS, Recipe, load_recipe
 from dmstab.tracking import find_finished_run, run_directory
-from dmstab.train.checkpoint import load_checkpoint
 from dmstab.train.loop import Progress, train
+from dmstab.train.restore import find_checkpoint, network_from_state, stored_recipe
 
 # What an analysis may change of a trained model's recipe: how it is sampled and analysed.
 ANALYSIS_OVERRIDES = (
@@ -153,3 +147,11 @@ def subjects_for(
         recipe = inputs.recipe
         return [trained_subject(recipe, label=recipe.name, progress=progress, on_sample=on_sample)]
     return [load_subject(source, inputs.overrides) for source in inputs.sources or (None,)]
+
+
+def subjects_from_arguments(arguments: Sequence[str]) -> list[Subject]:
+    """The models an analysis command's arguments name, trained first where a recipe says so."""
+    from dmstab.console import SampleProgress, TrainProgress
+
+    inputs = parse_inputs(arguments)
+    return subjects_for(inputs, progress=TrainProgress(), on_sample=SampleProgress("sample"))

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
+from rich.console import Console
 from rich.table import Table
 
+from dmstab.commands.sweep import Sweep, load_sweep
+from dmstab.config import EvalMetric, fingerprint, flatten, load_recipe
+from dmstab.console import console
 from dmstab.errors import DmstabError
-from dmstab.recipe import EvalMetric, fingerprint, flatten, load_recipe
-from dmstab.sweep import Sweep, load_sweep
 from dmstab.tracking import (
     TAG_FINGERPRINT,
     TAG_KIND,
@@ -681,3 +683,22 @@ def log_report(report: Report, experiment: str = "report") -> LoggedReport:
             files.append(sweep_name)
     root = tracker.artifact_uri().rstrip("/")
     return LoggedReport(tracker.run_id, [f"{root}/{name}" for name in files])
+
+
+def main(
+    sources: Sequence[str],
+    *,
+    experiment: str | None,
+    metric: str | None,
+    baseline: str | None,
+    log_experiment: str,
+) -> None:
+    """Print the report's tables on stdout and log it as a report run."""
+    report = build_report(sources, experiment=experiment, metric=metric, baseline=baseline)
+    stdout = Console()
+    for table in text_tables(report):
+        stdout.print(rich_table(table))
+    logged = log_report(report, experiment=log_experiment)
+    console.print(f"[green]done[/] report run {logged.run_id}")
+    for artifact in logged.artifacts:
+        console.print(f"  {artifact}")

@@ -9,22 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from dmstab.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_weights
+from dmstab.config import Recipe, apply_overrides, from_mapping
 from dmstab.diffusion.edm import Denoiser
 from dmstab.diffusion.edm_sampling import unconditional
 from dmstab.errors import DmstabError
 from dmstab.models import build_model
-from dmstab.recipe import Recipe, apply_overrides, from_mapping
 from dmstab.tracking import latest_run, resolve_uri, run_directory
-from dmstab.train.checkpoint import load_checkpoint, load_weights
-
-CHECKPOINT_NAME = "checkpoint.pt"
-KEPT_DIR = "checkpoints"  # train.keep_checkpoints: RUN_DIR/checkpoints/step_XXXXXXXX.pt
-
-
-def kept_checkpoint(run_dir: Path, step: int) -> Path:
-    """Where the checkpoint of `step` is kept when `train.keep_checkpoints` names it."""
-    return run_dir / KEPT_DIR / f"step_{step:08d}.pt"
-
 
 SAMPLING_KEYS = ("sample.", "tracking.", "train.device=")
 

@@ -16,10 +16,17 @@ from typing import Any
 
 import numpy as np
 
+from dmstab.analysis.ema_profiles import (
+    SnapshotInfo,
+    gamma_to_sigma_rel,
+    list_snapshots,
+    sigma_rel_to_gamma,
+)
 from dmstab.analysis.ema_reconstruct import reconstruct, solve_coefficients
+from dmstab.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from dmstab.config import from_mapping
+from dmstab.console import console, result
 from dmstab.errors import DmstabError
-from dmstab.networks import CHECKPOINT_NAME
-from dmstab.recipe import from_mapping
 from dmstab.tracking import (
     TAG_PARENT,
     MlflowTracker,
@@ -27,9 +34,7 @@ from dmstab.tracking import (
     run_directory,
     tracked_run,
 )
-from dmstab.train.checkpoint import load_checkpoint, save_checkpoint
 from dmstab.train.loop import SNAPSHOT_DIR
-from dmstab.train.power_ema import SnapshotInfo, list_snapshots, sigma_rel_to_gamma
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,7 @@ class Reconstructed:
     profile_error: float
 
 
-def parse_sweep(text: str) -> list[float]:
+def parse_sigma_rel_range(text: str) -> list[float]:
     """`start:stop:step` (stop included), e.g. `0.03:0.20:0.01` -> 18 values."""
     try:
         start, stop, step = (float(v) for v in text.split(":"))
@@ -155,3 +160,31 @@ def reconstruct_ema(
             tracker.log_artifact(path, "checkpoints")
             results.append(Reconstructed(sigma_rel, path, float(error)))
     return plan, results
+
+
+def main(
+    sigma_rels: Sequence[float],
+    gammas: Sequence[float],
+    sigma_rel_range: str | None,
+    *,
+    at: int | None,
+    run: str | None,
+    snapshots: Path | None,
+    out: Path | None,
+    dry_run: bool,
+) -> None:
+    """Reconstruct every requested EMA length (σrel, γ or a start:stop:step range of σrel)."""
+    sigmas = [*sigma_rels, *(gamma_to_sigma_rel(g) for g in gammas)]
+    sigmas += parse_sigma_rel_range(sigma_rel_range) if sigma_rel_range else []
+    if not sigmas:
+        raise DmstabError("give --sigma-rel, --gamma or --sweep")
+    directory = find_snapshots(run, snapshots, None)
+    if dry_run:
+        result(make_plan(directory, sigmas, at).describe())
+        return
+    plan, results = reconstruct_ema(directory, sigmas, at=at, out_dir=out)
+    console.print(f"[green]done[/] {len(results)} reconstruction(s) at step {plan.step}")
+    for item in results:
+        console.print(
+            f"  σrel {item.sigma_rel:.4f}  {item.path}  (profile error {item.profile_error:.1e})"
+        )

@@ -10,7 +10,7 @@ Lanczos quadrature; its mean is tr H / P and its variance the SLQ estimate of
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +31,15 @@ from dmstab.analysis.hessian import (
     spectral_density,
     top_eigenvalues,
 )
-from dmstab.analysis.study import AnalysisRun, analysis_losses, open_analysis
-from dmstab.analysis.subjects import Subject
 from dmstab.atomic import write_atomically
+from dmstab.commands.study import AnalysisRun, analysis_losses, open_analysis
+from dmstab.commands.subjects import Subject, subjects_from_arguments
+from dmstab.config import HessianConfig, HvpMethod
+from dmstab.console import console
+from dmstab.devices import pick_device
+from dmstab.errors import DmstabError
 from dmstab.plots import spectral_density_figure
-from dmstab.recipe import HessianConfig, HvpMethod
-from dmstab.tracking import save_figure
+from dmstab.tracking import browse_hint, save_figure
 
 SPECTRUM_FILE = "spectrum.npz"
 
@@ -147,3 +150,22 @@ def _log(run: AnalysisRun, spectra: Mapping[str, Spectrum], subject: Subject) ->
         f"Hessian eigenvalue density, {subject.label} (step {subject.step})",
     )
     save_figure(run.tracker, figure, "hessian/density.png")
+
+
+def main(arguments: Sequence[str]) -> None:
+    """The Hessian spectrum of the one model the arguments name."""
+    subjects = subjects_from_arguments(arguments)
+    if len(subjects) != 1:
+        raise DmstabError(f"dmstab hessian reads one model; got {len(subjects)}")
+    subject = subjects[0]
+    result = hessian(subject, pick_device(subject.recipe.train.device))
+    console.print(f"[green]done[/] Hessian of {subject.label} at step {subject.step}")
+    for name, item in result.spectra.items():
+        top = ", ".join(f"{value:.4g}" for value in item.top)
+        console.print(
+            f"  {name:>8}  λ1..k {top}  trace {item.trace.mean:.4g} ± "
+            f"{item.trace.standard_error:.2g}  mean {item.mean:.3g}  "
+            f"variance {item.density.variance():.4g}"
+        )
+    console.print(f"  run     {result.run_id}   (arrays: {result.directory})")
+    console.print(f"  browse  {browse_hint(subject.recipe.tracking.uri)}")

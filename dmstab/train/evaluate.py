@@ -14,24 +14,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dmstab.errors import DmstabError
-from dmstab.generate import gather_rows, generate_for_recipe
-from dmstab.networks import load_guide
-from dmstab.recipe import EvalConfig, Recipe
-from dmstab.score import (
+from dmstab.analysis.scoring import (
     FeaturePipeline,
     image_metrics,
     load_reference,
     network_pipeline,
     require_images,
 )
-from dmstab.train.distributed import SINGLE_PROCESS, DistributedContext
+from dmstab.config import EvalConfig, Recipe
+from dmstab.distributed import SINGLE_PROCESS, DistributedContext
+from dmstab.errors import DmstabError
+from dmstab.models.generate import gather_rows, generate_for_recipe
+from dmstab.train.restore import load_guide
 
 METRIC_PREFIX = "eval/"
 
 
 def feature_pipeline(ev: EvalConfig, device: torch.device) -> FeaturePipeline:
-    """The network `eval.features` names (dmstab.score.network_pipeline)."""
+    """The network `eval.features` names (dmstab.analysis.scoring.network_pipeline)."""
     if ev.features != "inception" and "is" in ev.metrics:
         raise DmstabError("eval.metrics 'is' needs eval.features: inception (its 1008 classes)")
     return network_pipeline(ev.features, ev.mode, ev.inception_weights, device, ev.batch_size)

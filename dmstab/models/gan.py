@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmstab.checkpoint import load_weights
+from dmstab.config import GAN_MODELS, GanLoss, Recipe
 from dmstab.diffusion.sampling import NoiseSource
 from dmstab.errors import DmstabError
-from dmstab.recipe import GAN_MODELS, GanLoss, Recipe
-from dmstab.train.checkpoint import load_weights
 
 
 def is_gan(recipe: Recipe) -> bool:

@@ -14,9 +14,10 @@ from torch import Tensor, nn
 
 from dmstab.analysis.fixed_batch import FixedBatch, diffusion_losses, fixed_batch
 from dmstab.analysis.hessian import Loss
-from dmstab.analysis.subjects import Subject
+from dmstab.commands.subjects import Subject
+from dmstab.config import Recipe
 from dmstab.errors import DmstabError
-from dmstab.gan import (
+from dmstab.models.gan import (
     GanLosses,
     GanPair,
     discriminator_from_state,
@@ -24,7 +25,6 @@ from dmstab.gan import (
     is_gan,
     seeded_latents,
 )
-from dmstab.recipe import Recipe
 from dmstab.tracking import TAG_PARENT, MlflowTracker, Tracker, tracked_run
 
 ANALYSES_DIR = Path("analyses")

@@ -14,6 +14,14 @@ from torch import nn
 from dmstab.atomic import write_atomically
 from dmstab.errors import DmstabError
 
+CHECKPOINT_NAME = "checkpoint.pt"
+KEPT_DIR = "checkpoints"  # train.keep_checkpoints: RUN_DIR/checkpoints/step_XXXXXXXX.pt
+
+
+def kept_checkpoint(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of `step` is kept when `train.keep_checkpoints` names it."""
+    return run_dir / KEPT_DIR / f"step_{step:08d}.pt"
+
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """`torch.save` through `write_atomically`."""

@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from dmstab.errors import DmstabError
-from dmstab.recipe import (
+from dmstab.config import (
     Recipe,
     apply_overrides,
     fingerprint,
@@ -31,6 +30,8 @@ from dmstab.recipe import (
     set_key,
     to_yaml,
 )
+from dmstab.distributed import launched_by_torchrun
+from dmstab.errors import DmstabError
 from dmstab.tracking import (
     TAG_FINGERPRINT,
     TAG_KIND,
@@ -43,7 +44,6 @@ from dmstab.tracking import (
     run_info,
     tracked_run,
 )
-from dmstab.train.distributed import launched_by_torchrun
 
 if TYPE_CHECKING:
     from dmstab.train.loop import Progress

@@ -10,12 +10,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dmstab.checkpoint import load_checkpoint
+from dmstab.console import SampleProgress, console
 from dmstab.devices import pick_device
-from dmstab.generate import generate_for_recipe, sampler_label, write_samples
-from dmstab.networks import find_checkpoint, load_guide, network_from_state, stored_recipe
+from dmstab.distributed import init_distributed, rank_device
+from dmstab.models.generate import generate_for_recipe, sampler_label, write_samples
 from dmstab.tracking import TAG_PARENT, MlflowTracker, NullTracker, Tracker, tracked_run
-from dmstab.train.checkpoint import load_checkpoint
-from dmstab.train.distributed import init_distributed, rank_device
+from dmstab.train.restore import find_checkpoint, load_guide, network_from_state, stored_recipe
 
 
 @dataclass(frozen=True)
@@ -72,3 +73,19 @@ def sample(
         tracker.log_artifact(npz, "samples")
         tracker.set_tags({"dmstab.checkpoint": str(checkpoint.resolve()), "dmstab.step": str(step)})
     return SampleResult(tracker.run_id, npz, grid, len(images))
+
+
+def main(
+    source: str | None, overrides: Sequence[str], *, experiment: str | None, out: Path | None
+) -> None:
+    """`dmstab sample [SOURCE] [OVERRIDES]`: a first argument with '=' is an override."""
+    if source is not None and "=" in source:
+        overrides, source = [source, *overrides], None
+    result = sample(
+        source, overrides, experiment=experiment, out_dir=out, callback=SampleProgress("sample")
+    )
+    if result is None:  # a torchrun rank other than 0: rank 0 reports
+        return
+    console.print(f"[green]done[/] {result.count} images, run {result.run_id}")
+    console.print(f"  images  {result.npz}")
+    console.print(f"  grid    {result.grid}")

@@ -12,7 +12,7 @@ one MLflow run of kind "landscape" with the figures and the raw grids as `.npz`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,16 +27,19 @@ from dmstab.analysis.landscape import (
     save_landscape,
     surface,
 )
-from dmstab.analysis.study import (
+from dmstab.commands.study import (
     AnalysisRun,
     analysis_losses,
     interpolation_losses,
     open_analysis,
     trained_weights,
 )
-from dmstab.analysis.subjects import Subject
+from dmstab.commands.subjects import Subject, subjects_from_arguments
+from dmstab.console import console
+from dmstab.devices import pick_device
+from dmstab.errors import DmstabError
 from dmstab.plots import interpolation_figure, surface_figure
-from dmstab.tracking import save_figure
+from dmstab.tracking import browse_hint, save_figure
 
 SURFACE_FILE = "surface.npz"
 INTERPOLATION_FILE = "interpolation.npz"
@@ -143,3 +146,27 @@ def _log_grid(run: AnalysisRun, grid: LandscapeGrid, filename: str) -> Path:
     path = save_landscape(grid, run.directory / filename)
     run.tracker.log_artifact(path, "landscape")
     return path
+
+
+def main(arguments: Sequence[str]) -> None:
+    """A 2D surface around one model, or the 1D loss between two checkpoints (given, or kept by
+    the run at `landscape.interpolate`)."""
+    subjects = subjects_from_arguments(arguments)
+    if len(subjects) > 2:
+        raise DmstabError(
+            f"dmstab landscape reads one model or two checkpoints; got {len(subjects)}"
+        )
+    last = subjects[-1]
+    device = pick_device(last.recipe.train.device)
+    steps = last.recipe.landscape.interpolate
+    if len(subjects) == 2:
+        result = interpolation(subjects[0], subjects[1], device)
+    elif steps:
+        result = interpolation(last.kept(steps[0]), last.kept(steps[1]), device)
+    else:
+        result = loss_surface(last, device)
+    kind = "surface" if result.grid.ys is not None else "interpolation"
+    console.print(f"[green]done[/] loss {kind} of {last.label}: {', '.join(result.grid.values)}")
+    console.print(f"  run     {result.run_id}")
+    console.print(f"  arrays  {result.path}")
+    console.print(f"  browse  {browse_hint(last.recipe.tracking.uri)}")

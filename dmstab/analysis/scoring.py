@@ -1,19 +1,14 @@
-"""`dmstab fid`: FID (KID, IS) of generated images against a reference, logged to MLflow.
-
-Images come from an `.npz` (uint8 NHWC under `arr_0`), a folder of image files, or a training
-run / checkpoint (sampled with its recipe's sampler, kept in memory). The reference is a
-statistics `.npz` (`mu`, `sigma`), images (`.npz` or folder), a recipe or a `DataConfig`, whose
-dataset's statistics are computed once and cached. The Inception weights file is checked
-before anything else runs. Evaluation during training (dmstab.evaluate) reuses these pieces.
-Under `torchrun` the ranks share the sampling; rank 0 alone scores and logs.
+"""Scoring images: feature pipelines (Inception, the random-conv proxy, the shape classifier),
+reference statistics (a statistics `.npz`, images, or a dataset's, computed once and cached)
+and FID / KID / IS of generated features. `dmstab fid` (dmstab.commands.fid) and evaluation
+during training (dmstab.train.evaluate) are built from these pieces.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import zipfile
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,27 +27,11 @@ from dmstab.analysis.features import (
 from dmstab.analysis.fid import ImageSource, compute_features, fid_from_stats
 from dmstab.analysis.frechet import FeatureStats, inception_score, kid
 from dmstab.analysis.shape_classifier import ClassifierConfig, classifier_extractor, classifier_key
+from dmstab.config import FEATURE_NETWORKS, DataConfig, FeatureNetwork, Recipe, load_recipe
 from dmstab.data import build_dataset
 from dmstab.data.images import IMAGE_SUFFIXES, image_files, nhwc_to_nchw, read_npz_images
-from dmstab.devices import pick_device
 from dmstab.errors import DmstabError
-from dmstab.generate import generate_for_recipe
-from dmstab.networks import (
-    find_checkpoint,
-    load_guide,
-    network_from_state,
-    stored_recipe,
-)
 from dmstab.plots import to_uint8
-from dmstab.recipe import FEATURE_NETWORKS, DataConfig, FeatureNetwork, Recipe, load_recipe
-from dmstab.tracking import TAG_PARENT, MlflowTracker, tracked_run
-from dmstab.train.checkpoint import load_checkpoint
-from dmstab.train.distributed import (
-    SINGLE_PROCESS,
-    DistributedContext,
-    init_distributed,
-    rank_device,
-)
 
 PAPER_NUM_IMAGES = 50_000  # both papers score 50k generated images
 
@@ -130,11 +109,11 @@ class Score:
     run_id: str
 
 
-def _npz_images(path: Path) -> torch.Tensor:
+def npz_images(path: Path) -> torch.Tensor:
     return nhwc_to_nchw(read_npz_images(path)[0])
 
 
-def _folder_images(path: Path, batch_size: int) -> Iterator[torch.Tensor]:
+def folder_images(path: Path, batch_size: int) -> Iterator[torch.Tensor]:
     """Every image file under `path` (recursively, sorted), at its own size, in batches."""
     files = image_files(path, recursive=True)
     if not files:
@@ -208,12 +187,12 @@ def load_reference(
     if not reference.exists():
         raise DmstabError(f"FID reference not found: {reference}")
     if reference.is_dir():
-        features = pipeline.features(_folder_images(reference, pipeline.batch_size))
+        features = pipeline.features(folder_images(reference, pipeline.batch_size))
         return _from_features(features, with_features, None)
     if reference.suffix == ".npz":
         stats = _stats_file(reference)
         if stats is None:
-            return _from_features(pipeline.features(_npz_images(reference)), with_features, None)
+            return _from_features(pipeline.features(npz_images(reference)), with_features, None)
         if with_features:
             raise DmstabError("KID needs reference images, not a statistics file")
         return Reference(stats, None, None)
@@ -248,124 +227,3 @@ def require_images(recipe: Recipe, device: torch.device) -> None:
         from dmstab.data.latents import load_vae
 
         load_vae(device)
-
-
-def sampled_images(
-    source: str,
-    num_images: int,
-    device: torch.device,
-    callback: Callable[[int, int], None] | None = None,
-    overrides: Sequence[str] = (),
-    context: DistributedContext = SINGLE_PROCESS,
-) -> tuple[torch.Tensor, Path, str | None]:
-    """`num_images` images from a checkpoint or training run with its recipe's sampler
-    (`overrides`: sampling keys such as `sample.guidance=2`, as `dmstab sample` takes them),
-    shared out over the ranks of `context` and gathered on each.
-
-    Returns the images, the checkpoint and the training run it belongs to.
-    """
-    if num_images < 2:
-        raise DmstabError(f"the number of images to sample must be >= 2, got {num_images}")
-    checkpoint = find_checkpoint(source, None, None)
-    state = load_checkpoint(checkpoint)
-    recipe = stored_recipe(state, checkpoint, overrides)
-    require_images(recipe, device)
-    use_ema = recipe.sample.use_ema
-    model = network_from_state(state, recipe, use_ema=use_ema, source=checkpoint).to(device)
-    images = generate_for_recipe(
-        model,
-        recipe,
-        dataset_classes=int(state.get("num_classes", 0)),
-        device=device,
-        callback=callback,
-        sample=dataclasses.replace(recipe.sample, num_images=num_images),
-        guide=load_guide(recipe, device),
-        context=context,
-    )
-    run_id = state.get("run_id")
-    return images, checkpoint, str(run_id) if run_id else None
-
-
-def _images_to_score(
-    images: str,
-    num_images: int,
-    batch_size: int,
-    device: torch.device,
-    callback: Callable[[int, int], None] | None,
-    context: DistributedContext = SINGLE_PROCESS,
-) -> tuple[ImageSource, dict[str, str], str | None]:
-    """The images, their description for the run's params, and the training run they come from."""
-    path = Path(images)
-    if path.is_dir():
-        return _folder_images(path, batch_size), {"images": str(path.resolve())}, None
-    if path.suffix == ".npz":
-        if not path.is_file():
-            raise DmstabError(f"images to score not found: {path}")
-        return _npz_images(path), {"images": str(path.resolve())}, None
-    if not path.exists() and path.suffix != ".pt" and (path.suffix or len(path.parts) > 1):
-        raise DmstabError(
-            f"images to score not found: {path} (expected a folder, an .npz, a checkpoint .pt "
-            "or a training run id)"
-        )
-    sampled, checkpoint, run_id = sampled_images(
-        images, num_images, device, callback, context=context
-    )
-    return sampled, {"images": images, "checkpoint": str(checkpoint.resolve())}, run_id
-
-
-def score(
-    images: str | Path,
-    reference: Path,
-    *,
-    mode: str = "clean",
-    features: FeatureNetwork = "inception",
-    inception_weights: str | None = None,
-    with_kid: bool = False,
-    with_is: bool = False,
-    num_images: int = PAPER_NUM_IMAGES,
-    batch_size: int = 250,
-    experiment: str = "fid",
-    parent_run: str | None = None,
-    device: torch.device | None = None,
-    callback: Callable[[int, int], None] | None = None,
-) -> tuple[Score, Path | None] | None:
-    """FID of `images` (sampled first when a run or checkpoint) against `reference`.
-
-    Logged as a run of kind `fid`, a child of `parent_run` or of the sampled training run.
-    Under `torchrun` the other ranks only help sample, and return None.
-    """
-    if with_is and features != "inception":
-        raise DmstabError(f"the Inception Score needs --features inception, not {features}")
-    device = device or pick_device("auto")
-    context = init_distributed(device.type)
-    device = rank_device(device, context)
-    if not context.is_main:
-        _images_to_score(str(images), num_images, batch_size, device, None, context)
-        return None
-    pipeline = network_pipeline(features, mode, inception_weights, device, batch_size)  # first
-    ref = load_reference(reference, pipeline, with_features=with_kid)  # before any sampling
-    source, params, sampled_run = _images_to_score(
-        str(images), num_images, batch_size, device, callback, context
-    )
-    generated = pipeline.features(source)
-    names = [name for name, wanted in (("fid", True), ("kid", with_kid), ("is", with_is)) if wanted]
-    metrics = image_metrics(generated, ref, pipeline, names)
-    params |= {"reference": str(reference.resolve()), "mode": mode, "features": features}
-    run_id = _log(params, metrics, len(generated), experiment, parent_run or sampled_run)
-    result = Score(metrics["fid"], metrics.get("kid"), metrics.get("is"), len(generated), run_id)
-    return result, ref.cache
-
-
-def _log(
-    params: dict[str, str],
-    metrics: dict[str, float],
-    count: int,
-    experiment: str,
-    parent_run: str | None,
-) -> str:
-    tags = {TAG_PARENT: parent_run} if parent_run else {}
-    tracker = MlflowTracker.create(experiment=experiment, kind="fid", params=params, tags=tags)
-    assert tracker.run_id is not None
-    with tracked_run(tracker):
-        tracker.log_metrics({**metrics, "num_images": float(count)}, 0)
-    return tracker.run_id

@@ -12,20 +12,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dmstab.analysis.scoring import FeaturePipeline, Reference, image_metrics, load_reference
+from dmstab.checkpoint import load_checkpoint
+from dmstab.commands.fid import sampled_images
+from dmstab.config import EvalConfig
+from dmstab.console import SampleProgress, console, result
+from dmstab.devices import pick_device
 from dmstab.errors import DmstabError
-from dmstab.score import (
-    FeaturePipeline,
-    Reference,
-    image_metrics,
-    load_reference,
-    sampled_images,
-)
 from dmstab.tracking import TAG_PARENT, MlflowTracker, save_figure, tracked_run
-from dmstab.train.checkpoint import load_checkpoint
+from dmstab.train.evaluate import feature_pipeline
+from dmstab.train.restore import find_checkpoint
 
 
 @dataclass(frozen=True)
-class SweepPoint:
+class FidPoint:
     sigma_rel: float
     guidance: float
     fid: float
@@ -54,7 +54,7 @@ def reconstructed_checkpoints(paths: Sequence[Path]) -> list[tuple[float, Path]]
     return sorted(found)
 
 
-def score_sweep(
+def score_checkpoints(
     checkpoints: Sequence[tuple[float, Path]],
     pipeline: FeaturePipeline,
     reference: Reference,
@@ -63,7 +63,7 @@ def score_sweep(
     guidances: Sequence[float] = (1.0,),
     guide: str | None = None,
     callback: Callable[[int, int], None] | None = None,
-) -> list[SweepPoint]:
+) -> list[FidPoint]:
     """FID of `num_images` samples of every checkpoint at every guidance strength."""
     points = []
     for guidance in guidances:
@@ -75,26 +75,26 @@ def score_sweep(
                 str(checkpoint), num_images, pipeline.device, callback, overrides
             )
             fid = image_metrics(pipeline.features(images), reference, pipeline, ["fid"])["fid"]
-            points.append(SweepPoint(sigma_rel, guidance, fid, checkpoint))
+            points.append(FidPoint(sigma_rel, guidance, fid, checkpoint))
     return points
 
 
-def best_points(points: Sequence[SweepPoint]) -> dict[float, SweepPoint]:
+def best_points(points: Sequence[FidPoint]) -> dict[float, FidPoint]:
     """The lowest-FID point of each guidance strength."""
-    best: dict[float, SweepPoint] = {}
+    best: dict[float, FidPoint] = {}
     for point in points:
         if point.guidance not in best or point.fid < best[point.guidance].fid:
             best[point.guidance] = point
     return best
 
 
-def sweep_csv(points: Sequence[SweepPoint]) -> str:
+def fid_table_csv(points: Sequence[FidPoint]) -> str:
     lines = ["sigma_rel,guidance,fid,checkpoint"]
     lines += [f"{p.sigma_rel:.4f},{p.guidance:g},{p.fid:.6f},{p.checkpoint}" for p in points]
     return "\n".join(lines) + "\n"
 
 
-def sweep_figure(points: Sequence[SweepPoint], title: str) -> Any:
+def fid_figure(points: Sequence[FidPoint], title: str) -> Any:
     """FID vs σrel, one curve per guidance strength, each optimum starred (EDM2 Figs. 5a, 6)."""
     import matplotlib
 
@@ -124,14 +124,14 @@ def sweep_figure(points: Sequence[SweepPoint], title: str) -> Any:
 
 
 @dataclass(frozen=True)
-class SweepResult:
-    points: list[SweepPoint]
+class FidSweepResult:
+    points: list[FidPoint]
     run_id: str
     figure: Path
     table: Path
 
 
-def run_sweep(
+def run_fid_sweep(
     paths: Sequence[Path],
     reference: Path,
     pipeline: FeaturePipeline,
@@ -142,12 +142,12 @@ def run_sweep(
     out_dir: Path | None = None,
     experiment: str = "fid",
     callback: Callable[[int, int], None] | None = None,
-) -> SweepResult:
+) -> FidSweepResult:
     """Score a sweep and log it (kind `fid-sweep`, child of the training run): the points as
     metrics `fid/guidance_<w>` (step = point index, `sigma_rel` alongside), CSV and figure."""
     checkpoints = reconstructed_checkpoints(paths)
     ref = load_reference(reference, pipeline)  # a bad reference fails before any sampling
-    points = score_sweep(
+    points = score_checkpoints(
         checkpoints,
         pipeline,
         ref,
@@ -159,10 +159,10 @@ def run_sweep(
     out_dir = out_dir or checkpoints[0][1].parent
     out_dir.mkdir(parents=True, exist_ok=True)
     table = out_dir / "fid_vs_sigma_rel.csv"
-    table.write_text(sweep_csv(points))
+    table.write_text(fid_table_csv(points))
     figure = out_dir / "fid_vs_sigma_rel.png"
     title = f"FID vs EMA length ({num_images} images, {pipeline.key})"
-    drawing = sweep_figure(points, title)
+    drawing = fid_figure(points, title)
     drawing.savefig(figure, dpi=120)
     train_run = load_checkpoint(checkpoints[0][1]).get("run_id")
     params = {
@@ -186,4 +186,46 @@ def run_sweep(
             tracker.log_metrics({f"best_sigma_rel/guidance_{guidance:g}": best.sigma_rel}, 0)
         tracker.log_artifact(table, "sweep")
         save_figure(tracker, drawing, "sweep/fid_vs_sigma_rel.png")
-    return SweepResult(points, tracker.run_id, figure, table)
+    return FidSweepResult(points, tracker.run_id, figure, table)
+
+
+def main(
+    ref: Path,
+    checkpoints: Sequence[Path],
+    *,
+    num_images: int,
+    guidances: Sequence[float],
+    guide: str | None,
+    features: str,
+    mode: str,
+    inception_weights: str | None,
+    batch_size: int,
+    out: Path | None,
+) -> None:
+    """FID of each reconstructed checkpoint (default: the latest run's) per guidance strength."""
+    config = EvalConfig(
+        features=features,  # type: ignore[arg-type]  # feature_pipeline names the allowed ones
+        mode=mode,  # type: ignore[arg-type]
+        inception_weights=inception_weights,
+        batch_size=batch_size,
+    )
+    device = pick_device("auto")
+    pipeline = feature_pipeline(config, device)  # missing weights fail before any sampling
+    paths = list(checkpoints) or [find_checkpoint(None, None, None).parent / "reconstructed"]
+    sweep = run_fid_sweep(
+        paths,
+        ref,
+        pipeline,
+        num_images=num_images,
+        guidances=guidances or [1.0],
+        guide=guide,
+        out_dir=out,
+        callback=SampleProgress("sample"),
+    )
+    for point in sweep.points:
+        result(f"σrel {point.sigma_rel:.4f}  guidance {point.guidance:g}  FID {point.fid:.4f}")
+    for strength, best in sorted(best_points(sweep.points).items()):
+        console.print(
+            f"[green]best[/] guidance {strength:g}: FID {best.fid:.4f} at σrel {best.sigma_rel:.4f}"
+        )
+    console.print(f"  figure {sweep.figure}\n  table  {sweep.table}\n  run    {sweep.run_id}")

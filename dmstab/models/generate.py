@@ -14,17 +14,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from dmstab.config import Recipe, SampleConfig
 from dmstab.data.latents import latent_image_decoder
 from dmstab.diffusion import build_diffusion
 from dmstab.diffusion.edm import Denoiser
 from dmstab.diffusion.edm_sampling import Churn, heun_sample, karras_sigmas, unconditional
 from dmstab.diffusion.objectives import one_hot_labels
 from dmstab.diffusion.sampling import NoiseSource, sample_images
+from dmstab.distributed import SINGLE_PROCESS, DistributedContext
 from dmstab.errors import DmstabError
-from dmstab.gan import is_gan, latent_shape, sample_gan
+from dmstab.models.gan import is_gan, latent_shape, sample_gan
 from dmstab.plots import save_grid, to_uint8
-from dmstab.recipe import Recipe, SampleConfig
-from dmstab.train.distributed import SINGLE_PROCESS, DistributedContext
 
 
 def class_labels(first_index: int, count: int, num_classes: int) -> torch.Tensor | None:

@@ -1,0 +1,78 @@
+"""The recipe: schema (`schema`), parsing (`parse`), checks (`validation`), YAML files and
+overrides (`loading`), and views of a resolved recipe (`views`). The bottom layer: it imports
+no other dmstab package but `dmstab.errors`."""
+
+from dmstab.config.loading import (
+    apply_overrides,
+    from_mapping,
+    load_recipe,
+    load_tree,
+    parse_override,
+    set_key,
+)
+from dmstab.config.schema import (
+    FEATURE_NETWORKS,
+    GAN_MODELS,
+    SIGMA_REL_MAX,
+    DataConfig,
+    DiffusionConfig,
+    EmaConfig,
+    EvalConfig,
+    EvalMetric,
+    FeatureNetwork,
+    GanConfig,
+    GanLoss,
+    HessianConfig,
+    HvpMethod,
+    ModelConfig,
+    OptimConfig,
+    Recipe,
+    SampleConfig,
+    TrainConfig,
+)
+from dmstab.config.validation import register_model_check, validate
+from dmstab.config.views import (
+    ANALYSIS_SECTIONS,
+    differences,
+    fingerprint,
+    flatten,
+    result_dict,
+    to_dict,
+    to_yaml,
+)
+
+__all__ = [
+    "ANALYSIS_SECTIONS",
+    "FEATURE_NETWORKS",
+    "GAN_MODELS",
+    "SIGMA_REL_MAX",
+    "DataConfig",
+    "DiffusionConfig",
+    "EmaConfig",
+    "EvalConfig",
+    "EvalMetric",
+    "FeatureNetwork",
+    "GanConfig",
+    "GanLoss",
+    "HessianConfig",
+    "HvpMethod",
+    "ModelConfig",
+    "OptimConfig",
+    "Recipe",
+    "SampleConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "differences",
+    "fingerprint",
+    "flatten",
+    "from_mapping",
+    "load_recipe",
+    "load_tree",
+    "parse_override",
+    "register_model_check",
+    "result_dict",
+    "set_key",
+    "to_dict",
+    "to_yaml",
+    "validate",
+]

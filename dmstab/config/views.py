@@ -1,0 +1,101 @@
+"""Views of a resolved recipe: plain data, YAML, MLflow params, and its training fingerprint."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+import yaml
+
+from dmstab.config.schema import GAN_MODELS, Recipe
+
+
+def to_dict(recipe: Recipe) -> dict[str, Any]:
+    """Plain YAML/JSON-ready mapping (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {k: plain(v) for k, v in dataclasses.asdict(recipe).items()}
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """Short lists of numbers on one line (`betas: [0.8, 0.999]`), as recipes are written."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, value: list[Any]) -> yaml.Node:
+    flow = all(not isinstance(v, list | dict) for v in value)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=flow)
+
+
+_RecipeDumper.add_representer(list, _represent_list)
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return yaml.dump(to_dict(recipe), Dumper=_RecipeDumper, sort_keys=False)
+
+
+def flatten(recipe: Recipe) -> dict[str, str]:
+    """`section.key` -> string value, the form MLflow params take."""
+    flat: dict[str, str] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = json.dumps(value) if isinstance(value, list | dict) else str(value)
+
+    walk("", to_dict(recipe))
+    return flat
+
+
+# How a run executes, not what it computes: a run may resume with other values of these.
+EXECUTION_KEYS = (
+    "train.device",
+    "train.micro_batch_size",
+    "train.keep_checkpoints",
+    "tracking.offline",
+)
+ANALYSIS_SECTIONS = ("consistency", "landscape", "hessian")  # read by analyses, not training
+
+
+def result_dict(recipe: Recipe) -> dict[str, Any]:
+    """`to_dict(recipe)` without what does not change the trained weights: the name, the
+    paper block, the run name, the execution keys, the analysis sections and (for diffusion
+    models) the `gan` section. Equal for runs that train the same model, whatever the recipe
+    file is called (so the analysis recipes reuse the run of the recipe they build on)."""
+    data = to_dict(recipe)
+    for section in ("name", "paper"):
+        data.pop(section)
+    data["tracking"].pop("run_name")
+    for key in EXECUTION_KEYS:
+        section, name = key.split(".")
+        data[section].pop(name)
+    for section in ANALYSIS_SECTIONS:
+        data.pop(section)
+    if recipe.model.name not in GAN_MODELS:
+        data.pop("gan")
+    return data
+
+
+def fingerprint(recipe: Recipe) -> str:
+    """Stable hash of everything that determines a training run's result."""
+    text = json.dumps(result_dict(recipe), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def differences(a: Recipe, b: Recipe) -> list[str]:
+    """Keys whose values differ, as `key: a -> b`."""
+    fa, fb = flatten(a), flatten(b)
+    return [
+        f"{k}: {fa.get(k)} -> {fb.get(k)}"
+        for k in sorted(fa.keys() | fb.keys())
+        if fa.get(k) != fb.get(k)
+    ]

@@ -1,0 +1,54 @@
+"""The one package that talks to MLflow: the client and its store (`client`), the run a
+command logs to (`tracker`), runs spooled while a server was away (`spool`, `sync`), finding
+runs (`runs`) and the tags dmstab sets (`tags`)."""
+
+from dmstab.tracking.client import DEFAULT_TRACKING_URI, browse_hint, is_remote, resolve_uri
+from dmstab.tracking.runs import (
+    RunRecord,
+    find_finished_run,
+    find_resumable_run,
+    find_runs,
+    latest_run,
+    metric_history,
+    run_directory,
+    run_info,
+    run_record,
+)
+from dmstab.tracking.sync import sync
+from dmstab.tracking.tags import (
+    TAG_FINGERPRINT,
+    TAG_KIND,
+    TAG_PARENT,
+    TAG_RECIPE_NAME,
+    TAG_RUN_DIR,
+    TAG_SWEEP_FINGERPRINT,
+)
+from dmstab.tracking.tracker import MlflowTracker, NullTracker, Tracker, save_figure, tracked_run
+
+__all__ = [
+    "DEFAULT_TRACKING_URI",
+    "TAG_FINGERPRINT",
+    "TAG_KIND",
+    "TAG_PARENT",
+    "TAG_RECIPE_NAME",
+    "TAG_RUN_DIR",
+    "TAG_SWEEP_FINGERPRINT",
+    "MlflowTracker",
+    "NullTracker",
+    "RunRecord",
+    "Tracker",
+    "browse_hint",
+    "find_finished_run",
+    "find_resumable_run",
+    "find_runs",
+    "is_remote",
+    "latest_run",
+    "metric_history",
+    "resolve_uri",
+    "run_directory",
+    "run_info",
+    "run_record",
+    "save_figure",
+    "sync",
+    "tracked_run",
+]

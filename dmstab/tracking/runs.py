@@ -1,0 +1,148 @@
+"""Finding runs: the resumable or finished run of a recipe, the latest run of a kind, a run's
+record, metric history and run directory."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dmstab.config import Recipe, fingerprint
+from dmstab.errors import DmstabError
+from dmstab.tracking.client import (
+    ServerUnreachable,
+    open_client,
+    resolve_uri,
+)
+from dmstab.tracking.tags import (
+    TAG_FINGERPRINT,
+    TAG_KIND,
+    TAG_RUN_DIR,
+)
+
+UNFINISHED = ("RUNNING", "FAILED", "KILLED")
+
+
+def _experiment_ids(client: Any, experiment: str | None) -> list[str]:
+    """The id of experiment `experiment` ([] when absent), or of every experiment when None."""
+    if experiment is None:
+        return [str(e.experiment_id) for e in client.search_experiments()]
+    found = client.get_experiment_by_name(experiment)
+    return [str(found.experiment_id)] if found is not None else []
+
+
+def _runs_of_recipe(recipe: Recipe) -> list[Any]:
+    """This recipe's training runs (by fingerprint), newest first."""
+    client = open_client(resolve_uri(recipe.tracking.uri))
+    experiment = client.get_experiment_by_name(recipe.tracking.experiment)
+    if experiment is None:
+        return []
+    return list(
+        client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`{TAG_FINGERPRINT}` = '{fingerprint(recipe)}' "
+            f"and tags.`{TAG_KIND}` = 'train'",
+            order_by=["attributes.start_time DESC"],
+            max_results=100,
+        )
+    )
+
+
+def find_resumable_run(recipe: Recipe) -> str | None:
+    """Latest unfinished run (RUNNING after kill -9, FAILED, KILLED) of this exact recipe."""
+    unfinished = [run for run in _runs_of_recipe(recipe) if run.info.status in UNFINISHED]
+    return str(unfinished[0].info.run_id) if unfinished else None
+
+
+def find_finished_run(recipe: Recipe) -> str | None:
+    """Latest FINISHED training run of this exact recipe, for analyses that reuse it."""
+    finished = [run for run in _runs_of_recipe(recipe) if run.info.status == "FINISHED"]
+    return str(finished[0].info.run_id) if finished else None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a report reads of a run: its params, tags and the latest value of each metric."""
+
+    run_id: str
+    name: str
+    status: str
+    params: dict[str, str]
+    tags: dict[str, str]
+    metrics: dict[str, float]
+
+
+def _record(run: Any) -> RunRecord:
+    return RunRecord(
+        run_id=str(run.info.run_id),
+        name=str(run.info.run_name or run.info.run_id),
+        status=str(run.info.status),
+        params=dict(run.data.params),
+        tags=dict(run.data.tags),
+        metrics=dict(run.data.metrics),
+    )
+
+
+def run_record(run_id: str, uri: str | None = None) -> RunRecord:
+    """One run of the store; a one-line error if the id is unknown."""
+    client = open_client(resolve_uri(uri))
+    try:
+        run = client.get_run(run_id)
+    except ServerUnreachable:
+        raise
+    except Exception:
+        raise DmstabError(f"no MLflow run '{run_id}' in {resolve_uri(uri)}") from None
+    return _record(run)
+
+
+def run_info(run_id: str, uri: str | None = None) -> tuple[dict[str, str], str]:
+    """Tags and status of a run; a one-line error if the id is unknown."""
+    record = run_record(run_id, uri)
+    return record.tags, record.status
+
+
+def find_runs(
+    tags: Mapping[str, str], experiment: str | None = None, uri: str | None = None
+) -> list[RunRecord]:
+    """Runs carrying all `tags`, newest first, in one experiment or in all when None."""
+    client = open_client(resolve_uri(uri))
+    ids = _experiment_ids(client, experiment)
+    if not ids:
+        return []
+    condition = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    runs = client.search_runs(ids, filter_string=condition, order_by=["attributes.start_time DESC"])
+    return [_record(run) for run in runs]
+
+
+def metric_history(run_id: str, key: str, uri: str | None = None) -> list[tuple[int, float]]:
+    """(step, value) of one metric, by step; a step logged twice keeps its latest value."""
+    client = open_client(resolve_uri(uri))
+    by_step: dict[int, tuple[int, float]] = {}
+    for m in client.get_metric_history(run_id, key):
+        if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
+            by_step[m.step] = (m.timestamp, m.value)
+    return [(step, by_step[step][1]) for step in sorted(by_step)]
+
+
+def run_directory(run_id: str, uri: str | None = None) -> Path:
+    """The local directory (checkpoint, snapshots, samples) of a dmstab training run."""
+    tags, _ = run_info(run_id, uri)
+    if TAG_RUN_DIR not in tags:
+        raise DmstabError(f"run {run_id} is not a dmstab training run (no {TAG_RUN_DIR} tag)")
+    return Path(tags[TAG_RUN_DIR])
+
+
+def latest_run(experiment: str | None, kind: str, uri: str | None = None) -> str | None:
+    """Most recent run of `kind` (e.g. 'train') in one experiment, or in all when None."""
+    client = open_client(resolve_uri(uri))
+    ids = _experiment_ids(client, experiment)
+    if not ids:
+        return None
+    runs = client.search_runs(
+        ids,
+        filter_string=f"tags.`{TAG_KIND}` = '{kind}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return str(runs[0].info.run_id) if runs else None

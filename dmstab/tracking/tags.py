@@ -1,0 +1,31 @@
+"""The tags dmstab sets on its MLflow runs, and the states a run ends in."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+RunStatus = Literal["FINISHED", "FAILED", "KILLED"]
+
+
+TAG_FINGERPRINT = "dmstab.recipe_fingerprint"
+
+
+TAG_RECIPE_NAME = "dmstab.recipe_name"
+
+
+TAG_COMMAND = "dmstab.command"
+
+
+TAG_KIND = "dmstab.kind"
+
+
+TAG_RUN_DIR = "dmstab.run_dir"
+
+
+TAG_PARENT = "mlflow.parentRunId"
+
+
+TAG_SWEEP_FINGERPRINT = "dmstab.sweep_fingerprint"
+
+
+TAG_LOCAL_RUN_ID = "dmstab.local_run_id"  # an offline run's id before the server had it
