@@ -31,9 +31,12 @@ def gpu(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install("ruff>=0.6")
+    """ruff, and the layer contracts of pyproject.toml (import-linter)."""
+    session.install("ruff>=0.6", "import-linter>=2.1")
+    session.install("--no-deps", "-e", ".")  # import-linter reads the installed package's source
     session.run("ruff", "check", "dmstab", "tests", "benchmarks", "noxfile.py")
     session.run("ruff", "format", "--check", "dmstab", "tests", "benchmarks", "noxfile.py")
+    session.run("lint-imports")
 
 
 @nox.session

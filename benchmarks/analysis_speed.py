@@ -5,8 +5,8 @@ forward-over-reverse vs double backward, and loss-landscape grid points per seco
 
 The network is freshly initialised (timing does not depend on the weights); the fixed batch,
 noise and timesteps are the ones `dmstab hessian` / `dmstab landscape` build, resident on the
-device. FACTS.md: forward-over-reverse measured about 3× faster than double backward on an
-H100; the reference loss-landscape code spends ~4 s per grid point. Report the printed lines in
+device. Forward-over-reverse is reported about 3× faster than double backward on an H100,
+and the reference loss-landscape code about 4 s per grid point. Report the printed lines in
 docs/performance.md with the device, torch version and date.
 """
 

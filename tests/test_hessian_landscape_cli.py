@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dmstab.analysis.landscape import evaluate, load_landscape
-from dmstab.commands.hessian import hvp_method
+from dmstab.analysis.spectrum import hvp_method
 from dmstab.commands.study import analysis_losses
 from dmstab.commands.subjects import load_subject
 from dmstab.config import load_recipe

@@ -26,7 +26,7 @@ from dmstab.analysis.landscape import (
     surface,
     timestep_loss,
 )
-from dmstab.commands.landscape import surface_metrics
+from dmstab.analysis.landscape_metrics import surface_metrics
 from dmstab.config import load_recipe
 from dmstab.diffusion.objectives import build_objective
 from dmstab.errors import DmstabError

@@ -27,7 +27,8 @@ def profile_inner_product(
     """⟨p_a, p_b⟩ = ∫ p_a(τ) p_b(τ) dτ, broadcast over arrays.
 
     Integrating τ^(γa+γb) up to min(ta, tb) gives
-    (γa+1)(γb+1)(ta/tb)^e / ((γa+γb+1)·max(ta, tb)), e = γb if ta < tb else −γa (FACTS).
+    (γa+1)(γb+1)(ta/tb)^e / ((γa+γb+1)·max(ta, tb)), e = γb if ta < tb else −γa
+    (EDM2 App. C.2).
     """
     ta, ga, tb, gb = (np.asarray(x, dtype=np.float64) for x in (t_a, gamma_a, t_b, gamma_b))
     exponent = np.where(ta < tb, gb, -ga)

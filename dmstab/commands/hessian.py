@@ -17,24 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dmstab.analysis.fixed_batch import metric_name
-from dmstab.analysis.hessian import (
-    HessianOperator,
-    Loss,
-    Method,
-    SpectralDensity,
-    TraceEstimate,
-    hutchinson_trace,
-    spectral_density,
-    top_eigenvalues,
-)
+from dmstab.analysis.spectrum import Spectrum, spectrum
 from dmstab.atomic import write_atomically
 from dmstab.commands.study import AnalysisRun, analysis_losses, open_analysis
 from dmstab.commands.subjects import Subject, subjects_from_arguments
-from dmstab.config import HessianConfig, HvpMethod
 from dmstab.console import console
 from dmstab.devices import pick_device
 from dmstab.errors import DmstabError
@@ -42,63 +30,6 @@ from dmstab.plots import spectral_density_figure
 from dmstab.tracking import browse_hint, save_figure
 
 SPECTRUM_FILE = "spectrum.npz"
-
-
-@dataclass(frozen=True, eq=False)
-class Spectrum:
-    """The Hessian of one fixed-batch loss, seen through `parameters`-dimensional HVPs."""
-
-    top: list[float]
-    trace: TraceEstimate
-    density: SpectralDensity
-    parameters: int
-
-    @property
-    def mean(self) -> float:
-        """The mean eigenvalue, tr H / P."""
-        return self.trace.mean / self.parameters
-
-    def metrics(self, prefix: str) -> dict[str, float]:
-        values = {f"{prefix}/lambda_{i + 1}": value for i, value in enumerate(self.top)}
-        values[f"{prefix}/trace"] = self.trace.mean
-        values[f"{prefix}/trace_se"] = self.trace.standard_error
-        values[f"{prefix}/mean"] = self.mean
-        values[f"{prefix}/variance"] = self.density.variance()
-        return values
-
-
-def hvp_method(setting: HvpMethod, model: nn.Module) -> Method:
-    """`hessian.method`, with `auto` resolved for the model's device: forward-over-reverse on
-    CUDA, double backward on the CPU (where torch's forward-mode convolutions are slower)."""
-    if setting != "auto":
-        return setting
-    on_cuda = next(model.parameters()).device.type == "cuda"
-    return "forward_over_reverse" if on_cuda else "double_backward"
-
-
-def spectrum(model: nn.Module, loss: Loss, config: HessianConfig) -> Spectrum:
-    """λ1..λk, Hutchinson trace and SLQ density of ∇²loss at the model's weights (the math
-    attention kernel: CPU fused attention kernels have no forward-over-reverse derivative)."""
-    operator = HessianOperator(model, loss, method=hvp_method(config.method, model))
-    generator = torch.Generator().manual_seed(config.seed)
-    with sdpa_kernel(SDPBackend.MATH):
-        top = top_eigenvalues(
-            operator,
-            operator.size,
-            config.top_k,
-            iterations=config.max_iterations,
-            tol=config.tolerance,
-            generator=generator,
-        )
-        trace = hutchinson_trace(operator, operator.size, config.trace_samples, generator=generator)
-        density = spectral_density(
-            operator,
-            operator.size,
-            steps=config.lanczos_steps,
-            runs=config.slq_runs,
-            generator=generator,
-        )
-    return Spectrum(top, trace, density, operator.size)
 
 
 def save_spectra(spectra: Mapping[str, Spectrum], path: Path) -> Path:

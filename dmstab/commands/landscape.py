@@ -12,7 +12,7 @@ one MLflow run of kind "landscape" with the figures and the raw grids as `.npz`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from dmstab.analysis.landscape import (
     save_landscape,
     surface,
 )
+from dmstab.analysis.landscape_metrics import curve_metrics, surface_metrics
 from dmstab.commands.study import (
     AnalysisRun,
     analysis_losses,
@@ -50,37 +51,6 @@ class LandscapeResult:
     run_id: str
     grid: LandscapeGrid
     path: Path
-
-
-def surface_metrics(grid: LandscapeGrid) -> dict[str, float]:
-    """Per loss: the value at θ; the grid's mean and maximum rise above it, and the mean rise
-    relative to the value at θ (scale-free, for comparing models with different losses); how
-    far the grid's minimum lies below θ's value (0 when θ is the lowest point); and the share
-    of interior grid points where the surface is locally non-convex (a negative five-point
-    Laplacian): 0 for a bowl, Fig. 2's smooth DM surface, and large for a rugged one."""
-    assert grid.ys is not None
-    centre = (int(np.argmin(np.abs(grid.ys))), int(np.argmin(np.abs(grid.xs))))
-    metrics = {}
-    for name, values in grid.values.items():
-        at_theta = float(values[centre])
-        prefix = f"landscape/{metric_name(name)}"
-        metrics[f"{prefix}/center"] = at_theta
-        metrics[f"{prefix}/mean_rise"] = float(values.mean()) - at_theta
-        metrics[f"{prefix}/max_rise"] = float(values.max()) - at_theta
-        metrics[f"{prefix}/relative_rise"] = (float(values.mean()) - at_theta) / abs(at_theta)
-        metrics[f"{prefix}/below_center"] = at_theta - float(values.min())
-        metrics[f"{prefix}/nonconvex_fraction"] = nonconvex_fraction(values)
-    return metrics
-
-
-def nonconvex_fraction(values: np.ndarray) -> float:
-    """The share of interior points of a 2D grid with a negative five-point Laplacian
-    (the grid spacing is uniform, so its scale does not change the sign)."""
-    interior = values[1:-1, 1:-1]
-    laplacian = (
-        values[:-2, 1:-1] + values[2:, 1:-1] + values[1:-1, :-2] + values[1:-1, 2:] - 4 * interior
-    )
-    return float((laplacian < 0).mean())
 
 
 def loss_surface(subject: Subject, device: torch.device) -> LandscapeResult:
@@ -120,26 +90,13 @@ def interpolation(start: Subject, end: Subject, device: torch.device) -> Landsca
             "seed": config.seed,
         }
         grid = LandscapeGrid(alphas, None, curves, metadata)
-        run.tracker.log_metrics(_curve_metrics(alphas, curves), end.step)
+        run.tracker.log_metrics(curve_metrics(alphas, curves), end.step)
         title = f"{start.label} (α=0) → {end.label} (α=1)"
         save_figure(
             run.tracker, interpolation_figure(alphas, curves, title), "landscape/interpolation.png"
         )
         path = _log_grid(run, grid, INTERPOLATION_FILE)
     return LandscapeResult(run.run_id, grid, path)
-
-
-def _curve_metrics(alphas: np.ndarray, curves: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """Per loss: the values at α = 0 and 1 (when on the grid) and the largest rise above the
-    straight line between the two ends (a barrier; 0 for a convex path)."""
-    metrics = {}
-    for name, values in curves.items():
-        prefix = f"landscape/{metric_name(name)}"
-        line = np.interp(alphas, [alphas[0], alphas[-1]], [values[0], values[-1]])
-        metrics[f"{prefix}/barrier"] = float((values - line).max())
-        metrics[f"{prefix}/start"] = float(values[0])
-        metrics[f"{prefix}/end"] = float(values[-1])
-    return metrics
 
 
 def _log_grid(run: AnalysisRun, grid: LandscapeGrid, filename: str) -> Path:

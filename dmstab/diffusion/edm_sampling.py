@@ -24,7 +24,7 @@ from dmstab.diffusion.edm import Denoiser
 from dmstab.diffusion.sampling import NoiseSource
 from dmstab.errors import DmstabError
 
-# EDM's defaults for ImageNet and EDM2's for every model (FACTS: 32 steps, NFE 63).
+# EDM's defaults for ImageNet and EDM2's for every model: 32 steps, NFE 63 (EDM2 Sec. 5).
 SIGMA_MIN = 0.002
 SIGMA_MAX = 80.0
 RHO = 7.0

@@ -5,7 +5,7 @@ convolutions that halve the channels and double the size up to the resolution, b
 ReLU between, tanh at the end. Discriminator: the mirror image with LeakyReLU(0.2), batch norm
 on all but the first layer, and a final 4×4 convolution to one logit. No biases (batch norm
 follows every hidden layer). With 64 channels at 32×32 and z of 100 dimensions these are the
-≈1.07M / ≈0.66M parameter networks the paper compares against (FACTS.md).
+≈1.07M / ≈0.66M parameter networks the AAAI paper compares against (Table 1).
 """
 
 from __future__ import annotations

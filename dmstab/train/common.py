@@ -8,7 +8,7 @@ both build on these; the loop (dmstab.train.loop) takes either.
 from __future__ import annotations
 
 import copy
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,7 @@ from dmstab.diffusion.objectives import (
 from dmstab.distributed import (
     DistributedContext,
 )
+from dmstab.errors import DmstabError
 from dmstab.train.ema import EMA
 from dmstab.train.loss_guard import LossGuard
 from dmstab.train.power_ema import PowerEMA
@@ -51,6 +52,30 @@ class LoopTrainer(Protocol):
     def parameter_metrics(self) -> dict[str, float]: ...
     def objective_metrics(self, step: int) -> dict[str, float]: ...
     def ddpm_objective(self) -> DDPMObjective | None: ...
+
+
+def checkpoint_part(state: dict[str, object], key: str) -> dict[str, Any]:
+    """The state dict a checkpoint holds under `key`; every dmstab checkpoint has each part."""
+    value = state.get(key)
+    if not isinstance(value, dict):
+        raise DmstabError(f"checkpoint has no '{key}' state")
+    return value
+
+
+def load_common_state(trainer: LoopTrainer, state: dict[str, object]) -> None:
+    """Restore what `common_state` saved; each trainer then restores its own entries."""
+    step = state.get("step")
+    if not isinstance(step, int):
+        raise DmstabError("checkpoint has no integer 'step'")
+    try:
+        trainer.model.load_state_dict(checkpoint_part(state, "model"))
+    except RuntimeError as exc:
+        first_line = str(exc).splitlines()[0]
+        raise DmstabError(f"checkpoint does not fit this recipe's model: {first_line}") from None
+    trainer.optimizer.load_state_dict(checkpoint_part(state, "optimizer"))
+    trainer.ema.load_state_dict(checkpoint_part(state, "ema"))
+    trainer.guard.load_state_dict(checkpoint_part(state, "loss_guard"))
+    trainer.step = step
 
 
 def common_state(trainer: LoopTrainer, run_id: str) -> dict[str, object]:

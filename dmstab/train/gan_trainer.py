@@ -10,8 +10,6 @@ loss_g), `loss_d`, `loss_g` and the mean real/fake logits. GANs train in one pro
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -27,7 +25,15 @@ from dmstab.models.gan import (
     discriminator_loss,
     generator_loss,
 )
-from dmstab.train.common import EpochOrder, autocast, common_state, ema_copy, step_seed
+from dmstab.train.common import (
+    EpochOrder,
+    autocast,
+    checkpoint_part,
+    common_state,
+    ema_copy,
+    load_common_state,
+    step_seed,
+)
 from dmstab.train.ema import EMA
 from dmstab.train.loss_guard import LossGuard
 from dmstab.train.power_ema import PowerEMA
@@ -150,24 +156,10 @@ class GanTrainer:
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        step = state.get("step")
-        if not isinstance(step, int):
-            raise DmstabError("GAN checkpoint has no integer 'step'")
+        load_common_state(self, state)
         try:
-            self.model.load_state_dict(_part(state, "model"))
-            self.discriminator.load_state_dict(_part(state, "discriminator"))
+            self.discriminator.load_state_dict(checkpoint_part(state, "discriminator"))
         except RuntimeError as exc:
             first_line = str(exc).splitlines()[0]
             raise DmstabError(f"checkpoint does not fit this recipe's GAN: {first_line}") from None
-        self.optimizer.load_state_dict(_part(state, "optimizer"))
-        self.d_optimizer.load_state_dict(_part(state, "d_optimizer"))
-        self.ema.load_state_dict(_part(state, "ema"))
-        self.guard.load_state_dict(_part(state, "loss_guard"))
-        self.step = step
-
-
-def _part(state: dict[str, object], key: str) -> dict[str, Any]:
-    value = state.get(key)
-    if not isinstance(value, dict):
-        raise DmstabError(f"GAN checkpoint has no '{key}' state")
-    return value
+        self.d_optimizer.load_state_dict(checkpoint_part(state, "d_optimizer"))

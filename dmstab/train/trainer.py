@@ -30,7 +30,15 @@ from dmstab.distributed import (
 )
 from dmstab.errors import DmstabError
 from dmstab.models import build_model, count_parameters
-from dmstab.train.common import EpochOrder, autocast, common_state, ema_copy, step_seed
+from dmstab.train.common import (
+    EpochOrder,
+    autocast,
+    checkpoint_part,
+    common_state,
+    ema_copy,
+    load_common_state,
+    step_seed,
+)
 from dmstab.train.ema import EMA
 from dmstab.train.loss_guard import LossGuard
 from dmstab.train.optim import build_optimizer, learning_rate
@@ -98,32 +106,11 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        model, ema, optimizer, step = (state[k] for k in ("model", "ema", "optimizer", "step"))
-        if not (isinstance(model, dict) and isinstance(ema, dict) and isinstance(optimizer, dict)):
-            raise DmstabError("checkpoint is missing model/ema/optimizer state")
-        if not isinstance(step, int):
-            raise DmstabError("checkpoint has no integer 'step'")
+        load_common_state(self, state)
+        if self.power_ema is not None:
+            self.power_ema.load_state_dict(checkpoint_part(state, "power_ema"))
         try:
-            self.model.load_state_dict(model)
-        except RuntimeError as exc:
-            raise DmstabError(f"checkpoint does not fit this recipe's model: {exc}") from None
-        self.optimizer.load_state_dict(optimizer)
-        self.ema.load_state_dict(ema)
-        power_ema = state.get("power_ema")
-        if self.power_ema is not None and isinstance(power_ema, dict):
-            self.power_ema.load_state_dict(power_ema)
-        self._load_objective_state(state.get("objective", {}))
-        guard = state.get("loss_guard")  # absent from checkpoints older than the guard
-        if isinstance(guard, dict):
-            self.guard.load_state_dict(guard)
-        self.step = step
-
-    def _load_objective_state(self, objective: object) -> None:
-        """The objective's state (an importance sampler's loss history); {} in old checkpoints."""
-        if not isinstance(objective, dict):
-            raise DmstabError("checkpoint's 'objective' entry is not a mapping")
-        try:
-            self.objective.load_state_dict(objective)
+            self.objective.load_state_dict(checkpoint_part(state, "objective"))
         except ValueError as exc:
             raise DmstabError(f"checkpoint's objective state does not fit: {exc}") from None
 
