@@ -100,5 +100,5 @@ def test_no_module_imports_itself_back() -> None:
 
 def test_modules_stay_short() -> None:
     lengths = {name: len(path.read_text().splitlines()) for name, path in module_names().items()}
-    long = {name: n for name, n in lengths.items() if n > MAX_LINES} 
+    long = {name: n for name, n in lengths.items() if n > MAX_LINES}
     assert set(long) <= LONG_MODULES, long
