@@ -18,11 +18,10 @@ from pathlib import Path
 from typing import Any, get_args
 
 from rich.console import Console
-from rich.table import Table
 
 from dmstab.commands.sweep import Sweep, load_sweep
 from dmstab.config import EvalMetric, fingerprint, flatten, load_recipe
-from dmstab.console import console
+from dmstab.console import TextTable, console, rich_table
 from dmstab.errors import DmstabError
 from dmstab.tracking import (
     TAG_FINGERPRINT,
@@ -458,16 +457,6 @@ def method_title(method: Method) -> str:
     return f"{method.label} — paper: {method.paper.table}" if method.paper.table else method.label
 
 
-@dataclass(frozen=True)
-class TextTable:
-    """A rendered table, printed with rich and written as Markdown."""
-
-    title: str
-    header: tuple[str, ...]
-    body: Sequence[tuple[str, ...]]
-    caption: str = ""
-
-
 def _measured(method: Method, row: Row) -> str:
     spread = method.spread.get(row.iteration)
     text = _number(row.measured)
@@ -506,15 +495,6 @@ def text_tables(report: Report) -> list[TextTable]:
     if report.baseline is not None:
         tables.append(_speed_up_table(report, report.baseline))
     return tables
-
-
-def rich_table(table: TextTable) -> Table:
-    rendered = Table(title=table.title, caption=table.caption or None)
-    for index, column in enumerate(table.header):
-        rendered.add_column(column, justify="left" if index == 0 else "right")
-    for cells in table.body:
-        rendered.add_row(*cells)
-    return rendered
 
 
 def to_markdown(report: Report) -> str:
