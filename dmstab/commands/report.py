@@ -8,16 +8,22 @@ from dataclasses import dataclass
 
 from rich.console import Console
 
-from dmstab.commands.report_collect import Report, build_report, varied_parameter
+from dmstab.commands.report_collect import (
+    Report,
+    build_report,
+    format_iteration,
+    varied_parameter,
+)
 from dmstab.commands.report_render import (
-    curves_figure,
+    curves,
     speed_up_csv,
-    sweep_figure,
+    sweep_lines,
     text_tables,
     to_csv,
     to_markdown,
 )
 from dmstab.console import console, rich_table
+from dmstab.plots import curves_figure, sweep_figure
 from dmstab.tracking import MlflowTracker, save_figure, tracked_run
 
 
@@ -47,12 +53,14 @@ def log_report(report: Report, experiment: str = "report") -> LoggedReport:
         if report.baseline is not None:
             tracker.log_text(speed_up_csv(report), "speedup.csv")
             files.append("speedup.csv")
-        save_figure(tracker, curves_figure(report), figure_name)
+        figure = curves_figure(curves(report), report.key, iteration_label=format_iteration)
+        save_figure(tracker, figure, figure_name)
         files.append(figure_name)
         parameter = varied_parameter(report)
         if parameter is not None:
             sweep_name = f"{report.key.replace('/', '_')}_vs_{parameter}.png"
-            save_figure(tracker, sweep_figure(report, parameter), sweep_name)
+            lines = sweep_lines(report, parameter)
+            save_figure(tracker, sweep_figure(lines, parameter, report.key), sweep_name)
             files.append(sweep_name)
     root = tracker.artifact_uri().rstrip("/")
     return LoggedReport(tracker.run_id, [f"{root}/{name}" for name in files])

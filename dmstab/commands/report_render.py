@@ -1,4 +1,4 @@
-"""How `dmstab report` shows a report: text tables for the terminal, Markdown, CSV, figures."""
+"""How `dmstab report` shows a report: text tables, Markdown, CSV and the figures' data."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from dmstab.commands.report_collect import (
     rows,
 )
 from dmstab.console import TextTable
+from dmstab.plots import Curve
 
 _MISSING = "—"
 _LISTED_STEPS = 8  # a caption lists the logged steps up to this many, else their range
@@ -146,70 +147,39 @@ def speed_up_csv(report: Report) -> str:
     return out.getvalue()
 
 
-def curves_figure(report: Report) -> Any:
-    """Metric vs iteration: measured curves solid, the paper's numbers as markers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-    from matplotlib.ticker import FuncFormatter
-
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for index, method in enumerate(report.methods):
-        color = f"C{index % 10}"
-        label = f"{method.label} ({method.run.run_id[:8]})"
-        if method.measured:
-            steps, values = zip(*method.measured, strict=True)
-            ax.plot(steps, values, "-", marker=".", ms=4, color=color, label=label)
-            if method.spread:
-                std = [method.spread[step] for step in steps]
-                low = [v - s for v, s in zip(values, std, strict=True)]
-                high = [v + s for v, s in zip(values, std, strict=True)]
-                ax.fill_between(steps, low, high, color=color, alpha=0.2, lw=0)
-        if method.paper.values:
-            steps, values = zip(*method.paper.points(), strict=True)
-            ax.plot(steps, values, "o", color=color, mfc="none", label=f"{method.label}: paper")
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: format_iteration(round(x))))
-    ax.set_xlabel("training iteration")
-    ax.set_ylabel(report.key)
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:  # nothing to label when no run logged the metric
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    return fig
+def curves(report: Report) -> list[Curve]:
+    """What `plots.curves_figure` draws: each method's measured curve (labelled with its run)
+    with its seed spread, and the paper's numbers."""
+    return [
+        Curve(
+            f"{method.label} ({method.run.run_id[:8]})",
+            method.measured,
+            method.spread,
+            f"{method.label}: paper",
+            method.paper.points(),
+        )
+        for method in report.methods
+    ]
 
 
-def sweep_figure(report: Report, parameter: str) -> Any:
-    """Metric vs the swept value, one line per logged iteration (AAAI Fig. 6's layout)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+def sweep_lines(
+    report: Report, parameter: str
+) -> list[tuple[str, list[tuple[float, float, float | None]]]]:
+    """What `plots.sweep_figure` draws: one line per logged iteration, each point a method's
+    (swept value, measured value, seed spread or None), by swept value."""
     iterations = sorted({step for m in report.methods for step, _ in m.measured})
-    for index, iteration in enumerate(iterations):
-        points = sorted(
-            (float(m.run.params[parameter]), dict(m.measured)[iteration], m.spread.get(iteration))
-            for m in report.methods
-            if iteration in dict(m.measured)
+    return [
+        (
+            f"iteration {format_iteration(iteration)}",
+            sorted(
+                (
+                    float(m.run.params[parameter]),
+                    dict(m.measured)[iteration],
+                    m.spread.get(iteration),
+                )
+                for m in report.methods
+                if iteration in dict(m.measured)
+            ),
         )
-        xs, ys, spreads = zip(*points, strict=True)
-        errors = [e or 0.0 for e in spreads] if any(e is not None for e in spreads) else None
-        ax.errorbar(
-            xs,
-            ys,
-            yerr=errors,
-            marker="o",
-            ms=4,
-            capsize=3,
-            color=f"C{index % 10}",
-            label=f"iteration {format_iteration(iteration)}",
-        )
-    ax.set_xlabel(parameter)
-    ax.set_ylabel(report.key)
-    ax.grid(alpha=0.3)
-    if iterations:
-        ax.legend(fontsize="small")
-    fig.tight_layout()
-    return fig
+        for iteration in iterations
+    ]
