@@ -1,8 +1,10 @@
-"""Terminal output shared by commands: the training progress bar and error lines (rich)."""
+"""Terminal output shared by commands: result tables, the progress bars and error lines (rich)."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from rich.console import Console
 from rich.markup import escape
@@ -14,6 +16,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -22,6 +25,26 @@ def result(text: str, end: str = "\n") -> None:
     """What a command prints on stdout: its results, for scripts and pipes."""
     sys.stdout.write(text + end)
     sys.stdout.flush()
+
+
+@dataclass(frozen=True)
+class TextTable:
+    """A rendered table, printed with rich and written as Markdown."""
+
+    title: str
+    header: tuple[str, ...]
+    body: Sequence[tuple[str, ...]]
+    caption: str = ""
+
+
+def rich_table(table: TextTable) -> Table:
+    """The table for the terminal: first column left-aligned, the others right-aligned."""
+    rendered = Table(title=table.title, caption=table.caption or None)
+    for index, column in enumerate(table.header):
+        rendered.add_column(column, justify="left" if index == 0 else "right")
+    for cells in table.body:
+        rendered.add_row(*cells)
+    return rendered
 
 
 def error(message: str) -> None:

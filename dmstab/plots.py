@@ -1,11 +1,12 @@
-"""Pictures that tracking logs as artifacts: image grids, timestep histograms, magnitudes."""
+"""Every figure dmstab draws: image grids, timestep histograms, magnitudes, loss landscapes,
+report curves and sweeps. Each takes plain numbers and labels, never a command's types."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -201,3 +202,113 @@ def spectral_density_figure(
     ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
+
+
+class Curve(NamedTuple):
+    """One colour of `curves_figure`: a measured line with its ± band, and published markers."""
+
+    label: str  # legend entry of the measured line
+    points: Sequence[tuple[int, float]]  # (iteration, value), by iteration; empty for no line
+    spread: Mapping[int, float]  # iteration -> standard deviation; empty for no band
+    paper_label: str  # legend entry of the published markers
+    paper: Sequence[tuple[int, float]]  # (iteration, published value); empty for no markers
+
+
+def curves_figure(
+    curves: Sequence[Curve], ylabel: str, *, iteration_label: Callable[[int], str]
+) -> Any:
+    """Metric vs iteration: measured curves solid, the paper's numbers as markers; the x ticks
+    are spelled by `iteration_label` (e.g. 100k)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for index, curve in enumerate(curves):
+        color = f"C{index % 10}"
+        if curve.points:
+            steps, values = zip(*curve.points, strict=True)
+            ax.plot(steps, values, "-", marker=".", ms=4, color=color, label=curve.label)
+            if curve.spread:
+                std = [curve.spread[step] for step in steps]
+                low = [v - s for v, s in zip(values, std, strict=True)]
+                high = [v + s for v, s in zip(values, std, strict=True)]
+                ax.fill_between(steps, low, high, color=color, alpha=0.2, lw=0)
+        if curve.paper:
+            steps, values = zip(*curve.paper, strict=True)
+            ax.plot(steps, values, "o", color=color, mfc="none", label=curve.paper_label)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: iteration_label(round(x))))
+    ax.set_xlabel("training iteration")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:  # nothing to label when no run logged the metric
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def sweep_figure(
+    lines: Sequence[tuple[str, Sequence[tuple[float, float, float | None]]]],
+    xlabel: str,
+    ylabel: str,
+) -> Any:
+    """Metric vs the swept value (AAAI Fig. 6's layout): one line per (label, points), each
+    point (x, y, standard deviation or None), by x; error bars where any point has one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for index, (label, points) in enumerate(lines):
+        xs, ys, spreads = zip(*points, strict=True)
+        errors = [e or 0.0 for e in spreads] if any(e is not None for e in spreads) else None
+        ax.errorbar(
+            xs,
+            ys,
+            yerr=errors,
+            marker="o",
+            ms=4,
+            capsize=3,
+            color=f"C{index % 10}",
+            label=label,
+        )
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if lines:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def fid_figure(
+    curves: Sequence[tuple[str, Sequence[tuple[float, float]], tuple[float, float]]], title: str
+) -> Any:
+    """FID vs σrel (EDM2 Figs. 5a, 6): per (label, (σrel, FID) points by σrel, optimum), one
+    curve with its optimum starred and annotated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for label, curve, (best_sigma_rel, best_fid) in curves:
+        (line,) = axes.plot(*zip(*curve, strict=True), marker="o", markersize=3, label=label)
+        axes.plot(best_sigma_rel, best_fid, marker="*", markersize=14, color=line.get_color())
+        axes.annotate(
+            f"{best_fid:.2f} at σrel {best_sigma_rel:.3f}",
+            (best_sigma_rel, best_fid),
+            textcoords="offset points",
+            xytext=(6, 8),
+            fontsize=8,
+        )
+    axes.set_xlabel("EMA length σrel")
+    axes.set_ylabel("FID")
+    axes.set_title(title)
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure

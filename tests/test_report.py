@@ -16,20 +16,19 @@ from mlflow.entities import Metric
 from typer.testing import CliRunner
 
 from dmstab.cli import app
-from dmstab.commands.report import (
+from dmstab.commands.report import log_report
+from dmstab.commands.report_collect import (
     build_report,
     final_step,
     first_reaching,
     format_iteration,
-    log_report,
     metric_key,
     parse_iteration,
     rows,
     speed_up,
-    to_csv,
-    to_markdown,
     varied_parameter,
 )
+from dmstab.commands.report_render import to_csv, to_markdown
 from dmstab.config import flatten, load_recipe
 from dmstab.errors import DmstabError
 from dmstab.tracking import (

@@ -14,7 +14,7 @@ from mlflow.entities import Run
 from typer.testing import CliRunner
 
 from dmstab.cli import app
-from dmstab.commands.report import build_report
+from dmstab.commands.report_collect import build_report
 from dmstab.commands.sweep import load_sweep, run_sweep
 from dmstab.config import load_recipe
 from dmstab.errors import DmstabError

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dmstab.commands.report import parse_iteration
+from dmstab.commands.report_collect import parse_iteration
 from dmstab.config import Recipe, load_recipe
 from dmstab.train.loop import train
 

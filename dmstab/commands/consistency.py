@@ -22,11 +22,10 @@ from rich.console import Console
 
 from dmstab.analysis.consistency import ConsistencyResult, consistency_score
 from dmstab.atomic import write_atomically
-from dmstab.commands.report import TextTable, rich_table
 from dmstab.commands.study import AnalysisRun, open_analysis
 from dmstab.commands.subjects import Subject, load_subject, parse_inputs, trained_subject
 from dmstab.config import GAN_MODELS, Recipe, SampleConfig, apply_overrides, from_mapping, to_dict
-from dmstab.console import SampleProgress, TrainProgress, console
+from dmstab.console import SampleProgress, TextTable, TrainProgress, console, rich_table
 from dmstab.devices import pick_device
 from dmstab.errors import DmstabError
 from dmstab.models.generate import generate_for_recipe, sampler_label

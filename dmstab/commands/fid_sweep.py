@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from dmstab.analysis.scoring import FeaturePipeline, Reference, image_metrics, load_reference
 from dmstab.checkpoint import load_checkpoint
@@ -19,6 +18,7 @@ from dmstab.config import EvalConfig
 from dmstab.console import SampleProgress, console, result
 from dmstab.devices import pick_device
 from dmstab.errors import DmstabError
+from dmstab.plots import fid_figure
 from dmstab.tracking import TAG_PARENT, MlflowTracker, save_figure, tracked_run
 from dmstab.train.evaluate import feature_pipeline
 from dmstab.train.restore import find_checkpoint
@@ -94,33 +94,17 @@ def fid_table_csv(points: Sequence[FidPoint]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fid_figure(points: Sequence[FidPoint], title: str) -> Any:
-    """FID vs σrel, one curve per guidance strength, each optimum starred (EDM2 Figs. 5a, 6)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 4))
+def fid_curves(
+    points: Sequence[FidPoint],
+) -> list[tuple[str, list[tuple[float, float]], tuple[float, float]]]:
+    """What `plots.fid_figure` draws: per guidance strength, its label, its (σrel, FID) points
+    by σrel and its optimum."""
+    curves = []
     for guidance, best in sorted(best_points(points).items()):
         curve = sorted((p.sigma_rel, p.fid) for p in points if p.guidance == guidance)
         label = "no guidance" if guidance == 1.0 else f"guidance {guidance:g}"
-        (line,) = axes.plot(*zip(*curve, strict=True), marker="o", markersize=3, label=label)
-        axes.plot(best.sigma_rel, best.fid, marker="*", markersize=14, color=line.get_color())
-        axes.annotate(
-            f"{best.fid:.2f} at σrel {best.sigma_rel:.3f}",
-            (best.sigma_rel, best.fid),
-            textcoords="offset points",
-            xytext=(6, 8),
-            fontsize=8,
-        )
-    axes.set_xlabel("EMA length σrel")
-    axes.set_ylabel("FID")
-    axes.set_title(title)
-    axes.legend()
-    axes.grid(alpha=0.3)
-    figure.tight_layout()
-    return figure
+        curves.append((label, curve, (best.sigma_rel, best.fid)))
+    return curves
 
 
 @dataclass(frozen=True)
@@ -162,7 +146,7 @@ def run_fid_sweep(
     table.write_text(fid_table_csv(points))
     figure = out_dir / "fid_vs_sigma_rel.png"
     title = f"FID vs EMA length ({num_images} images, {pipeline.key})"
-    drawing = fid_figure(points, title)
+    drawing = fid_figure(fid_curves(points), title)
     drawing.savefig(figure, dpi=120)
     train_run = load_checkpoint(checkpoints[0][1]).get("run_id")
     params = {
