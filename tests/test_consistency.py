@@ -209,9 +209,14 @@ def draws_while_generating(
         """The real NoiseSource, keeping a copy of each draw under its image's index."""
 
         def __init__(
-            self, seed: int, first_index: int, count: int, shape: tuple[int, int, int]
+            self,
+            seed: int,
+            first_index: int,
+            count: int,
+            shape: tuple[int, int, int],
+            device: torch.device = CPU,
         ) -> None:
-            super().__init__(seed, first_index, count, shape)
+            super().__init__(seed, first_index, count, shape, device)
             self.first_index = first_index
 
         def next(self) -> Tensor:

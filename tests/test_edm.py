@@ -20,18 +20,11 @@ from dmstab.diffusion.edm import (
     precond_coefficients,
     sample_sigmas,
 )
-from dmstab.diffusion.edm_sampling import (
-    Churn,
-    guided,
-    heun_sample,
-    karras_sigmas,
-    unconditional,
-)
-from dmstab.diffusion.sampling import NoiseSource
+from dmstab.diffusion.edm_sampling import Churn, SigmaSchedule, heun, karras_sigmas
+from dmstab.diffusion.sampling import NoiseSource, guided, unconditional, with_labels
 from dmstab.errors import DmstabError
 from dmstab.train.lr_schedules import edm2_learning_rate
 
-CPU = torch.device("cpu")
 SHAPE = (3, 4, 4)
 # EDM's stochastic settings for ImageNet-64 (Karras et al. 2022 Table 5).
 CHURN = Churn(s_churn=40.0, s_min=0.05, s_max=50.0, s_noise=1.003)
@@ -253,12 +246,10 @@ def test_karras_sigmas_reject_bad_settings() -> None:
 @pytest.mark.parametrize("stochastic", [False, True])
 def test_heun_returns_the_single_training_point(stochastic: bool) -> None:
     point = torch.linspace(-0.9, 0.9, math.prod(SHAPE)).reshape(SHAPE)
-    out = heun_sample(
-        point_oracle(point),
+    out = heun(
+        with_labels(point_oracle(point), None),
         NoiseSource(0, 0, 4, SHAPE),
-        karras_sigmas(32),
-        churn=CHURN if stochastic else None,
-        device=CPU,
+        SigmaSchedule(karras_sigmas(32), CHURN if stochastic else None),
     )
     torch.testing.assert_close(out, point.expand(4, *SHAPE), atol=1e-4, rtol=0)
 
@@ -266,11 +257,10 @@ def test_heun_returns_the_single_training_point(stochastic: bool) -> None:
 def test_heun_uses_63_evaluations_for_32_steps() -> None:
     oracle = gaussian_oracle(0.5)
     steps: list[tuple[int, int]] = []
-    heun_sample(
-        oracle,
+    heun(
+        with_labels(oracle, None),
         NoiseSource(0, 0, 2, SHAPE),
-        karras_sigmas(32),
-        device=CPU,
+        SigmaSchedule(karras_sigmas(32)),
         callback=lambda done, total: steps.append((done, total)),
     )
     assert oracle.calls == 63
@@ -279,8 +269,10 @@ def test_heun_uses_63_evaluations_for_32_steps() -> None:
 
 def test_deterministic_heun_keeps_the_variance_of_gaussian_data() -> None:
     std = 0.5
-    out = heun_sample(
-        gaussian_oracle(std), NoiseSource(0, 0, 128, (3, 8, 8)), karras_sigmas(32), device=CPU
+    out = heun(
+        with_labels(gaussian_oracle(std), None),
+        NoiseSource(0, 0, 128, (3, 8, 8)),
+        SigmaSchedule(karras_sigmas(32)),
     )
     # ~0.9 % Monte Carlo error on 24 576 values plus ~3 % discretisation error at 32 steps.
     assert out.var().item() == pytest.approx(std**2, rel=0.06)
@@ -294,8 +286,10 @@ def test_heun_converges_to_the_ode_solution_at_second_order() -> None:
     errors = []
     for steps in (16, 32, 64, 128):
         x_t = NoiseSource(5, 0, 1, (1, 1, 1)).next() * 80.0
-        out = heun_sample(
-            gaussian_oracle(std), NoiseSource(5, 0, 1, (1, 1, 1)), karras_sigmas(steps), device=CPU
+        out = heun(
+            with_labels(gaussian_oracle(std), None),
+            NoiseSource(5, 0, 1, (1, 1, 1)),
+            SigmaSchedule(karras_sigmas(steps)),
         )
         errors.append(abs((out / x_t).item() / exact_gain - 1))
     ratios = [coarse / fine for coarse, fine in itertools.pairwise(errors)]
@@ -305,12 +299,10 @@ def test_heun_converges_to_the_ode_solution_at_second_order() -> None:
 
 def test_stochastic_heun_keeps_the_variance_of_gaussian_data() -> None:
     std = 0.5
-    out = heun_sample(
-        gaussian_oracle(std),
+    out = heun(
+        with_labels(gaussian_oracle(std), None),
         NoiseSource(1, 0, 128, (3, 8, 8)),
-        karras_sigmas(128),
-        device=CPU,
-        churn=CHURN,
+        SigmaSchedule(karras_sigmas(128), CHURN),
     )
     assert out.var().item() == pytest.approx(std**2, rel=0.05)
 
@@ -326,43 +318,30 @@ def test_churn_gamma_follows_edm_algorithm_2() -> None:
 
 @pytest.mark.parametrize("churn", [None, CHURN])
 def test_fixed_noise_gives_identical_samples(churn: Churn | None) -> None:
-    sigmas = karras_sigmas(8)
-    first = heun_sample(
-        smooth_denoiser, NoiseSource(7, 0, 4, SHAPE), sigmas, device=CPU, churn=churn
-    )
-    again = heun_sample(
-        smooth_denoiser, NoiseSource(7, 0, 4, SHAPE), sigmas, device=CPU, churn=churn
-    )
-    other = heun_sample(
-        smooth_denoiser, NoiseSource(8, 0, 4, SHAPE), sigmas, device=CPU, churn=churn
-    )
+    schedule, denoise = SigmaSchedule(karras_sigmas(8), churn), with_labels(smooth_denoiser, None)
+    first = heun(denoise, NoiseSource(7, 0, 4, SHAPE), schedule)
+    again = heun(denoise, NoiseSource(7, 0, 4, SHAPE), schedule)
+    other = heun(denoise, NoiseSource(8, 0, 4, SHAPE), schedule)
     torch.testing.assert_close(first, again, atol=0, rtol=0)
     assert not torch.allclose(first, other)
     # Image i's noise depends on (seed, i) only, so splitting the batch changes nothing.
-    halves = [
-        heun_sample(
-            smooth_denoiser, NoiseSource(7, start, 2, SHAPE), sigmas, device=CPU, churn=churn
-        )
-        for start in (0, 2)
-    ]
+    halves = [heun(denoise, NoiseSource(7, start, 2, SHAPE), schedule) for start in (0, 2)]
     torch.testing.assert_close(torch.cat(halves), first, atol=1e-6, rtol=0)
 
 
 def test_churn_changes_the_samples() -> None:
-    sigmas = karras_sigmas(8)
-    plain = heun_sample(smooth_denoiser, NoiseSource(7, 0, 4, SHAPE), sigmas, device=CPU)
-    churned = heun_sample(
-        smooth_denoiser, NoiseSource(7, 0, 4, SHAPE), sigmas, device=CPU, churn=CHURN
-    )
+    sigmas, denoise = karras_sigmas(8), with_labels(smooth_denoiser, None)
+    plain = heun(denoise, NoiseSource(7, 0, 4, SHAPE), SigmaSchedule(sigmas))
+    churned = heun(denoise, NoiseSource(7, 0, 4, SHAPE), SigmaSchedule(sigmas, CHURN))
     assert not torch.allclose(plain, churned)
 
 
 def test_heun_rejects_bad_schedules_and_settings() -> None:
-    noise = NoiseSource(0, 0, 1, SHAPE)
+    noise, denoise = NoiseSource(0, 0, 1, SHAPE), with_labels(smooth_denoiser, None)
     with pytest.raises(DmstabError, match="decrease"):
-        heun_sample(smooth_denoiser, noise, torch.tensor([1.0, 2.0, 0.0]), device=CPU)
+        heun(denoise, noise, SigmaSchedule(torch.tensor([1.0, 2.0, 0.0])))
     with pytest.raises(DmstabError, match="noise levels > 0"):
-        heun_sample(smooth_denoiser, noise, torch.tensor([1.0, 0.0, 0.0]), device=CPU)
+        heun(denoise, noise, SigmaSchedule(torch.tensor([1.0, 0.0, 0.0])))
     with pytest.raises(DmstabError, match="s_churn"):
         Churn(s_churn=-1.0)
     with pytest.raises(DmstabError, match="s_min <= s_max"):
@@ -376,30 +355,20 @@ def test_guidance_one_equals_no_guidance_and_skips_the_guide() -> None:
     def failing_guide(x: Tensor, sigma: Tensor, labels: Tensor | None) -> Tensor:
         raise AssertionError("the guide must not run at guidance 1")
 
-    sigmas = karras_sigmas(8)
-    plain = heun_sample(smooth_denoiser, NoiseSource(3, 0, 2, SHAPE), sigmas, device=CPU)
-    with_guide = heun_sample(
-        smooth_denoiser,
+    schedule, denoise = SigmaSchedule(karras_sigmas(8)), with_labels(smooth_denoiser, None)
+    plain = heun(denoise, NoiseSource(3, 0, 2, SHAPE), schedule)
+    with_guide = heun(
+        guided(denoise, with_labels(failing_guide, None), 1.0),
         NoiseSource(3, 0, 2, SHAPE),
-        sigmas,
-        guide=failing_guide,
-        guidance=1.0,
-        device=CPU,
+        schedule,
     )
     torch.testing.assert_close(with_guide, plain, atol=0, rtol=0)
 
 
 def test_identical_main_and_guide_equal_either() -> None:
-    sigmas = karras_sigmas(8)
-    plain = heun_sample(smooth_denoiser, NoiseSource(3, 0, 2, SHAPE), sigmas, device=CPU)
-    guided_out = heun_sample(
-        smooth_denoiser,
-        NoiseSource(3, 0, 2, SHAPE),
-        sigmas,
-        guide=smooth_denoiser,
-        guidance=2.5,
-        device=CPU,
-    )
+    schedule, denoise = SigmaSchedule(karras_sigmas(8)), with_labels(smooth_denoiser, None)
+    plain = heun(denoise, NoiseSource(3, 0, 2, SHAPE), schedule)
+    guided_out = heun(guided(denoise, denoise, 2.5), NoiseSource(3, 0, 2, SHAPE), schedule)
     torch.testing.assert_close(guided_out, plain, atol=1e-6, rtol=0)
 
 
@@ -409,8 +378,10 @@ def test_autoguidance_extrapolates_from_the_guide() -> None:
     a = torch.full(SHAPE, 0.4)
     b = torch.full(SHAPE, 0.1)
     main, guide = point_oracle(a), point_oracle(b)
-    out = heun_sample(
-        main, NoiseSource(0, 0, 2, SHAPE), karras_sigmas(32), guide=guide, guidance=2.0, device=CPU
+    out = heun(
+        guided(with_labels(main, None), with_labels(guide, None), 2.0),
+        NoiseSource(0, 0, 2, SHAPE),
+        SigmaSchedule(karras_sigmas(32)),
     )
     torch.testing.assert_close(out, torch.full((2, *SHAPE), 0.7), atol=1e-4, rtol=0)
     assert main.calls == guide.calls == 63
@@ -425,16 +396,20 @@ def test_classifier_free_guidance_drops_the_labels_for_the_guide() -> None:
         return level.reshape(-1, 1, 1, 1).expand_as(x)
 
     labels = torch.tensor([0.25, -0.5])
-    denoise = guided(labelled, unconditional(labelled), 3.0)
-    out = denoise(torch.zeros(2, *SHAPE), torch.ones(2), labels)
+    denoise = guided(
+        with_labels(labelled, labels), with_labels(unconditional(labelled), labels), 3.0
+    )
+    out = denoise(torch.zeros(2, *SHAPE), torch.ones(2))
     torch.testing.assert_close(out[:, 0, 0, 0], 3.0 * labels)
     assert seen[0] is labels and seen[1] is None
 
 
 def test_guidance_without_a_guide_is_refused() -> None:
     with pytest.raises(DmstabError, match="no guide"):
-        heun_sample(
-            smooth_denoiser, NoiseSource(0, 0, 1, SHAPE), karras_sigmas(4), guidance=2.0, device=CPU
+        heun(
+            guided(with_labels(smooth_denoiser, None), None, 2.0),
+            NoiseSource(0, 0, 1, SHAPE),
+            SigmaSchedule(karras_sigmas(4)),
         )
 
 

@@ -12,6 +12,7 @@ from scipy.integrate import solve_ivp
 
 from dmstab.config import Recipe, load_recipe
 from dmstab.diffusion import build_diffusion
+from dmstab.diffusion.ddpm_sampling import DiscreteSchedule, ddim
 from dmstab.diffusion.fdm import (
     VP_SIGMA_MAX,
     VP_SIGMA_MIN,
@@ -20,7 +21,7 @@ from dmstab.diffusion.fdm import (
     warmup_weight_cap,
 )
 from dmstab.diffusion.gaussian import GaussianDiffusion
-from dmstab.diffusion.sampling import NoiseSource, sample_images
+from dmstab.diffusion.sampling import NoiseSource, with_labels
 from dmstab.diffusion.schedules import linear_betas
 from dmstab.diffusion.weighting import mse_weights
 from dmstab.errors import DmstabError
@@ -207,13 +208,10 @@ def test_sampling_feeds_the_model_the_same_fdm_input_as_training() -> None:
     for on, consistent in ((diffusion, True), (vp, False)):
         spaced = on.respaced(kept)
         x_t = spaced.q_sample(x0, t, eps.double()).float()
-        step = spaced.p_mean_variance(model, x_t, t, None, clip_denoised=False)
+        step = spaced.p_mean_variance(with_labels(model, None), x_t, t, clip_denoised=False)
         error = float((step.pred_x0.double() - x0).abs().max())
         assert error < 1e-4 if consistent else error > 0.1
 
     noise = NoiseSource(seed=3, first_index=0, count=2, shape=(3, 4, 4))
-    cpu = torch.device("cpu")
-    images = sample_images(
-        model, diffusion, sampler="ddim", num_steps=20, eta=0.0, noise=noise, device=cpu
-    )
+    images = ddim(with_labels(model, None), noise, DiscreteSchedule(diffusion, 20, eta=0.0))
     torch.testing.assert_close(images.double(), point.expand(2, -1, -1, -1), atol=1e-4, rtol=0)

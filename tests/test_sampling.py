@@ -8,13 +8,14 @@ import pytest
 import torch
 from torch import Tensor
 
+from dmstab.diffusion.ddpm_sampling import DiscreteSchedule, space_timesteps
 from dmstab.diffusion.gaussian import GaussianDiffusion, Target
-from dmstab.diffusion.sampling import NoiseSource, SamplerName, sample_images, space_timesteps
+from dmstab.diffusion.samplers import SAMPLERS
+from dmstab.diffusion.sampling import NoiseSource, with_labels
 from dmstab.diffusion.schedules import make_betas
 
 T = 1000
 SHAPE = (3, 8, 8)
-CPU = torch.device("cpu")
 Model = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 
@@ -124,9 +125,9 @@ def test_different_models_see_the_same_noise() -> None:
     expected = [reference.next() for _ in range(num_steps)]  # x_T, then N − 1 step noises
     for model in (smooth_model, conv_model):
         recorder = Recorder(model)
-        final = sample_images(
-            recorder, diffusion, sampler="ddpm", num_steps=num_steps, eta=0.0,
-            noise=NoiseSource(5, 0, 4, SHAPE), device=CPU,
+        final = SAMPLERS["ddpm"](
+            with_labels(recorder, None), NoiseSource(5, 0, 4, SHAPE),
+            DiscreteSchedule(diffusion, num_steps, eta=0.0),
         )  # fmt: skip
         assert torch.equal(recorder.inputs[0], expected[0])
         *noises, last = step_noises(diffusion, recorder, final, num_steps)
@@ -154,13 +155,13 @@ def single_point_oracle(target: Target, x_star: Tensor, learn_sigma: bool) -> Mo
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 @pytest.mark.parametrize(("target", "learn_sigma"), [("eps", False), ("x0", False), ("eps", True)])
 def test_single_point_oracle_returns_the_point(
-    sampler: SamplerName, target: Target, learn_sigma: bool
+    sampler: str, target: Target, learn_sigma: bool
 ) -> None:
     x_star = torch.rand(1, *SHAPE, generator=torch.Generator().manual_seed(2)) * 1.8 - 0.9
     recorder = Recorder(single_point_oracle(target, x_star, learn_sigma))
-    images = sample_images(
-        recorder, cosine_diffusion(target, learn_sigma), sampler=sampler, num_steps=50, eta=0.0,
-        noise=NoiseSource(9, 0, 4, SHAPE), device=CPU,
+    images = SAMPLERS[sampler](
+        with_labels(recorder, None), NoiseSource(9, 0, 4, SHAPE),
+        DiscreteSchedule(cosine_diffusion(target, learn_sigma), 50, eta=0.0),
     )  # fmt: skip
     assert images.shape == (4, *SHAPE) and images.dtype == torch.float32
     torch.testing.assert_close(images, x_star.expand_as(images), atol=1e-3, rtol=0)
@@ -172,9 +173,9 @@ def test_ddim_eta0_stays_on_the_oracle_trajectory() -> None:
     """Song et al.: with the exact ε, DDIM η = 0 moves along x_k = √ᾱ_k x* + √(1−ᾱ_k) ε̂_T."""
     x_star = torch.rand(1, *SHAPE, generator=torch.Generator().manual_seed(4)) * 1.8 - 0.9
     recorder = Recorder(single_point_oracle("eps", x_star, False))
-    sample_images(
-        recorder, cosine_diffusion(), sampler="ddim", num_steps=20, eta=0.0,
-        noise=NoiseSource(1, 0, 2, SHAPE), device=CPU,
+    SAMPLERS["ddim"](
+        with_labels(recorder, None), NoiseSource(1, 0, 2, SHAPE),
+        DiscreteSchedule(cosine_diffusion(), 20, eta=0.0),
     )  # fmt: skip
     alpha_bar = np.cumprod(1 - make_betas("cosine", T).numpy())
     kept = space_timesteps(T, 20, "ddim")[::-1]
@@ -201,9 +202,9 @@ class SwappedTail(NoiseSource):
 
 def test_ddim_eta0_depends_only_on_x_T() -> None:
     def run(noise: NoiseSource, eta: float) -> Tensor:
-        return sample_images(
-            smooth_model, cosine_diffusion(), sampler="ddim", num_steps=10, eta=eta, noise=noise,
-            device=CPU, clip_denoised=False,
+        return SAMPLERS["ddim"](
+            with_labels(smooth_model, None), noise,
+            DiscreteSchedule(cosine_diffusion(), 10, eta=eta, clip_denoised=False),
         )  # fmt: skip
 
     swapped = SwappedTail(1, 2, 3)
@@ -220,10 +221,10 @@ def test_ddpm_with_posterior_variance_equals_ddim_eta1() -> None:
 
     diffusion = cosine_diffusion(learn_sigma=True)
 
-    def run(sampler: SamplerName, eta: float) -> Tensor:
-        return sample_images(
-            model, diffusion, sampler=sampler, num_steps=12, eta=eta,
-            noise=NoiseSource(8, 0, 3, SHAPE), device=CPU, spacing="even",
+    def run(sampler: str, eta: float) -> Tensor:
+        return SAMPLERS[sampler](
+            with_labels(model, None), NoiseSource(8, 0, 3, SHAPE),
+            DiscreteSchedule(diffusion, 12, eta=eta, spacing="even"),
         )  # fmt: skip
 
     images = {"ddpm": run("ddpm", 0.0), "ddim": run("ddim", 1.0)}
@@ -231,11 +232,11 @@ def test_ddpm_with_posterior_variance_equals_ddim_eta1() -> None:
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_batch_split_does_not_change_the_images(sampler: SamplerName) -> None:
+def test_batch_split_does_not_change_the_images(sampler: str) -> None:
     def run(first_index: int, count: int) -> Tensor:
-        return sample_images(
-            smooth_model, cosine_diffusion(), sampler=sampler, num_steps=10, eta=0.0,
-            noise=NoiseSource(6, first_index, count, SHAPE), device=CPU,
+        return SAMPLERS[sampler](
+            with_labels(smooth_model, None), NoiseSource(6, first_index, count, SHAPE),
+            DiscreteSchedule(cosine_diffusion(), 10, eta=0.0),
         )  # fmt: skip
 
     torch.testing.assert_close(run(0, 8), torch.cat([run(0, 4), run(4, 4)]), atol=1e-6, rtol=0)
@@ -250,9 +251,9 @@ def test_callback_reports_progress_and_labels_reach_the_model() -> None:
         return smooth_model(x, t, y)
 
     labels = torch.tensor([3, 1])
-    sample_images(
-        model, cosine_diffusion(), sampler="ddpm", num_steps=5, eta=0.0,
-        noise=NoiseSource(0, 0, 2, SHAPE), device=CPU, y=labels,
+    SAMPLERS["ddpm"](
+        with_labels(model, labels), NoiseSource(0, 0, 2, SHAPE),
+        DiscreteSchedule(cosine_diffusion(), 5, eta=0.0),
         callback=lambda done, total: progress.append((done, total)),
     )  # fmt: skip
     assert progress == [(i, 5) for i in range(1, 6)]
@@ -260,10 +261,10 @@ def test_callback_reports_progress_and_labels_reach_the_model() -> None:
 
 
 def test_bad_sampling_arguments_are_rejected() -> None:
-    def run(sampler: SamplerName, eta: float, labels: Tensor | None = None) -> Tensor:
-        return sample_images(
-            smooth_model, cosine_diffusion(), sampler=sampler, num_steps=5, eta=eta,
-            noise=NoiseSource(0, 0, 2, SHAPE), device=CPU, y=labels,
+    def run(sampler: str, eta: float, labels: Tensor | None = None) -> Tensor:
+        return SAMPLERS[sampler](
+            with_labels(smooth_model, labels), NoiseSource(0, 0, 2, SHAPE),
+            DiscreteSchedule(cosine_diffusion(), 5, eta=eta),
         )  # fmt: skip
 
     with pytest.raises(ValueError, match="eta must be 0 for DDPM"):

@@ -12,8 +12,10 @@ import torch
 from torch import Tensor
 
 from dmstab.config import DiffusionConfig
+from dmstab.diffusion.ddpm_sampling import DiscreteSchedule
 from dmstab.diffusion.gaussian import GaussianDiffusion, Target
-from dmstab.diffusion.sampling import NoiseSource, sample_images
+from dmstab.diffusion.samplers import SAMPLERS
+from dmstab.diffusion.sampling import NoiseSource, with_labels
 from dmstab.diffusion.schedules import cosine_betas, make_betas
 from dmstab.diffusion.weighting import mse_weights
 
@@ -129,14 +131,10 @@ def test_sampling_with_a_perfect_model_returns_its_image(
 ) -> None:
     """Both samplers end in the posterior at t = 0, which is x̂0 itself (ᾱ_{−1} = 1)."""
     image = torch.linspace(-0.9, 0.9, 3 * 4 * 4).reshape(3, 4, 4)
-    images = sample_images(
-        constant_image_oracle(target, image),
-        diffusion_for(target),
-        sampler=sampler,  # type: ignore[arg-type]
-        num_steps=10,
-        eta=eta,
-        noise=NoiseSource(0, 0, 2, (3, 4, 4)),
-        device=torch.device("cpu"),
+    images = SAMPLERS[sampler](
+        with_labels(constant_image_oracle(target, image), None),
+        NoiseSource(0, 0, 2, (3, 4, 4)),
+        DiscreteSchedule(diffusion_for(target), 10, eta=eta),
     )
     torch.testing.assert_close(images, image.expand(2, 3, 4, 4), atol=1e-4, rtol=0)
 

@@ -1,27 +1,22 @@
-"""EDM's 2nd-order Heun sampler (Karras et al. 2022 Algs. 1–2) with EDM2's guidance.
+"""EDM's 2nd-order Heun sampler (Karras et al. 2022 Algs. 1–2) over Karras noise levels.
 
 The probability-flow ODE dx/dσ = (x − D(x, σ))/σ is integrated from σ_max to 0 over the
-Karras noise levels. Every random draw — x_T and each churn step's noise — comes from a
-dmstab NoiseSource, so a seed fixes the samples whatever the batch split.
-
-Guidance (EDM2 Sec. 5) mixes the main denoiser with a guide:
-D_w = D_guide + w·(D_main − D_guide). The guide is a smaller unconditional model (EDM2's
-low-cost guidance), a smaller, less trained model (EDM2's autoguidance), or the main model
-without labels, ``unconditional(main)`` (classifier-free guidance, Ho & Salimans 2022).
+noise levels of a SigmaSchedule. ``heun`` is a ``Sampler`` (dmstab.diffusion.sampling):
+denoise(x, σ) is D with its labels bound and any guidance mixed in (``with_labels``,
+``guided``); every random draw — x_T and each churn step's noise — comes from a dmstab
+NoiseSource, so a seed fixes the samples whatever the batch split.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from dmstab.diffusion.edm import Denoiser
-from dmstab.diffusion.sampling import NoiseSource
+from dmstab.diffusion.sampling import Callback, Denoise, NoiseSource
 from dmstab.errors import DmstabError
 
 # EDM's defaults for ImageNet and EDM2's for every model: 32 steps, NFE 63 (EDM2 Sec. 5).
@@ -51,31 +46,6 @@ def karras_sigmas(
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
 
-def unconditional(denoiser: Denoiser) -> Denoiser:
-    """The denoiser with its class labels dropped: the guide of classifier-free guidance."""
-
-    def without_labels(x: Tensor, sigma: Tensor, class_labels: Tensor | None) -> Tensor:
-        return denoiser(x, sigma, None)
-
-    return without_labels
-
-
-def guided(denoiser: Denoiser, guide: Denoiser | None, guidance: float) -> Denoiser:
-    """D_guide + w·(D_main − D_guide) (EDM2 Sec. 5); the main denoiser alone when w = 1."""
-    if not math.isfinite(guidance):
-        raise DmstabError(f"guidance is {guidance}; must be a finite number (1 = no guidance)")
-    if guidance == 1.0:
-        return denoiser
-    if guide is None:
-        raise DmstabError(f"guidance is {guidance} but no guide model was given; use 1 or a guide")
-
-    def mixed(x: Tensor, sigma: Tensor, class_labels: Tensor | None) -> Tensor:
-        main = denoiser(x, sigma, class_labels)
-        return torch.lerp(guide(x, sigma, class_labels), main, guidance)
-
-    return mixed
-
-
 @dataclass(frozen=True)
 class Churn:
     """EDM Alg. 2's stochasticity: S_churn, the σ range [S_min, S_max] it acts on, S_noise."""
@@ -99,67 +69,62 @@ class Churn:
         return 0.0
 
 
-def heun_step(
-    denoise: Denoiser, x: Tensor, sigma: float, sigma_next: float, labels: Tensor | None
-) -> Tensor:
+def heun_step(denoise: Denoise, x: Tensor, sigma: float, sigma_next: float) -> Tensor:
     """EDM Alg. 1: an Euler step of dx/dσ = (x − D)/σ, then the trapezoidal correction.
 
     The step to σ = 0 stays first order (the slope is undefined there), hence NFE 2N − 1.
     """
     batch = x.shape[0]
     sigma_now = torch.full((batch,), sigma, dtype=x.dtype, device=x.device)
-    slope = (x - denoise(x, sigma_now, labels)) / sigma
+    slope = (x - denoise(x, sigma_now)) / sigma
     euler = x + (sigma_next - sigma) * slope
     if sigma_next == 0:
         return euler
     sigma_then = torch.full((batch,), sigma_next, dtype=x.dtype, device=x.device)
-    slope_next = (euler - denoise(euler, sigma_then, labels)) / sigma_next
+    slope_next = (euler - denoise(euler, sigma_then)) / sigma_next
     return x + (sigma_next - sigma) * 0.5 * (slope + slope_next)
 
 
-def _check_sigmas(sigmas: Tensor) -> list[float]:
-    levels: list[float] = sigmas.tolist() if sigmas.ndim == 1 else []
-    if len(levels) < 2 or levels[-1] < 0 or any(s <= 0 for s in levels[:-1]):
-        raise DmstabError("sigmas must be a 1-D list of ≥ 2 noise levels > 0, the last ≥ 0")
-    if any(later >= earlier for earlier, later in itertools.pairwise(levels)):
-        raise DmstabError("sigmas must decrease strictly (from σ_max towards 0)")
-    return levels
+@dataclass(frozen=True, eq=False)
+class SigmaSchedule:
+    """The noise levels σ_0 > … > σ_N ≥ 0 Heun walks (``karras_sigmas`` gives EDM Eq. 5's)
+    and EDM Alg. 2's churn, None for the deterministic sampler (Alg. 1)."""
+
+    sigmas: Tensor
+    churn: Churn | None = None
+
+    def __post_init__(self) -> None:
+        levels: list[float] = self.sigmas.tolist() if self.sigmas.ndim == 1 else []
+        if len(levels) < 2 or levels[-1] < 0 or any(s <= 0 for s in levels[:-1]):
+            raise DmstabError("sigmas must be a 1-D list of ≥ 2 noise levels > 0, the last ≥ 0")
+        if any(later >= earlier for earlier, later in itertools.pairwise(levels)):
+            raise DmstabError("sigmas must decrease strictly (from σ_max towards 0)")
 
 
-def heun_sample(
-    denoiser: Denoiser,
+def heun(
+    denoise: Denoise,
     noise: NoiseSource,
-    sigmas: Tensor,
+    schedule: SigmaSchedule,
     *,
-    class_labels: Tensor | None = None,
-    guide: Denoiser | None = None,
-    guidance: float = 1.0,
-    churn: Churn | None = None,
-    device: torch.device,
-    callback: Callable[[int, int], None] | None = None,
+    callback: Callback | None = None,
 ) -> Tensor:
-    """noise.count samples, float32 (count, C, H, W) on device, from x_T = σ_0·noise.next().
+    """noise.count samples, float32 (count, C, H, W) on noise.device, from x_T = σ_0·noise.next().
 
     Deterministic (EDM Alg. 1) without churn; with it, EDM Alg. 2 raises σ to σ̂ = (1+γ)σ
     by adding √(σ̂² − σ²)·S_noise·z before each step, z the next draw of the noise source.
-    guide and guidance as in ``guided``; the guide sees the same labels. callback(done,
-    total) runs after each step. Outputs are not clamped (they may be latents).
+    callback(done, total) runs after each step. Outputs are not clamped (they may be latents).
     """
-    levels = _check_sigmas(sigmas)
-    if class_labels is not None and class_labels.shape[0] != noise.count:
-        raise ValueError(f"class_labels has {class_labels.shape[0]} rows for {noise.count} images")
-    denoise = guided(denoiser, guide, guidance)
-    labels = None if class_labels is None else class_labels.to(device)
-    num_steps = len(levels) - 1
+    levels: list[float] = schedule.sigmas.tolist()
+    churn, num_steps = schedule.churn, len(levels) - 1
     with torch.no_grad():
-        x = noise.next().to(device) * levels[0]
+        x = noise.next() * levels[0]
         for done, (sigma, sigma_next) in enumerate(itertools.pairwise(levels), 1):
             sigma_hat = sigma
             if churn is not None and (gamma := churn.gamma(sigma, num_steps)) > 0:
                 sigma_hat = sigma * (1.0 + gamma)
-                z = noise.next().to(device)
+                z = noise.next()
                 x = x + math.sqrt(sigma_hat**2 - sigma**2) * churn.s_noise * z
-            x = heun_step(denoise, x, sigma_hat, sigma_next, labels)
+            x = heun_step(denoise, x, sigma_hat, sigma_next)
             if callback is not None:
                 callback(done, num_steps)
     return x

@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from dmstab.diffusion.sampling import Denoise
+
 Target = Literal["eps", "x0", "v"]
 Model = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
@@ -258,10 +260,11 @@ class GaussianDiffusion:
         return ReverseStep(mean, self.model_log_variance(v, t, x_t), pred_x0)
 
     def p_mean_variance(
-        self, model: Model, x_t: Tensor, t: Tensor, y: Tensor | None, *, clip_denoised: bool
+        self, denoise: Denoise, x_t: Tensor, t: Tensor, *, clip_denoised: bool
     ) -> ReverseStep:
-        """Run the model on model_input(x_t, t) at model_time(t); form p_θ(x_{t−1} | x_t)."""
-        output = model(self.model_input(x_t, t), self.model_time(t), y).to(torch.float32)
+        """Run the model (labels bound) on model_input(x_t, t) at model_time(t); form
+        p_θ(x_{t−1} | x_t)."""
+        output = denoise(self.model_input(x_t, t), self.model_time(t)).to(torch.float32)
         return self.reverse_step(output, x_t, t, clip_denoised=clip_denoised)
 
     def vb_terms_bits_per_dim(

@@ -1,48 +1,44 @@
-"""Fixed-noise ancestral DDPM (Ho et al. 2020) and DDIM (Song et al. 2021 Eq. 12) sampling.
+"""What every sampler shares: fixed noise, the denoiser it calls, and the denoiser combinators.
 
-"One seed fixes everything": every random draw — x_T and each step's noise — comes from a
-NoiseSource whose per-image streams depend only on (seed, image index). Two models sampled
-with the same seed therefore see the same x_T and the same per-step noise, whatever the batch
-split; the consistency experiment (AAAI 2024 Table 1) relies on this.
+A sampler is one function ``sample(denoise, noise, schedule, *, callback)`` (``Sampler``):
+``denoise(x, level)`` is the network with its class labels bound (``with_labels``) and any
+guidance mixed in (``guided``); ``noise`` gives x_T and every later draw; ``schedule`` holds
+the levels the sampler walks and its options. DDPM and DDIM live in
+dmstab.diffusion.ddpm_sampling, EDM's Heun in dmstab.diffusion.edm_sampling; they are found by
+name in dmstab.diffusion.samplers.
+
+"One seed fixes everything": every random draw comes from a NoiseSource whose per-image
+streams depend only on (seed, image index). Two models sampled with the same seed therefore
+see the same x_T and the same per-step noise, whatever the batch split; the consistency
+experiment (AAAI 2024 Table 1) relies on this.
+
+Guidance (EDM2 Sec. 5) mixes the main denoiser with a guide:
+D_w = D_guide + w·(D_main − D_guide). The guide is a smaller unconditional model (EDM2's
+low-cost guidance), a smaller, less trained model (EDM2's autoguidance), or the main model
+without labels, ``unconditional(main)`` (classifier-free guidance, Ho & Salimans 2022).
 """
 
+from __future__ import annotations
+
+import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from dmstab.diffusion.gaussian import GaussianDiffusion, Model, ReverseStep, gather_per_sample
+from dmstab.diffusion.edm import Denoiser
+from dmstab.errors import DmstabError
 
-Spacing = Literal["even", "ddim"]
-SamplerName = Literal["ddpm", "ddim"]
+Denoise = Callable[[Tensor, Tensor], Tensor]
+"""denoise(x, level): a network with its labels bound. level is (B,): σ for an EDM denoiser,
+the model time for a DDPM model (what it returns is then its ε, x0 or v prediction)."""
 
-# improved-diffusion's pairing: "250" (even) for DDPM, "ddim250" (integer stride) for DDIM.
-_DEFAULT_SPACING: dict[SamplerName, Spacing] = {"ddpm": "even", "ddim": "ddim"}
+Callback = Callable[[int, int], None]
+"""callback(done, total), run after each sampling step."""
 
-
-def space_timesteps(num_timesteps: int, num_steps: int, kind: Spacing) -> list[int]:
-    """The original steps kept when sampling with num_steps steps (improved-diffusion respacing).
-
-    "even": round(i·(T−1)/(N−1)) for i < N, so 0 and T−1 are both kept.
-    "ddim": range(0, T, stride) for the smallest integer stride giving exactly N steps.
-    """
-    if not 2 <= num_steps <= num_timesteps:
-        raise ValueError(f"num_steps must lie in [2, {num_timesteps}], got {num_steps}")
-    if kind == "even":
-        spacing = (num_timesteps - 1) / (num_steps - 1)
-        return [round(i * spacing) for i in range(num_steps)]
-    if kind == "ddim":
-        for stride in range(1, num_timesteps):
-            kept = range(0, num_timesteps, stride)
-            if len(kept) == num_steps:
-                return list(kept)
-        raise ValueError(
-            f"no integer stride gives exactly {num_steps} of {num_timesteps} steps; "
-            "choose another step count or even spacing"
-        )
-    raise ValueError(f"unknown timestep spacing {kind!r}; allowed: 'even', 'ddim'")
+CPU = torch.device("cpu")
 
 
 class NoiseSource:
@@ -51,11 +47,17 @@ class NoiseSource:
     Image i's stream is numpy's PCG64 seeded by SeedSequence([seed, first_index + i]).
     (A torch CPU generator keeps only the low 32 bits of its seed, so seed·2³² + index would
     give every seed the same noise, and a 32-bit hash would collide within ~10⁵ images.)
-    The first ``next()`` is x_T; each later call is one sampling step's noise.
+    The first ``next()`` is x_T; each later call is one sampling step's noise. Draws are made
+    on the CPU and delivered on ``device``, where the sampler then works.
     """
 
     def __init__(
-        self, seed: int, first_index: int, count: int, shape: tuple[int, int, int]
+        self,
+        seed: int,
+        first_index: int,
+        count: int,
+        shape: tuple[int, int, int],
+        device: torch.device = CPU,
     ) -> None:
         if seed < 0 or first_index < 0:
             raise ValueError(
@@ -65,100 +67,67 @@ class NoiseSource:
             raise ValueError(f"count must be at least 1, got {count}")
         self.count = count
         self.shape = shape
+        self.device = device
         self._streams = [
             np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, first_index + i])))
             for i in range(count)
         ]
 
     def next(self) -> Tensor:
-        """The next draw of every image's stream: (count, C, H, W) float32 on the CPU."""
+        """The next draw of every image's stream: (count, C, H, W) float32 on ``device``."""
         draws = np.empty((self.count, *self.shape), dtype=np.float32)
         for stream, slot in zip(self._streams, draws, strict=True):
             stream.standard_normal(dtype=np.float32, out=slot)
-        return torch.from_numpy(draws)
+        return torch.from_numpy(draws).to(self.device)
 
 
-def ddpm_step(step: ReverseStep, noise: Tensor | None) -> Tensor:
-    """Ancestral step x_{t−1} = μ_θ + σ_t·z (Ho et al. 2020 Alg. 2); no noise at the last step."""
-    if noise is None:
-        return step.mean
-    return step.mean + torch.exp(0.5 * step.log_variance) * noise
+Schedule = TypeVar("Schedule", contravariant=True)
 
 
-def ddim_tables(diffusion: GaussianDiffusion, eta: float) -> tuple[Tensor, Tensor]:
-    """Per-step float64 (σ_t, √(1−ᾱ_{t−1}−σ_t²)) of Song et al. 2021 Eqs. 12 and 16.
+class Sampler(Protocol[Schedule]):
+    """noise.count samples (count, C, H, W) on noise.device from denoise, walking schedule."""
 
-    σ_t = η·√((1−ᾱ_{t−1})/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_{t−1}); computed in float64 because
-    1−ᾱ_{t−1}−σ_t² cancels badly in float32 near t = 0.
-    """
-    alpha_bar, alpha_bar_prev = diffusion.alphas_cumprod, diffusion.alphas_cumprod_prev
-    sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * diffusion.betas)
-    direction = torch.sqrt((1 - alpha_bar_prev - sigma**2).clamp(min=0.0))
-    return sigma, direction
-
-
-def ddim_step(
-    diffusion: GaussianDiffusion,
-    tables: tuple[Tensor, Tensor],
-    step: ReverseStep,
-    x_t: Tensor,
-    t: Tensor,
-    noise: Tensor | None,
-) -> Tensor:
-    """Song et al. 2021 Eq. 12: √ᾱ_{t−1}·x̂0 + √(1−ᾱ_{t−1}−σ_t²)·ε̂ + σ_t·z, ε̂ from x̂0."""
-    sigma_table, direction_table = tables
-    eps = diffusion.predict_eps(x_t, t, step.pred_x0)
-    signal = gather_per_sample(torch.sqrt(diffusion.alphas_cumprod_prev), t, x_t.ndim)
-    mean = signal * step.pred_x0 + gather_per_sample(direction_table, t, x_t.ndim) * eps
-    if noise is None:
-        return mean
-    return mean + gather_per_sample(sigma_table, t, x_t.ndim) * noise
+    def __call__(
+        self,
+        denoise: Denoise,
+        noise: NoiseSource,
+        schedule: Schedule,
+        *,
+        callback: Callback | None = None,
+    ) -> Tensor: ...
 
 
-def sample_images(
-    model: Model,
-    diffusion: GaussianDiffusion,
-    *,
-    sampler: SamplerName,
-    num_steps: int,
-    eta: float,
-    noise: NoiseSource,
-    device: torch.device,
-    y: Tensor | None = None,
-    clip_denoised: bool = True,
-    callback: Callable[[int, int], None] | None = None,
-    spacing: Spacing | None = None,
-) -> Tensor:
-    """noise.count images as float32 in [−1, 1], (count, C, H, W), on device.
+def with_labels(network: Denoiser, labels: Tensor | None) -> Denoise:
+    """network(x, level, labels) with labels bound: one row per image, or None (no labels)."""
 
-    The schedule is respaced to num_steps (spacing defaults to "even" for DDPM and "ddim" for
-    DDIM, as improved-diffusion pairs them); the model sees original timesteps. DDPM uses the
-    learned Σ when the diffusion learns it, else "fixedlarge" (σ_t² = β_t); eta applies to
-    DDIM only. clip_denoised clamps every x̂0 to [−1, 1]. callback(done, total) runs after
-    each step.
-    """
-    if sampler not in _DEFAULT_SPACING:
-        raise ValueError(f"unknown sampler {sampler!r}; allowed: 'ddpm', 'ddim'")
-    if eta < 0 or (sampler == "ddpm" and eta != 0):
-        raise ValueError(f"eta must be 0 for DDPM and non-negative for DDIM, got {eta}")
-    if y is not None and y.shape[0] != noise.count:
-        raise ValueError(f"y has {y.shape[0]} labels for {noise.count} images")
-    kept = space_timesteps(diffusion.num_timesteps, num_steps, spacing or _DEFAULT_SPACING[sampler])
-    spaced = diffusion.respaced(kept)
-    draws_step_noise = sampler == "ddpm" or eta > 0
-    tables = ddim_tables(spaced, eta)
-    labels = None if y is None else y.to(device)
-    with torch.no_grad():
-        x = noise.next().to(device)
-        for done, index in enumerate(reversed(range(num_steps)), start=1):
-            t = torch.full((noise.count,), index, dtype=torch.long, device=device)
-            step = spaced.p_mean_variance(model, x, t, labels, clip_denoised=clip_denoised)
-            z = noise.next().to(device) if draws_step_noise and index > 0 else None
-            x = (
-                ddpm_step(step, z)
-                if sampler == "ddpm"
-                else ddim_step(spaced, tables, step, x, t, z)
-            )
-            if callback is not None:
-                callback(done, num_steps)
-    return x.clamp(-1.0, 1.0)
+    def labelled(x: Tensor, level: Tensor) -> Tensor:
+        if labels is not None and labels.shape[0] != x.shape[0]:
+            raise ValueError(f"{labels.shape[0]} labels for {x.shape[0]} images")
+        return network(x, level, labels)
+
+    return labelled
+
+
+def unconditional(network: Denoiser) -> Denoiser:
+    """The network with its class labels dropped: the guide of classifier-free guidance."""
+
+    def without_labels(x: Tensor, level: Tensor, labels: Tensor | None) -> Tensor:
+        return network(x, level, None)
+
+    return without_labels
+
+
+def guided(denoise: Denoise, guide: Denoise | None, guidance: float) -> Denoise:
+    """D_guide + w·(D_main − D_guide) (EDM2 Sec. 5); the main denoiser alone when w = 1."""
+    if not math.isfinite(guidance):
+        raise DmstabError(f"guidance is {guidance}; must be a finite number (1 = no guidance)")
+    if guidance == 1.0:
+        return denoise
+    if guide is None:
+        raise DmstabError(f"guidance is {guidance} but no guide model was given; use 1 or a guide")
+
+    def mixed(x: Tensor, level: Tensor) -> Tensor:
+        main = denoise(x, level)
+        return torch.lerp(guide(x, level), main, guidance)
+
+    return mixed

@@ -17,10 +17,12 @@ from torch import nn
 from dmstab.config import Recipe, SampleConfig
 from dmstab.data.latents import latent_image_decoder
 from dmstab.diffusion import build_diffusion
+from dmstab.diffusion.ddpm_sampling import DiscreteSchedule
 from dmstab.diffusion.edm import Denoiser
-from dmstab.diffusion.edm_sampling import Churn, heun_sample, karras_sigmas, unconditional
+from dmstab.diffusion.edm_sampling import Churn, SigmaSchedule, karras_sigmas
 from dmstab.diffusion.objectives import one_hot_labels
-from dmstab.diffusion.sampling import NoiseSource, sample_images
+from dmstab.diffusion.samplers import SAMPLERS
+from dmstab.diffusion.sampling import NoiseSource, guided, unconditional, with_labels
 from dmstab.distributed import SINGLE_PROCESS, DistributedContext
 from dmstab.errors import DmstabError
 from dmstab.models.gan import is_gan, latent_shape, sample_gan
@@ -50,6 +52,18 @@ def noise_shape(recipe: Recipe) -> tuple[int, int, int]:
     return (channels, recipe.data.resolution, recipe.data.resolution)
 
 
+def sampling_schedule(recipe: Recipe, cfg: SampleConfig) -> DiscreteSchedule | SigmaSchedule:
+    """What `cfg.sampler` walks: the recipe's β schedule respaced to `cfg.steps` (ddpm
+    formulation), or `cfg.steps` Karras noise levels (EDM Eq. 5) with optional churn (edm)."""
+    if recipe.diffusion.formulation == "edm":
+        sigmas = karras_sigmas(cfg.steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+        churn = Churn(cfg.s_churn, cfg.s_min, cfg.s_max, cfg.s_noise) if cfg.s_churn else None
+        return SigmaSchedule(sigmas, churn)
+    return DiscreteSchedule(
+        build_diffusion(recipe), cfg.steps, eta=cfg.eta, clip_denoised=cfg.clip_denoised
+    )
+
+
 def _batch_sampler(
     model: nn.Module,
     recipe: Recipe,
@@ -59,47 +73,22 @@ def _batch_sampler(
     device: torch.device,
     callback: Callable[[int, int], None] | None,
 ) -> BatchSampler:
-    """(noise, labels) → one batch in data space, float32: DDPM/DDIM ancestral steps, EDM's
-    Heun ODE, or a GAN generator's G(z, y); the schedule is built once for all batches."""
+    """(noise, labels) → one batch in data space, float32: the sampler `cfg.sampler` names
+    over the model with the batch's labels bound and `guide` mixed in, or a GAN generator's
+    G(z, y); the schedule is built once for all batches."""
     if is_gan(recipe):
         return lambda noise, labels: sample_gan(model, noise, labels)
-    if recipe.diffusion.formulation == "edm":
-        sigmas = karras_sigmas(cfg.steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
-        churn = Churn(cfg.s_churn, cfg.s_min, cfg.s_max, cfg.s_noise) if cfg.s_churn else None
+    sampler, schedule = SAMPLERS[cfg.sampler], sampling_schedule(recipe, cfg)
+    one_hot = recipe.diffusion.formulation == "edm"  # the EDM2 UNet takes one-hot labels
 
-        def heun(noise: NoiseSource, labels: torch.Tensor | None) -> torch.Tensor:
-            one_hot = None if labels is None else one_hot_labels(labels, num_classes).to(device)
-            return heun_sample(
-                model,
-                noise,
-                sigmas,
-                class_labels=one_hot,
-                guide=guide,
-                guidance=cfg.guidance,
-                churn=churn,
-                device=device,
-                callback=callback,
-            )
+    def sample(noise: NoiseSource, labels: torch.Tensor | None) -> torch.Tensor:
+        if labels is not None:
+            labels = (one_hot_labels(labels, num_classes) if one_hot else labels).to(device)
+        bound_guide = None if guide is None else with_labels(guide, labels)
+        denoise = guided(with_labels(model, labels), bound_guide, cfg.guidance)
+        return sampler(denoise, noise, schedule, callback=callback)
 
-        return heun
-    assert cfg.sampler != "heun", "validated: heun belongs to the edm formulation"
-    sampler, diffusion = cfg.sampler, build_diffusion(recipe)
-
-    def ancestral(noise: NoiseSource, labels: torch.Tensor | None) -> torch.Tensor:
-        return sample_images(
-            model,
-            diffusion,
-            sampler=sampler,
-            num_steps=cfg.steps,
-            eta=cfg.eta,
-            noise=noise,
-            device=device,
-            y=labels.to(device) if labels is not None else None,
-            clip_denoised=cfg.clip_denoised,
-            callback=callback,
-        )
-
-    return ancestral
+    return sample
 
 
 @torch.no_grad()
@@ -149,7 +138,7 @@ def generate_for_recipe(
     try:
         for first in range(share.start, share.stop, cfg.batch_size):
             count = min(cfg.batch_size, share.stop - first)
-            noise = NoiseSource(cfg.seed, first, count, shape)
+            noise = NoiseSource(cfg.seed, first, count, shape, device)
             labels = class_labels(first, count, num_classes)
             x = sample_batch(noise, labels)
             if decode is not None:

@@ -12,7 +12,7 @@ from torch import nn
 from dmstab.checkpoint import CHECKPOINT_NAME, load_checkpoint, load_weights
 from dmstab.config import Recipe, apply_overrides, from_mapping
 from dmstab.diffusion.edm import Denoiser
-from dmstab.diffusion.edm_sampling import unconditional
+from dmstab.diffusion.sampling import unconditional
 from dmstab.errors import DmstabError
 from dmstab.models import build_model
 from dmstab.tracking import latest_run, resolve_uri, run_directory
