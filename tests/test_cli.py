@@ -1,33 +1,26 @@
-"""The real `dmstab` command line, driven as a user would (subprocesses, exit codes)."""
+"""The real `dmstab` command line, driven as a user would (in process through typer's runner:
+exit codes, stdout and stderr apart)."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from .conftest import RECIPES, TINY, store
-
-
-def dmstab(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dmstab", *args], capture_output=True, text=True, timeout=600
-    )
+from tests.helpers import RECIPES, TINY, Runner, store
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["sample"]])
-def test_help_shows_examples(command: list[str]) -> None:
+def test_help_shows_examples(command: list[str], dmstab: Runner) -> None:
     result = dmstab(*command, "--help")
     assert result.returncode == 0
     assert "Examples" in result.stdout and "dmstab" in result.stdout
 
 
-def test_dry_run_prints_the_papers_hyperparameters() -> None:
+def test_dry_run_prints_the_papers_hyperparameters(dmstab: Runner) -> None:
     result = dmstab("train", str(RECIPES / "cifar10_clts.yaml"), "--dry-run")
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -54,7 +47,7 @@ def test_dry_run_prints_the_papers_hyperparameters() -> None:
         (["data.name=folder", "data.root=does/not/exist"], "does/not/exist"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
+def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, dmstab: Runner) -> None:
     result = dmstab("train", str(RECIPES / "quickstart.yaml"), *args)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -72,7 +65,7 @@ class Exploit:
         return (os.system, ("touch pwned",))
 
 
-def test_missing_recipe_and_checkpoint_exit_2(isolated_workdir: Path) -> None:
+def test_missing_recipe_and_checkpoint_exit_2(isolated_workdir: Path, dmstab: Runner) -> None:
     assert dmstab("train", "nope.yaml").returncode == 2
     corrupt = isolated_workdir / "corrupt.pt"
     corrupt.write_bytes(b"\x80\x02 definitely not a checkpoint")
@@ -93,7 +86,7 @@ def test_missing_recipe_and_checkpoint_exit_2(isolated_workdir: Path) -> None:
     assert result.returncode == 2 and "not found" in result.stderr
 
 
-def test_train_then_sample_with_fixed_seeds(isolated_workdir: Path) -> None:
+def test_train_then_sample_with_fixed_seeds(isolated_workdir: Path, dmstab: Runner) -> None:
     trained = dmstab("train", str(RECIPES / "quickstart.yaml"), *TINY)
     assert trained.returncode == 0, trained.stderr
 

@@ -22,10 +22,7 @@ from dmstab.errors import DmstabError
 from dmstab.tracking import TAG_PARENT
 from dmstab.train.evaluate import Evaluator, build_evaluator
 from dmstab.train.loop import train
-
-from .conftest import RECIPES, TINY, store
-from .test_fid import torchscript_folder  # noqa: F401  (the stand-in weights fixture)
-from .test_score import dmstab
+from tests.helpers import RECIPES, TINY, Runner, store
 
 CPU = torch.device("cpu")
 RANDOM_CONV = ["eval.features=random_conv", "eval.num_images=16", "eval.batch_size=8"]
@@ -47,7 +44,7 @@ def _history(run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in store().get_metric_history(run_id, key)}
 
 
-def test_training_logs_eval_fid_at_exactly_the_requested_steps() -> None:
+def test_training_logs_eval_fid_at_exactly_the_requested_steps(dmstab: Runner) -> None:
     recipe = _recipe(
         "train.steps=4",
         "eval.at=[2,4]",
@@ -113,7 +110,7 @@ def test_unusable_eval_settings_are_one_line_errors(overrides: list[str], messag
 
 
 def test_missing_inception_weights_stop_training_before_a_run_exists(
-    isolated_workdir: Path,
+    isolated_workdir: Path, dmstab: Runner
 ) -> None:
     result = dmstab(
         "train", str(RECIPES / "quickstart.yaml"), *TINY, "eval.at=[2]", "train.steps=2"
@@ -126,8 +123,7 @@ def test_missing_inception_weights_stop_training_before_a_run_exists(
 
 @pytest.mark.slow
 def test_fid_of_a_run_equals_its_eval_fid_through_the_score_path(
-    torchscript_folder: Path,  # noqa: F811
-    monkeypatch: pytest.MonkeyPatch,
+    torchscript_folder: Path, monkeypatch: pytest.MonkeyPatch, dmstab: Runner
 ) -> None:
     monkeypatch.setenv(WEIGHTS_ENV, str(torchscript_folder))
     count = 10  # the fewest the Inception Score's ten splits allow

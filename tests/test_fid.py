@@ -8,24 +8,20 @@ test downloads anything.
 from __future__ import annotations
 
 import itertools
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from cleanfid import fid as cleanfid_fid
 from cleanfid.features import build_feature_extractor
 from cleanfid.inception_torchscript import InceptionV3W
 from cleanfid.resize import build_resizer
 from PIL import Image
-from torch import nn
 from torchvision.transforms.functional import gaussian_blur
 
 from dmstab.analysis.features import (
-    POOL3_LAYERS,
     PYTORCH_FID_INCEPTION,
     TORCHSCRIPT_INCEPTION,
     WEIGHTS_ENV,
@@ -40,6 +36,7 @@ from dmstab.analysis.frechet import FeatureStats, frechet_distance, inception_sc
 from dmstab.analysis.resize import pil_bicubic_matrix, preprocessor, resize_clean
 from dmstab.data.synthetic import generate_shapes
 from dmstab.errors import DmstabError
+from tests.inception_standin import calibrated
 
 CPU = torch.device("cpu")
 # clean-fid's frechet_distance calls scipy.linalg.sqrtm(disp=False), deprecated in scipy 1.17.
@@ -333,56 +330,6 @@ def test_missing_weights_name_the_file_and_where_it_comes_from(
         assert "\n" not in message
     with pytest.raises(DmstabError, match=r"nowhere\.pt \(--inception-weights\)"):
         inception_weights_path("clean", tmp_path / "nowhere.pt")
-
-
-def calibrated(network: nn.Module) -> nn.Module:
-    """Random weights with BatchNorm statistics from one batch, so activations stay O(1)."""
-    for module in network.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.momentum = 1.0
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        network.train()(torch.rand(4, 3, 299, 299, generator=generator) * 2 - 1)
-    return network.eval()
-
-
-class StandInTorchscriptInception(nn.Module):
-    """The call signature and attributes of StyleGAN2-ADA's inception-2015-12-05.pt."""
-
-    def __init__(self, network: nn.Module) -> None:
-        super().__init__()
-        self.layers = nn.Sequential(*(getattr(network, name) for name in POOL3_LAYERS))
-        self.output = network.fc
-
-    def forward(
-        self,
-        img: torch.Tensor,
-        return_features: bool = False,
-        use_fp16: bool = False,
-        no_output_bias: bool = False,
-    ) -> torch.Tensor:
-        x = img.to(torch.float32)
-        if x.shape[2] != 299 or x.shape[3] != 299:
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-        features = self.layers((x - 128) / 128).reshape(-1, 2048)
-        if return_features:
-            return features
-        return torch.softmax(self.output(features), dim=1)
-
-
-@pytest.fixture(scope="module")
-def torchscript_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder holding a random-weight stand-in for inception-2015-12-05.pt."""
-    torch.manual_seed(0)
-    network = torchvision.models.inception_v3(
-        weights=None, aux_logits=False, num_classes=1008, init_weights=False
-    )
-    folder = tmp_path_factory.mktemp("inception")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated
-        scripted = torch.jit.script(StandInTorchscriptInception(calibrated(network)))
-        torch.jit.save(scripted, str(folder / TORCHSCRIPT_INCEPTION.name))
-    return folder
 
 
 @pytest.mark.slow
