@@ -45,7 +45,6 @@ TINY_GAN_RUN = (
             "train.steps=6",
             "train.checkpoint_every=2",
             "train.keep_checkpoints=[2]",
-            "train.log_every=1",
         ],
     ),
 )

@@ -25,9 +25,7 @@ from dmstab.errors import DmstabError
 from dmstab.models import build_model, count_parameters
 from dmstab.models.generate import generate_for_recipe
 from dmstab.plots import consistency_grid
-
-from .conftest import RECIPES, TINY
-from .test_edm_training import MINI, TINY_EDM
+from tests.helpers import MINI, RECIPES, TINY, TINY_EDM
 
 CPU = torch.device("cpu")
 

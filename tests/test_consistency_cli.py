@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -12,17 +13,17 @@ from mlflow.tracking import MlflowClient
 
 from dmstab.commands.consistency import member_recipes
 from dmstab.config import fingerprint, load_recipe
-from dmstab.train.loop import TrainResult, train
-
-from .conftest import RECIPES, TINY, TINY_GAN, store
-from .test_cli import dmstab
+from dmstab.train.loop import train
+from tests.helpers import RECIPES, TINY, TINY_GAN, CachedRun, Runner, Training, store
 
 SMALL = [*TINY, "model.attention_resolutions=[]", "data.resolution=8"]
+TrainedRuns = Callable[..., list[CachedRun]]
 SAMPLING = ["consistency.num_images=3", "sample.steps=4", "sample.batch_size=3"]
 
 
-def _train(*extra: str) -> TrainResult:
-    return train(load_recipe(RECIPES / "quickstart.yaml", [*SMALL, *extra]))
+def _small(*extra: str) -> Training:
+    """The tiny DM at 8x8 without attention (the runs are trained once a session, see below)."""
+    return Training.of(RECIPES / "quickstart.yaml", [*SMALL, *extra])
 
 
 def _consistency_runs(client: MlflowClient) -> list[str]:
@@ -50,8 +51,10 @@ def _independent_eq_1(images: np.ndarray) -> float:
     return float(np.mean(values))
 
 
-def test_checkpoint_and_run_id_give_eq_1_of_the_logged_images() -> None:
-    first, second, third = _train(), _train("train.seed=1"), _train("train.seed=2")
+def test_checkpoint_and_run_id_give_eq_1_of_the_logged_images(
+    dmstab: Runner, trained_runs: TrainedRuns
+) -> None:
+    first, second, third = trained_runs(_small(), _small("train.seed=1"), _small("train.seed=2"))
     result = dmstab(
         "consistency", str(first.checkpoint), second.run_id, str(third.run_dir), *SAMPLING
     )
@@ -71,8 +74,10 @@ def test_checkpoint_and_run_id_give_eq_1_of_the_logged_images() -> None:
     assert {"images.npz", "scores.json", "grid.png"} <= {Path(a).name for a in artifacts}
 
 
-def test_the_same_model_twice_is_counted_identical_and_scores_the_cap() -> None:
-    run = _train()
+def test_the_same_model_twice_is_counted_identical_and_scores_the_cap(
+    dmstab: Runner, trained_runs: TrainedRuns
+) -> None:
+    (run,) = trained_runs(_small())
     result = dmstab("consistency", str(run.checkpoint), run.run_id, *SAMPLING)
     assert result.returncode == 0, result.stderr
     metrics = store().get_run(_consistency_runs(store())[0]).data.metrics
@@ -80,7 +85,7 @@ def test_the_same_model_twice_is_counted_identical_and_scores_the_cap() -> None:
     assert metrics["consistency/psnr"] == pytest.approx(10 * math.log10(255.0**2 * 3 * 8 * 8))
 
 
-def test_a_recipe_trains_its_group_once_and_scores_samplers_and_targets() -> None:
+def test_a_recipe_trains_its_group_once_and_scores_samplers_and_targets(dmstab: Runner) -> None:
     recipe = RECIPES / "quickstart.yaml"
     members = (
         'consistency.members=["train.seed=0", "train.seed=1", '
@@ -136,22 +141,26 @@ def test_a_groups_first_member_reuses_the_run_of_the_recipe_it_builds_on(
         (["diffusion.steps=50"], "cannot share noise: diffusion.steps is 100 vs 50"),
     ],
 )
-def test_models_that_cannot_share_noise_are_refused(extra: list[str], message: str) -> None:
-    first, other = _train(), _train(*extra)
+def test_models_that_cannot_share_noise_are_refused(
+    extra: list[str], message: str, dmstab: Runner, trained_runs: TrainedRuns
+) -> None:
+    first, other = trained_runs(_small(), _small(*extra))
     result = dmstab("consistency", first.run_id, other.run_id, *SAMPLING)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-def test_fewer_than_two_models_is_one_line_and_exit_2() -> None:
-    run = _train()
+def test_fewer_than_two_models_is_one_line_and_exit_2(
+    dmstab: Runner, trained_runs: TrainedRuns
+) -> None:
+    (run,) = trained_runs(_small())
     for arguments in ([run.run_id], [str(RECIPES / "quickstart.yaml"), *SMALL]):
         result = dmstab("consistency", *arguments)
         assert result.returncode == 2, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_two_gans_share_z_and_a_gan_cannot_join_a_diffusion_group() -> None:
+def test_two_gans_share_z_and_a_gan_cannot_join_a_diffusion_group(dmstab: Runner) -> None:
     gan = [*TINY_GAN, "train.steps=3"]
     first, second = (
         train(load_recipe(RECIPES / "mini_dcgan.yaml", [*gan, f"train.seed={seed}"]))

@@ -27,9 +27,7 @@ from mlflow.tracking import MlflowClient
 from dmstab.checkpoint import load_checkpoint
 from dmstab.config import load_recipe
 from dmstab.train.loop import train
-
-from .conftest import RECIPES, TINY, store
-from .test_edm_training import TINY_EDM
+from tests.helpers import RECIPES, TINY, TINY_EDM, store
 
 MINI = RECIPES / "edm2_mini.yaml"
 EDM = [*TINY_EDM, "train.device=cpu", "model.dropout=0", "train.checkpoint_every=2"]

@@ -17,8 +17,7 @@ import pytest
 
 from dmstab.data.synthetic import generate_shapes
 from dmstab.tracking import TAG_KIND
-
-from .conftest import RECIPES, TINY, store
+from tests.helpers import RECIPES, TINY, store
 
 TRAIN = [*TINY, "train.device=cpu"]
 # 7 images in batches of 3: ranks hold 0-3 and 4-6, batched 0-2|3 and 4-6 (one process: 0-2|3-5|6)

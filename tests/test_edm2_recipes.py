@@ -20,8 +20,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from dmstab.config import Recipe, differences, load_recipe
 from dmstab.models import build_model, count_parameters
 from dmstab.models.edm2_unet import SWITCHES, SelfAttention
+from tests.helpers import RECIPES
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 EDM2_RECIPES = sorted(RECIPES.glob("edm2_*.yaml"))
 CONFIGS = [f"edm2_config_{letter}" for letter in "abcdefg"]
 IMAGENET_CLASSES = 1000

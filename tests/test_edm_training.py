@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,38 +17,7 @@ from dmstab.errors import DmstabError
 from dmstab.models import build_model
 from dmstab.models.generate import generate_for_recipe
 from dmstab.train.loop import train
-
-from .conftest import RECIPES, store
-
-MINI = RECIPES / "edm2_mini.yaml"
-# edm2_mini at a few thousand parameters on 16x16 shapes: seconds per run on a CPU.
-TINY_EDM = [
-    "data.synthetic_size=256",
-    "data.resolution=16",
-    "model.channels=16",
-    "model.channel_mult=[1,2]",
-    "model.edm2.channels_per_head=16",
-    "model.edm2.logvar_channels=16",
-    "train.kimg=0.096",
-    "train.batch_size=8",
-    "train.checkpoint_every=4",
-    "train.log_every=1",
-    "train.precision=fp32",
-    "optim.ref_kimg=0.032",
-    "optim.rampup_kimg=0.016",
-    "ema.snapshot_every=16",
-    "sample.steps=4",
-    "sample.num_images=4",
-    "sample.batch_size=4",
-    "tracking.flush_every=5",
-    "tracking.experiment=tests",
-]
-
-
-def _dmstab(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "dmstab", *args], capture_output=True, text=True, timeout=600
-    )
+from tests.helpers import MINI, TINY_EDM, Runner, store
 
 
 def test_edm_objective_is_the_edm2_loss_with_learned_uncertainty() -> None:
@@ -170,18 +137,18 @@ def test_classifier_free_guidance_changes_the_samples_and_one_is_no_guidance() -
     assert not torch.equal(plain, images("sample.guidance=3.0", "sample.guide=self"))
 
 
-def test_mini_then_ema_reconstruct_with_no_arguments_then_sample() -> None:
+def test_mini_then_ema_reconstruct_with_no_arguments_then_sample(dmstab: Runner) -> None:
     """EDM2's headline workflow: train with two power EMAs, pick σrel 0.13 afterwards."""
-    trained = _dmstab("train", str(MINI), *TINY_EDM)
+    trained = dmstab("train", str(MINI), *TINY_EDM)
     assert trained.returncode == 0, trained.stderr
     run_dir = next(Path("runs").iterdir())
     assert len(list((run_dir / "snapshots").glob("*.pt"))) == 2 * 6  # every 16 images, 96 in all
-    made = _dmstab("ema-reconstruct", "--sigma-rel", "0.13")
+    made = dmstab("ema-reconstruct", "--sigma-rel", "0.13")
     assert made.returncode == 0, made.stderr
     [checkpoint] = (run_dir / "reconstructed").glob("*.pt")
     state = load_checkpoint(checkpoint)
     assert state["sigma_rel"] == 0.13 and state["step"] == 12
-    sampled = _dmstab("sample", str(checkpoint), "sample.num_images=3")
+    sampled = dmstab("sample", str(checkpoint), "sample.num_images=3")
     assert sampled.returncode == 0, sampled.stderr
     npz = next(Path("samples").glob("*/heun4_seed0.npz"))
     import numpy as np

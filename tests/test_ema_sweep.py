@@ -13,16 +13,13 @@ from dmstab.analysis.ema_profiles import sigma_rel_to_gamma
 from dmstab.analysis.scoring import image_metrics, load_reference
 from dmstab.config import EvalConfig
 from dmstab.train.evaluate import feature_pipeline
-
-from .conftest import store
-from .test_cli import dmstab
-from .test_edm_training import MINI, TINY_EDM
+from tests.helpers import MINI, TINY_EDM, Runner, store
 
 NUM_IMAGES = 12
 
 
 @pytest.fixture
-def sweep_dir() -> Path:
+def sweep_dir(dmstab: Runner) -> Path:
     trained = dmstab("train", str(MINI), *TINY_EDM, "model.label_dropout=0.2")
     assert trained.returncode == 0, trained.stderr
     made = dmstab("ema-reconstruct", "--sweep", "0.05:0.15:0.05")
@@ -30,7 +27,9 @@ def sweep_dir() -> Path:
     return next(Path("runs").glob("*/reconstructed"))
 
 
-def test_sweep_scores_each_checkpoint_and_marks_the_optimum(sweep_dir: Path) -> None:
+def test_sweep_scores_each_checkpoint_and_marks_the_optimum(
+    sweep_dir: Path, dmstab: Runner
+) -> None:
     swept = dmstab(
         "fid-sweep",
         "--ref",
@@ -86,7 +85,7 @@ def test_sweep_scores_each_checkpoint_and_marks_the_optimum(sweep_dir: Path) -> 
     assert sigma_rel_to_gamma(float(best["sigma_rel"])) > 0
 
 
-def test_sweep_refuses_what_is_not_a_sweep(sweep_dir: Path) -> None:
+def test_sweep_refuses_what_is_not_a_sweep(sweep_dir: Path, dmstab: Runner) -> None:
     one = dmstab(
         "fid-sweep",
         str(next(sweep_dir.glob("*.pt"))),

@@ -25,8 +25,7 @@ from dmstab.diffusion.schedules import linear_betas
 from dmstab.diffusion.weighting import mse_weights
 from dmstab.errors import DmstabError
 from dmstab.train.loop import train
-
-from .conftest import RECIPES, TINY, store
+from tests.helpers import RECIPES, TINY, store
 
 M, BETA_MIN, BETA_D = 2.0, 0.1, 19.9  # official CIFAR-10 VP-FDM
 

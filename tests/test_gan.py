@@ -25,9 +25,7 @@ from dmstab.models.gan import (
 )
 from dmstab.models.generate import generate_for_recipe
 from dmstab.train.loop import train
-
-from .conftest import RECIPES, store
-from .test_cli import dmstab
+from tests.helpers import RECIPES, Runner, store
 
 TINY_GAN = [
     "data.synthetic_size=64",
@@ -185,7 +183,7 @@ def test_two_gan_architectures_get_the_same_z_for_one_seed() -> None:
     assert not torch.equal(seen[0], seeded_latents(recipe, 0, 3, 8))
 
 
-def test_dmstab_train_tracks_a_dcgan_and_sample_reads_it() -> None:
+def test_dmstab_train_tracks_a_dcgan_and_sample_reads_it(dmstab: Runner) -> None:
     result = dmstab("train", str(RECIPES / "mini_dcgan.yaml"), *TINY_GAN)
     assert result.returncode == 0, result.stderr
     client = store()

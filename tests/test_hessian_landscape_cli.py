@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,7 @@ from dmstab.analysis.landscape import evaluate, load_landscape
 from dmstab.commands.hessian import hvp_method
 from dmstab.commands.study import analysis_losses
 from dmstab.commands.subjects import load_subject
-from dmstab.config import load_recipe
-from dmstab.train.loop import TrainResult, train
-
-from .conftest import RECIPES, TINY, TINY_GAN, store
-from .test_cli import dmstab
+from tests.helpers import RECIPES, TINY, CachedRun, Runner, Training, store
 
 HESSIAN = [
     "hessian.batch_size=4",
@@ -34,11 +31,12 @@ SMALL_NET = ["model.channels=32", "model.attention_resolutions=[]", "data.resolu
 
 
 @pytest.fixture
-def trained() -> TrainResult:
-    recipe = load_recipe(
-        RECIPES / "quickstart.yaml", [*TINY, *SMALL_NET, "train.keep_checkpoints=[4]"]
+def trained(trained_runs: Callable[..., list[CachedRun]]) -> CachedRun:
+    """The tiny DM at 8x8 with step 4 kept: trained once a session, a private copy per test."""
+    (run,) = trained_runs(
+        Training.of(RECIPES / "quickstart.yaml", [*TINY, *SMALL_NET, "train.keep_checkpoints=[4]"])
     )
-    return train(recipe)
+    return run
 
 
 def _latest_run(client: MlflowClient, kind: str) -> str:
@@ -62,7 +60,7 @@ def _hvp(
 
 
 def test_hessian_by_checkpoint_logs_a_spectrum_above_every_rayleigh_quotient(
-    trained: TrainResult,
+    trained: CachedRun, dmstab: Runner
 ) -> None:
     result = dmstab("hessian", str(trained.checkpoint), *HESSIAN)
     assert result.returncode == 0, result.stderr
@@ -91,7 +89,7 @@ def test_hessian_by_checkpoint_logs_a_spectrum_above_every_rayleigh_quotient(
         assert quotient <= top[0] * (1 + 1e-3)
 
 
-def test_landscape_surface_centre_is_the_models_loss(trained: TrainResult) -> None:
+def test_landscape_surface_centre_is_the_models_loss(trained: CachedRun, dmstab: Runner) -> None:
     options = ["landscape.points=3", "landscape.batch_size=4", "landscape.timesteps=[5]"]
     result = dmstab("landscape", trained.run_id, *options)
     assert result.returncode == 0, result.stderr
@@ -107,7 +105,7 @@ def test_landscape_surface_centre_is_the_models_loss(trained: TrainResult) -> No
     assert {"landscape/surface.npz", "landscape/surface_mean.png"} <= artifacts
 
 
-def test_interpolation_ends_are_each_checkpoints_loss(trained: TrainResult) -> None:
+def test_interpolation_ends_are_each_checkpoints_loss(trained: CachedRun, dmstab: Runner) -> None:
     options = ["landscape.interpolate=[4,12]", "landscape.alphas=3", "landscape.batch_size=4"]
     result = dmstab("landscape", str(trained.checkpoint), *options)
     assert result.returncode == 0, result.stderr
@@ -132,7 +130,7 @@ def test_interpolation_ends_are_each_checkpoints_loss(trained: TrainResult) -> N
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
-    trained: TrainResult, arguments: list[str], message: str
+    trained: CachedRun, arguments: list[str], message: str, dmstab: Runner
 ) -> None:
     resolved = [str(trained.checkpoint) if a == "CKPT" else a for a in arguments]
     result = dmstab(*resolved)
@@ -140,11 +138,11 @@ def test_bad_input_is_one_line_and_exit_2(
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
-GAN = [*TINY_GAN, "train.steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=[2]"]
-
-
-def test_gan_hessian_of_the_generator_loss_and_interpolation_of_both_losses() -> None:
-    run = train(load_recipe(RECIPES / "mini_dcgan.yaml", GAN))
+def test_gan_hessian_of_the_generator_loss_and_interpolation_of_both_losses(
+    dmstab: Runner, tiny_gan: CachedRun
+) -> None:
+    """On the session's tiny DCGAN: TINY_GAN, 6 steps, checkpoints every 2, step 2 kept."""
+    run = tiny_gan
     options = [*HESSIAN[:1], *HESSIAN[2:]]  # no timesteps for a GAN
     result = dmstab("hessian", run.run_id, *options)
     assert result.returncode == 0, result.stderr

@@ -32,8 +32,7 @@ from dmstab.diffusion.objectives import build_objective
 from dmstab.errors import DmstabError
 from dmstab.models import build_model
 from dmstab.plots import interpolation_figure, surface_figure
-
-from .conftest import RECIPES, TINY
+from tests.helpers import RECIPES, TINY
 
 CLASSES = 3
 BATCH = 4

@@ -30,8 +30,7 @@ from dmstab.data.latents import (
 from dmstab.errors import DmstabError
 from dmstab.models import build_model
 from dmstab.models.generate import generate_for_recipe
-
-from .conftest import RECIPES, store
+from tests.helpers import RECIPES, store
 
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 RESOLUTION = 8

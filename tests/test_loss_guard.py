@@ -13,8 +13,7 @@ from dmstab.distributed import DistributedContext, split_batch
 from dmstab.errors import DmstabError
 from dmstab.train.loss_guard import LossGuard, TrainingDiverged
 from dmstab.train.trainer import Trainer
-
-from .conftest import RECIPES, TINY
+from tests.helpers import RECIPES, TINY
 
 
 def _guard(**settings: object) -> LossGuard:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -24,8 +21,7 @@ from dmstab.train.magnitudes import (
     weight_magnitudes,
 )
 from dmstab.train.trainer import Trainer
-
-from .conftest import RECIPES, TINY, store
+from tests.helpers import RECIPES, TINY, Runner, store
 
 EDM = [
     "model.name=edm2_unet",
@@ -213,22 +209,14 @@ def test_forced_weight_norm_holds_weights_fixed_while_c_and_d_drift() -> None:
     plt.close(figure)
 
 
-def test_dmstab_train_logs_magnitudes_and_the_figure() -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "dmstab",
-            "train",
-            str(RECIPES / "quickstart.yaml"),
-            *TINY,
-            *EDM,
-            "train.steps=4",
-            "train.magnitudes_every=2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+def test_dmstab_train_logs_magnitudes_and_the_figure(dmstab: Runner) -> None:
+    result = dmstab(
+        "train",
+        str(RECIPES / "quickstart.yaml"),
+        *TINY,
+        *EDM,
+        "train.steps=4",
+        "train.magnitudes_every=2",
     )
     assert result.returncode == 0, result.stderr
     client = store()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +14,7 @@ from dmstab.errors import DmstabError
 from dmstab.models import build_model
 from dmstab.train.loop import train
 from dmstab.train.trainer import Trainer
-
-from .conftest import RECIPES, TINY, store
+from tests.helpers import RECIPES, TINY, Runner, store
 
 # T = 8 and history 2: the importance sampler warms up within a few steps of batch 8.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -143,14 +140,9 @@ def test_ddpm_methods_are_refused_for_edm(override: str) -> None:
         load_recipe(RECIPES / "edm2_mini.yaml", [override])
 
 
-def test_cli_exits_2_on_a_bad_weighting_value() -> None:
-    command = [sys.executable, "-m", "dmstab", "train", str(RECIPES / "quickstart.yaml")]
-    result = subprocess.run(
-        [*command, "diffusion.min_snr_gamma=-5", "--dry-run"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def test_cli_exits_2_on_a_bad_weighting_value(dmstab: Runner) -> None:
+    command = ["train", str(RECIPES / "quickstart.yaml")]
+    result = dmstab(*command, "diffusion.min_snr_gamma=-5", "--dry-run")
     assert result.returncode == 2
     assert "diffusion.min_snr_gamma is -5.0" in result.stderr
 

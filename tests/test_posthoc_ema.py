@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +14,7 @@ from dmstab.commands.ema_reconstruct import make_plan, parse_sigma_rel_range, re
 from dmstab.config import load_recipe
 from dmstab.errors import DmstabError
 from dmstab.train.loop import train
-
-from .conftest import RECIPES, TINY, store
+from tests.helpers import RECIPES, TINY, Runner, store
 
 POWER = ["ema.power_sigma_rels=[0.05,0.1,0.13]", "train.steps=48", "train.checkpoint_every=48"]
 
@@ -60,12 +57,7 @@ def test_reconstruction_approaches_a_directly_tracked_ema(isolated_workdir: Path
     assert errors[2] < 0.05
 
 
-def test_cli_reconstructs_the_latest_run_and_sample_accepts_it() -> None:
-    def dmstab(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "dmstab", *args], capture_output=True, text=True, timeout=600
-        )
-
+def test_cli_reconstructs_the_latest_run_and_sample_accepts_it(dmstab: Runner) -> None:
     trained = dmstab(
         "train",
         str(RECIPES / "quickstart.yaml"),

@@ -18,8 +18,8 @@ from dmstab.config import (
     to_yaml,
 )
 from dmstab.errors import DmstabError
+from tests.helpers import RECIPES
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ALL_RECIPES = sorted(p for p in RECIPES.glob("*.yaml") if not p.stem.endswith("_base"))
 RUNNABLE = [p for p in ALL_RECIPES if "\nsweep:" not in p.read_text()]  # sweeps: test_sweep
 
@@ -32,19 +32,17 @@ def test_every_recipe_and_sweep_passes_dry_run(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.stem)
-def test_every_recipe_resolves(path: Path) -> None:
+def test_every_recipe_resolves(path: Path, tmp_path: Path) -> None:
     recipe = load_recipe(path)
     assert recipe.name == path.stem
-    assert load_recipe_from_text(to_yaml(recipe), path.parent) == recipe
+    assert load_recipe_from_text(to_yaml(recipe), tmp_path, path.stem) == recipe
 
 
-def load_recipe_from_text(text: str, directory: Path) -> Recipe:
-    target = directory / ".roundtrip_test.yaml"
-    try:
-        target.write_text(text)
-        return load_recipe(target)
-    finally:
-        target.unlink()
+def load_recipe_from_text(text: str, directory: Path, stem: str) -> Recipe:
+    """The recipe written out as `stem`.yaml in `directory` (the test's own, never recipes/)."""
+    target = directory / f"{stem}.yaml"
+    target.write_text(text)
+    return load_recipe(target)
 
 
 def test_cifar10_clts_carries_the_papers_hyperparameters() -> None:

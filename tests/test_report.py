@@ -41,9 +41,7 @@ from dmstab.tracking import (
     metric_history,
     tracked_run,
 )
-
-from .conftest import RECIPES, store
-from .test_cli import dmstab
+from tests.helpers import RECIPES, Runner, store
 
 # Measured curves the tests log. Baseline final: 3.0 at 500k; CLTS first <= 3.0 at 200k, so the
 # measured speed-up is 500k / 200k = 2.5x. CLTS skips 400k (that row must read "—") and adds an
@@ -262,7 +260,9 @@ def test_metric_history_keeps_the_latest_value_of_a_step_and_find_runs_filters_t
     assert find_runs({TAG_KIND: "train"}, "no-such-experiment") == []
 
 
-def test_cli_prints_the_table_and_logs_the_report_run(recipes: tuple[Path, Path]) -> None:
+def test_cli_prints_the_table_and_logs_the_report_run(
+    recipes: tuple[Path, Path], dmstab: Runner
+) -> None:
     baseline, clts = recipes
     _train_run(baseline, BASELINE_FID)
     clts_id = _train_run(clts, CLTS_FID)

@@ -32,9 +32,7 @@ from dmstab.config import load_recipe
 from dmstab.data.synthetic import CLASS_NAMES, generate_shapes, sample_scenes, shape_coverage
 from dmstab.errors import DmstabError
 from dmstab.train.loop import train
-
-from .conftest import RECIPES, TINY, store
-from .test_score import dmstab
+from tests.helpers import RECIPES, TINY, Runner, store
 
 CPU = torch.device("cpu")
 RESOLUTION = 16  # TINY's data.resolution
@@ -190,7 +188,7 @@ def _npz(path: Path, seed: int) -> Path:
 
 
 def test_dmstab_fid_scores_in_classifier_features(
-    trained: tuple[TrainedClassifier, bool], isolated_workdir: Path
+    trained: tuple[TrainedClassifier, bool], isolated_workdir: Path, dmstab: Runner
 ) -> None:
     first, second = _npz(isolated_workdir / "a.npz", 1), _npz(isolated_workdir / "b.npz", 2)
     scored = dmstab("fid", str(first), "--ref", str(second), "--features", "classifier", "--kid")

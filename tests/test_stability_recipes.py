@@ -12,9 +12,7 @@ import pytest
 
 from dmstab.commands.consistency import member_recipes
 from dmstab.config import fingerprint, load_recipe
-
-from .conftest import RECIPES
-from .test_table_recipes import PAPER_TEXT
+from tests.helpers import PAPER_TEXT, RECIPES
 
 TABLE_1_ROWS = {  # recipe stem -> (the row's first cell ends with, its dataset)
     "cifar10_id": ("Improved Diffusion", "Cifar10"),

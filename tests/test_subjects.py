@@ -12,8 +12,7 @@ from dmstab.config import fingerprint, load_recipe
 from dmstab.errors import DmstabError
 from dmstab.tracking import find_finished_run
 from dmstab.train.loop import train
-
-from .conftest import RECIPES, TINY, store
+from tests.helpers import RECIPES, TINY, store
 
 
 def _recipe(*extra: str):  # type: ignore[no-untyped-def]

@@ -19,8 +19,7 @@ from dmstab.commands.sweep import load_sweep, run_sweep
 from dmstab.config import load_recipe
 from dmstab.errors import DmstabError
 from dmstab.tracking import TAG_KIND, TAG_PARENT, TAG_SWEEP_FINGERPRINT
-
-from .conftest import RECIPES, TINY, store
+from tests.helpers import RECIPES, TINY, store
 
 POINTS = """
 sweep:

@@ -16,11 +16,8 @@ from PIL import Image
 from dmstab.commands.report import parse_iteration
 from dmstab.config import Recipe, load_recipe
 from dmstab.train.loop import train
+from tests.helpers import PAPER_TEXT, RECIPES, TINY, store
 
-from .conftest import RECIPES, TINY, store
-
-PAPER = Path(__file__).resolve().parents[2] / "shared" / "papers"
-PAPER_TEXT = PAPER / "dm-training-stability-aaai2024.txt"
 TABLE_ROWS = {  # recipe -> (the row's name in the paper's table, the table's caption start)
     "cifar10_baseline": ("ID", "Table 3"),
     "cifar10_fdm": ("FDM", "Table 3"),

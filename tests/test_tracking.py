@@ -17,8 +17,7 @@ from dmstab.tracking import (
     resolve_uri,
     tracked_run,
 )
-
-from .conftest import RECIPES, TINY, store
+from tests.helpers import RECIPES, TINY, store
 
 
 def _recipe(*extra: str):  # type: ignore[no-untyped-def]

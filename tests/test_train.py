@@ -18,8 +18,7 @@ from dmstab.config import flatten, load_recipe
 from dmstab.errors import DmstabError
 from dmstab.train.loop import train
 from dmstab.train.loss_guard import TrainingDiverged
-
-from .conftest import RECIPES, TINY, store
+from tests.helpers import RECIPES, TINY, store
 
 
 def _recipe(*extra: str):  # type: ignore[no-untyped-def]

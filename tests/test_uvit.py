@@ -15,8 +15,7 @@ from dmstab.errors import DmstabError
 from dmstab.models import build_model
 from dmstab.models.uvit import SkipBlock, UViT
 from dmstab.train.loop import train
-
-from .conftest import RECIPES, TINY, store
+from tests.helpers import RECIPES, TINY, store
 
 SMALL: dict[str, Any] = {
     "image_size": 8,

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow.entities import Run
 
-from ..helpers import MINI, TINY_EDM, cli, one_line_error, store
+from tests.helpers import MINI, TINY_EDM, cli, one_line_error, store
+
 from . import counts
 
 REPORT_ENV = "DMSTAB_RELIABILITY_REPORT"

@@ -25,10 +25,9 @@ from dmstab.config import load_recipe
 from dmstab.errors import DmstabError
 from dmstab.train.loop import train
 from dmstab.train.power_ema import PowerEMA
+from tests.helpers import RECIPES, TINY, InterruptAt, dmstab, one_line_error, only_run, store
 
-from ..conftest import RECIPES, TINY, store
 from . import counts
-from .conftest import InterruptAt, dmstab, one_line_error, only_run
 
 LIMIT = 4 * 2**20  # bytes: above the MLflow store's size, below a TINY checkpoint's (~12 MB)
 RECIPE = [*TINY, "train.steps=12", "train.checkpoint_every=4"]
