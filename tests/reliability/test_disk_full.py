@@ -25,9 +25,10 @@ from dmstab.config import load_recipe
 from dmstab.errors import DmstabError
 from dmstab.train.loop import train
 from dmstab.train.power_ema import PowerEMA
-from tests.helpers import RECIPES, TINY, InterruptAt, dmstab, one_line_error, only_run, store
+from tests.helpers import RECIPES, TINY, cli, one_line_error, store
 
 from . import counts
+from .conftest import InterruptAt, dmstab, only_run
 
 LIMIT = 4 * 2**20  # bytes: above the MLflow store's size, below a TINY checkpoint's (~12 MB)
 RECIPE = [*TINY, "train.steps=12", "train.checkpoint_every=4"]
@@ -62,7 +63,8 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one_then_resumes() -> None
     assert checkpoint.read_bytes() == before, "the previous checkpoint was touched"
     assert not _temporaries(Path("runs")), "a temporary file was left behind"
 
-    room = dmstab("train", str(RECIPES / "quickstart.yaml"), *RECIPE, "--resume", "auto")
+    # in process: only the full disk above needs a child
+    room = cli("train", str(RECIPES / "quickstart.yaml"), *RECIPE, "--resume", "auto")
     assert room.returncode == 0, room.stderr[-2000:]
     run = only_run()
     steps = sorted(m.step for m in store().get_metric_history(run.info.run_id, "loss"))

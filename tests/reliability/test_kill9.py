@@ -21,9 +21,10 @@ from dmstab.checkpoint import load_checkpoint
 from dmstab.config import load_recipe
 from dmstab.errors import DmstabError
 from dmstab.train.loop import SNAPSHOT_DIR, train
-from tests.helpers import EDM_EVERY_WRITE, MINI, only_run, start_dmstab, store
+from tests.helpers import MINI, store
 
 from . import counts
+from .conftest import EDM_EVERY_WRITE, only_run, start_dmstab
 
 STEPS = 90
 KILLS = 12

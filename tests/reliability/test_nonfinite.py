@@ -13,9 +13,10 @@ from dmstab.analysis.ema_profiles import list_snapshots, load_snapshot
 from dmstab.checkpoint import load_checkpoint
 from dmstab.config import load_recipe
 from dmstab.train.loop import SNAPSHOT_DIR, train
-from tests.helpers import EDM_EVERY_WRITE, MINI, RECIPES, TINY, cli, one_line_error, only_run, store
+from tests.helpers import MINI, RECIPES, TINY, cli, one_line_error, store
 
 from . import counts
+from .conftest import EDM_EVERY_WRITE, only_run
 
 QUICKSTART = RECIPES / "quickstart.yaml"
 BASE = [*TINY, "train.checkpoint_every=1", "train.steps=30"]

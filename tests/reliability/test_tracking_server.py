@@ -21,9 +21,10 @@ from mlflow.tracking import MlflowClient
 from dmstab.config import load_recipe
 from dmstab.tracking import MlflowTracker, sync
 from dmstab.tracking.spool import SPOOL_DIRNAME, Spool
-from tests.helpers import RECIPES, TINY, dmstab, one_line_error, start_dmstab, store
+from tests.helpers import RECIPES, TINY, one_line_error, store
 
 from . import counts
+from .conftest import dmstab, start_dmstab
 
 STEPS = 300  # 30-40 s of TINY training: longer than a server restart
 RECIPE = [*TINY, f"train.steps={STEPS}", "train.checkpoint_every=100", "tracking.flush_every=2"]
