@@ -25,6 +25,7 @@ def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return float(diff.norm())
 
 
+@pytest.mark.slow
 def test_reconstruction_approaches_a_directly_tracked_ema(isolated_workdir: Path) -> None:
     """Snapshots of σrel 0.05 and 0.10 rebuild the σrel 0.13 EMA tracked in the same run."""
     errors = []

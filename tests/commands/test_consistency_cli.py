@@ -85,6 +85,7 @@ def test_the_same_model_twice_is_counted_identical_and_scores_the_cap(
     assert metrics["consistency/psnr"] == pytest.approx(10 * math.log10(255.0**2 * 3 * 8 * 8))
 
 
+@pytest.mark.slow
 def test_a_recipe_trains_its_group_once_and_scores_samplers_and_targets(dmstab: Runner) -> None:
     recipe = RECIPES / "quickstart.yaml"
     members = (
@@ -160,6 +161,7 @@ def test_fewer_than_two_models_is_one_line_and_exit_2(
         assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_two_gans_share_z_and_a_gan_cannot_join_a_diffusion_group(dmstab: Runner) -> None:
     gan = [*TINY_GAN, "train.steps=3"]
     first, second = (

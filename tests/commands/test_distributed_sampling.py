@@ -78,6 +78,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_two_ranks_sample_the_single_process_images(checkpoint: Path, tmp_path: Path) -> None:
     one = _python(["-m", "dmstab", "sample", str(checkpoint), *UNEVEN, "--out", "one"], tmp_path)
     two = _python(
@@ -98,6 +99,7 @@ def test_two_ranks_sample_the_single_process_images(checkpoint: Path, tmp_path: 
     assert len(runs) == 2, "one MLflow run per command, not per rank"
 
 
+@pytest.mark.slow
 def test_two_ranks_evaluate_to_the_single_process_metrics(checkpoint: Path, tmp_path: Path) -> None:
     script = tmp_path / "evaluate.py"
     script.write_text(EVAL_SCRIPT)
@@ -120,6 +122,7 @@ def test_two_ranks_evaluate_to_the_single_process_metrics(checkpoint: Path, tmp_
         assert scores[2][key] == pytest.approx(value, rel=1e-6), key
 
 
+@pytest.mark.slow
 def test_two_ranks_sample_for_fid_and_rank_0_scores_once(checkpoint: Path, tmp_path: Path) -> None:
     shapes, _ = generate_shapes(16, 16, seed=1)
     np.savez(tmp_path / "ref.npz", shapes.permute(0, 2, 3, 1).numpy())

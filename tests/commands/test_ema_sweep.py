@@ -27,6 +27,7 @@ def sweep_dir(dmstab: Runner) -> Path:
     return next(Path("runs").glob("*/reconstructed"))
 
 
+@pytest.mark.slow
 def test_sweep_scores_each_checkpoint_and_marks_the_optimum(
     sweep_dir: Path, dmstab: Runner
 ) -> None:

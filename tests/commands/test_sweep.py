@@ -238,6 +238,7 @@ def _children(parent_id: str) -> list[Run]:
     return list(runs)
 
 
+@pytest.mark.slow
 def test_kill_9_mid_sweep_then_resume_auto_finishes_the_same_sweep(
     isolated_workdir: Path,
 ) -> None:

@@ -44,6 +44,7 @@ def _temporaries(directory: Path) -> list[Path]:
     return [p for p in directory.rglob(".*.tmp")]
 
 
+@pytest.mark.slow
 def test_full_disk_at_a_checkpoint_keeps_the_previous_one_then_resumes() -> None:
     with pytest.raises(KeyboardInterrupt):
         train(load_recipe(RECIPES / "quickstart.yaml", RECIPE), progress=InterruptAt(6))
@@ -124,6 +125,7 @@ def _small_tmpfs(mount_point: Path, size_mb: int) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+@pytest.mark.slow
 def test_a_really_full_filesystem_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     """20 MiB holds one ~12 MB checkpoint but not the next one's temporary copy beside it."""
     with _small_tmpfs(tmp_path / "disk", 20) as disk:

@@ -162,6 +162,7 @@ def reference(one_thread: None) -> Iterator[tuple[str, Path]]:
     yield result.run_id, result.run_dir
 
 
+@pytest.mark.slow
 def test_kill_9_anywhere_then_resume_auto_loses_nothing(reference: tuple[str, Path]) -> None:
     rng = random.Random(8)
     events = [EVENTS[i % len(EVENTS)] for i in range(KILLS)]

@@ -150,6 +150,7 @@ def _finish(process: subprocess.Popen[str]) -> tuple[str, str]:
     return out, err
 
 
+@pytest.mark.slow
 def test_server_killed_and_restarted_mid_run(server: Server) -> None:
     client = _up(server).client()
     earlier = _run_ids(client)
@@ -165,6 +166,7 @@ def test_server_killed_and_restarted_mid_run(server: Server) -> None:
     _check_complete(client, run_id)
 
 
+@pytest.mark.slow
 def test_server_gone_until_the_end_then_sync(server: Server) -> None:
     client = _up(server).client()
     earlier = _run_ids(client)
@@ -186,6 +188,7 @@ def test_server_gone_until_the_end_then_sync(server: Server) -> None:
     one_line_error(again)
 
 
+@pytest.mark.slow
 def test_unreachable_at_start_then_offline_run_and_sync(server: Server) -> None:
     if server.running:
         server.kill()

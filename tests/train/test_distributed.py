@@ -93,6 +93,7 @@ def _logged_steps(client: MlflowClient, run_id: str, key: str = "loss") -> list[
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_weights_of_one(isolated_workdir: Path) -> None:
     out = _finish(_torchrun(2))
     assert out.count("done run") == 1, "only rank 0 reports"
@@ -155,6 +156,7 @@ def _interrupt_after_checkpoint(process: subprocess.Popen[str], root: Path, step
     return int(load_checkpoint(checkpoints[0])["step"])
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_resume_on_one_then_on_two_processes(isolated_workdir: Path) -> None:
     longer = "train.kimg=0.24"  # 30 steps of 8 images
     first = _interrupt_after_checkpoint(_torchrun(2, longer), isolated_workdir, 2)

@@ -63,6 +63,7 @@ def _final_weights(path: Path) -> dict[str, torch.Tensor]:
     return {**state["model"], **{"ema." + k: v for k, v in state["ema"]["shadow"].items()}}
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_auto_matches_an_uninterrupted_run(isolated_workdir: Path) -> None:
     long = ["train.steps=150", "train.checkpoint_every=5", "tracking.flush_every=3"]
     reference = train(_recipe(*long, "tracking.experiment=reference", "train.out_dir=reference"))
