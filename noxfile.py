@@ -23,6 +23,13 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def quick(session: nox.Session) -> None:
+    """The CPU suite without the tests marked `slow`, stopping at the first failure."""
+    _install(session)
+    session.run("pytest", "-m", "not gpu and not slow", "-x", *session.posargs)
+
+
+@nox.session
 def gpu(session: nox.Session) -> None:
     """Tests that need CUDA (run on a GPU machine)."""
     _install(session)

@@ -1,55 +1,53 @@
-"""Shared fixtures: every test gets its own working directory and MLflow store."""
+"""Shared fixtures: every test gets its own working directory and MLflow store; the in-process
+CLI runner; tiny runs trained once a session and copied into the tests that read them."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 
-import dmstab.commands  # noqa: F401  (registers the built-in components, as the CLI does)
-from dmstab.tracking import resolve_uri
+import dmstab.commands
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+from .helpers import (
+    DCGAN,
+    MINI,
+    QUICKSTART,
+    RECIPES,
+    TINY,
+    TINY_EDM,
+    TINY_GAN,
+    CachedRun,
+    Runner,
+    Training,
+    cli,
+    copy_store,
+    relocate,
+    store,
+    train_into,
+)
+from .inception_standin import write_torchscript_inception
 
-# A model of a few thousand parameters on 16x16 synthetic shapes: seconds per run on a CPU.
-TINY = [
-    "data.synthetic_size=256",
-    "data.resolution=16",
-    "model.channels=32",
-    "model.channel_mult=[1,2]",
-    "model.num_res_blocks=1",
-    "model.attention_resolutions=[8]",
-    "model.num_heads=2",
-    "diffusion.steps=100",
-    "timesteps.mu=30",
-    "timesteps.sigma=100",
-    "timesteps.target_iteration=10",
-    "timesteps.histogram_every=5",
-    "train.batch_size=8",
-    "train.steps=12",
-    "train.checkpoint_every=4",
-    "train.log_every=1",
-    "train.precision=fp32",
-    "sample.steps=5",
-    "sample.num_images=4",
-    "sample.batch_size=4",
-    "tracking.flush_every=5",
-    "tracking.experiment=tests",
-]
+__all__ = ["RECIPES", "TINY", "TINY_GAN", "store"]  # older imports from this module keep working
 
-TINY_GAN = [  # mini_dcgan at 16×16 with 4 channels and z of 8: a few seconds of training
-    "data.synthetic_size=64",
-    "data.resolution=16",
-    "gan.g_channels=4",
-    "gan.d_channels=4",
-    "gan.z_dim=8",
-    "train.batch_size=8",
-    "tracking.experiment=tests",
-]
+# The session's shared runs (a test that reads one gets a private copy of its store):
+TINY_DM_RUN = (Training.of(QUICKSTART, TINY),)
+# TINY_EDM trains 12 steps of 8 images: power-EMA snapshots every 16 images, 2 σrel profiles
+TINY_EDM_RUN = (Training.of(MINI, TINY_EDM),)
+TINY_GAN_RUN = (
+    Training.of(
+        DCGAN,
+        [
+            *TINY_GAN,
+            "train.steps=6",
+            "train.checkpoint_every=2",
+            "train.keep_checkpoints=[2]",
+        ],
+    ),
+)
 
 
 @pytest.fixture(autouse=True)
@@ -61,11 +59,6 @@ def isolated_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     yield tmp_path
 
 
-def store() -> MlflowClient:
-    """A client on the default store of the current working directory (./mlflow.db)."""
-    return MlflowClient(resolve_uri(None))
-
-
 @pytest.fixture(scope="module")
 def one_thread() -> Iterator[None]:
     """For tiny networks: one thread is faster, and immune to a busy machine's other jobs."""
@@ -73,3 +66,76 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def dmstab() -> Runner:
+    """`dmstab(*args)` runs the command line in this process (typer's CliRunner) and returns a
+    CompletedProcess: returncode, stdout and stderr apart. Subprocesses are kept for what needs a
+    real process (helpers.dmstab_process)."""
+    return cli
+
+
+@pytest.fixture(scope="session")
+def torchscript_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding a random-weight stand-in for inception-2015-12-05.pt (made once)."""
+    return write_torchscript_inception(tmp_path_factory.mktemp("inception"))
+
+
+class RunCache:
+    """Trainings done once a session, each group in its own folder with its own ./mlflow.db."""
+
+    def __init__(self, factory: pytest.TempPathFactory) -> None:
+        self._factory = factory
+        self._made: dict[tuple[Training, ...], tuple[Path, list[CachedRun]]] = {}
+
+    def get(self, trainings: tuple[Training, ...]) -> tuple[Path, list[CachedRun]]:
+        if trainings not in self._made:
+            folder = self._factory.mktemp("shared-runs")
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)  # the same weights whichever test asks first
+            try:
+                self._made[trainings] = folder, train_into(folder, trainings)
+            finally:
+                torch.set_num_threads(threads)
+        return self._made[trainings]
+
+
+@pytest.fixture(scope="session")
+def run_cache(tmp_path_factory: pytest.TempPathFactory) -> RunCache:
+    return RunCache(tmp_path_factory)
+
+
+@pytest.fixture
+def trained_runs(run_cache: RunCache, isolated_workdir: Path) -> Callable[..., list[CachedRun]]:
+    """`trained_runs(Training, ...)`: those runs, trained once a session in one store, copied
+    (./runs, ./mlflow.db, artifacts) into this test's working directory; the copy's absolute
+    paths point into the copy, so the test may read and write it like runs it trained itself."""
+
+    def copy(*trainings: Training) -> list[CachedRun]:
+        folder, runs = run_cache.get(tuple(trainings))
+        copy_store(folder, isolated_workdir)
+        return [relocate(run, isolated_workdir) for run in runs]
+
+    return copy
+
+
+@pytest.fixture
+def tiny_dm(trained_runs: Callable[..., list[CachedRun]]) -> CachedRun:
+    """quickstart with TINY: 12 steps, checkpoints every 4, in ./mlflow.db (experiment `tests`)."""
+    (run,) = trained_runs(*TINY_DM_RUN)
+    return run
+
+
+@pytest.fixture
+def tiny_edm(trained_runs: Callable[..., list[CachedRun]]) -> CachedRun:
+    """edm2_mini with TINY_EDM: 12 steps, power-EMA snapshots every 16 images."""
+    (run,) = trained_runs(*TINY_EDM_RUN)
+    return run
+
+
+@pytest.fixture
+def tiny_gan(trained_runs: Callable[..., list[CachedRun]]) -> CachedRun:
+    """mini_dcgan with TINY_GAN: 6 steps, checkpoints every 2, the one of step 2 kept."""
+    (run,) = trained_runs(*TINY_GAN_RUN)
+    return run

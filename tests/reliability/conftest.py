@@ -6,18 +6,14 @@ import json
 import os
 import subprocess
 import sys
-import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from mlflow.entities import Run
-from typer.testing import CliRunner
 
-from dmstab.cli import app
+from tests.helpers import MINI, TINY_EDM, cli, one_line_error, store
 
-from ..conftest import store
-from ..test_edm_training import MINI, TINY_EDM
 from . import counts
 
 REPORT_ENV = "DMSTAB_RELIABILITY_REPORT"
@@ -79,24 +75,6 @@ def dmstab(
     process = start_dmstab(*args, preexec_fn=preexec_fn)
     out, err = process.communicate(timeout=600)
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """`dmstab ARGS` in this process through typer's CliRunner: the same path from the argument
-    list to the exit code as the installed command, without the interpreter's start-up."""
-    result = CliRunner().invoke(app, list(args))
-    stderr = result.stderr
-    if result.exc_info is not None and not isinstance(result.exception, SystemExit):
-        stderr += "".join(traceback.format_exception(*result.exc_info))
-    return subprocess.CompletedProcess(["dmstab", *args], result.exit_code, result.stdout, stderr)
-
-
-def one_line_error(result: subprocess.CompletedProcess[str], exit_code: int = 2) -> str:
-    """The single `error:` line a refused command prints, after checking its exit code."""
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == exit_code, (result.returncode, result.stderr[-2000:])
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
-    return lines[0]
 
 
 class InterruptAt:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import RECIPES
+from tests.helpers import RECIPES, cli, one_line_error
+
 from . import counts
-from .conftest import cli, one_line_error
 
 QUICKSTART = str(RECIPES / "quickstart.yaml")
 EDM = str(RECIPES / "edm2_mini.yaml")

@@ -13,10 +13,10 @@ import torch
 
 from dmstab.config import load_recipe
 from dmstab.train.loop import SNAPSHOT_DIR, train
+from tests.helpers import MINI, RECIPES, TINY, TINY_EDM, cli, one_line_error, store
 
-from ..conftest import RECIPES, TINY, store
 from . import counts
-from .conftest import MINI, TINY_EDM, InterruptAt, Payload, cli, one_line_error, only_run
+from .conftest import InterruptAt, Payload, only_run
 
 QUICKSTART = RECIPES / "quickstart.yaml"
 RECIPE = [*TINY, "train.steps=8", "train.checkpoint_every=4"]

@@ -25,10 +25,10 @@ from dmstab.config import load_recipe
 from dmstab.errors import DmstabError
 from dmstab.train.loop import train
 from dmstab.train.power_ema import PowerEMA
+from tests.helpers import RECIPES, TINY, cli, one_line_error, store
 
-from ..conftest import RECIPES, TINY, store
 from . import counts
-from .conftest import InterruptAt, dmstab, one_line_error, only_run
+from .conftest import InterruptAt, dmstab, only_run
 
 LIMIT = 4 * 2**20  # bytes: above the MLflow store's size, below a TINY checkpoint's (~12 MB)
 RECIPE = [*TINY, "train.steps=12", "train.checkpoint_every=4"]
@@ -44,6 +44,7 @@ def _temporaries(directory: Path) -> list[Path]:
     return [p for p in directory.rglob(".*.tmp")]
 
 
+@pytest.mark.slow
 def test_full_disk_at_a_checkpoint_keeps_the_previous_one_then_resumes() -> None:
     with pytest.raises(KeyboardInterrupt):
         train(load_recipe(RECIPES / "quickstart.yaml", RECIPE), progress=InterruptAt(6))
@@ -63,7 +64,8 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one_then_resumes() -> None
     assert checkpoint.read_bytes() == before, "the previous checkpoint was touched"
     assert not _temporaries(Path("runs")), "a temporary file was left behind"
 
-    room = dmstab("train", str(RECIPES / "quickstart.yaml"), *RECIPE, "--resume", "auto")
+    # in process: only the full disk above needs a child
+    room = cli("train", str(RECIPES / "quickstart.yaml"), *RECIPE, "--resume", "auto")
     assert room.returncode == 0, room.stderr[-2000:]
     run = only_run()
     steps = sorted(m.step for m in store().get_metric_history(run.info.run_id, "loss"))
@@ -123,6 +125,7 @@ def _small_tmpfs(mount_point: Path, size_mb: int) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+@pytest.mark.slow
 def test_a_really_full_filesystem_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     """20 MiB holds one ~12 MB checkpoint but not the next one's temporary copy beside it."""
     with _small_tmpfs(tmp_path / "disk", 20) as disk:

@@ -21,10 +21,10 @@ from dmstab.checkpoint import load_checkpoint
 from dmstab.config import load_recipe
 from dmstab.errors import DmstabError
 from dmstab.train.loop import SNAPSHOT_DIR, train
+from tests.helpers import MINI, store
 
-from ..conftest import store
 from . import counts
-from .conftest import EDM_EVERY_WRITE, MINI, only_run, start_dmstab
+from .conftest import EDM_EVERY_WRITE, only_run, start_dmstab
 
 STEPS = 90
 KILLS = 12
@@ -162,6 +162,7 @@ def reference(one_thread: None) -> Iterator[tuple[str, Path]]:
     yield result.run_id, result.run_dir
 
 
+@pytest.mark.slow
 def test_kill_9_anywhere_then_resume_auto_loses_nothing(reference: tuple[str, Path]) -> None:
     rng = random.Random(8)
     events = [EVENTS[i % len(EVENTS)] for i in range(KILLS)]

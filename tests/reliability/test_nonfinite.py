@@ -7,16 +7,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from dmstab.analysis.ema_profiles import list_snapshots, load_snapshot
 from dmstab.checkpoint import load_checkpoint
 from dmstab.config import load_recipe
 from dmstab.train.loop import SNAPSHOT_DIR, train
+from tests.helpers import MINI, RECIPES, TINY, cli, one_line_error, store
 
-from ..conftest import RECIPES, TINY, store
 from . import counts
-from .conftest import EDM_EVERY_WRITE, MINI, cli, one_line_error, only_run
+from .conftest import EDM_EVERY_WRITE, only_run
 
 QUICKSTART = RECIPES / "quickstart.yaml"
 BASE = [*TINY, "train.checkpoint_every=1", "train.steps=30"]
@@ -79,6 +80,7 @@ def test_nonfinite_skip_stops_after_max_skipped_consecutive_skips(one_thread: No
     assert unchanged, "the skipped steps changed the weights or optimiser"
 
 
+@pytest.mark.slow
 def test_a_skipped_spike_changes_nothing_and_training_goes_on(one_thread: None) -> None:
     result = train(load_recipe(QUICKSTART, [*BASE, *SPIKES]))
     client = store()
@@ -93,6 +95,7 @@ def test_a_skipped_spike_changes_nothing_and_training_goes_on(one_thread: None) 
     assert _same(before, at), f"the skipped step {spike} changed the weights or optimiser"
 
 
+@pytest.mark.slow
 def test_spike_policy_stop_exits_1_at_the_same_spike(one_thread: None) -> None:
     skipped = train(load_recipe(QUICKSTART, [*BASE, *SPIKES, "tracking.experiment=skip"]))
     history = store().get_metric_history(skipped.run_id, "train/skipped")

@@ -21,10 +21,10 @@ from mlflow.tracking import MlflowClient
 from dmstab.config import load_recipe
 from dmstab.tracking import MlflowTracker, sync
 from dmstab.tracking.spool import SPOOL_DIRNAME, Spool
+from tests.helpers import RECIPES, TINY, one_line_error, store
 
-from ..conftest import RECIPES, TINY, store
 from . import counts
-from .conftest import dmstab, one_line_error, start_dmstab
+from .conftest import dmstab, start_dmstab
 
 STEPS = 300  # 30-40 s of TINY training: longer than a server restart
 RECIPE = [*TINY, f"train.steps={STEPS}", "train.checkpoint_every=100", "tracking.flush_every=2"]
@@ -150,6 +150,7 @@ def _finish(process: subprocess.Popen[str]) -> tuple[str, str]:
     return out, err
 
 
+@pytest.mark.slow
 def test_server_killed_and_restarted_mid_run(server: Server) -> None:
     client = _up(server).client()
     earlier = _run_ids(client)
@@ -165,6 +166,7 @@ def test_server_killed_and_restarted_mid_run(server: Server) -> None:
     _check_complete(client, run_id)
 
 
+@pytest.mark.slow
 def test_server_gone_until_the_end_then_sync(server: Server) -> None:
     client = _up(server).client()
     earlier = _run_ids(client)
@@ -186,6 +188,7 @@ def test_server_gone_until_the_end_then_sync(server: Server) -> None:
     one_line_error(again)
 
 
+@pytest.mark.slow
 def test_unreachable_at_start_then_offline_run_and_sync(server: Server) -> None:
     if server.running:
         server.kill()

@@ -1,0 +1,183 @@
+"""`dmstab hessian` and `dmstab landscape` through the CLI on a tiny trained DM."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from dmstab.analysis.landscape import evaluate, load_landscape
+from dmstab.analysis.spectrum import hvp_method
+from dmstab.commands.study import analysis_losses
+from dmstab.commands.subjects import load_subject
+from tests.helpers import RECIPES, TINY, CachedRun, Runner, Training, store
+
+HESSIAN = [
+    "hessian.batch_size=4",
+    "hessian.timesteps=[5]",
+    "hessian.top_k=2",
+    "hessian.max_iterations=30",
+    "hessian.trace_samples=3",
+    "hessian.slq_runs=1",
+    "hessian.lanczos_steps=6",
+    "train.device=cpu",
+]
+SMALL_NET = ["model.channels=32", "model.attention_resolutions=[]", "data.resolution=8"]
+
+
+@pytest.fixture
+def trained(trained_runs: Callable[..., list[CachedRun]]) -> CachedRun:
+    """The tiny DM at 8x8 with step 4 kept: trained once a session, a private copy per test."""
+    (run,) = trained_runs(
+        Training.of(RECIPES / "quickstart.yaml", [*TINY, *SMALL_NET, "train.keep_checkpoints=[4]"])
+    )
+    return run
+
+
+def _latest_run(client: MlflowClient, kind: str) -> str:
+    experiment = client.get_experiment_by_name("tests")
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`dmstab.kind` = '{kind}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    return str(runs[0].info.run_id)
+
+
+def _hvp(
+    model: torch.nn.Module, loss: torch.Tensor, vector: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """H·v by double backward, independent of dmstab.analysis.hessian."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    dot = sum((g * v).sum() for g, v in zip(grads, vector, strict=True))
+    return list(torch.autograd.grad(dot, params))
+
+
+def test_hessian_by_checkpoint_logs_a_spectrum_above_every_rayleigh_quotient(
+    trained: CachedRun, dmstab: Runner
+) -> None:
+    result = dmstab("hessian", str(trained.checkpoint), *HESSIAN)
+    assert result.returncode == 0, result.stderr
+    client = store()
+    run_id = _latest_run(client, "hessian")
+    run = client.get_run(run_id)
+    assert run.data.tags["mlflow.parentRunId"] == trained.run_id
+    artifacts = {a.path for a in client.list_artifacts(run_id, "hessian")}
+    assert {"hessian/spectrum.npz", "hessian/density.png"} <= artifacts
+    with np.load(Path("analyses/hessian") / run_id / "spectrum.npz") as arrays:
+        top = arrays["mean/top"]
+        assert float(run.data.metrics["hessian/mean/lambda_1"]) == pytest.approx(top[0])
+        assert "t5/top" in arrays.files
+        weights = arrays["mean/slq_weights"]
+        assert weights.sum() == pytest.approx(1.0)
+    subject = load_subject(str(trained.checkpoint), HESSIAN)
+    model, losses = analysis_losses(subject, torch.device("cpu"), subject.recipe.hessian)
+    generator = torch.Generator().manual_seed(123)
+    for _ in range(3):  # vᵀHv ≤ λ1 for every unit v (λ1 the largest eigenvalue)
+        vector = [torch.randn(p.shape, generator=generator) for p in model.parameters()]
+        norm = torch.sqrt(sum((v**2).sum() for v in vector))
+        vector = [v / norm for v in vector]
+        with sdpa_kernel(SDPBackend.MATH):  # CPU flash attention has no double backward
+            hv = _hvp(model, losses["mean"](model), vector)
+        quotient = float(sum((h * v).sum() for h, v in zip(hv, vector, strict=True)))
+        assert quotient <= top[0] * (1 + 1e-3)
+
+
+def test_landscape_surface_centre_is_the_models_loss(trained: CachedRun, dmstab: Runner) -> None:
+    options = ["landscape.points=3", "landscape.batch_size=4", "landscape.timesteps=[5]"]
+    result = dmstab("landscape", trained.run_id, *options)
+    assert result.returncode == 0, result.stderr
+    run_id = _latest_run(store(), "landscape")
+    grid = load_landscape(Path("analyses/landscape") / run_id / "surface.npz")
+    assert set(grid.values) == {"mean", "t=5"} and grid.values["mean"].shape == (3, 3)
+    subject = load_subject(trained.run_id, options)
+    model, losses = analysis_losses(subject, torch.device("cpu"), subject.recipe.landscape)
+    for name, loss in losses.items():
+        assert grid.values[name][1, 1] == pytest.approx(evaluate(loss, model), rel=1e-6)
+        assert grid.values[name].max() > grid.values[name][1, 1]  # a trained model: a minimum
+    artifacts = {a.path for a in store().list_artifacts(run_id, "landscape")}
+    assert {"landscape/surface.npz", "landscape/surface_mean.png"} <= artifacts
+
+
+def test_interpolation_ends_are_each_checkpoints_loss(trained: CachedRun, dmstab: Runner) -> None:
+    options = ["landscape.interpolate=[4,12]", "landscape.alphas=3", "landscape.batch_size=4"]
+    result = dmstab("landscape", str(trained.checkpoint), *options)
+    assert result.returncode == 0, result.stderr
+    run_id = _latest_run(store(), "landscape")
+    grid = load_landscape(Path("analyses/landscape") / run_id / "interpolation.npz")
+    np.testing.assert_allclose(grid.xs, [0.0, 0.5, 1.0])
+    for alpha_index, step in ((0, 4), (2, 12)):
+        subject = load_subject(str(trained.checkpoint), options).kept(step)
+        model, losses = analysis_losses(subject, torch.device("cpu"), subject.recipe.landscape)
+        expected = evaluate(losses["mean"], model)
+        assert grid.values["mean"][alpha_index] == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["landscape", "missing.pt"], "checkpoint not found"),
+        (["landscape", "CKPT", "landscape.interpolate=[2,12]"], "kept no checkpoint at step 2"),
+        (["hessian", "CKPT", "model.channels=64"], "cannot change a trained model"),
+        (["hessian", "CKPT", "hessian.top_k=0"], "hessian.top_k must be at least 1"),
+        (["hessian", "CKPT", "CKPT"], "reads one model"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(
+    trained: CachedRun, arguments: list[str], message: str, dmstab: Runner
+) -> None:
+    resolved = [str(trained.checkpoint) if a == "CKPT" else a for a in arguments]
+    result = dmstab(*resolved)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_gan_hessian_of_the_generator_loss_and_interpolation_of_both_losses(
+    dmstab: Runner, tiny_gan: CachedRun
+) -> None:
+    """On the session's tiny DCGAN: TINY_GAN, 6 steps, checkpoints every 2, step 2 kept."""
+    run = tiny_gan
+    options = [*HESSIAN[:1], *HESSIAN[2:]]  # no timesteps for a GAN
+    result = dmstab("hessian", run.run_id, *options)
+    assert result.returncode == 0, result.stderr
+    metrics = store().get_run(_latest_run(store(), "hessian")).data.metrics
+    top = metrics["hessian/generator/lambda_1"]
+    subject = load_subject(run.run_id, options)
+    model, losses = analysis_losses(subject, torch.device("cpu"), subject.recipe.hessian)
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(3):  # |vᵀHv| ≤ |λ1|, λ1 the eigenvalue of largest magnitude
+        vector = [torch.randn(p.shape, generator=generator) for p in model.parameters()]
+        norm = torch.sqrt(sum((v**2).sum() for v in vector))
+        vector = [v / norm for v in vector]
+        hv = _hvp(model, losses["generator"](model), vector)
+        assert abs(float(sum((h * v).sum() for h, v in zip(hv, vector, strict=True)))) <= abs(
+            top
+        ) * (1 + 1e-3)
+
+    landscape = ["landscape.interpolate=[2,6]", "landscape.alphas=3", "landscape.batch_size=4"]
+    assert dmstab("landscape", str(run.checkpoint), *landscape).returncode == 0
+    grid = load_landscape(
+        Path("analyses/landscape") / _latest_run(store(), "landscape") / "interpolation.npz"
+    )
+    assert set(grid.values) == {"generator", "discriminator"}
+    for alpha_index, step in ((0, 2), (2, 6)):
+        for network in ("generator", "discriminator"):
+            kept = load_subject(
+                str(run.checkpoint), [*landscape, f"landscape.network={network}"]
+            ).kept(step)
+            model, losses = analysis_losses(kept, torch.device("cpu"), kept.recipe.landscape)
+            expected = evaluate(losses[network], model)
+            assert grid.values[network][alpha_index] == pytest.approx(expected, rel=1e-6)
+
+
+def test_auto_hvp_method_is_double_backward_on_cpu_and_explicit_methods_pass() -> None:
+    model = torch.nn.Linear(2, 1)
+    assert hvp_method("auto", model) == "double_backward"
+    assert hvp_method("forward_over_reverse", model) == "forward_over_reverse"
+    assert hvp_method("double_backward", model) == "double_backward"

@@ -1,0 +1,104 @@
+"""Tracking against a real SQLite MLflow store in the test's working directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from dmstab import __version__
+from dmstab.config import flatten, load_recipe
+from dmstab.errors import DmstabError
+from dmstab.tracking import (
+    DEFAULT_TRACKING_URI,
+    MlflowTracker,
+    find_resumable_run,
+    resolve_uri,
+    tracked_run,
+)
+from tests.helpers import RECIPES, TINY, store
+
+
+def _recipe(*extra: str):  # type: ignore[no-untyped-def]
+    return load_recipe(RECIPES / "quickstart.yaml", [*TINY, *extra])
+
+
+def _steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def test_default_store_is_sqlite_in_the_working_directory(
+    monkeypatch: pytest.MonkeyPatch, isolated_workdir: Path
+) -> None:
+    assert DEFAULT_TRACKING_URI == "sqlite:///mlflow.db"
+    assert resolve_uri(None) == f"sqlite:///{isolated_workdir.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert resolve_uri(None) == "http://127.0.0.1:5000"
+    assert resolve_uri("sqlite:////abs/recipe.db") == "sqlite:////abs/recipe.db"
+
+
+def test_params_tags_and_recipe_artifact(isolated_workdir: Path) -> None:
+    recipe = _recipe()
+    tracker = MlflowTracker.start(recipe, kind="train")
+    tracker.finish("FINISHED")
+    assert (isolated_workdir / "mlflow.db").is_file()
+    client = store()
+    run = client.get_run(tracker.run_id)
+    assert run.data.params == flatten(recipe)
+    assert run.data.tags["dmstab.version"] == __version__
+    assert run.data.tags["dmstab.command"].startswith("dmstab")
+    assert run.data.tags["dmstab.hostname"]
+    assert run.info.status == "FINISHED"
+    artifacts = [a.path for a in client.list_artifacts(tracker.run_id)]
+    assert "recipe.yaml" in artifacts
+
+
+def test_metrics_are_buffered_until_flush_every_steps() -> None:
+    tracker = MlflowTracker.start(_recipe("tracking.flush_every=10"), kind="train")
+    client = store()
+    for step in range(1, 10):
+        tracker.log_metrics({"loss": float(step)}, step=step)
+    assert _steps(client, tracker.run_id, "loss") == []
+    tracker.log_metrics({"loss": 10.0}, step=10)
+    assert _steps(client, tracker.run_id, "loss") == list(range(1, 11))
+    tracker.log_metrics({"loss": 11.0}, step=11)
+    assert _steps(client, tracker.run_id, "loss") == list(range(1, 11))
+    tracker.finish("FINISHED")
+    assert _steps(client, tracker.run_id, "loss") == list(range(1, 12))
+
+
+def test_crash_marks_failed_and_keeps_metrics() -> None:
+    tracker = MlflowTracker.start(_recipe(), kind="train")
+    with pytest.raises(ZeroDivisionError), tracked_run(tracker):
+        tracker.log_metrics({"loss": 0.5}, step=1)
+        _ = 1 / 0
+    run = store().get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.metrics["loss"] == 0.5
+
+
+def test_resumed_run_skips_steps_it_already_has() -> None:
+    recipe = _recipe("tracking.flush_every=1")
+    first = MlflowTracker.start(recipe, kind="train")
+    for step in range(1, 6):
+        first.log_metrics({"loss": float(step), "lr": 1.0}, step=step)
+    first.flush()  # then the process dies: the run stays RUNNING
+    assert find_resumable_run(recipe) == first.run_id
+    assert find_resumable_run(_recipe("optim.lr=0.5")) is None
+    second = MlflowTracker.start(recipe, kind="train", resume_run_id=first.run_id)
+    for step in range(1, 9):
+        second.log_metrics({"loss": float(step), "lr": 1.0}, step=step)
+    second.finish("FINISHED")
+    client = store()
+    assert _steps(client, first.run_id, "loss") == list(range(1, 9))
+    assert _steps(client, first.run_id, "lr") == list(range(1, 9))
+    assert find_resumable_run(recipe) is None
+
+
+def test_unreachable_store_is_a_one_line_error(isolated_workdir: Path) -> None:
+    (isolated_workdir / "a_file").write_text("not a directory")
+    uri = f"sqlite:///{isolated_workdir}/a_file/x.db"
+    with pytest.raises(DmstabError, match="cannot open MLflow store") as info:
+        MlflowTracker.start(_recipe(f"tracking.uri={uri}"), kind="train")
+    assert "\n" not in str(info.value)

@@ -1,0 +1,163 @@
+"""Targets, loss weightings and timestep samplers trained end to end on the tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmstab.checkpoint import load_checkpoint
+from dmstab.config import Recipe, load_recipe
+from dmstab.diffusion.objectives import DDPMObjective, whole_batch_losses
+from dmstab.errors import DmstabError
+from dmstab.models import build_model
+from dmstab.train.loop import train
+from dmstab.train.trainer import Trainer
+from tests.helpers import RECIPES, TINY, Runner, store
+
+# T = 8 and history 2: the importance sampler warms up within a few steps of batch 8.
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SMALL_T = ["diffusion.steps=8", "timesteps.mu=3", "timesteps.history=2", "sample.steps=4"]
+
+
+def _recipe(*extra: str) -> Recipe:
+    return load_recipe(RECIPES / "quickstart.yaml", [*TINY, *SMALL_T, *extra])
+
+
+def _history(run_id: str, key: str) -> list[float]:
+    metrics = store().get_metric_history(run_id, key)
+    return [m.value for m in sorted(metrics, key=lambda m: m.step)]
+
+
+# Every new option is trained in one of two runs.
+RUN_A = ["diffusion.target=v", "diffusion.weighting=min_snr", "timesteps.sampler=importance"]
+RUN_B = [
+    "diffusion.target=x0",
+    "diffusion.weighting=p2",
+    "model.learn_sigma=true",
+    "timesteps.sampler=shifted_gaussian",
+]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "metric"), [(RUN_A, "timesteps/warmed_up"), (RUN_B, "timesteps/mean")]
+)
+def test_each_method_trains_and_samples(overrides: list[str], metric: str) -> None:
+    result = train(_recipe("train.steps=3", *overrides))
+    values = _history(result.run_id, metric)
+    assert len(values) == 3 and all(map(torch.isfinite, torch.tensor(values)))
+    weights = _history(result.run_id, "loss_weight")
+    # T = 8: the weights of both lie in (0, 1] and the cosine SNR makes them not all 1.
+    assert len(weights) == 3 and all(0 < w <= 1 for w in weights) and min(weights) < 1
+    assert result.samples is not None and result.samples.is_file()
+
+
+def _final_weights(path: Path) -> dict[str, torch.Tensor]:
+    state = load_checkpoint(path)
+    return {**state["model"], **{"ema." + k: v for k, v in state["ema"]["shadow"].items()}}
+
+
+class _CrashAt:
+    """A progress display that fails the run at a given step, after an earlier checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def start(self, total: int, completed: int) -> None:
+        return None
+
+    def advance(self, step: int, loss: float, images_per_s: float) -> None:
+        if step == self.step:
+            raise RuntimeError("simulated crash")
+
+    def stop(self) -> None:
+        return None
+
+
+def test_importance_sampler_run_resumes_bit_for_bit() -> None:
+    long = ["timesteps.sampler=importance", "train.steps=12", "train.checkpoint_every=6"]
+    reference = train(_recipe(*long, "tracking.experiment=reference", "train.out_dir=reference"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(_recipe(*long), progress=_CrashAt(8))
+    client = store()
+    run_id = client.search_runs([client.get_experiment_by_name("tests").experiment_id])[
+        0
+    ].info.run_id
+    checkpoint = load_checkpoint(Path("runs") / run_id / "checkpoint.pt")
+    assert checkpoint["step"] == 6
+    assert int(checkpoint["objective"]["timesteps.loss_counts"].min()) == 2, "not warmed up"
+    resumed = train(_recipe(*long), resume=run_id)
+    assert resumed.step == 12
+    resumed_weights, reference_weights = (
+        _final_weights(r.checkpoint) for r in (resumed, reference)
+    )
+    for key, value in reference_weights.items():
+        assert torch.equal(resumed_weights[key], value), key
+
+
+@pytest.mark.parametrize(("sampler", "loads"), [("uniform", True), ("importance", False)])
+def test_checkpoints_without_objective_state_load_only_for_stateless_samplers(
+    sampler: str, loads: bool
+) -> None:
+    """Checkpoints written before the objective had state lack the entry."""
+    recipe = _recipe(f"timesteps.sampler={sampler}")
+    state = Trainer(recipe, torch.device("cpu")).state_dict("old")
+    del state["objective"]
+    trainer = Trainer(recipe, torch.device("cpu"))
+    if loads:
+        trainer.load_state_dict(state)
+    else:
+        with pytest.raises(DmstabError, match="objective state does not fit"):
+            trainer.load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("diffusion.min_snr_gamma=0", "diffusion.min_snr_gamma is 0.0; must be > 0"),
+        ("diffusion.p2_k=0", "diffusion.p2_k is 0.0; must be > 0"),
+        ("diffusion.p2_gamma=-1", "diffusion.p2_gamma is -1.0; must be >= 0"),
+        ("timesteps.history=0", "timesteps.history is 0; must be at least 1"),
+        ("timesteps.uniform_prob=1", r"timesteps.uniform_prob is 1.0; must be in \[0, 1\)"),
+        ("diffusion.weighting=snr", "allowed: 'none' | 'min_snr' | 'p2' | 'fdm'"),
+        ("timesteps.sampler=imp", "allowed: 'uniform' | 'clts' | 'importance'"),
+        ("diffusion.target=score", "allowed: 'eps' | 'x0' | 'v'"),
+    ],
+)
+def test_bad_values_are_one_line_errors(override: str, message: str) -> None:
+    with pytest.raises(DmstabError, match=message) as info:
+        _recipe(override)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override", ["timesteps.sampler=importance", "diffusion.weighting=p2", "diffusion.target=v"]
+)
+def test_ddpm_methods_are_refused_for_edm(override: str) -> None:
+    with pytest.raises(DmstabError, match="EDM"):
+        load_recipe(RECIPES / "edm2_mini.yaml", [override])
+
+
+def test_cli_exits_2_on_a_bad_weighting_value(dmstab: Runner) -> None:
+    command = ["train", str(RECIPES / "quickstart.yaml")]
+    result = dmstab(*command, "diffusion.min_snr_gamma=-5", "--dry-run")
+    assert result.returncode == 2
+    assert "diffusion.min_snr_gamma is -5.0" in result.stderr
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "clts", "shifted_gaussian"])
+def test_curricula_leave_every_loss_at_weight_one(sampler: str) -> None:
+    """CLTS is a curriculum, not importance sampling: the loss minimised is the plain MSE."""
+    recipe = _recipe(f"timesteps.sampler={sampler}")
+    objective = DDPMObjective(recipe)
+    model = build_model(recipe, num_classes=10)
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand(8, 3, 16, 16, generator=generator) * 2 - 1
+    labels = torch.randint(0, 10, (8,), generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    terms = whole_batch_losses(
+        objective, model, x0, labels, noise, generator, step=20
+    )  # past the target
+    assert torch.equal(terms["loss"], terms["mse"]) and bool((terms["loss_weight"] == 1).all())
