@@ -1,7 +1,7 @@
 """EDM preconditioning, the EDM2 loss, the Heun sampler with guidance, and EDM2's LR schedule.
 
-Checked against FACTS test vectors, hand computations, exact denoisers of toy datasets
-(a single point, a Gaussian) and the ODE's closed-form solution.
+Checked against published test vectors (EDM, EDM2), hand computations, exact denoisers of toy
+datasets (a single point, a Gaussian) and the ODE's closed-form solution.
 """
 
 import itertools

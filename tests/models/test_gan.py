@@ -49,8 +49,8 @@ def _count(module: nn.Module) -> int:
 
 @pytest.mark.parametrize(("c", "z"), [(64, 100), (8, 16)])
 def test_dcgan_parameter_counts_match_the_closed_form(c: int, z: int) -> None:
-    """4×4 kernels, no biases, two batch-norm parameters per channel; 64/100 give FACTS.md's
-    ≈1.07M generator and ≈0.66M discriminator."""
+    """4×4 kernels, no biases, two batch-norm parameters per channel; 64/100 give the AAAI
+    baseline's ≈1.07M generator and ≈0.66M discriminator."""
     generator = 16 * (z * 4 * c + 4 * c * 2 * c + 2 * c * c + c * 3) + 2 * (4 * c + 2 * c + c)
     discriminator = 16 * (3 * c + c * 2 * c + 2 * c * 4 * c + 4 * c) + 2 * (2 * c + 4 * c)
     assert _count(DCGANGenerator(32, z, c)) == generator

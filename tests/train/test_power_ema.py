@@ -1,4 +1,4 @@
-"""Power-function EMA and post-hoc reconstruction against EDM2's closed forms and FACTS."""
+"""Power-function EMA and post-hoc reconstruction against EDM2's closed forms and test vectors."""
 
 from __future__ import annotations
 
