@@ -22,6 +22,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL_T = ["diffusion.steps=8", "timesteps.mu=3", "timesteps.history=2", "sample.steps=4"]
 
 
+CPU = torch.device("cpu")
+
+
 def _recipe(*extra: str) -> Recipe:
     return load_recipe(RECIPES / "quickstart.yaml", [*TINY, *SMALL_T, *extra])
 
@@ -97,20 +100,23 @@ def test_importance_sampler_run_resumes_bit_for_bit() -> None:
         assert torch.equal(resumed_weights[key], value), key
 
 
-@pytest.mark.parametrize(("sampler", "loads"), [("uniform", True), ("importance", False)])
-def test_checkpoints_without_objective_state_load_only_for_stateless_samplers(
-    sampler: str, loads: bool
-) -> None:
-    """Checkpoints written before the objective had state lack the entry."""
+@pytest.mark.parametrize("entry", ["objective", "loss_guard", "optimizer", "ema"])
+@pytest.mark.parametrize("sampler", ["uniform", "importance"])
+def test_a_checkpoint_missing_an_entry_is_refused_naming_it(sampler: str, entry: str) -> None:
+    """Every checkpoint dmstab writes has each entry; one without it is not a dmstab checkpoint."""
     recipe = _recipe(f"timesteps.sampler={sampler}")
-    state = Trainer(recipe, torch.device("cpu")).state_dict("old")
-    del state["objective"]
-    trainer = Trainer(recipe, torch.device("cpu"))
-    if loads:
-        trainer.load_state_dict(state)
-    else:
-        with pytest.raises(DmstabError, match="objective state does not fit"):
-            trainer.load_state_dict(state)
+    state = Trainer(recipe, torch.device("cpu")).state_dict("run")
+    del state[entry]
+    with pytest.raises(DmstabError, match=f"checkpoint has no '{entry}' state"):
+        Trainer(recipe, torch.device("cpu")).load_state_dict(state)
+
+
+def test_an_objective_state_of_another_shape_is_refused() -> None:
+    """An importance sampler's loss history must match the recipe's history length."""
+    written = Trainer(_recipe("timesteps.sampler=importance", "timesteps.history=10"), CPU)
+    reader = Trainer(_recipe("timesteps.sampler=importance", "timesteps.history=5"), CPU)
+    with pytest.raises(DmstabError, match="objective state does not fit"):
+        reader.load_state_dict(written.state_dict("run"))
 
 
 @pytest.mark.parametrize(
