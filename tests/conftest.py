@@ -72,7 +72,7 @@ def one_thread() -> Iterator[None]:
 def dmstab() -> Runner:
     """`dmstab(*args)` runs the command line in this process (typer's CliRunner) and returns a
     CompletedProcess: returncode, stdout and stderr apart. Subprocesses are kept for what needs a
-    real process (helpers.dmstab_process)."""
+    real process: kill -9, torchrun, a live server."""
     return cli
 
 

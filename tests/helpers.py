@@ -6,13 +6,11 @@ Test modules import from here (never from another test module or a conftest).
 
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 import traceback
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -121,22 +119,6 @@ def one_line_error(result: subprocess.CompletedProcess[str], exit_code: int = 2)
     assert result.returncode == exit_code, (result.returncode, result.stderr[-2000:])
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
     return lines[0]
-
-
-def dmstab_process(
-    *args: str, env: Mapping[str, str] | None = None, timeout: float = 600
-) -> subprocess.CompletedProcess[str]:
-    """`python -m dmstab ARGS` as a real child process in the current directory, run to the end.
-
-    Only for what needs a process: the entry point itself, kill -9, torchrun, a live server.
-    """
-    return subprocess.run(
-        [sys.executable, "-m", "dmstab", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
 
 
 # --------------------------------------------------------------- tiny runs trained once a session

@@ -17,6 +17,7 @@ from torch import nn
 
 from dmstab.checkpoint import CHECKPOINT_NAME, kept_checkpoint, load_checkpoint
 from dmstab.config import ANALYSIS_SECTIONS, Recipe, load_recipe
+from dmstab.console import SampleProgress, TrainProgress
 from dmstab.errors import DmstabError
 from dmstab.tracking import find_finished_run, run_directory
 from dmstab.train.loop import Progress, train
@@ -151,7 +152,5 @@ def subjects_for(
 
 def subjects_from_arguments(arguments: Sequence[str]) -> list[Subject]:
     """The models an analysis command's arguments name, trained first where a recipe says so."""
-    from dmstab.console import SampleProgress, TrainProgress
-
     inputs = parse_inputs(arguments)
     return subjects_for(inputs, progress=TrainProgress(), on_sample=SampleProgress("sample"))
