@@ -13,7 +13,6 @@ docs/performance.md with the device, torch version and date.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from dmstab.analysis.fixed_batch import MEAN_LOSS
 from dmstab.analysis.hessian import HessianOperator, Method
 from dmstab.analysis.landscape import evaluate
+from dmstab.analysis.spectrum import HessianConfig
 from dmstab.commands.study import analysis_losses
 from dmstab.commands.subjects import Subject
 from dmstab.config import load_recipe
@@ -49,10 +49,7 @@ def _seconds_per_call(call: Callable[[], object], repeats: int, device: torch.de
 
 def _fresh_subject(path: str, overrides: list[str], batch: int) -> Subject:
     """A freshly initialised model of the recipe, as a Subject the analyses can read."""
-    recipe = load_recipe(path, overrides)
-    recipe = dataclasses.replace(
-        recipe, hessian=dataclasses.replace(recipe.hessian, batch_size=batch, timesteps=())
-    )
+    recipe = load_recipe(path, [*overrides, f"hessian.batch_size={batch}", "hessian.timesteps=[]"])
     classes = build_dataset(recipe.data).num_classes
     model = build_model(recipe, classes)
     state: dict[str, object] = {"model": model.state_dict(), "num_classes": classes, "step": 0}
@@ -72,7 +69,7 @@ def main() -> None:
 
     subject = _fresh_subject(args.recipe, args.overrides, args.batch)
     device = pick_device(subject.recipe.train.device)
-    model, losses = analysis_losses(subject, device, subject.recipe.hessian)
+    model, losses = analysis_losses(subject, device, subject.recipe.analysis(HessianConfig))
     loss = losses.get(MEAN_LOSS) or next(iter(losses.values()))
     parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.recipe}: {parameters:,} parameters, batch {args.batch}, device {device}")

@@ -55,9 +55,9 @@ TINY = [
 TINY_GAN = [  # mini_dcgan at 16×16 with 4 channels and z of 8: a few seconds of training
     "data.synthetic_size=64",
     "data.resolution=16",
-    "gan.g_channels=4",
-    "gan.d_channels=4",
-    "gan.z_dim=8",
+    "model.g_channels=4",
+    "model.d_channels=4",
+    "model.z_dim=8",
     "train.batch_size=8",
     "tracking.experiment=tests",
 ]

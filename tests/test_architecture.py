@@ -89,7 +89,7 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 
 def test_the_graph_sees_the_package_imports() -> None:
     graph = import_graph()
-    assert "dmstab.config" in graph["dmstab.models.edm2_unet"]
+    assert "dmstab.config" in graph["dmstab.models.edm2_recipe"]
     assert "dmstab.commands.train" in graph["dmstab.cli"]  # an import inside a function
 
 

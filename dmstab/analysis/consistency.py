@@ -14,12 +14,39 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from dmstab.config import AnalysisSection, Recipe, check_sampler
 from dmstab.errors import DmstabError
+
+
+@dataclass(frozen=True)
+class ConsistencyConfig(AnalysisSection):
+    """`consistency:` (AAAI Eq. 1, Table 1): N models, `num_images` images each (M).
+
+    `members` lists the group, one string of space-separated overrides of this recipe per model
+    ("" = the recipe as it is; "train.seed=1"; "model.channels=64"). The command trains each
+    member (or reuses its finished run) and samples all from the same noise (`sample.seed`).
+    `samplers` scores the group once per sampler (() = `sample.sampler` only).
+    """
+
+    section: ClassVar[str] = "consistency"
+
+    members: tuple[str, ...] = ()
+    num_images: int = 32
+    samplers: tuple[str, ...] = ()
+
+
+def check_consistency(recipe: Recipe) -> None:
+    c = recipe.analysis(ConsistencyConfig)
+    if c.num_images < 1:
+        raise DmstabError("consistency.num_images must be at least 1")
+    for sampler in c.samplers:
+        check_sampler(recipe, sampler, recipe.sample.steps, "consistency.samplers")
 
 
 def one_level_cap(values_per_image: int) -> float:

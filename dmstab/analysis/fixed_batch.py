@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -22,6 +23,20 @@ from dmstab.diffusion.objectives import DDPMObjective, Draws, build_objective
 from dmstab.errors import DmstabError
 
 MEAN_LOSS = "mean"
+GanNetwork = Literal["generator", "discriminator"]  # whose weights move, for a GAN
+
+
+def check_fixed_batch_keys(
+    recipe: Recipe, section: str, batch_size: int, timesteps: Sequence[int]
+) -> None:
+    """An analysis section's fixed batch: at least one row, timesteps inside [0, T)."""
+    if batch_size < 1:
+        raise DmstabError(f"{section}.batch_size must be at least 1")
+    T = recipe.diffusion.steps
+    if not all(0 <= t < T for t in timesteps):
+        raise DmstabError(
+            f"{section}.timesteps {list(timesteps)} must lie in [0, diffusion.steps={T})"
+        )
 
 
 @dataclass(frozen=True, eq=False)

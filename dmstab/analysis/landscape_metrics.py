@@ -4,11 +4,58 @@ trained weights and how rugged it is, and the barrier along a 1D interpolation."
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
-from dmstab.analysis.fixed_batch import metric_name
+from dmstab.analysis.fixed_batch import GanNetwork, check_fixed_batch_keys, metric_name
 from dmstab.analysis.landscape import LandscapeGrid
+from dmstab.config import AnalysisSection, Recipe
+from dmstab.errors import DmstabError
+
+
+@dataclass(frozen=True)
+class LandscapeConfig(AnalysisSection):
+    """`landscape:` (AAAI Figs 2–3) on one fixed batch with fixed noise and timesteps.
+
+    2D: filter-normalised directions (Li et al. 2018, biasbn) on a `points`×`points` grid over
+    [−`span`, `span`]². 1D: θ = α·θa + (1−α)·θb for `alphas` values of α on [`alpha_min`,
+    `alpha_max`] between the run's checkpoints kept at `interpolate` = (step b, step a).
+    `timesteps` are the DDPM t of the per-timestep curves and surfaces (the t-averaged loss is
+    always computed). For GANs, `network` is the one whose weights move.
+    """
+
+    section: ClassVar[str] = "landscape"
+
+    batch_size: int = 64
+    timesteps: tuple[int, ...] = ()
+    points: int = 51
+    span: float = 1.0
+    alphas: int = 21
+    alpha_min: float = 0.0
+    alpha_max: float = 1.0
+    interpolate: tuple[int, ...] = ()
+    network: GanNetwork = "generator"
+    seed: int = 0
+
+
+def check_landscape(recipe: Recipe) -> None:
+    land = recipe.analysis(LandscapeConfig)
+    check_fixed_batch_keys(recipe, "landscape", land.batch_size, land.timesteps)
+    rules = (
+        (land.points >= 2, f"landscape.points is {land.points}; must be at least 2"),
+        (land.span > 0, f"landscape.span is {land.span}; must be positive"),
+        (land.alphas >= 2, f"landscape.alphas is {land.alphas}; must be at least 2"),
+        (land.alpha_min < land.alpha_max, "landscape.alpha_min must be below alpha_max"),
+        (
+            len(land.interpolate) in (0, 2),
+            f"landscape.interpolate is {list(land.interpolate)}; give two steps (b, a) or none",
+        ),
+    )
+    for ok, message in rules:
+        if not ok:
+            raise DmstabError(message)
 
 
 def surface_metrics(grid: LandscapeGrid) -> dict[str, float]:

@@ -5,11 +5,13 @@ whose mean is tr H / P and whose variance estimates (1/P)·tr H² − (tr H / P)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from dmstab.analysis.fixed_batch import GanNetwork, check_fixed_batch_keys
 from dmstab.analysis.hessian import (
     HessianOperator,
     Loss,
@@ -20,7 +22,55 @@ from dmstab.analysis.hessian import (
     spectral_density,
     top_eigenvalues,
 )
-from dmstab.config import HessianConfig, HvpMethod
+from dmstab.config import AnalysisSection, Recipe
+from dmstab.errors import DmstabError
+
+HvpMethod = Literal["auto", "forward_over_reverse", "double_backward"]
+
+
+@dataclass(frozen=True)
+class HessianConfig(AnalysisSection):
+    """`hessian:` (AAAI Fig. 4): the loss Hessian on one fixed batch with fixed noise.
+
+    Top-`top_k` eigenvalues by Lanczos with deflation (at most `max_iterations` steps each,
+    until the Ritz residual is below `tolerance`·|λ|), trace by Hutchinson (`trace_samples`),
+    density by stochastic Lanczos quadrature (`slq_runs` runs of `lanczos_steps`).
+    Hessian-vector products by `method`; `auto` takes forward-over-reverse on CUDA (about 3×
+    faster on an H100) and double backward on the CPU (faster there, docs/performance.md).
+    For GANs, `network`'s loss with the other network fixed.
+    """
+
+    section: ClassVar[str] = "hessian"
+
+    batch_size: int = 64
+    timesteps: tuple[int, ...] = ()
+    top_k: int = 3
+    max_iterations: int = 100
+    tolerance: float = 1e-3
+    trace_samples: int = 100
+    slq_runs: int = 4
+    lanczos_steps: int = 80
+    method: HvpMethod = "auto"  # forward_over_reverse on CUDA, double_backward on CPU
+    network: GanNetwork = "generator"
+    seed: int = 0
+
+
+def check_hessian(recipe: Recipe) -> None:
+    h = recipe.analysis(HessianConfig)
+    check_fixed_batch_keys(recipe, "hessian", h.batch_size, h.timesteps)
+    rules = (
+        (h.top_k >= 1, "hessian.top_k must be at least 1"),
+        (h.max_iterations >= 1, "hessian.max_iterations must be at least 1"),
+        (h.tolerance > 0, "hessian.tolerance must be positive"),
+        (h.trace_samples >= 1, "hessian.trace_samples must be at least 1"),
+        (
+            h.slq_runs >= 1 and h.lanczos_steps >= 2,
+            "hessian needs slq_runs >= 1 and lanczos_steps >= 2",
+        ),
+    )
+    for ok, message in rules:
+        if not ok:
+            raise DmstabError(message)
 
 
 @dataclass(frozen=True, eq=False)

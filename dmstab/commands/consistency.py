@@ -20,14 +20,20 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from dmstab.analysis.consistency import ConsistencyResult, consistency_score
+from dmstab.analysis.consistency import (
+    ConsistencyConfig,
+    ConsistencyResult,
+    check_consistency,
+    consistency_score,
+)
 from dmstab.atomic import write_atomically
 from dmstab.commands.study import AnalysisRun, open_analysis
 from dmstab.commands.subjects import Subject, load_subject, parse_inputs, trained_subject
-from dmstab.config import GAN_MODELS, Recipe, SampleConfig, apply_overrides, from_mapping, to_dict
+from dmstab.config import ANALYSES, Recipe, SampleConfig, apply_overrides, from_mapping, to_dict
 from dmstab.console import SampleProgress, TextTable, TrainProgress, console, rich_table
 from dmstab.devices import pick_device
 from dmstab.errors import DmstabError
+from dmstab.models.gan import gan_config
 from dmstab.models.generate import generate_for_recipe, sampler_label
 from dmstab.plots import consistency_grid
 from dmstab.tracking import browse_hint, save_figure
@@ -37,7 +43,7 @@ from dmstab.train.loop import Progress
 def member_recipes(recipe: Recipe) -> list[tuple[str, Recipe]]:
     """The group `consistency.members` defines: (label, the recipe with that member's
     space-separated overrides) for each member."""
-    members = recipe.consistency.members
+    members = recipe.analysis(ConsistencyConfig).members
     if len(members) < 2:
         raise DmstabError(
             f"consistency.members lists {len(members)} model(s); a group needs at least 2 "
@@ -64,7 +70,7 @@ def trained_group(
 
 
 def _is_gan(recipe: Recipe) -> bool:
-    return recipe.model.name in GAN_MODELS
+    return recipe.model.adversarial
 
 
 def _noise_signature(subject: Subject) -> dict[str, object]:
@@ -77,7 +83,7 @@ def _noise_signature(subject: Subject) -> dict[str, object]:
         "class conditioning (classes)": subject.num_classes if recipe.model.class_cond else 0,
     }
     if _is_gan(recipe):
-        signature["gan.z_dim"] = recipe.gan.z_dim
+        signature["model.z_dim"] = gan_config(recipe).z_dim
     else:
         signature["diffusion.formulation"] = recipe.diffusion.formulation
         signature["diffusion.steps"] = recipe.diffusion.steps
@@ -102,17 +108,19 @@ def sample_settings(subjects: Sequence[Subject]) -> list[SampleConfig]:
     """One SampleConfig per sampler, from the first model's recipe, for every model (a GAN
     group has no sampler: one configuration, whatever `consistency.samplers` lists)."""
     recipe = subjects[0].recipe
-    config = dataclasses.replace(recipe.sample, num_images=recipe.consistency.num_images)
+    config = dataclasses.replace(
+        recipe.sample, num_images=recipe.analysis(ConsistencyConfig).num_images
+    )
     if _is_gan(recipe):
         return [config]
-    samplers = recipe.consistency.samplers or (config.sampler,)
+    samplers = recipe.analysis(ConsistencyConfig).samplers or (config.sampler,)
     return [dataclasses.replace(config, sampler=sampler) for sampler in samplers]
 
 
 def sampler_note(subjects: Sequence[Subject]) -> str:
     """Why a GAN group's `consistency.samplers` are ignored ("" when they are not)."""
     recipe = subjects[0].recipe
-    samplers = recipe.consistency.samplers
+    samplers = recipe.analysis(ConsistencyConfig).samplers
     if not _is_gan(recipe) or not samplers:
         return ""
     return f"a GAN group is scored once; consistency.samplers {list(samplers)} do not apply"
@@ -300,3 +308,8 @@ def main(arguments: Sequence[str]) -> None:
     console.print(f"[green]done[/] consistency of {len(subjects)} models")
     console.print(f"  run     {report.run_id}   (images and scores: {report.directory})")
     console.print(f"  browse  {browse_hint(subjects[0].recipe.tracking.uri)}")
+
+
+ANALYSES.register(
+    ConsistencyConfig.section, main, config=ConsistencyConfig, check=check_consistency
+)

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from dmstab.analysis.fixed_batch import metric_name
-from dmstab.analysis.spectrum import Spectrum, spectrum
+from dmstab.analysis.spectrum import HessianConfig, Spectrum, check_hessian, spectrum
 from dmstab.atomic import write_atomically
 from dmstab.commands.study import AnalysisRun, analysis_losses, open_analysis
 from dmstab.commands.subjects import Subject, subjects_from_arguments
+from dmstab.config import ANALYSES
 from dmstab.console import console
 from dmstab.devices import pick_device
 from dmstab.errors import DmstabError
@@ -57,7 +58,7 @@ class HessianResult:
 
 def hessian(subject: Subject, device: torch.device) -> HessianResult:
     """The spectra of `subject`'s fixed-batch losses, logged to a new MLflow run."""
-    config = subject.recipe.hessian
+    config = subject.recipe.analysis(HessianConfig)
     with open_analysis(subject, "hessian") as run:
         model, losses = analysis_losses(subject, device, config)
         spectra = {name: spectrum(model, loss, config) for name, loss in losses.items()}
@@ -100,3 +101,6 @@ def main(arguments: Sequence[str]) -> None:
         )
     console.print(f"  run     {result.run_id}   (arrays: {result.directory})")
     console.print(f"  browse  {browse_hint(subject.recipe.tracking.uri)}")
+
+
+ANALYSES.register(HessianConfig.section, main, config=HessianConfig, check=check_hessian)

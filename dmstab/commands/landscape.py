@@ -27,7 +27,12 @@ from dmstab.analysis.landscape import (
     save_landscape,
     surface,
 )
-from dmstab.analysis.landscape_metrics import curve_metrics, surface_metrics
+from dmstab.analysis.landscape_metrics import (
+    LandscapeConfig,
+    check_landscape,
+    curve_metrics,
+    surface_metrics,
+)
 from dmstab.commands.study import (
     AnalysisRun,
     analysis_losses,
@@ -36,6 +41,7 @@ from dmstab.commands.study import (
     trained_weights,
 )
 from dmstab.commands.subjects import Subject, subjects_from_arguments
+from dmstab.config import ANALYSES
 from dmstab.console import console
 from dmstab.devices import pick_device
 from dmstab.errors import DmstabError
@@ -55,7 +61,7 @@ class LandscapeResult:
 
 def loss_surface(subject: Subject, device: torch.device) -> LandscapeResult:
     """The 2D filter-normalised surface of every fixed-batch loss around `subject`."""
-    config = subject.recipe.landscape
+    config = subject.recipe.analysis(LandscapeConfig)
     axis = np.linspace(-config.span, config.span, config.points)
     with open_analysis(subject, "landscape") as run:
         model, losses = analysis_losses(subject, device, config)
@@ -77,7 +83,7 @@ def loss_surface(subject: Subject, device: torch.device) -> LandscapeResult:
 
 def interpolation(start: Subject, end: Subject, device: torch.device) -> LandscapeResult:
     """Every fixed-batch loss along θ(α) = α·θa + (1 − α)·θb, θb = `start`, θa = `end`."""
-    config = end.recipe.landscape
+    config = end.recipe.analysis(LandscapeConfig)
     alphas = np.linspace(config.alpha_min, config.alpha_max, config.alphas)
     with open_analysis([start, end], "landscape") as run:
         model, losses = interpolation_losses(end, device, config)
@@ -115,7 +121,7 @@ def main(arguments: Sequence[str]) -> None:
         )
     last = subjects[-1]
     device = pick_device(last.recipe.train.device)
-    steps = last.recipe.landscape.interpolate
+    steps = last.recipe.analysis(LandscapeConfig).interpolate
     if len(subjects) == 2:
         result = interpolation(subjects[0], subjects[1], device)
     elif steps:
@@ -127,3 +133,6 @@ def main(arguments: Sequence[str]) -> None:
     console.print(f"  run     {result.run_id}")
     console.print(f"  arrays  {result.path}")
     console.print(f"  browse  {browse_hint(last.recipe.tracking.uri)}")
+
+
+ANALYSES.register(LandscapeConfig.section, main, config=LandscapeConfig, check=check_landscape)

@@ -21,6 +21,7 @@ from dmstab.models.gan import (
     GanLosses,
     GanPair,
     discriminator_from_state,
+    gan_config,
     gan_losses,
     is_gan,
     seeded_latents,
@@ -147,6 +148,8 @@ def _gan_loss_function(
     z = seeded_latents(recipe, 0, batch.x0.shape[0], seed).to(batch.x0.device)
 
     def losses(generator: nn.Module, discriminator: nn.Module) -> GanLosses:
-        return gan_losses(generator, discriminator, batch.x0, batch.labels, z, recipe.gan.loss)
+        return gan_losses(
+            generator, discriminator, batch.x0, batch.labels, z, gan_config(recipe).loss
+        )
 
     return losses

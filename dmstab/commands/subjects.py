@@ -16,20 +16,18 @@ import torch
 from torch import nn
 
 from dmstab.checkpoint import CHECKPOINT_NAME, kept_checkpoint, load_checkpoint
-from dmstab.config import ANALYSIS_SECTIONS, Recipe, load_recipe
+from dmstab.config import ANALYSES, Recipe, load_recipe
 from dmstab.console import SampleProgress, TrainProgress
 from dmstab.errors import DmstabError
 from dmstab.tracking import find_finished_run, run_directory
 from dmstab.train.loop import Progress, train
 from dmstab.train.restore import find_checkpoint, network_from_state, stored_recipe
 
-# What an analysis may change of a trained model's recipe: how it is sampled and analysed.
-ANALYSIS_OVERRIDES = (
-    "sample.",
-    "tracking.",
-    "train.device=",
-    *(f"{section}." for section in ANALYSIS_SECTIONS),
-)
+
+def analysis_overrides() -> tuple[str, ...]:
+    """What an analysis may change of a trained model's recipe: how it is sampled and
+    analysed (every registered analysis's section)."""
+    return ("sample.", "tracking.", "train.device=", *(f"{a.name}." for a in ANALYSES))
 
 
 @dataclass(frozen=True)
@@ -79,7 +77,7 @@ def load_subject(
     analysis `overrides` applied."""
     checkpoint = find_checkpoint(source, None, uri)
     state = load_checkpoint(checkpoint)
-    recipe = stored_recipe(state, checkpoint, overrides, allowed=ANALYSIS_OVERRIDES)
+    recipe = stored_recipe(state, checkpoint, overrides, allowed=analysis_overrides())
     return Subject(checkpoint, state, recipe, label or _default_label(source, state))
 
 

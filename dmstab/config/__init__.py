@@ -1,6 +1,6 @@
-"""The recipe: schema (`schema`), parsing (`parse`), checks (`validation`), YAML files and
-overrides (`loading`), and views of a resolved recipe (`views`). The bottom layer: it imports
-no other dmstab package but `dmstab.errors`."""
+"""The recipe: schema (`schema`), the registries of named components (`registry`), parsing
+(`parse`), checks (`validation`), YAML files and overrides (`loading`), and views of a resolved
+recipe (`views`). The bottom layer: it imports no other dmstab package but `dmstab.errors`."""
 
 from dmstab.config.loading import (
     apply_overrides,
@@ -10,58 +10,63 @@ from dmstab.config.loading import (
     parse_override,
     set_key,
 )
+from dmstab.config.registry import Component, Registry
 from dmstab.config.schema import (
+    ANALYSES,
     FEATURE_NETWORKS,
-    GAN_MODELS,
+    MODELS,
+    SAMPLERS,
     SIGMA_REL_MAX,
+    TARGETS,
+    TIMESTEP_SAMPLERS,
+    AnalysisSection,
     DataConfig,
     DiffusionConfig,
     EmaConfig,
     EvalConfig,
     EvalMetric,
     FeatureNetwork,
-    GanConfig,
-    GanLoss,
-    HessianConfig,
-    HvpMethod,
     ModelConfig,
     OptimConfig,
     Recipe,
     SampleConfig,
     TrainConfig,
 )
-from dmstab.config.validation import register_model_check, validate
+from dmstab.config.validation import check_sampler, validate
 from dmstab.config.views import (
-    ANALYSIS_SECTIONS,
     differences,
     fingerprint,
     flatten,
     result_dict,
+    run_params,
     to_dict,
     to_yaml,
 )
 
 __all__ = [
-    "ANALYSIS_SECTIONS",
+    "ANALYSES",
     "FEATURE_NETWORKS",
-    "GAN_MODELS",
+    "MODELS",
+    "SAMPLERS",
     "SIGMA_REL_MAX",
+    "TARGETS",
+    "TIMESTEP_SAMPLERS",
+    "AnalysisSection",
+    "Component",
     "DataConfig",
     "DiffusionConfig",
     "EmaConfig",
     "EvalConfig",
     "EvalMetric",
     "FeatureNetwork",
-    "GanConfig",
-    "GanLoss",
-    "HessianConfig",
-    "HvpMethod",
     "ModelConfig",
     "OptimConfig",
     "Recipe",
+    "Registry",
     "SampleConfig",
     "TrainConfig",
     "apply_overrides",
+    "check_sampler",
     "differences",
     "fingerprint",
     "flatten",
@@ -69,8 +74,8 @@ __all__ = [
     "load_recipe",
     "load_tree",
     "parse_override",
-    "register_model_check",
     "result_dict",
+    "run_params",
     "set_key",
     "to_dict",
     "to_yaml",

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from dmstab.config.parse import build
+from dmstab.config.parse import build_recipe
 from dmstab.config.schema import Recipe
 from dmstab.config.validation import validate
 from dmstab.errors import DmstabError
@@ -111,7 +111,7 @@ def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 
 def from_mapping(tree: Mapping[str, Any]) -> Recipe:
-    return validate(build(Recipe, tree))
+    return validate(build_recipe(tree))
 
 
 def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Recipe:

@@ -13,6 +13,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+from dmstab.config.registry import Registry
+from dmstab.config.schema import ANALYSES, MODELS, ModelConfig, Recipe
 from dmstab.errors import DmstabError
 
 T = TypeVar("T")
@@ -90,22 +92,63 @@ def _field_list(cls: Any) -> str:
     return ", ".join(f.name for f in dataclasses.fields(cls))
 
 
-def _unknown_key(cls: Any, key: str, prefix: str) -> DmstabError:
+def _unknown_key(cls: Any, key: str, prefix: str, where: str = "") -> DmstabError:
     names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, names, n=1)
     hint = f"did you mean '{prefix}{close[0]}'? " if close else ""
-    where = f"section '{prefix[:-1]}'" if prefix else "a recipe"
+    where = where or (f"section '{prefix[:-1]}'" if prefix else "a recipe")
     return DmstabError(
         f"unknown recipe key '{prefix}{key}'; {hint}{where} allows: {', '.join(names)}"
     )
 
 
-def build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+def build(cls: type[T], data: Mapping[str, Any], prefix: str = "", where: str = "") -> T:
+    """`cls` from `data`, every key checked (`where` names the section in errors)."""
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key, value in data.items():
         if key not in names:
-            raise _unknown_key(cls, str(key), prefix)
+            raise _unknown_key(cls, str(key), prefix, where)
         kwargs[key] = _convert(value, hints[key], prefix + key)
     return cls(**kwargs)
+
+
+def build_variant(registry: Registry, data: Any, section: str, selector: str, default: str) -> Any:
+    """Section `section` as the dataclass its `selector` key names in `registry` (`default`
+    when unset): the section's shared keys plus the registered component's own."""
+    if not isinstance(data, Mapping):
+        raise DmstabError(f"recipe key '{section}' must be a mapping")
+    name = data.get(selector, default)
+    if not isinstance(name, str):
+        raise DmstabError(f"recipe key '{section}.{selector}' is {name!r}; expected a name")
+    config = registry.get(name).config or registry.base
+    assert config is not None, f"{registry.key} {name} has no config and the registry no base"
+    built: Any = build(config, data, f"{section}.", where=f"{section}.{selector} {name}")
+    return dataclasses.replace(built, **{selector: name})
+
+
+def build_recipe(tree: Mapping[str, Any]) -> Recipe:
+    """The typed recipe of a merged YAML tree: fixed sections by their annotation, `model` by
+    the dataclass `model.name` registered, and each registered analysis's section by its own."""
+    fixed = {f.name for f in dataclasses.fields(Recipe)} - {"analyses"}
+    sections: dict[str, Any] = {}
+    analyses: dict[str, Any] = {}
+    for key, value in tree.items():
+        key = str(key)
+        if key in ANALYSES:
+            config = ANALYSES.get(key).config
+            assert config is not None, f"analysis {key} registered without a config"
+            analyses[key] = _convert(value, config, key)
+        elif key not in fixed:
+            raise _unknown_key_in_recipe(key, sorted(fixed) + ANALYSES.names())
+        elif key != "model":
+            sections[key] = value
+    model = build_variant(MODELS, tree.get("model", {}), "model", "name", ModelConfig.name)
+    return dataclasses.replace(build(Recipe, sections), model=model, analyses=analyses)
+
+
+def _unknown_key_in_recipe(key: str, allowed: list[str]) -> DmstabError:
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return DmstabError(f"unknown recipe key '{key}'; {hint}a recipe allows: {', '.join(allowed)}")

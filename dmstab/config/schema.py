@@ -1,28 +1,23 @@
 """The recipe schema: one frozen dataclass per section, with the values each key allows.
 
 A recipe is a tree of these dataclasses (`Recipe` at the root). Parsing and range checks live
-beside this module (`dmstab.config.parse`, `dmstab.config.validation`); no network code is
-imported here: each architecture checks its own keys (`register_model_check`).
+beside this module (`dmstab.config.parse`, `dmstab.config.validation`). No network or analysis
+code is imported here: each registers its own section's dataclass and check (`MODELS`,
+`ANALYSES`, dmstab.config.registry).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, ClassVar, Literal, TypeVar, get_args
+
+from dmstab.config.registry import Registry
 
 DatasetName = Literal["synthetic", "cifar10", "folder", "npz", "latents"]
-ModelName = Literal["adm_unet", "edm2_unet", "uvit", "dcgan", "biggan"]
-GAN_MODELS: tuple[str, ...] = ("dcgan", "biggan")
-GanLoss = Literal["bce", "hinge"]
-GanNetwork = Literal["generator", "discriminator"]
-HvpMethod = Literal["auto", "forward_over_reverse", "double_backward"]
 Formulation = Literal["ddpm", "edm"]
 ScheduleName = Literal["linear", "cosine"]
-Target = Literal["eps", "x0", "v"]
 LossWeighting = Literal["none", "min_snr", "p2", "fdm"]
-TimestepSamplerName = Literal["uniform", "clts", "importance", "shifted_gaussian"]
-SamplerName = Literal["ddpm", "ddim", "heun"]
 LrSchedule = Literal["constant", "inverse_sqrt"]
 FidMode = Literal["clean", "legacy_pytorch", "legacy_tensorflow"]
 EvalMetric = Literal["fid", "kid", "is"]
@@ -32,6 +27,16 @@ Precision = Literal["fp32", "bf16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 NonfinitePolicy = Literal["stop", "skip"]
 SpikePolicy = Literal["skip", "stop"]
+
+
+@dataclass(frozen=True)
+class AnalysisSection:
+    """The base of an analysis's own top-level recipe section; `section` is its key."""
+
+    section: ClassVar[str]
+
+
+SectionT = TypeVar("SectionT", bound=AnalysisSection)
 
 
 @dataclass(frozen=True)
@@ -46,57 +51,31 @@ class DataConfig:
     synthetic_size: int = 10_000
     synthetic_seed: int = 0
 
-
-@dataclass(frozen=True)
-class Edm2Switches:
-    """EDM2 Table 1, one switch per row (B..G), and the magnitude-preserving constants.
-
-    Each switch needs the previous one: config X turns on every row up to X.
-    """
-
-    minor_improvements: bool = True  # B: learned uncertainty u(σ), no attention at 32×32
-    streamlined: bool = True  # C
-    mp_learned_layers: bool = True  # D
-    forced_weight_norm: bool = True  # E
-    no_group_norm: bool = True  # F
-    mp_fixed_layers: bool = True  # G
-    channels_per_head: int = 64
-    res_balance: float = 0.3
-    attn_balance: float = 0.3
-    label_balance: float = 0.5
-    concat_balance: float = 0.5
-    clip_act: float = 256.0
-    logvar_channels: int = 128
+    @property
+    def channels(self) -> int:
+        """Channels of one training image: 4 for SD-VAE latents, 3 for RGB."""
+        return 4 if self.name == "latents" else 3
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The network: the improved/guided-diffusion UNet, the EDM2 UNet (configs A–G) or U-ViT.
+    """The network. `model.name` selects the registered dataclass that adds the network's own
+    keys (`MODELS`; the built-in ones are in dmstab.models); these two every network has.
 
-    `channels`, `channel_mult`, `num_res_blocks`, `attention_resolutions`, `dropout` and
-    `class_cond` serve both UNets; `edm2` only the EDM2 UNet; the rest only the ADM UNet, except
-    that U-ViT (Bao et al. 2023) reads `patch_size`, `embed_dim`, `depth`, `mlp_ratio`,
-    `num_heads`, `dropout`, `learn_sigma` and `class_cond` and ignores the other keys.
+    A network's dataclass says which `diffusion.formulation`s it trains with
+    (`formulations`) or that it is a GAN (`adversarial`: trained against a discriminator, no
+    diffusion objective).
     """
 
-    name: ModelName = "adm_unet"
-    channels: int = 128
-    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
-    num_res_blocks: int = 3
-    attention_resolutions: tuple[int, ...] = (16, 8)
-    num_heads: int = 4
-    num_head_channels: int = -1
-    dropout: float = 0.3
-    use_scale_shift_norm: bool = True
-    resblock_updown: bool = False
-    learn_sigma: bool = True
+    formulations: ClassVar[tuple[str, ...]] = ("ddpm",)
+    adversarial: ClassVar[bool] = False
+
+    name: str = "adm_unet"
     class_cond: bool = False
-    label_dropout: float = 0.0  # EDM only: drop labels for classifier-free guidance
-    edm2: Edm2Switches = Edm2Switches()
-    patch_size: int = 2  # uvit: the U-ViT-S/2 defaults (CIFAR-10)
-    embed_dim: int = 512
-    depth: int = 13  # all transformer blocks: depth//2 in, 1 mid, depth//2 out
-    mlp_ratio: float = 4.0
+
+    def learns_variance(self) -> bool:
+        """Whether the network also outputs the reverse-process variance (improved DDPM)."""
+        return False
 
 
 @dataclass(frozen=True)
@@ -114,7 +93,7 @@ class DiffusionConfig:
     formulation: Formulation = "ddpm"
     schedule: ScheduleName = "cosine"
     steps: int = 4000
-    target: Target = "eps"
+    target: str = "eps"  # a registered prediction target (TARGETS)
     weighting: LossWeighting = "none"
     min_snr_gamma: float = 5.0
     p2_k: float = 1.0
@@ -128,6 +107,7 @@ class DiffusionConfig:
     p_mean: float = -0.8
     p_std: float = 1.6
     sigma_data: float = 0.5
+    label_dropout: float = 0.0  # edm: drop labels at this rate for classifier-free guidance
 
 
 @dataclass(frozen=True)
@@ -140,7 +120,7 @@ class TimestepsConfig:
     with `uniform_prob` of uniform.
     """
 
-    sampler: TimestepSamplerName = "uniform"
+    sampler: str = "uniform"  # a registered timestep sampler (TIMESTEP_SAMPLERS)
     mu: float = 1200.0
     sigma: float = 4000.0
     target_iteration: int = 50_000
@@ -223,7 +203,7 @@ class SampleConfig:
     `guide: self` is classifier-free guidance, a checkpoint path or run id a smaller model.
     """
 
-    sampler: SamplerName = "ddpm"
+    sampler: str = "ddpm"  # a registered sampler (SAMPLERS)
     steps: int = 250
     eta: float = 0.0
     num_images: int = 64
@@ -259,7 +239,7 @@ class EvalConfig:
     metrics: tuple[EvalMetric, ...] = ("fid",)
     num_images: int = 50_000
     batch_size: int = 250
-    sampler: SamplerName | None = None
+    sampler: str | None = None
     steps: int | None = None
     use_ema: bool = True
     reference: str | None = None
@@ -275,92 +255,6 @@ class TrackingConfig:
     run_name: str | None = None
     flush_every: int = 50
     offline: bool = False  # train on, spooled, when the server does not answer at start
-
-
-@dataclass(frozen=True)
-class GanConfig:
-    """GAN training, read when `model.name` is `dcgan` or `biggan` (AAAI Table 1's baselines).
-
-    DCGAN (Radford et al. 2016) at 32×32 with `loss: bce`; the BigGAN-style class-conditional
-    GAN (Brock et al. 2019: shared class embedding of `shared_dim`, hierarchical latent,
-    self-attention at `attention_resolution`, spectral norm) with `loss: hinge`. The generator
-    and discriminator have their own Adam (`g_lr`, `d_lr`, `betas`); `d_steps` discriminator
-    steps per generator step. `optim`, `diffusion`, `timesteps` are not used.
-    """
-
-    loss: GanLoss = "bce"
-    z_dim: int = 100
-    g_channels: int = 64
-    d_channels: int = 64
-    g_lr: float = 2e-4
-    d_lr: float = 2e-4
-    betas: tuple[float, float] = (0.5, 0.999)
-    d_steps: int = 1
-    shared_dim: int = 128
-    attention_resolution: int = 64
-
-
-@dataclass(frozen=True)
-class ConsistencyConfig:
-    """`dmstab consistency` (AAAI Eq. 1, Table 1): N models, `num_images` images each (M).
-
-    `members` lists the group, one string of space-separated overrides of this recipe per model
-    ("" = the recipe as it is; "train.seed=1"; "model.channels=64"). The command trains each
-    member (or reuses its finished run) and samples all from the same noise (`sample.seed`).
-    `samplers` scores the group once per sampler (() = `sample.sampler` only).
-    """
-
-    members: tuple[str, ...] = ()
-    num_images: int = 32
-    samplers: tuple[SamplerName, ...] = ()
-
-
-@dataclass(frozen=True)
-class LandscapeConfig:
-    """`dmstab landscape` (AAAI Figs 2–3) on one fixed batch with fixed noise and timesteps.
-
-    2D: filter-normalised directions (Li et al. 2018, biasbn) on a `points`×`points` grid over
-    [−`span`, `span`]². 1D: θ = α·θa + (1−α)·θb for `alphas` values of α on [`alpha_min`,
-    `alpha_max`] between the run's checkpoints kept at `interpolate` = (step b, step a).
-    `timesteps` are the DDPM t of the per-timestep curves and surfaces (the t-averaged loss is
-    always computed). For GANs, `network` is the one whose weights move.
-    """
-
-    batch_size: int = 64
-    timesteps: tuple[int, ...] = ()
-    points: int = 51
-    span: float = 1.0
-    alphas: int = 21
-    alpha_min: float = 0.0
-    alpha_max: float = 1.0
-    interpolate: tuple[int, ...] = ()
-    network: GanNetwork = "generator"
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class HessianConfig:
-    """`dmstab hessian` (AAAI Fig. 4): the loss Hessian on one fixed batch with fixed noise.
-
-    Top-`top_k` eigenvalues by Lanczos with deflation (at most `max_iterations` steps each,
-    until the Ritz residual is below `tolerance`·|λ|), trace by Hutchinson (`trace_samples`),
-    density by stochastic Lanczos quadrature (`slq_runs` runs of `lanczos_steps`).
-    Hessian-vector products by `method`; `auto` takes forward-over-reverse on CUDA (about 3×
-    faster on an H100) and double backward on the CPU (faster there, docs/performance.md).
-    For GANs, `network`'s loss with the other network fixed.
-    """
-
-    batch_size: int = 64
-    timesteps: tuple[int, ...] = ()
-    top_k: int = 3
-    max_iterations: int = 100
-    tolerance: float = 1e-3
-    trace_samples: int = 100
-    slq_runs: int = 4
-    lanczos_steps: int = 80
-    method: HvpMethod = "auto"  # forward_over_reverse on CUDA, double_backward on CPU
-    network: GanNetwork = "generator"
-    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -389,12 +283,30 @@ class Recipe:
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     paper: PaperConfig = PaperConfig()
-    gan: GanConfig = GanConfig()
-    consistency: ConsistencyConfig = ConsistencyConfig()
-    landscape: LandscapeConfig = LandscapeConfig()
-    hessian: HessianConfig = HessianConfig()
+    # The sections of registered analyses the recipe sets (`hessian:` …), by section name.
+    analyses: dict[str, Any] = field(default_factory=dict)
+
+    def analysis(self, config: type[SectionT]) -> SectionT:
+        """The recipe's `config.section:` section, or `config`'s defaults when it has none."""
+        name = config.section
+        section = self.analyses.get(name)
+        if section is None:
+            return config()
+        if not isinstance(section, config):
+            raise TypeError(f"section {name} is a {type(section).__name__}, not {config.__name__}")
+        return section
 
 
 # The largest σrel a power-function EMA can have: γ = 0, the uniform average of all weights,
 # σrel = (γ+1)^½ (γ+2)^−1 (γ+3)^−½ = 1/√12 (EDM2 Eq. 3; dmstab.analysis.ema_reconstruct).
 SIGMA_REL_MAX = 1 / math.sqrt(12)
+
+
+# What a recipe can name (dmstab.config.registry): networks by `model.name`, the ddpm
+# prediction targets, training timestep samplers, samplers, and the analyses whose sections a
+# recipe may set. Their implementations register themselves.
+MODELS = Registry("model.name", base=ModelConfig)
+TARGETS = Registry("diffusion.target")
+TIMESTEP_SAMPLERS = Registry("timesteps.sampler")
+SAMPLERS = Registry("sample.sampler")
+ANALYSES = Registry("analysis section", base=AnalysisSection)

@@ -1,46 +1,31 @@
 """Range and cross-section checks that types alone cannot express.
 
-Each rule raises a `DmstabError` whose one line names the key and what it allows. The layout
-checks of each network live with the network: `dmstab.models` registers one per `model.name`
-(`register_model_check`), so this module imports no model code.
+Each rule raises a `DmstabError` whose one line names the key and what it allows. The checks
+of each network and each analysis section live with them and are registered with their
+dataclass (`MODELS`, `ANALYSES`); this module runs them and holds the rules that join
+sections, so it imports no model or analysis code.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 from dmstab.config.schema import (
-    GAN_MODELS,
+    ANALYSES,
+    MODELS,
+    SAMPLERS,
     SIGMA_REL_MAX,
+    TARGETS,
+    TIMESTEP_SAMPLERS,
     DataConfig,
     DiffusionConfig,
     EmaConfig,
+    ModelConfig,
     OptimConfig,
     Recipe,
     TrainConfig,
 )
 from dmstab.errors import DmstabError
-
-ModelCheck = Callable[[Recipe], None]
-_MODEL_CHECKS: dict[str, ModelCheck] = {}
-
-
-def register_model_check(name: str, check: ModelCheck) -> None:
-    """`check(recipe)` validates the layout of the network `model.name: name` builds; it runs
-    with the other model rules whenever a recipe naming that network is validated."""
-    _MODEL_CHECKS[name] = check
-
-
-def _architecture_check(recipe: Recipe) -> None:
-    name = recipe.model.name
-    check = _MODEL_CHECKS.get(name)
-    if check is None:
-        raise DmstabError(
-            f"model.name {name} has no registered network; import dmstab.models (or the module "
-            f"that registers it) first; registered: {', '.join(sorted(_MODEL_CHECKS))}"
-        )
-    check(recipe)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -58,41 +43,12 @@ def validate(recipe: Recipe) -> Recipe:
     _validate_train(recipe.train)
     _validate_sample(recipe)
     _validate_eval(recipe)
-    _validate_analyses(recipe)
+    for name in recipe.analyses:
+        check = ANALYSES.get(name).check
+        if check is not None:
+            check(recipe)
     _require(recipe.tracking.flush_every >= 1, "tracking.flush_every must be at least 1")
     return recipe
-
-
-def _validate_analyses(recipe: Recipe) -> None:
-    """Ranges of the consistency, landscape and hessian sections."""
-    c, land, h = recipe.consistency, recipe.landscape, recipe.hessian
-    _require(c.num_images >= 1, "consistency.num_images must be at least 1")
-    for sampler in c.samplers:
-        _validate_sampler(recipe, sampler, recipe.sample.steps, "consistency.samplers")
-    for key, size in (("landscape", land.batch_size), ("hessian", h.batch_size)):
-        _require(size >= 1, f"{key}.batch_size must be at least 1")
-    T = recipe.diffusion.steps
-    for key, steps in (("landscape", land.timesteps), ("hessian", h.timesteps)):
-        _require(
-            all(0 <= t < T for t in steps),
-            f"{key}.timesteps {list(steps)} must lie in [0, diffusion.steps={T})",
-        )
-    _require(land.points >= 2, f"landscape.points is {land.points}; must be at least 2")
-    _require(land.span > 0, f"landscape.span is {land.span}; must be positive")
-    _require(land.alphas >= 2, f"landscape.alphas is {land.alphas}; must be at least 2")
-    _require(land.alpha_min < land.alpha_max, "landscape.alpha_min must be below alpha_max")
-    _require(
-        len(land.interpolate) in (0, 2),
-        f"landscape.interpolate is {list(land.interpolate)}; give two steps (b, a) or none",
-    )
-    _require(h.top_k >= 1, "hessian.top_k must be at least 1")
-    _require(h.max_iterations >= 1, "hessian.max_iterations must be at least 1")
-    _require(h.tolerance > 0, "hessian.tolerance must be positive")
-    _require(h.trace_samples >= 1, "hessian.trace_samples must be at least 1")
-    _require(
-        h.slq_runs >= 1 and h.lanczos_steps >= 2,
-        "hessian needs slq_runs >= 1 and lanczos_steps >= 2",
-    )
 
 
 def _validate_data(d: DataConfig) -> None:
@@ -105,57 +61,33 @@ def _validate_data(d: DataConfig) -> None:
 
 
 def _validate_model(recipe: Recipe) -> None:
-    d, m = recipe.data, recipe.model
-    _require(0.0 <= m.dropout < 1.0, f"model.dropout is {m.dropout}; must be in [0, 1)")
-    _require(
-        0.0 <= m.label_dropout < 1.0, f"model.label_dropout is {m.label_dropout}; must be in [0, 1)"
-    )
-    if m.name == "uvit":
-        _validate_uvit(recipe)
-        return
-    if m.name in GAN_MODELS:
-        _validate_gan(recipe)
-        return
-    _require(m.channels >= 1, "model.channels must be positive")
-    _require(len(m.channel_mult) >= 1, "model.channel_mult needs at least one level")
-    _require(min(m.channel_mult) >= 1, "model.channel_mult entries must be positive")
-    _require(m.num_res_blocks >= 1, "model.num_res_blocks must be at least 1")
-    _require(
-        d.resolution % 2 ** (len(m.channel_mult) - 1) == 0,
-        f"data.resolution {d.resolution} must be divisible by 2^(levels-1) = "
-        f"{2 ** (len(m.channel_mult) - 1)} for model.channel_mult {list(m.channel_mult)}",
-    )
-    if m.name == "adm_unet":
-        _architecture_check(recipe)
-        _require(
-            recipe.diffusion.formulation == "ddpm",
-            "model.name adm_unet trains with diffusion.formulation ddpm; EDM uses edm2_unet",
-        )
-        _require(m.label_dropout == 0.0, "model.label_dropout needs model.name edm2_unet")
+    """The network's own checks, and what it needs of the other sections."""
+    m = recipe.model
+    component = MODELS.get(m.name)
+    if m.adversarial:
+        _validate_adversarial(recipe)
     else:
-        _require(
-            recipe.diffusion.formulation == "edm",
-            "model.name edm2_unet trains with diffusion.formulation edm",
-        )
-        _require(
-            m.label_dropout == 0.0 or m.class_cond,
-            "model.label_dropout > 0 needs model.class_cond: true",
-        )
-        _architecture_check(recipe)  # the network's own layout and switch checks
+        formulation = recipe.diffusion.formulation
+        if formulation not in m.formulations:
+            others = [
+                c.name
+                for c in MODELS
+                if c.config
+                and issubclass(c.config, ModelConfig)
+                and formulation in c.config.formulations
+            ]
+            raise DmstabError(
+                f"model.name {m.name} trains with diffusion.formulation "
+                f"{' or '.join(m.formulations)}; {formulation} networks: {', '.join(others)}"
+            )
+    if component.check is not None:
+        component.check(recipe)
 
 
-def _validate_gan(recipe: Recipe) -> None:
+def _validate_adversarial(recipe: Recipe) -> None:
     """A GAN trains with its own two Adams, no diffusion objective and no DDP (docs/gans.md)."""
-    g, tr = recipe.gan, recipe.train
-    name = recipe.model.name
-    _architecture_check(recipe)
+    tr, name = recipe.train, recipe.model.name
     _require(recipe.data.name != "latents", f"model.name {name} trains on images, not latents")
-    _require(
-        min(g.z_dim, g.g_channels, g.d_channels, g.shared_dim, g.d_steps) >= 1,
-        "gan.z_dim, g_channels, d_channels, shared_dim and d_steps must be at least 1",
-    )
-    _require(g.g_lr > 0 and g.d_lr > 0, "gan.g_lr and gan.d_lr must be positive")
-    _require(all(0 <= b < 1 for b in g.betas), f"gan.betas {list(g.betas)} must lie in [0, 1)")
     unsupported = {
         "train.nonfinite: skip": tr.nonfinite == "skip",
         "train.spike_factor": tr.spike_factor != 0,
@@ -167,29 +99,27 @@ def _validate_gan(recipe: Recipe) -> None:
         _require(not used, f"{key} is for diffusion models; GAN training does not support it")
 
 
-def _validate_uvit(recipe: Recipe) -> None:
-    """U-ViT (Bao et al. 2023) is a ddpm backbone here; its own checks name the bad key."""
-    m = recipe.model
-    _require(
-        recipe.diffusion.formulation == "ddpm",
-        "model.name uvit trains with diffusion.formulation ddpm; EDM uses edm2_unet",
-    )
-    _require(m.label_dropout == 0.0, "model.label_dropout needs model.name edm2_unet")
-    _require(
-        recipe.train.magnitudes_every == 0,
-        "train.magnitudes_every works for adm_unet and edm2_unet, not uvit (set it to 0)",
-    )
-    _architecture_check(recipe)
-
-
 def _validate_diffusion(recipe: Recipe) -> None:
     diff = recipe.diffusion
+    _require(
+        0.0 <= diff.label_dropout < 1.0,
+        f"diffusion.label_dropout is {diff.label_dropout}; must be in [0, 1)",
+    )
     if diff.formulation == "edm":
+        _require(
+            diff.label_dropout == 0.0 or recipe.model.class_cond,
+            "diffusion.label_dropout > 0 needs model.class_cond: true",
+        )
         _require(diff.p_std > 0, f"diffusion.p_std is {diff.p_std}; must be positive")
         _require(diff.sigma_data > 0, f"diffusion.sigma_data is {diff.sigma_data}; must be > 0")
         _require_ddpm_methods_off(recipe)
         return
+    _require(
+        diff.label_dropout == 0.0,
+        "diffusion.label_dropout (classifier-free guidance) needs diffusion.formulation edm",
+    )
     _require(diff.steps >= 2, "diffusion.steps (T) must be at least 2")
+    TARGETS.get(diff.target)
     _validate_fdm(diff)
     _require(
         diff.min_snr_gamma > 0, f"diffusion.min_snr_gamma is {diff.min_snr_gamma}; must be > 0"
@@ -197,19 +127,18 @@ def _validate_diffusion(recipe: Recipe) -> None:
     # k = 0 would make the ε weight 1/SNR^γ explode where SNR → 0 (ᾱ_T ≈ 1e-9 for cosine).
     _require(diff.p2_k > 0, f"diffusion.p2_k is {diff.p2_k}; must be > 0")
     _require(diff.p2_gamma >= 0, f"diffusion.p2_gamma is {diff.p2_gamma}; must be >= 0")
-    ts, T = recipe.timesteps, diff.steps
+    ts = recipe.timesteps
     _require(ts.history >= 1, f"timesteps.history is {ts.history}; must be at least 1")
     _require(
         0.0 <= ts.uniform_prob < 1.0,
         f"timesteps.uniform_prob is {ts.uniform_prob}; must be in [0, 1)",
     )
-    _require(
-        ts.sampler not in ("clts", "shifted_gaussian") or 0.0 <= ts.mu < T,
-        f"timesteps.mu is {ts.mu}; must be in [0, diffusion.steps) = [0, {T})",
-    )
     _require(ts.sigma > 0, f"timesteps.sigma is {ts.sigma}; must be positive")
     _require(ts.target_iteration >= 1, "timesteps.target_iteration must be at least 1")
     _require(ts.histogram_every >= 0, "timesteps.histogram_every must be >= 0 (0 = never)")
+    check = TIMESTEP_SAMPLERS.get(ts.sampler).check
+    if check is not None:
+        check(recipe)
 
 
 def _validate_fdm(diff: DiffusionConfig) -> None:
@@ -303,20 +232,22 @@ def _validate_train(tr: TrainConfig) -> None:
     )
 
 
-def _validate_sampler(recipe: Recipe, sampler: str, steps: int, key: str) -> None:
-    """`sampler` with `steps` suits the recipe's formulation (`key`: where they were set)."""
-    if recipe.diffusion.formulation == "edm":
-        _require(sampler == "heun", f"{key}.sampler is {sampler!r}; the edm formulation uses heun")
-        _require(steps >= 2, f"{key}.steps is {steps}; heun needs at least 2")
+def check_sampler(recipe: Recipe, sampler: str, steps: int, key: str) -> None:
+    """`sampler` is registered for the recipe's formulation and `steps` suit that formulation's
+    schedule (`key`: the section that set them)."""
+    check = SAMPLERS.get(sampler, f"{key}.sampler").check
+    if check is not None:
+        check(recipe, key)
+    if recipe.diffusion.formulation == "edm":  # Karras levels σ_max … σ_min need two ends
+        _require(steps >= 2, f"{key}.steps is {steps}; edm sampling needs at least 2")
         return
-    T = recipe.diffusion.steps
-    _require(sampler != "heun", f"{key}.sampler heun needs diffusion.formulation edm")
+    T = recipe.diffusion.steps  # a respacing keeps 1 … T of the trained steps
     _require(1 <= steps <= T, f"{key}.steps is {steps}; must be in [1, diffusion.steps={T}]")
 
 
 def _validate_sample(recipe: Recipe) -> None:
     s = recipe.sample
-    _validate_sampler(recipe, s.sampler, s.steps, "sample")
+    check_sampler(recipe, s.sampler, s.steps, "sample")
     _require(s.eta >= 0, "sample.eta must be >= 0")
     _require(s.num_images >= 1 and s.batch_size >= 1, "sample.num_images/batch_size must be >= 1")
     _require(
@@ -333,8 +264,8 @@ def _validate_sample(recipe: Recipe) -> None:
         "sample.guidance != 1 needs sample.guide: self (classifier-free) or a guide checkpoint",
     )
     _require(
-        s.guide != "self" or recipe.model.label_dropout > 0,
-        "sample.guide: self needs a model trained with model.label_dropout > 0",
+        s.guide != "self" or recipe.diffusion.label_dropout > 0,
+        "sample.guide: self needs a model trained with diffusion.label_dropout > 0",
     )
 
 
@@ -357,4 +288,4 @@ def _validate_eval(recipe: Recipe) -> None:
             f"{recipe.data.name}; use inception",
         )
         steps = ev.steps if ev.steps is not None else recipe.sample.steps
-        _validate_sampler(recipe, ev.sampler or recipe.sample.sampler, steps, "eval")
+        check_sampler(recipe, ev.sampler or recipe.sample.sampler, steps, "eval")

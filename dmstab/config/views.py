@@ -9,20 +9,25 @@ from typing import Any
 
 import yaml
 
-from dmstab.config.schema import GAN_MODELS, Recipe
+from dmstab.config.schema import ANALYSES, AnalysisSection, Recipe
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses become mappings and tuples lists, all the way down."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def to_dict(recipe: Recipe) -> dict[str, Any]:
     """Plain YAML/JSON-ready mapping (tuples become lists)."""
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, tuple | list):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items()}
-        return value
-
-    return {k: plain(v) for k, v in dataclasses.asdict(recipe).items()}
+    tree: dict[str, Any] = _plain(recipe)
+    analyses = tree.pop("analyses")
+    return {**tree, **analyses}  # each analysis's section at the top level
 
 
 class _RecipeDumper(yaml.SafeDumper):
@@ -43,6 +48,22 @@ def to_yaml(recipe: Recipe) -> str:
 
 def flatten(recipe: Recipe) -> dict[str, str]:
     """`section.key` -> string value, the form MLflow params take."""
+    return _flat(to_dict(recipe))
+
+
+def run_params(recipe: Recipe, kind: str) -> dict[str, str]:
+    """The MLflow params of a run of `kind`: the keys that shaped it. Analysis sections are
+    left out, except the run's own analysis (`kind` a registered analysis), whose section is
+    logged with its defaults filled in."""
+    tree = to_dict(dataclasses.replace(recipe, analyses={}))
+    if kind in ANALYSES:
+        config = ANALYSES.get(kind).config
+        assert config is not None and issubclass(config, AnalysisSection)
+        tree[kind] = _plain(recipe.analysis(config))
+    return _flat(tree)
+
+
+def _flat(tree: dict[str, Any]) -> dict[str, str]:
     flat: dict[str, str] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -52,7 +73,7 @@ def flatten(recipe: Recipe) -> dict[str, str]:
         else:
             flat[prefix] = json.dumps(value) if isinstance(value, list | dict) else str(value)
 
-    walk("", to_dict(recipe))
+    walk("", tree)
     return flat
 
 
@@ -63,25 +84,20 @@ EXECUTION_KEYS = (
     "train.keep_checkpoints",
     "tracking.offline",
 )
-ANALYSIS_SECTIONS = ("consistency", "landscape", "hessian")  # read by analyses, not training
 
 
 def result_dict(recipe: Recipe) -> dict[str, Any]:
     """`to_dict(recipe)` without what does not change the trained weights: the name, the
-    paper block, the run name, the execution keys, the analysis sections and (for diffusion
-    models) the `gan` section. Equal for runs that train the same model, whatever the recipe
-    file is called (so the analysis recipes reuse the run of the recipe they build on)."""
-    data = to_dict(recipe)
+    paper block, the run name, the execution keys and the analysis sections. Equal for runs
+    that train the same model, whatever the recipe file is called (so the analysis recipes
+    reuse the run of the recipe they build on)."""
+    data = to_dict(dataclasses.replace(recipe, analyses={}))
     for section in ("name", "paper"):
         data.pop(section)
     data["tracking"].pop("run_name")
     for key in EXECUTION_KEYS:
         section, name = key.split(".")
         data[section].pop(name)
-    for section in ANALYSIS_SECTIONS:
-        data.pop(section)
-    if recipe.model.name not in GAN_MODELS:
-        data.pop("gan")
     return data
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from dmstab.config import Recipe
+from dmstab.config import TIMESTEP_SAMPLERS, Recipe
+from dmstab.config.registry import RecipeCheck
 from dmstab.diffusion.fdm import fdm_input_scale
 from dmstab.diffusion.gaussian import GaussianDiffusion
 from dmstab.diffusion.schedules import make_betas
@@ -15,6 +18,7 @@ from dmstab.diffusion.timesteps import (
     TimestepSampler,
     UniformSampler,
 )
+from dmstab.errors import DmstabError
 
 
 def build_diffusion(recipe: Recipe) -> GaussianDiffusion:
@@ -32,26 +36,73 @@ def build_diffusion(recipe: Recipe) -> GaussianDiffusion:
     return GaussianDiffusion(
         betas,
         target=d.target,
-        learn_sigma=recipe.model.learn_sigma,
-        hybrid_loss=recipe.model.learn_sigma,
+        learn_sigma=recipe.model.learns_variance(),
+        hybrid_loss=recipe.model.learns_variance(),
         input_scale=input_scale,
     )
 
 
+def register_timestep_sampler(
+    name: str, build: Callable[[Recipe], TimestepSampler], check: RecipeCheck | None = None
+) -> None:
+    """Make `build(recipe)` the training timestep sampler `timesteps.sampler: name`; `check`
+    rejects a recipe its `timesteps.*` keys do not suit. A name is registered once."""
+    TIMESTEP_SAMPLERS.register(name, build, check=check)
+
+
 def build_timestep_sampler(recipe: Recipe) -> TimestepSampler:
-    """The recipe's timesteps.sampler: uniform, clts (AAAI Eqs. 6-7), shifted_gaussian (the
-    paper's first attempt) or importance (improved-diffusion's loss-second-moment sampler)."""
-    T = recipe.diffusion.steps
+    """The recipe's `timesteps.sampler`, built by its registration."""
+    build: Callable[[Recipe], TimestepSampler] = TIMESTEP_SAMPLERS.get(
+        recipe.timesteps.sampler
+    ).implementation
+    return build(recipe)
+
+
+def _uniform(recipe: Recipe) -> UniformSampler:
+    return UniformSampler(recipe.diffusion.steps)
+
+
+def _clts(recipe: Recipe) -> CLTSSampler:
+    """AAAI Eqs. 6–7: the curriculum from uniform to N(μ, σ) by `target_iteration`."""
     ts = recipe.timesteps
-    if ts.sampler == "clts":
-        return CLTSSampler(T, mu=ts.mu, sigma=ts.sigma, target_iteration=ts.target_iteration)
-    if ts.sampler == "shifted_gaussian":
-        return ShiftedGaussianSampler(
-            T, mu=ts.mu, sigma=ts.sigma, target_iteration=ts.target_iteration
-        )
-    if ts.sampler == "importance":
-        return LossSecondMomentSampler(T, history=ts.history, uniform_prob=ts.uniform_prob)
-    return UniformSampler(T)
+    return CLTSSampler(
+        recipe.diffusion.steps, mu=ts.mu, sigma=ts.sigma, target_iteration=ts.target_iteration
+    )
 
 
-__all__ = ["GaussianDiffusion", "TimestepSampler", "build_diffusion", "build_timestep_sampler"]
+def _shifted_gaussian(recipe: Recipe) -> ShiftedGaussianSampler:
+    """The paper's first attempt: N(t; μ_i, σ), μ_i moving from T−1 to μ."""
+    ts = recipe.timesteps
+    return ShiftedGaussianSampler(
+        recipe.diffusion.steps, mu=ts.mu, sigma=ts.sigma, target_iteration=ts.target_iteration
+    )
+
+
+def _importance(recipe: Recipe) -> LossSecondMomentSampler:
+    """improved-diffusion's loss-second-moment sampler."""
+    ts = recipe.timesteps
+    return LossSecondMomentSampler(
+        recipe.diffusion.steps, history=ts.history, uniform_prob=ts.uniform_prob
+    )
+
+
+def _check_mean_in_range(recipe: Recipe) -> None:
+    """The Gaussians' mean μ is a timestep: in [0, T)."""
+    mu, T = recipe.timesteps.mu, recipe.diffusion.steps
+    if not 0.0 <= mu < T:
+        raise DmstabError(f"timesteps.mu is {mu}; must be in [0, diffusion.steps) = [0, {T})")
+
+
+register_timestep_sampler("uniform", _uniform)
+register_timestep_sampler("clts", _clts, _check_mean_in_range)
+register_timestep_sampler("shifted_gaussian", _shifted_gaussian, _check_mean_in_range)
+register_timestep_sampler("importance", _importance)
+
+
+__all__ = [
+    "GaussianDiffusion",
+    "TimestepSampler",
+    "build_diffusion",
+    "build_timestep_sampler",
+    "register_timestep_sampler",
+]

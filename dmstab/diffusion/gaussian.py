@@ -15,14 +15,13 @@ value ∈ [−1, 1] of Nichol & Dhariwal Eq. 15 (named `v` below only where Σ i
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from dmstab.diffusion.sampling import Denoise
+from dmstab.diffusion.targets import prediction_target
 
-Target = Literal["eps", "x0", "v"]
 Model = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 # Half the width of one 8-bit intensity bin on the [−1, 1] scale (Ho et al. 2020 Eq. 13).
@@ -90,7 +89,7 @@ class GaussianDiffusion:
         self,
         betas: Tensor,
         *,
-        target: Target,
+        target: str,
         learn_sigma: bool,
         hybrid_loss: bool,
         timestep_map: Tensor | None = None,
@@ -101,8 +100,6 @@ class GaussianDiffusion:
             raise ValueError("betas must be a 1-D tensor with at least 2 steps")
         if not bool(((betas > 0) & (betas <= 1)).all()):
             raise ValueError("every beta must lie in (0, 1]")
-        if target not in ("eps", "x0", "v"):
-            raise ValueError(f"unknown prediction target {target!r}; allowed: 'eps', 'x0', 'v'")
         if learn_sigma != hybrid_loss:
             raise ValueError(
                 "learn_sigma and hybrid_loss must be equal: a learned Σ is trained only by the "
@@ -112,7 +109,8 @@ class GaussianDiffusion:
             raise ValueError("timestep_map and original_num_timesteps go together")
         if input_scale is not None and input_scale.shape != betas.shape:
             raise ValueError("input_scale needs one factor per step, like betas")
-        self.target: Target = target
+        self.target = target
+        self.prediction = prediction_target(target)
         self.learn_sigma = learn_sigma
         self.num_timesteps = betas.numel()
         self.timestep_map = (
@@ -196,30 +194,21 @@ class GaussianDiffusion:
         alpha_bar = self.alphas_cumprod.to(t.device)[t]
         return alpha_bar / (1.0 - alpha_bar)
 
-    def v_target(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """Salimans & Ho 2022 Sec. 4: v = √ᾱ_t·ε − √(1 − ᾱ_t)·x0."""
-        signal = gather_per_sample(self.sqrt_alphas_cumprod, t, x0.ndim)
-        sigma = gather_per_sample(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
-        return signal * noise - sigma * x0
+    def _signal_and_noise(self, t: Tensor, ndim: int) -> tuple[Tensor, Tensor]:
+        """a = √ᾱ_t and s = √(1 − ᾱ_t) per sample, shaped to broadcast over ndim dims."""
+        return (
+            gather_per_sample(self.sqrt_alphas_cumprod, t, ndim),
+            gather_per_sample(self.sqrt_one_minus_alphas_cumprod, t, ndim),
+        )
 
     def training_target(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """What the model is trained to output: ε (Eq. 4), x0 (Eq. 5) or v."""
-        if self.target == "eps":
-            return noise
-        if self.target == "x0":
-            return x0
-        return self.v_target(x0, t, noise)
+        """What the model is trained to output: ε (Eq. 4), x0 (Eq. 5), v, or a registered
+        target (dmstab.diffusion.targets)."""
+        return self.prediction.training_target(x0, noise, *self._signal_and_noise(t, x0.ndim))
 
     def predict_x0(self, x_t: Tensor, t: Tensor, prediction: Tensor) -> Tensor:
-        """x̂0 from the model's prediction: itself (x0), Eq. 3 inverted (ε), or
-        x̂0 = √ᾱ_t·x_t − √(1 − ᾱ_t)·v̂ (v, Salimans & Ho 2022 Sec. 4)."""
-        if self.target == "x0":
-            return prediction
-        signal = gather_per_sample(self.sqrt_alphas_cumprod, t, x_t.ndim)
-        sigma = gather_per_sample(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
-        if self.target == "v":
-            return signal * x_t - sigma * prediction
-        return (x_t - sigma * prediction) / signal
+        """x̂0 from the model's prediction of the target (dmstab.diffusion.targets)."""
+        return self.prediction.predict_x0(x_t, prediction, *self._signal_and_noise(t, x_t.ndim))
 
     def predict_eps(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         """ε implied by x_t and an x0 estimate (Eq. 3 solved for ε)."""

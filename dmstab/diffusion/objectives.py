@@ -130,7 +130,7 @@ class EDMObjective:
         self.p_std = recipe.diffusion.p_std
         self.sigma_data = recipe.diffusion.sigma_data
         self.num_classes = num_classes
-        self.label_dropout = recipe.model.label_dropout
+        self.label_dropout = recipe.diffusion.label_dropout
 
     def draw(self, batch: int, step: int, generator: torch.Generator) -> Draws:
         sigma = sample_sigmas(batch, self.p_mean, self.p_std, generator)

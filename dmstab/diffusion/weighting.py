@@ -19,16 +19,7 @@ from torch import Tensor
 
 from dmstab.config import DiffusionConfig
 from dmstab.diffusion.fdm import warmup_weight_cap
-from dmstab.diffusion.gaussian import GaussianDiffusion, Target
-
-
-def eps_weights_to_target(eps_weights: Tensor, snr: Tensor, target: Target) -> Tensor:
-    """The weight on the `target`-MSE that gives the same loss as eps_weights on the ε-MSE."""
-    if target == "eps":
-        return eps_weights
-    if target == "x0":
-        return eps_weights * snr
-    return eps_weights * snr / (1.0 + snr)
+from dmstab.diffusion.gaussian import GaussianDiffusion
 
 
 def min_snr_eps_weights(snr: Tensor, gamma: float) -> Tensor:
@@ -63,4 +54,4 @@ def mse_weights(
         eps_weights = p2_eps_weights(snr, config.p2_k, config.p2_gamma)
     else:  # fdm
         eps_weights = fdm_eps_weights(snr, step, config.fdm_warmup_iterations)
-    return eps_weights_to_target(eps_weights, snr, diffusion.target).to(torch.float32)
+    return diffusion.prediction.weights_from_eps(eps_weights, snr).to(torch.float32)

@@ -16,6 +16,8 @@ from torch import Tensor, nn
 
 from dmstab.config import Recipe
 from dmstab.errors import DmstabError
+from dmstab.models.network import model_config
+from dmstab.models.unet_config import UNetConfig, check_unet_layout
 
 GROUP_NORM_GROUPS = 32
 Resample = Literal["none", "down", "up"]
@@ -313,10 +315,49 @@ class ADMUNet(nn.Module):
         check_timesteps_and_labels(t, y, batch, conditional=self.label_embed is not None)
 
 
+@dataclass(frozen=True)
+class AdmUnetConfig(UNetConfig):
+    """`model.name: adm_unet`: attention with `num_heads` heads (or heads of
+    `num_head_channels` channels, guided-diffusion), FiLM conditioning
+    (`use_scale_shift_norm`), resampling in residual blocks (`resblock_updown`), and a learned
+    reverse-process variance (`learn_sigma`, improved DDPM Sec. 3.1)."""
+
+    num_heads: int = 4
+    num_head_channels: int = -1
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = False
+    learn_sigma: bool = True
+
+    def learns_variance(self) -> bool:
+        return self.learn_sigma
+
+
 def check_recipe(recipe: Recipe) -> None:
-    """Every level's width must split into GroupNorm's 32 groups."""
-    m = recipe.model
+    """The UNet layout, and every level's width split into GroupNorm's 32 groups."""
+    m = model_config(recipe, AdmUnetConfig)
+    check_unet_layout(m, recipe.data.resolution)
     if m.channels % 32 or any(m.channels * k % 32 for k in m.channel_mult):
         raise DmstabError(
             f"model.channels {m.channels} x channel_mult must be multiples of 32 (GroupNorm(32))"
         )
+
+
+def build(recipe: Recipe, num_classes: int) -> ADMUNet:
+    """The recipe's ADM UNet; `num_classes` from the dataset (used when `class_cond`)."""
+    m = model_config(recipe, AdmUnetConfig)
+    channels = recipe.data.channels
+    return ADMUNet(
+        image_size=recipe.data.resolution,
+        in_channels=channels,
+        model_channels=m.channels,
+        out_channels=2 * channels if m.learn_sigma else channels,
+        num_res_blocks=m.num_res_blocks,
+        attention_resolutions=m.attention_resolutions,
+        channel_mult=m.channel_mult,
+        dropout=m.dropout,
+        num_heads=m.num_heads,
+        num_head_channels=m.num_head_channels,
+        use_scale_shift_norm=m.use_scale_shift_norm,
+        resblock_updown=m.resblock_updown,
+        num_classes=num_classes if m.class_cond else None,
+    )

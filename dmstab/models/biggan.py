@@ -14,6 +14,8 @@ CIFAR-10 networks (32: 4,4,4,4).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,6 +23,8 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from dmstab.config import Recipe
 from dmstab.errors import DmstabError
+from dmstab.models.gan import GanConfig, check_gan
+from dmstab.models.network import model_config
 
 # Generator widths (× channels) from 4×4 up; the discriminator reads them in reverse.
 _WIDTHS = {32: (4, 4, 4, 4), 64: (16, 8, 4, 2, 1), 128: (16, 16, 8, 4, 2, 1)}
@@ -78,7 +82,7 @@ class SelfAttention(nn.Module):
         if channels < 8:
             raise DmstabError(
                 f"self-attention needs at least 8 channels (queries have C/8); it would get "
-                f"{channels}: raise gan.g_channels/d_channels or set gan.attention_resolution 0"
+                f"{channels}: raise model.g_channels/d_channels or set model.attention_resolution 0"
             )
         self.query = _sn_conv(channels, channels // 8, 1)
         self.key = _sn_conv(channels, channels // 8, 1)
@@ -157,13 +161,13 @@ class BigGANGenerator(nn.Module):
         blocks = len(widths) - 1
         if z_dim % (blocks + 1):
             raise DmstabError(
-                f"gan.z_dim {z_dim} must split into {blocks + 1} equal chunks (one per generator "
+                f"model.z_dim {z_dim} must split into {blocks + 1} equal chunks (one per generator "
                 f"block and one for the input) at resolution {resolution}"
             )
         sizes = [4 * 2**i for i in range(1, blocks + 1)]
         if attention_resolution and attention_resolution not in sizes:
             raise DmstabError(
-                f"gan.attention_resolution is {attention_resolution}; 0 or one of {sizes}"
+                f"model.attention_resolution is {attention_resolution}; 0 or one of {sizes}"
             )
         self.chunk = z_dim // (blocks + 1)
         self.z_dim = z_dim
@@ -209,7 +213,7 @@ class BigGANDiscriminator(nn.Module):
         if attention_resolution and attention_resolution not in sizes:
             allowed = sorted(set(sizes))
             raise DmstabError(
-                f"gan.attention_resolution is {attention_resolution}; 0 or one of {allowed}"
+                f"model.attention_resolution is {attention_resolution}; 0 or one of {allowed}"
             )
         layers: list[nn.Module] = []
         cin = 3
@@ -234,7 +238,44 @@ class BigGANDiscriminator(nn.Module):
         return logits  # type: ignore[no-any-return]
 
 
+@dataclass(frozen=True)
+class BigganConfig(GanConfig):
+    """The GAN keys plus the shared class embedding's width and where self-attention is."""
+
+    shared_dim: int = 128
+    attention_resolution: int = 64
+
+
 def check_recipe(recipe: Recipe) -> None:
+    g = model_config(recipe, BigganConfig)
+    check_gan(g)
+    if g.shared_dim < 1:
+        raise DmstabError("model.shared_dim must be at least 1")
     resolution = recipe.data.resolution
     if resolution not in (32, 64, 128):
         raise DmstabError(f"biggan supports data.resolution 32, 64 or 128; got {resolution}")
+
+
+def _classes(recipe: Recipe, num_classes: int) -> int:
+    return num_classes if recipe.model.class_cond else 0
+
+
+def build_generator(recipe: Recipe, num_classes: int) -> BigGANGenerator:
+    g = model_config(recipe, BigganConfig)
+    classes = _classes(recipe, num_classes)
+    return BigGANGenerator(
+        recipe.data.resolution,
+        g.z_dim,
+        g.g_channels,
+        classes,
+        g.shared_dim,
+        g.attention_resolution,
+    )
+
+
+def build_discriminator(recipe: Recipe, num_classes: int) -> BigGANDiscriminator:
+    g = model_config(recipe, BigganConfig)
+    classes = _classes(recipe, num_classes)
+    return BigGANDiscriminator(
+        recipe.data.resolution, g.d_channels, classes, g.attention_resolution
+    )

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from dmstab.config import Recipe
 from dmstab.errors import DmstabError
+from dmstab.models.gan import check_gan, gan_config
 
 
 def upsamplings(resolution: int) -> int:
@@ -93,6 +94,7 @@ class DCGANDiscriminator(nn.Module):
 
 
 def check_recipe(recipe: Recipe) -> None:
+    check_gan(gan_config(recipe))
     resolution = recipe.data.resolution
     if recipe.model.class_cond:
         raise DmstabError(
@@ -101,3 +103,12 @@ def check_recipe(recipe: Recipe) -> None:
         )
     if resolution < 16 or resolution & (resolution - 1):
         raise DmstabError(f"DCGAN needs data.resolution a power of two >= 16; got {resolution}")
+
+
+def build_generator(recipe: Recipe, num_classes: int) -> DCGANGenerator:
+    g = gan_config(recipe)
+    return DCGANGenerator(recipe.data.resolution, g.z_dim, g.g_channels)
+
+
+def build_discriminator(recipe: Recipe, num_classes: int) -> DCGANDiscriminator:
+    return DCGANDiscriminator(recipe.data.resolution, gan_config(recipe).d_channels)

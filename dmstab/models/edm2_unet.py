@@ -22,7 +22,6 @@ All configs share the skeleton (channel mult [1,2,3,4], 3 blocks per level and 4
 decoder, attention heads of 64 channels); sizes and dropout follow NVlabs/edm2's presets.
 """
 
-import dataclasses
 import itertools
 import math
 from dataclasses import dataclass
@@ -32,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dmstab.config import Recipe
 from dmstab.errors import DmstabError
 from dmstab.models.adm_unet import Resample, resample, timestep_embedding, zero_init
 from dmstab.models.mp_layers import FourierFeatures, MPConv, mp_cat, mp_silu, mp_sum, normalize
@@ -184,23 +182,6 @@ def config_for(letter: str, size: str, dataset: str = "img512") -> EDM2Config:
         forced_weight_norm=step >= 4,
         no_group_norm=step >= 5,
         mp_fixed_layers=step >= 6,
-    )
-
-
-def edm2_config(recipe: Recipe, num_classes: int) -> EDM2Config:
-    """The EDM2Config a recipe's `model` section describes (`model.name: edm2_unet`); the
-    Table 1 switches and MP constants of `model.edm2` carry EDM2Config's own field names."""
-    m = recipe.model
-    return EDM2Config(
-        img_resolution=recipe.data.resolution,
-        img_channels=4 if recipe.data.name == "latents" else 3,
-        label_dim=num_classes if m.class_cond else 0,
-        model_channels=m.channels,
-        channel_mult=m.channel_mult,
-        num_blocks=m.num_res_blocks,
-        attn_resolutions=m.attention_resolutions,
-        dropout=m.dropout,
-        **dataclasses.asdict(m.edm2),
     )
 
 
@@ -574,8 +555,3 @@ class EDM2UNet(nn.Module):
                 f"got {tuple(class_labels.shape)}"
             )
         return class_labels.to(x.dtype)
-
-
-def check_recipe(recipe: Recipe) -> None:
-    """The network's own layout and switch checks (EDM2Config), at build time's values."""
-    edm2_config(recipe, num_classes=1)

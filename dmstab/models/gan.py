@@ -1,6 +1,7 @@
 """GANs as the AAAI paper's baselines: networks from a recipe, latents, and the losses.
 
-A GAN recipe has `model.name` dcgan or biggan and a `gan:` section. Its generator plays the
+A GAN recipe has `model.name` dcgan or biggan, whose keys (`GanConfig`) include the GAN's
+training settings: its loss, the two Adams and the discriminator steps. Its generator plays the
 role a diffusion model's network plays elsewhere (`build_model`, checkpoint["model"] and
 ["ema"]); the discriminator is checkpoint["discriminator"]. Image i's latent z is the first
 draw of image i's noise stream (dmstab.diffusion.sampling.NoiseSource), so one seed gives every
@@ -11,50 +12,62 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dmstab.checkpoint import load_weights
-from dmstab.config import GAN_MODELS, GanLoss, Recipe
+from dmstab.config import ModelConfig, Recipe
 from dmstab.diffusion.sampling import NoiseSource
 from dmstab.errors import DmstabError
+from dmstab.models.network import model_config, network
+
+GanLoss = Literal["bce", "hinge"]
+
+
+@dataclass(frozen=True)
+class GanConfig(ModelConfig):
+    """A GAN's keys (AAAI Table 1's baselines): z of `z_dim`, `g_channels`/`d_channels` wide
+    networks, each with its own Adam (`g_lr`, `d_lr`, `betas`), `d_steps` discriminator steps
+    per generator step, and the `loss` (bce for DCGAN, hinge for BigGAN). The recipe's `optim`,
+    `diffusion` and `timesteps` sections are not used."""
+
+    adversarial: ClassVar[bool] = True
+
+    loss: GanLoss = "bce"
+    z_dim: int = 100
+    g_channels: int = 64
+    d_channels: int = 64
+    g_lr: float = 2e-4
+    d_lr: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    d_steps: int = 1
+
+
+def gan_config(recipe: Recipe) -> GanConfig:
+    return model_config(recipe, GanConfig)
+
+
+def check_gan(g: GanConfig) -> None:
+    """Sizes and optimiser settings every GAN shares."""
+    if min(g.z_dim, g.g_channels, g.d_channels, g.d_steps) < 1:
+        raise DmstabError("model.z_dim, g_channels, d_channels and d_steps must be at least 1")
+    if g.g_lr <= 0 or g.d_lr <= 0:
+        raise DmstabError("model.g_lr and model.d_lr must be positive")
+    if not all(0 <= b < 1 for b in g.betas):
+        raise DmstabError(f"model.betas {list(g.betas)} must lie in [0, 1)")
 
 
 def is_gan(recipe: Recipe) -> bool:
-    return recipe.model.name in GAN_MODELS
-
-
-def _classes(recipe: Recipe, num_classes: int) -> int:
-    return num_classes if recipe.model.class_cond else 0
-
-
-def build_generator(recipe: Recipe, num_classes: int) -> nn.Module:
-    g, resolution = recipe.gan, recipe.data.resolution
-    if recipe.model.name == "dcgan":
-        from dmstab.models.dcgan import DCGANGenerator
-
-        return DCGANGenerator(resolution, g.z_dim, g.g_channels)
-    from dmstab.models.biggan import BigGANGenerator
-
-    classes = _classes(recipe, num_classes)
-    return BigGANGenerator(
-        resolution, g.z_dim, g.g_channels, classes, g.shared_dim, g.attention_resolution
-    )
+    return recipe.model.adversarial
 
 
 def build_discriminator(recipe: Recipe, num_classes: int) -> nn.Module:
-    g, resolution = recipe.gan, recipe.data.resolution
-    if recipe.model.name == "dcgan":
-        from dmstab.models.dcgan import DCGANDiscriminator
-
-        return DCGANDiscriminator(resolution, g.d_channels)
-    from dmstab.models.biggan import BigGANDiscriminator
-
-    classes = _classes(recipe, num_classes)
-    return BigGANDiscriminator(resolution, g.d_channels, classes, g.attention_resolution)
+    build = network(recipe.model.name).build_discriminator
+    assert build is not None, f"model.name {recipe.model.name} has no discriminator"
+    return build(recipe, num_classes)
 
 
 def discriminator_from_state(state: dict[str, Any], recipe: Recipe, source: Path) -> nn.Module:
@@ -68,7 +81,7 @@ def discriminator_from_state(state: dict[str, Any], recipe: Recipe, source: Path
 
 def latent_shape(recipe: Recipe) -> tuple[int, int, int]:
     """The per-image noise shape a GAN draws z from: (z_dim, 1, 1)."""
-    return (recipe.gan.z_dim, 1, 1)
+    return (gan_config(recipe).z_dim, 1, 1)
 
 
 def latents(noise: NoiseSource) -> Tensor:

@@ -21,7 +21,7 @@ from dmstab.diffusion.ddpm_sampling import DiscreteSchedule
 from dmstab.diffusion.edm import Denoiser
 from dmstab.diffusion.edm_sampling import Churn, SigmaSchedule, karras_sigmas
 from dmstab.diffusion.objectives import one_hot_labels
-from dmstab.diffusion.samplers import SAMPLERS
+from dmstab.diffusion.samplers import find_sampler
 from dmstab.diffusion.sampling import NoiseSource, guided, unconditional, with_labels
 from dmstab.distributed import SINGLE_PROCESS, DistributedContext
 from dmstab.errors import DmstabError
@@ -78,7 +78,7 @@ def _batch_sampler(
     G(z, y); the schedule is built once for all batches."""
     if is_gan(recipe):
         return lambda noise, labels: sample_gan(model, noise, labels)
-    sampler, schedule = SAMPLERS[cfg.sampler], sampling_schedule(recipe, cfg)
+    sampler, schedule = find_sampler(cfg.sampler), sampling_schedule(recipe, cfg)
     one_hot = recipe.diffusion.formulation == "edm"  # the EDM2 UNet takes one-hot labels
 
     def sample(noise: NoiseSource, labels: torch.Tensor | None) -> torch.Tensor:

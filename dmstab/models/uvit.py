@@ -21,14 +21,16 @@ Unlike the official model, `out_channels` may be 2 × `in_channels`: ADM's learn
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dmstab.config import Recipe
+from dmstab.config import ModelConfig, Recipe
 from dmstab.errors import DmstabError
 from dmstab.models.adm_unet import check_timesteps_and_labels, timestep_embedding
+from dmstab.models.network import check_dropout, model_config
 
 INIT_STD = 0.02  # U-ViT's truncated-normal init of Linear weights and position embeddings
 
@@ -202,8 +204,46 @@ class UViT(nn.Module):
         check_timesteps_and_labels(t, y, batch, conditional=self.label_embed is not None)
 
 
+@dataclass(frozen=True)
+class UvitConfig(ModelConfig):
+    """`model.name: uvit`, a ddpm backbone; the defaults are U-ViT-S/2 (CIFAR-10)."""
+
+    patch_size: int = 2
+    embed_dim: int = 512
+    depth: int = 13  # all transformer blocks: depth//2 in, 1 mid, depth//2 out
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.3
+    learn_sigma: bool = True
+
+    def learns_variance(self) -> bool:
+        return self.learn_sigma
+
+
 def check_recipe(recipe: Recipe) -> None:
-    m = recipe.model
+    m = model_config(recipe, UvitConfig)
+    check_dropout(m.dropout)
     check_uvit_config(
         recipe.data.resolution, m.patch_size, m.embed_dim, m.depth, m.num_heads, m.mlp_ratio
+    )
+    if recipe.train.magnitudes_every:
+        raise DmstabError(
+            "train.magnitudes_every works for adm_unet and edm2_unet, not uvit (set it to 0)"
+        )
+
+
+def build(recipe: Recipe, num_classes: int) -> UViT:
+    m = model_config(recipe, UvitConfig)
+    channels = recipe.data.channels
+    return UViT(
+        image_size=recipe.data.resolution,
+        in_channels=channels,
+        out_channels=2 * channels if m.learn_sigma else channels,
+        patch_size=m.patch_size,
+        embed_dim=m.embed_dim,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio,
+        num_classes=num_classes if m.class_cond else None,
+        dropout=m.dropout,
     )

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dmstab import __version__
-from dmstab.config import Recipe, TrainConfig, fingerprint, flatten, to_yaml
+from dmstab.config import Recipe, TrainConfig, fingerprint, run_params, to_yaml
 from dmstab.errors import DmstabError
 from dmstab.tracking.client import (
     FailFastClient,
@@ -173,7 +173,7 @@ class MlflowTracker:
         parent_run_id: str | None = None,
         extra_tags: Mapping[str, str] | None = None,
     ) -> MlflowTracker:
-        """Create a run (params = the flattened recipe) or reopen `resume_run_id`.
+        """Create a run (params = the keys that shaped it, `run_params`) or reopen `resume_run_id`.
 
         With `tracking.offline` and a server that does not answer, a new run starts spooled.
         """
@@ -201,7 +201,7 @@ class MlflowTracker:
         tracker = cls.create(
             experiment=recipe.tracking.experiment,
             kind=kind,
-            params=flatten(recipe),
+            params=run_params(recipe, kind),
             tags=tags,
             uri=recipe.tracking.uri,
             run_name=recipe.tracking.run_name,

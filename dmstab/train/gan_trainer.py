@@ -1,4 +1,4 @@
-"""One GAN training step for `dmstab train` (DCGAN, BigGAN-style): `gan.d_steps` discriminator
+"""One GAN training step for `dmstab train` (DCGAN, BigGAN-style): `model.d_steps` discriminator
 updates, then one generator update, each with its own Adam (dmstab.models.gan for the losses).
 
 As in the diffusion loop, every draw of step k (real batches, flips, z, fake labels) comes from
@@ -18,11 +18,11 @@ from dmstab.data import ImageDataset, build_dataset
 from dmstab.diffusion.objectives import DDPMObjective
 from dmstab.distributed import SINGLE_PROCESS, DistributedContext
 from dmstab.errors import DmstabError
-from dmstab.models import count_parameters
+from dmstab.models import build_model, count_parameters
 from dmstab.models.gan import (
     build_discriminator,
-    build_generator,
     discriminator_loss,
+    gan_config,
     generator_loss,
 )
 from dmstab.train.common import (
@@ -61,9 +61,9 @@ class GanTrainer:
             raise DmstabError("model.class_cond is true but the dataset has no labels")
         self.num_classes = classes if recipe.model.class_cond else 0
         torch.manual_seed(recipe.train.seed)
-        self.model: nn.Module = build_generator(recipe, classes).to(device)
+        self.model: nn.Module = build_model(recipe, classes).to(device)
         self.discriminator = build_discriminator(recipe, classes).to(device)
-        g = recipe.gan
+        g = gan_config(recipe)
         self.optimizer: torch.optim.Optimizer = torch.optim.Adam(
             self.model.parameters(), lr=g.g_lr, betas=g.betas
         )
@@ -87,7 +87,7 @@ class GanTrainer:
     def _fakes(self, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
         """z ~ N(0, I) and, for a conditional GAN, uniform class labels."""
         rows = self.recipe.train.batch_size
-        z = torch.randn(rows, self.recipe.gan.z_dim, generator=generator).to(self.device)
+        z = torch.randn(rows, gan_config(self.recipe).z_dim, generator=generator).to(self.device)
         if not self.num_classes:
             return z, None
         labels = torch.randint(0, self.num_classes, (rows,), generator=generator)
@@ -95,14 +95,14 @@ class GanTrainer:
 
     def train_step(self) -> dict[str, Tensor]:
         self.step += 1
-        recipe, loss_name = self.recipe, self.recipe.gan.loss
+        recipe, gan = self.recipe, gan_config(self.recipe)
         seed = step_seed(recipe.train.seed, self.step)
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         precision = autocast(self.device, recipe.train.precision)
-        for index in range(recipe.gan.d_steps):
+        for index in range(gan.d_steps):
             real, real_labels = self._real_batch(
-                (self.step - 1) * recipe.gan.d_steps + index + 1, generator
+                (self.step - 1) * gan.d_steps + index + 1, generator
             )
             z, fake_labels = self._fakes(generator)
             with precision:
@@ -110,14 +110,14 @@ class GanTrainer:
                     fake = self.model(z, fake_labels)
                 real_logits = self.discriminator(real, real_labels).float()
                 fake_logits = self.discriminator(fake, fake_labels).float()
-                loss_d = discriminator_loss(real_logits, fake_logits, loss_name)
+                loss_d = discriminator_loss(real_logits, fake_logits, gan.loss)
             self.d_optimizer.zero_grad(set_to_none=True)
             loss_d.backward()  # type: ignore[no-untyped-call]
             self.d_optimizer.step()
         z, fake_labels = self._fakes(generator)
         with precision:
             loss_g = generator_loss(
-                self.discriminator(self.model(z, fake_labels), fake_labels).float(), loss_name
+                self.discriminator(self.model(z, fake_labels), fake_labels).float(), gan.loss
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss_g.backward()  # type: ignore[no-untyped-call]

@@ -34,7 +34,6 @@ from dmstab.checkpoint import (
     save_checkpoint,
 )
 from dmstab.config import (
-    GAN_MODELS,
     Recipe,
     differences,
     fingerprint,
@@ -116,7 +115,7 @@ def build_trainer(
     recipe: Recipe, device: torch.device, context: DistributedContext = SINGLE_PROCESS
 ) -> LoopTrainer:
     """A GanTrainer for GAN recipes (AAAI Table 1's baselines), else the diffusion Trainer."""
-    if recipe.model.name in GAN_MODELS:
+    if recipe.model.adversarial:
         from dmstab.train.gan_trainer import GanTrainer
 
         return GanTrainer(recipe, device, context)

@@ -20,7 +20,7 @@ NUM_IMAGES = 12
 
 @pytest.fixture
 def sweep_dir(dmstab: Runner) -> Path:
-    trained = dmstab("train", str(MINI), *TINY_EDM, "model.label_dropout=0.2")
+    trained = dmstab("train", str(MINI), *TINY_EDM, "diffusion.label_dropout=0.2")
     assert trained.returncode == 0, trained.stderr
     made = dmstab("ema-reconstruct", "--sweep", "0.05:0.15:0.05")
     assert made.returncode == 0, made.stderr

@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dmstab.analysis.landscape import evaluate, load_landscape
-from dmstab.analysis.spectrum import hvp_method
+from dmstab.analysis.landscape_metrics import LandscapeConfig
+from dmstab.analysis.spectrum import HessianConfig, hvp_method
 from dmstab.commands.study import analysis_losses
 from dmstab.commands.subjects import load_subject
 from tests.helpers import RECIPES, TINY, CachedRun, Runner, Training, store
@@ -77,7 +78,9 @@ def test_hessian_by_checkpoint_logs_a_spectrum_above_every_rayleigh_quotient(
         weights = arrays["mean/slq_weights"]
         assert weights.sum() == pytest.approx(1.0)
     subject = load_subject(str(trained.checkpoint), HESSIAN)
-    model, losses = analysis_losses(subject, torch.device("cpu"), subject.recipe.hessian)
+    model, losses = analysis_losses(
+        subject, torch.device("cpu"), subject.recipe.analysis(HessianConfig)
+    )
     generator = torch.Generator().manual_seed(123)
     for _ in range(3):  # vᵀHv ≤ λ1 for every unit v (λ1 the largest eigenvalue)
         vector = [torch.randn(p.shape, generator=generator) for p in model.parameters()]
@@ -97,7 +100,9 @@ def test_landscape_surface_centre_is_the_models_loss(trained: CachedRun, dmstab:
     grid = load_landscape(Path("analyses/landscape") / run_id / "surface.npz")
     assert set(grid.values) == {"mean", "t=5"} and grid.values["mean"].shape == (3, 3)
     subject = load_subject(trained.run_id, options)
-    model, losses = analysis_losses(subject, torch.device("cpu"), subject.recipe.landscape)
+    model, losses = analysis_losses(
+        subject, torch.device("cpu"), subject.recipe.analysis(LandscapeConfig)
+    )
     for name, loss in losses.items():
         assert grid.values[name][1, 1] == pytest.approx(evaluate(loss, model), rel=1e-6)
         assert grid.values[name].max() > grid.values[name][1, 1]  # a trained model: a minimum
@@ -114,7 +119,9 @@ def test_interpolation_ends_are_each_checkpoints_loss(trained: CachedRun, dmstab
     np.testing.assert_allclose(grid.xs, [0.0, 0.5, 1.0])
     for alpha_index, step in ((0, 4), (2, 12)):
         subject = load_subject(str(trained.checkpoint), options).kept(step)
-        model, losses = analysis_losses(subject, torch.device("cpu"), subject.recipe.landscape)
+        model, losses = analysis_losses(
+            subject, torch.device("cpu"), subject.recipe.analysis(LandscapeConfig)
+        )
         expected = evaluate(losses["mean"], model)
         assert grid.values["mean"][alpha_index] == pytest.approx(expected, rel=1e-6)
 
@@ -149,7 +156,9 @@ def test_gan_hessian_of_the_generator_loss_and_interpolation_of_both_losses(
     metrics = store().get_run(_latest_run(store(), "hessian")).data.metrics
     top = metrics["hessian/generator/lambda_1"]
     subject = load_subject(run.run_id, options)
-    model, losses = analysis_losses(subject, torch.device("cpu"), subject.recipe.hessian)
+    model, losses = analysis_losses(
+        subject, torch.device("cpu"), subject.recipe.analysis(HessianConfig)
+    )
     generator = torch.Generator().manual_seed(5)
     for _ in range(3):  # |vᵀHv| ≤ |λ1|, λ1 the eigenvalue of largest magnitude
         vector = [torch.randn(p.shape, generator=generator) for p in model.parameters()]
@@ -171,7 +180,9 @@ def test_gan_hessian_of_the_generator_loss_and_interpolation_of_both_losses(
             kept = load_subject(
                 str(run.checkpoint), [*landscape, f"landscape.network={network}"]
             ).kept(step)
-            model, losses = analysis_losses(kept, torch.device("cpu"), kept.recipe.landscape)
+            model, losses = analysis_losses(
+                kept, torch.device("cpu"), kept.recipe.analysis(LandscapeConfig)
+            )
             expected = evaluate(losses[network], model)
             assert grid.values[network][alpha_index] == pytest.approx(expected, rel=1e-6)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dmstab.analysis.spectrum import HessianConfig
 from dmstab.checkpoint import load_checkpoint
 from dmstab.commands.sample import sample
 from dmstab.commands.subjects import load_subject, trained_subject
@@ -55,7 +56,7 @@ def test_finished_run_is_reused_and_only_training_runs_count(one_thread: None) -
 def test_missing_kept_checkpoint_and_model_overrides_are_one_line_errors(one_thread: None) -> None:
     run = train(_recipe("train.steps=4"))
     subject = load_subject(str(run.checkpoint), ["hessian.top_k=2", "sample.seed=3"])
-    assert subject.recipe.hessian.top_k == 2 and subject.recipe.sample.seed == 3
+    assert subject.recipe.analysis(HessianConfig).top_k == 2 and subject.recipe.sample.seed == 3
     with pytest.raises(DmstabError, match=r"kept no checkpoint at step 2.*keep_checkpoints=\[2\]"):
         subject.kept(2)
     with pytest.raises(DmstabError, match=r"'model\.channels' cannot change a trained model"):

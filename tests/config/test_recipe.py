@@ -86,7 +86,7 @@ def test_overrides_are_yaml_typed() -> None:
         ("optim.lr=fast", "'optim.lr' is 'fast'; expected float"),
         ("train.steps=1.5", "'train.steps' is 1.5; expected int"),
         ("train.steps=true", "expected int"),
-        ("diffusion.target=z", "allowed: 'eps' | 'x0' | 'v'"),
+        ("diffusion.target=z", "diffusion.target 'z' is not registered; registered: eps, "),
         ("timesteps.mu=1000", r"must be in \[0, diffusion.steps\)"),
         ("timesteps.sigma=0", "timesteps.sigma"),
         ("optim.betas=[0.9]", "list of 2 float"),

@@ -10,6 +10,8 @@ import re
 
 import pytest
 
+from dmstab.analysis.consistency import ConsistencyConfig
+from dmstab.analysis.landscape_metrics import LandscapeConfig
 from dmstab.commands.consistency import member_recipes
 from dmstab.config import fingerprint, load_recipe
 from tests.helpers import PAPER_TEXT, RECIPES
@@ -52,7 +54,7 @@ def test_table_1_recipes_carry_the_published_consistency(stem: str) -> None:
     for name in (f"table1_{stem}_consistency", f"mini_table1_{MINI_OF[stem]}_consistency"):
         recipe = load_recipe(RECIPES / f"{name}.yaml")
         assert recipe.paper.others["consistency_psnr"] == published, name
-        assert recipe.consistency.num_images == 32  # the paper's M
+        assert recipe.analysis(ConsistencyConfig).num_images == 32  # the paper's M
         assert len(member_recipes(recipe)) >= 2
 
 
@@ -91,8 +93,15 @@ def test_mini_stability_recipes_share_one_training_run(kind: str) -> None:
 def test_interpolation_recipes_keep_the_checkpoints_they_interpolate() -> None:
     for name in ("fig3_interpolation_cifar10_dm", "fig3_interpolation_cifar10_dcgan"):
         recipe = load_recipe(RECIPES / f"{name}.yaml")
-        assert set(recipe.landscape.interpolate) <= set(recipe.train.keep_checkpoints)
-        assert recipe.landscape.interpolate == (3910, 39100)  # epochs 10 and 100 of CIFAR-10
+        assert set(recipe.analysis(LandscapeConfig).interpolate) <= set(
+            recipe.train.keep_checkpoints
+        )
+        assert recipe.analysis(LandscapeConfig).interpolate == (
+            3910,
+            39100,
+        )  # epochs 10 and 100 of CIFAR-10
     for kind in ("dm", "dcgan"):
         recipe = load_recipe(RECIPES / f"mini_fig3_interpolation_{kind}.yaml")
-        assert set(recipe.landscape.interpolate) <= set(recipe.train.keep_checkpoints)
+        assert set(recipe.analysis(LandscapeConfig).interpolate) <= set(
+            recipe.train.keep_checkpoints
+        )

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from dmstab.diffusion.ddpm_sampling import DiscreteSchedule, space_timesteps
-from dmstab.diffusion.gaussian import GaussianDiffusion, Target
-from dmstab.diffusion.samplers import SAMPLERS
+from dmstab.diffusion.gaussian import GaussianDiffusion
+from dmstab.diffusion.samplers import find_sampler
 from dmstab.diffusion.sampling import NoiseSource, with_labels
 from dmstab.diffusion.schedules import make_betas
 
@@ -19,7 +19,7 @@ SHAPE = (3, 8, 8)
 Model = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
 
-def cosine_diffusion(target: Target = "eps", learn_sigma: bool = False) -> GaussianDiffusion:
+def cosine_diffusion(target: str = "eps", learn_sigma: bool = False) -> GaussianDiffusion:
     return GaussianDiffusion(
         make_betas("cosine", T), target=target, learn_sigma=learn_sigma, hybrid_loss=learn_sigma
     )
@@ -125,7 +125,7 @@ def test_different_models_see_the_same_noise() -> None:
     expected = [reference.next() for _ in range(num_steps)]  # x_T, then N − 1 step noises
     for model in (smooth_model, conv_model):
         recorder = Recorder(model)
-        final = SAMPLERS["ddpm"](
+        final = find_sampler("ddpm")(
             with_labels(recorder, None), NoiseSource(5, 0, 4, SHAPE),
             DiscreteSchedule(diffusion, num_steps, eta=0.0),
         )  # fmt: skip
@@ -136,7 +136,7 @@ def test_different_models_see_the_same_noise() -> None:
         assert last.abs().max().item() < 1e-6  # the last step adds no noise
 
 
-def single_point_oracle(target: Target, x_star: Tensor, learn_sigma: bool) -> Model:
+def single_point_oracle(target: str, x_star: Tensor, learn_sigma: bool) -> Model:
     """The optimal predictor when the data is the single point x*: ε = (x_t − √ᾱ x*)/√(1−ᾱ)."""
     alpha_bar = np.cumprod(1 - make_betas("cosine", T).numpy())
 
@@ -155,11 +155,11 @@ def single_point_oracle(target: Target, x_star: Tensor, learn_sigma: bool) -> Mo
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 @pytest.mark.parametrize(("target", "learn_sigma"), [("eps", False), ("x0", False), ("eps", True)])
 def test_single_point_oracle_returns_the_point(
-    sampler: str, target: Target, learn_sigma: bool
+    sampler: str, target: str, learn_sigma: bool
 ) -> None:
     x_star = torch.rand(1, *SHAPE, generator=torch.Generator().manual_seed(2)) * 1.8 - 0.9
     recorder = Recorder(single_point_oracle(target, x_star, learn_sigma))
-    images = SAMPLERS[sampler](
+    images = find_sampler(sampler)(
         with_labels(recorder, None), NoiseSource(9, 0, 4, SHAPE),
         DiscreteSchedule(cosine_diffusion(target, learn_sigma), 50, eta=0.0),
     )  # fmt: skip
@@ -173,7 +173,7 @@ def test_ddim_eta0_stays_on_the_oracle_trajectory() -> None:
     """Song et al.: with the exact ε, DDIM η = 0 moves along x_k = √ᾱ_k x* + √(1−ᾱ_k) ε̂_T."""
     x_star = torch.rand(1, *SHAPE, generator=torch.Generator().manual_seed(4)) * 1.8 - 0.9
     recorder = Recorder(single_point_oracle("eps", x_star, False))
-    SAMPLERS["ddim"](
+    find_sampler("ddim")(
         with_labels(recorder, None), NoiseSource(1, 0, 2, SHAPE),
         DiscreteSchedule(cosine_diffusion(), 20, eta=0.0),
     )  # fmt: skip
@@ -202,7 +202,7 @@ class SwappedTail(NoiseSource):
 
 def test_ddim_eta0_depends_only_on_x_T() -> None:
     def run(noise: NoiseSource, eta: float) -> Tensor:
-        return SAMPLERS["ddim"](
+        return find_sampler("ddim")(
             with_labels(smooth_model, None), noise,
             DiscreteSchedule(cosine_diffusion(), 10, eta=eta, clip_denoised=False),
         )  # fmt: skip
@@ -222,7 +222,7 @@ def test_ddpm_with_posterior_variance_equals_ddim_eta1() -> None:
     diffusion = cosine_diffusion(learn_sigma=True)
 
     def run(sampler: str, eta: float) -> Tensor:
-        return SAMPLERS[sampler](
+        return find_sampler(sampler)(
             with_labels(model, None), NoiseSource(8, 0, 3, SHAPE),
             DiscreteSchedule(diffusion, 12, eta=eta, spacing="even"),
         )  # fmt: skip
@@ -234,7 +234,7 @@ def test_ddpm_with_posterior_variance_equals_ddim_eta1() -> None:
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_batch_split_does_not_change_the_images(sampler: str) -> None:
     def run(first_index: int, count: int) -> Tensor:
-        return SAMPLERS[sampler](
+        return find_sampler(sampler)(
             with_labels(smooth_model, None), NoiseSource(6, first_index, count, SHAPE),
             DiscreteSchedule(cosine_diffusion(), 10, eta=0.0),
         )  # fmt: skip
@@ -251,7 +251,7 @@ def test_callback_reports_progress_and_labels_reach_the_model() -> None:
         return smooth_model(x, t, y)
 
     labels = torch.tensor([3, 1])
-    SAMPLERS["ddpm"](
+    find_sampler("ddpm")(
         with_labels(model, labels), NoiseSource(0, 0, 2, SHAPE),
         DiscreteSchedule(cosine_diffusion(), 5, eta=0.0),
         callback=lambda done, total: progress.append((done, total)),
@@ -262,7 +262,7 @@ def test_callback_reports_progress_and_labels_reach_the_model() -> None:
 
 def test_bad_sampling_arguments_are_rejected() -> None:
     def run(sampler: str, eta: float, labels: Tensor | None = None) -> Tensor:
-        return SAMPLERS[sampler](
+        return find_sampler(sampler)(
             with_labels(smooth_model, labels), NoiseSource(0, 0, 2, SHAPE),
             DiscreteSchedule(cosine_diffusion(), 5, eta=eta),
         )  # fmt: skip

@@ -30,9 +30,9 @@ from tests.helpers import RECIPES, Runner, store
 TINY_GAN = [
     "data.synthetic_size=64",
     "data.resolution=16",
-    "gan.g_channels=8",
-    "gan.d_channels=8",
-    "gan.z_dim=16",
+    "model.g_channels=8",
+    "model.d_channels=8",
+    "model.z_dim=16",
     "train.batch_size=8",
     "train.steps=6",
     "train.checkpoint_every=2",
@@ -173,7 +173,7 @@ def test_two_gan_architectures_get_the_same_z_for_one_seed() -> None:
     for name in ("mini_dcgan", "mini_biggan"):
         recipe = load_recipe(
             RECIPES / f"{name}.yaml",
-            ["gan.z_dim=16", "gan.g_channels=4", "sample.num_images=3", "sample.seed=7"],
+            ["model.z_dim=16", "model.g_channels=4", "sample.num_images=3", "sample.seed=7"],
         )
         model = build_model(recipe, 4)
         model.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
@@ -217,7 +217,8 @@ class _StopAt:
 
 @pytest.mark.parametrize("name", ["mini_dcgan", "mini_biggan"])
 def test_an_interrupted_gan_resumes_bit_for_bit(name: str) -> None:
-    options = [*TINY_GAN, "data.resolution=32", "gan.attention_resolution=16"]
+    attention = ["model.attention_resolution=16"] if name == "mini_biggan" else []
+    options = [*TINY_GAN, "data.resolution=32", *attention]
     reference = load_checkpoint(train(load_recipe(RECIPES / f"{name}.yaml", options)).checkpoint)
     recipe = load_recipe(RECIPES / f"{name}.yaml", [*options, "tracking.experiment=second"])
     with pytest.raises(KeyboardInterrupt):

@@ -28,7 +28,7 @@ BAD_OVERRIDES = [
     ([QUICKSTART, "ema.power_sigma_rels=0.1"], "'ema.power_sigma_rels' is 0.1"),
     ([QUICKSTART, "train.precision=fp16"], "'train.precision' is 'fp16'; allowed: 'fp32' | 'bf16'"),
     ([QUICKSTART, "train.device=tpu"], "'train.device' is 'tpu'"),
-    ([QUICKSTART, "timesteps.sampler=bogus"], "'timesteps.sampler' is 'bogus'"),
+    ([QUICKSTART, "timesteps.sampler=bogus"], "timesteps.sampler 'bogus' is not registered"),
     # out of range
     ([QUICKSTART, "optim.lr=-1"], "optim.lr is -1.0; must be positive"),
     ([QUICKSTART, "optim.lr=0"], "optim.lr is 0.0; must be positive"),
@@ -46,17 +46,27 @@ BAD_OVERRIDES = [
     # unknown keys and sections
     ([QUICKSTART, "optim.lrr=1e-4"], "unknown recipe key 'optim.lrr'; did you mean 'optim.lr'"),
     ([QUICKSTART, "optimizer.lr=1e-4"], "unknown recipe key 'optimizer'"),
-    ([QUICKSTART, "model.edm2.nope=1"], "unknown recipe key 'model.edm2.nope'"),
+    ([QUICKSTART, "model.edm2.nope=1"], "unknown recipe key 'model.edm2'; model.name adm_unet"),
+    ([EDM, "model.edm2.nope=1"], "unknown recipe key 'model.edm2.nope'"),
     # contradictory options
     ([QUICKSTART, "timesteps.mu=1000"], "timesteps.mu is 1000.0; must be in [0, diffusion.steps)"),
     ([QUICKSTART, "timesteps.mu=-1"], "timesteps.mu is -1.0; must be in [0, diffusion.steps)"),
-    ([QUICKSTART, "sample.sampler=heun"], "sample.sampler heun needs diffusion.formulation edm"),
+    (
+        [QUICKSTART, "sample.sampler=heun"],
+        "sample.sampler heun samples diffusion.formulation edm models; this recipe's is ddpm",
+    ),
     ([QUICKSTART, "diffusion.formulation=edm"], "model.name adm_unet trains with diffusion."),
-    ([EDM, "sample.sampler=ddim"], "sample.sampler is 'ddim'; the edm formulation uses heun"),
+    (
+        [EDM, "sample.sampler=ddim"],
+        "sample.sampler ddim samples diffusion.formulation ddpm models; this recipe's is edm",
+    ),
     ([EDM, "diffusion.target=x0"], "diffusion.target x0 is a ddpm option"),
     ([QUICKSTART, "train.kimg=1", "train.steps=5"], "set train.steps or train.kimg, not both"),
     ([QUICKSTART, "sample.guidance=2"], "sample.guidance != 1 needs sample.guide"),
-    ([QUICKSTART, "model.label_dropout=0.5"], "model.label_dropout needs model.name edm2_unet"),
+    (
+        [QUICKSTART, "diffusion.label_dropout=0.5"],
+        "diffusion.label_dropout (classifier-free guidance) needs diffusion.formulation edm",
+    ),
     (
         [QUICKSTART, "eval.every=5", "eval.features=classifier", "data.name=npz", "data.root=x"],
         "eval.features: classifier knows the synthetic shapes only",
@@ -73,15 +83,21 @@ BAD_OVERRIDES = [
     # GANs and the analysis sections
     ([DCGAN, "model.class_cond=true"], "DCGAN is unconditional"),
     ([DCGAN, "data.resolution=24"], "DCGAN needs data.resolution a power of two >= 16"),
-    ([DCGAN, "gan.d_steps=0"], "gan.z_dim, g_channels, d_channels, shared_dim and d_steps"),
-    ([DCGAN, "gan.loss=wasserstein"], "'gan.loss' is 'wasserstein'"),
+    (
+        [DCGAN, "model.d_steps=0"],
+        "model.z_dim, g_channels, d_channels and d_steps must be at least 1",
+    ),
+    ([DCGAN, "model.loss=wasserstein"], "'model.loss' is 'wasserstein'"),
     ([DCGAN, "train.nonfinite=skip"], "train.nonfinite: skip is for diffusion models"),
-    ([BIGGAN, "gan.z_dim=63"], "gan.z_dim 63 must split into 4 equal chunks"),
-    ([BIGGAN, "gan.attention_resolution=12"], "gan.attention_resolution is 12"),
+    ([BIGGAN, "model.z_dim=63"], "model.z_dim 63 must split into 4 equal chunks"),
+    ([BIGGAN, "model.attention_resolution=12"], "model.attention_resolution is 12"),
     ([QUICKSTART, "train.keep_checkpoints=[0]"], "train.keep_checkpoints [0] must be steps"),
     ([QUICKSTART, "landscape.points=1"], "landscape.points is 1; must be at least 2"),
     ([QUICKSTART, "hessian.timesteps=[1000]"], "hessian.timesteps [1000] must lie in [0,"),
-    ([QUICKSTART, "consistency.samplers=[heun]"], "consistency.samplers.sampler heun needs"),
+    (
+        [QUICKSTART, "consistency.samplers=[heun]"],
+        "consistency.samplers.sampler heun samples diffusion.formulation edm models",
+    ),
     # data that is not there
     ([QUICKSTART, "data.name=folder"], "data.root is required for data.name='folder'"),
     ([QUICKSTART, "data.name=folder", "data.root=does/not/exist"], "does/not/exist"),

@@ -65,7 +65,7 @@ class _RecordLabels(nn.Module):
 
 
 def test_label_dropout_zeroes_the_requested_fraction_of_labels() -> None:
-    recipe = load_recipe(MINI, [*TINY_EDM, "model.label_dropout=0.25"])
+    recipe = load_recipe(MINI, [*TINY_EDM, "diffusion.label_dropout=0.25"])
     net = _RecordLabels()
     batch = 4000
     whole_batch_losses(
@@ -119,7 +119,7 @@ def test_heun_images_do_not_depend_on_the_batch_split() -> None:
 
 
 def test_classifier_free_guidance_changes_the_samples_and_one_is_no_guidance() -> None:
-    recipe = load_recipe(MINI, [*TINY_EDM, "model.label_dropout=0.1"])
+    recipe = load_recipe(MINI, [*TINY_EDM, "diffusion.label_dropout=0.1"])
     torch.manual_seed(0)
     model = build_model(recipe, 10)
     with torch.no_grad():  # a non-trivial network: zero-initialised output gains would hide labels
@@ -127,7 +127,7 @@ def test_classifier_free_guidance_changes_the_samples_and_one_is_no_guidance() -
             parameter.add_(0.3 * torch.randn_like(parameter))
 
     def images(*overrides: str) -> Tensor:
-        cfg = load_recipe(MINI, [*TINY_EDM, "model.label_dropout=0.1", *overrides]).sample
+        cfg = load_recipe(MINI, [*TINY_EDM, "diffusion.label_dropout=0.1", *overrides]).sample
         return generate_for_recipe(
             model, recipe, dataset_classes=10, device=torch.device("cpu"), sample=cfg
         )
@@ -160,21 +160,18 @@ def test_mini_then_ema_reconstruct_with_no_arguments_then_sample(dmstab: Runner)
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (
-            ["model.name=adm_unet", "model.channels=32"],
-            "adm_unet trains with diffusion.formulation",
-        ),
+        (["model.name=adm_unet"], "unknown recipe key 'model.edm2'; model.name adm_unet allows"),
         (["diffusion.formulation=ddpm"], "edm2_unet trains with diffusion.formulation edm"),
-        (["sample.sampler=ddim"], "the edm formulation uses heun"),
+        (["sample.sampler=ddim"], "sample.sampler ddim samples diffusion.formulation ddpm models"),
         (["timesteps.sampler=clts"], "clts is a ddpm curriculum"),
         (["train.steps=10"], "set train.steps or train.kimg, not both"),
         (["sample.guidance=2"], "needs sample.guide"),
-        (["sample.guide=self", "sample.guidance=2"], "model.label_dropout > 0"),
-        (["model.label_dropout=0.1", "model.class_cond=false"], "needs model.class_cond"),
+        (["sample.guide=self", "sample.guidance=2"], "diffusion.label_dropout > 0"),
+        (["diffusion.label_dropout=0.1", "model.class_cond=false"], "needs model.class_cond"),
         (["optim.schedule=constant"], "belong to optim.schedule inverse_sqrt"),
         (["model.edm2.streamlined=false"], "needs model.streamlined=true"),
         (["diffusion.p_std=0"], "diffusion.p_std is 0.0"),
-        (["sample.steps=1"], "heun needs at least 2"),
+        (["sample.steps=1"], "edm sampling needs at least 2"),
     ],
 )
 def test_contradictory_edm_settings_are_one_line_errors(overrides: list[str], message: str) -> None:

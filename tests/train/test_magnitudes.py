@@ -21,7 +21,7 @@ from dmstab.train.magnitudes import (
     weight_magnitudes,
 )
 from dmstab.train.trainer import Trainer
-from tests.helpers import RECIPES, TINY, Runner, store
+from tests.helpers import MINI, RECIPES, TINY, TINY_EDM, Runner, store
 
 EDM = [
     "model.name=edm2_unet",
@@ -56,7 +56,22 @@ NETWORKS = {
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny networks: one thread is faster
 
 
+# edm2_mini at TINY_EDM size, trained like quickstart: Adam (0.9, 0.999) at a constant rate.
+QUICKSTART_OPTIMISER = [
+    "model.attention_resolutions=[8]",
+    "optim.betas=[0.9,0.999]",
+    "optim.lr=1e-3",
+    "optim.schedule=constant",
+    "optim.ref_kimg=0",
+    "optim.rampup_kimg=0",
+]
+
+
 def _recipe(*extra: str) -> Recipe:
+    """quickstart at TINY size, or edm2_mini at TINY_EDM size when `extra` selects edm2_unet
+    (a recipe holds only its own network's `model.*` keys)."""
+    if "model.name=edm2_unet" in extra:
+        return load_recipe(MINI, [*TINY_EDM, *QUICKSTART_OPTIMISER, *extra])
     return load_recipe(RECIPES / "quickstart.yaml", [*TINY, *extra])
 
 
@@ -212,10 +227,11 @@ def test_forced_weight_norm_holds_weights_fixed_while_c_and_d_drift() -> None:
 def test_dmstab_train_logs_magnitudes_and_the_figure(dmstab: Runner) -> None:
     result = dmstab(
         "train",
-        str(RECIPES / "quickstart.yaml"),
-        *TINY,
+        str(MINI),
+        *TINY_EDM,
+        "model.attention_resolutions=[8]",
         *EDM,
-        "train.steps=4",
+        "train.kimg=0.032",  # 4 steps of 8 images
         "train.magnitudes_every=2",
     )
     assert result.returncode == 0, result.stderr

@@ -128,8 +128,15 @@ def test_an_objective_state_of_another_shape_is_refused() -> None:
         ("timesteps.history=0", "timesteps.history is 0; must be at least 1"),
         ("timesteps.uniform_prob=1", r"timesteps.uniform_prob is 1.0; must be in \[0, 1\)"),
         ("diffusion.weighting=snr", "allowed: 'none' | 'min_snr' | 'p2' | 'fdm'"),
-        ("timesteps.sampler=imp", "allowed: 'uniform' | 'clts' | 'importance'"),
-        ("diffusion.target=score", "allowed: 'eps' | 'x0' | 'v'"),
+        (
+            "timesteps.sampler=imp",
+            "timesteps.sampler 'imp' is not registered; "
+            "registered: clts, importance, shifted_gaussian, uniform",
+        ),
+        (
+            "diffusion.target=score",
+            "diffusion.target 'score' is not registered; registered: eps, ",
+        ),
     ],
 )
 def test_bad_values_are_one_line_errors(override: str, message: str) -> None:

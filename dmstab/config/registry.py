@@ -1,0 +1,89 @@
+"""Named components a recipe selects: networks, objectives, timestep samplers, samplers and
+analyses.
+
+A registry maps a name to a `Component`: the implementation, registered by the layer that owns
+it (this layer never imports one), the dataclass of the recipe keys the component brings, and
+a check of the whole recipe. Loading a recipe looks the name up to parse those keys, so a new
+component is one module and one `register` call, and its keys come with it.
+
+Sections with variants (`model` by `model.name`, `diffusion` by `diffusion.formulation`,
+`timesteps` by `timesteps.sampler`) take the variant's dataclass, a subclass of the section's
+base class. An analysis's dataclass is a top-level section of its own (`hessian:`), present
+in a recipe only when the recipe sets it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from dmstab.errors import DmstabError
+
+RecipeCheck = Callable[..., None]
+"""check(recipe): what the component needs of the whole recipe. Samplers, which the recipe may
+name under several keys, get that key too: check(recipe, key)."""
+
+
+@dataclass(frozen=True)
+class Component:
+    """One registered name: what implements it, its recipe keys and its recipe check."""
+
+    name: str
+    implementation: Any
+    config: type | None = None
+    check: RecipeCheck | None = None
+
+
+class Registry:
+    """Components selected by the recipe key `key` (e.g. "model.name")."""
+
+    def __init__(self, key: str, base: type | None = None) -> None:
+        self.key = key
+        self.base = base  # the section's base dataclass a variant's `config` must extend
+        self._components: dict[str, Component] = {}
+
+    def register(
+        self,
+        name: str,
+        implementation: Any = None,
+        *,
+        config: type | None = None,
+        check: RecipeCheck | None = None,
+    ) -> Component:
+        """Make `name` selectable; a name is registered once."""
+        if name in self._components:
+            raise DmstabError(f"{self.key} {name!r} is already registered")
+        if config is not None and not dataclasses.is_dataclass(config):
+            raise DmstabError(f"{self.key} {name!r}: config must be a dataclass, got {config!r}")
+        if config is not None and self.base is not None and not issubclass(config, self.base):
+            raise DmstabError(
+                f"{self.key} {name!r}: config {config.__name__} must extend {self.base.__name__}"
+            )
+        component = Component(name, implementation, config, check)
+        self._components[name] = component
+        return component
+
+    def unregister(self, name: str) -> None:
+        """Forget `name` (for tests that register a component of their own)."""
+        self._components.pop(name, None)
+
+    def get(self, name: str, key: str | None = None) -> Component:
+        """The component `name`; unknown, a one-line error under `key` (default: the registry's)."""
+        component = self._components.get(name)
+        if component is None:
+            raise DmstabError(
+                f"{key or self.key} {name!r} is not registered; registered: "
+                f"{', '.join(self.names())} (DMSTAB_PLUGINS imports a plugin's own)"
+            )
+        return component
+
+    def names(self) -> list[str]:
+        return sorted(self._components)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._components
+
+    def __iter__(self) -> Iterator[Component]:
+        return iter(self._components.values())
