@@ -41,10 +41,12 @@ def user_errors(command: Callable[P, R]) -> Callable[P, R]:
 
     @wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        from dmstab.commands.plugins import load_plugins
         from dmstab.console import error
         from dmstab.train.loss_guard import TrainingDiverged
 
         try:
+            load_plugins()
             return command(*args, **kwargs)
         except DmstabError as exc:
             error(str(exc))
@@ -72,6 +74,11 @@ Features = Annotated[
 ]
 
 
+def _examples(*lines: str) -> str:
+    """An epilog: "Examples:" and one command per paragraph."""
+    return "Examples:\n\n" + "\n\n".join(f"  {line}" for line in lines)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"dmstab {__version__}")
@@ -88,13 +95,12 @@ def _main(
 
 
 @app.command(
-    epilog=(
-        "Examples:\n\n"
-        "  dmstab train recipes/quickstart.yaml\n\n"
-        "  dmstab train recipes/cifar10_clts.yaml data.root=~/data train.batch_size=64\n\n"
-        "  dmstab train recipes/cifar10_clts.yaml --dry-run\n\n"
-        "  dmstab train recipes/quickstart.yaml --resume auto\n\n"
-        "  torchrun --nproc_per_node 4 -m dmstab train recipes/edm2_mini.yaml"
+    epilog=_examples(
+        "dmstab train recipes/quickstart.yaml",
+        "dmstab train recipes/cifar10_clts.yaml data.root=~/data train.batch_size=64",
+        "dmstab train recipes/cifar10_clts.yaml --dry-run",
+        "dmstab train recipes/quickstart.yaml --resume auto",
+        "torchrun --nproc_per_node 4 -m dmstab train recipes/edm2_mini.yaml",
     )
 )
 @user_errors
@@ -121,11 +127,10 @@ def train(
 
 
 @app.command(
-    epilog=(
-        "Examples:\n\n"
-        "  dmstab sample                       # latest training run (any experiment), EMA\n\n"
-        "  dmstab sample RUN_ID sample.num_images=256 sample.seed=1\n\n"
-        "  dmstab sample runs/RUN_ID/checkpoint.pt sample.sampler=ddim sample.steps=50"
+    epilog=_examples(
+        "dmstab sample                       # latest training run (any experiment), EMA",
+        "dmstab sample RUN_ID sample.num_images=256 sample.seed=1",
+        "dmstab sample runs/RUN_ID/checkpoint.pt sample.sampler=ddim sample.steps=50",
     )
 )
 @user_errors
@@ -154,12 +159,11 @@ def sample(
 
 @app.command(
     "ema-reconstruct",
-    epilog=(
-        "Examples:\n\n"
-        "  dmstab ema-reconstruct --sigma-rel 0.13   # latest training run, last snapshot\n\n"
-        "  dmstab ema-reconstruct --run RUN_ID --sigma-rel 0.05 --sigma-rel 0.2 --at 4000\n\n"
-        "  dmstab ema-reconstruct --sweep 0.03:0.20:0.01      # one checkpoint per σrel\n\n"
-        "  dmstab ema-reconstruct --sigma-rel 0.13 --dry-run  # coefficients and profile error"
+    epilog=_examples(
+        "dmstab ema-reconstruct --sigma-rel 0.13   # latest training run, last snapshot",
+        "dmstab ema-reconstruct --run RUN_ID --sigma-rel 0.05 --sigma-rel 0.2 --at 4000",
+        "dmstab ema-reconstruct --sweep 0.03:0.20:0.01      # one checkpoint per σrel",
+        "dmstab ema-reconstruct --sigma-rel 0.13 --dry-run  # coefficients and profile error",
     ),
 )
 @user_errors
@@ -214,13 +218,12 @@ def ema_reconstruct(
 
 
 @app.command(
-    epilog=(
-        "Examples:\n\n"
-        "  dmstab fid samples/RUN/ddpm250_seed0.npz --ref recipes/cifar10_baseline.yaml\n\n"
-        "  dmstab fid RUN_ID --ref recipes/cifar10_baseline.yaml --kid --is   # samples 50k\n\n"
-        "  dmstab fid runs/RUN/reconstructed/phema_step0000004000_sigma0.1300.pt --ref ref.npz\n\n"
-        "  dmstab fid generated/ --ref cifar10_train_stats.npz --mode legacy_tensorflow\n\n"
-        "  dmstab fid a.npz --ref b.npz --kid --inception-weights ~/inception-2015-12-05.pt"
+    epilog=_examples(
+        "dmstab fid samples/RUN/ddpm250_seed0.npz --ref recipes/cifar10_baseline.yaml",
+        "dmstab fid RUN_ID --ref recipes/cifar10_baseline.yaml --kid --is   # samples 50k",
+        "dmstab fid runs/RUN/reconstructed/phema_step0000004000_sigma0.1300.pt --ref ref.npz",
+        "dmstab fid generated/ --ref cifar10_train_stats.npz --mode legacy_tensorflow",
+        "dmstab fid a.npz --ref b.npz --kid --inception-weights ~/inception-2015-12-05.pt",
     )
 )
 @user_errors
@@ -286,13 +289,12 @@ def fid(
 
 @app.command(
     "fid-sweep",
-    epilog=(
-        "Examples:\n\n"
-        "  dmstab ema-reconstruct --sweep 0.03:0.20:0.01\n\n"
-        "  dmstab fid-sweep --ref stats.npz                      # latest run's reconstructions\n\n"
-        "  dmstab fid-sweep runs/RUN_ID/reconstructed --ref recipes/edm2_mini.yaml "
-        "--features random_conv --num-images 1000\n\n"
-        "  dmstab fid-sweep DIR --ref stats.npz --guidance 1.0 --guidance 1.4 --guide guide.pt"
+    epilog=_examples(
+        "dmstab ema-reconstruct --sweep 0.03:0.20:0.01",
+        "dmstab fid-sweep --ref stats.npz                      # latest run's reconstructions",
+        "dmstab fid-sweep runs/RUN_ID/reconstructed --ref recipes/edm2_mini.yaml "
+        "--features random_conv --num-images 1000",
+        "dmstab fid-sweep DIR --ref stats.npz --guidance 1.0 --guidance 1.4 --guide guide.pt",
     ),
 )
 @user_errors
@@ -352,12 +354,11 @@ def fid_sweep(
 
 
 @app.command(
-    epilog=(
-        "Examples:\n\n"
-        "  dmstab report recipes/cifar10_baseline.yaml recipes/cifar10_clts.yaml "
-        "--baseline recipes/cifar10_baseline.yaml\n\n"
-        "  dmstab report RUN_ID --metric kid\n\n"
-        "  dmstab report --experiment dmstab"
+    epilog=_examples(
+        "dmstab report recipes/cifar10_baseline.yaml recipes/cifar10_clts.yaml "
+        "--baseline recipes/cifar10_baseline.yaml",
+        "dmstab report RUN_ID --metric kid",
+        "dmstab report --experiment dmstab",
     )
 )
 @user_errors
@@ -408,11 +409,10 @@ def report(
 
 
 @app.command(
-    epilog=(
-        "Examples:\n\n"
-        "  dmstab sync                                  # every spool in runs/.mlflow-spool\n\n"
-        "  dmstab sync runs/.mlflow-spool/RUN_ID\n\n"
-        "  dmstab sync --uri http://mlflow.lab:5000     # the server moved"
+    epilog=_examples(
+        "dmstab sync                                  # every spool in runs/.mlflow-spool",
+        "dmstab sync runs/.mlflow-spool/RUN_ID",
+        "dmstab sync --uri http://mlflow.lab:5000     # the server moved",
     )
 )
 @user_errors
@@ -423,9 +423,7 @@ def sync(
     ] = Path("runs/.mlflow-spool"),
     uri: Annotated[
         str | None,
-        typer.Option(
-            help="Tracking URI to upload to (default: the spool's own).", show_default=False
-        ),
+        typer.Option(help="Tracking URI to upload to (default: the spool's).", show_default=False),
     ] = None,
 ) -> None:
     """Upload runs spooled while the MLflow server was unreachable, then delete the spools."""
@@ -439,60 +437,63 @@ Analyzed = Annotated[
     typer.Argument(
         help="A recipe (trained, or its finished run reused), or trained models (run ids, run "
         "directories, checkpoints; default: the latest training run), and `section.key=value` "
-        "overrides (for trained models: sample.*, tracking.*, train.device and the analysis "
-        "sections).",
+        "overrides (for trained models: sample.*, tracking.*, train.device, analysis sections).",
         show_default=False,
     ),
 ]
 
 
+def _analysis_verb(name: str, summary: str, *examples: str) -> None:
+    """`dmstab NAME ARGS…`, the same as `dmstab analyse NAME ARGS…`."""
+
+    @app.command(name, help=summary, epilog=_examples(*examples))
+    @user_errors
+    def verb(arguments: Analyzed = None) -> None:
+        from dmstab.commands.analyse import main
+
+        main(name, arguments or [])
+
+
+_analysis_verb(
+    "consistency",
+    "Same noise, N models: PSNR of their images, AAAI Eq. 1 (Table 1, Fig. 1).",
+    "dmstab consistency recipes/mini_table1_dm_consistency.yaml   # trains the group",
+    "dmstab consistency RUN_A RUN_B RUN_C consistency.num_images=32",
+    "dmstab consistency a.pt b.pt consistency.samplers=[ddpm,ddim] sample.steps=100",
+)
+_analysis_verb(
+    "hessian",
+    "Hessian of the loss on a fixed batch: top eigenvalues, trace, density (AAAI Fig. 4).",
+    "dmstab hessian recipes/mini_fig4_hessian_dm.yaml     # trains it first if needed",
+    "dmstab hessian RUN_ID hessian.top_k=5 hessian.timesteps=[10,500]",
+    "dmstab hessian runs/RUN_ID/checkpoint.pt hessian.method=double_backward",
+)
+_analysis_verb(
+    "landscape",
+    "Loss surface around a model (AAAI Fig. 2) or the loss between two checkpoints (Fig. 3).",
+    "dmstab landscape recipes/mini_fig2_landscape_dm.yaml      # 2D surfaces",
+    "dmstab landscape recipes/mini_fig3_interpolation_dm.yaml  # 1D, kept checkpoints",
+    "dmstab landscape RUN_ID landscape.points=21 landscape.timesteps=[10,900]",
+    "dmstab landscape early.pt late.pt                         # 1D from θb to θa",
+)
+
+
 @app.command(
-    epilog=(
-        "Examples:\n\n"
-        "  dmstab consistency recipes/mini_table1_dm_consistency.yaml   # trains the group\n\n"
-        "  dmstab consistency RUN_A RUN_B RUN_C consistency.num_images=32\n\n"
-        "  dmstab consistency a.pt b.pt consistency.samplers=[ddpm,ddim] sample.steps=100"
+    epilog=_examples(
+        "dmstab analyse hessian RUN_ID                # = dmstab hessian RUN_ID",
+        "DMSTAB_PLUGINS=mylab.probes dmstab analyse probe RUN_ID probe.layers=4",
     )
 )
 @user_errors
-def consistency(arguments: Analyzed = None) -> None:
-    """Same noise, N models: PSNR of their images, AAAI Eq. 1 (Table 1, Fig. 1)."""
-    from dmstab.commands.consistency import main
+def analyse(
+    name: Annotated[str, typer.Argument(help="A registered analysis.", show_default=False)],
+    arguments: Analyzed = None,
+) -> None:
+    """Run a registered analysis by its section name: consistency, hessian, landscape, or one a
+    plugin registers (DMSTAB_PLUGINS)."""
+    from dmstab.commands.analyse import main
 
-    main(arguments or [])
-
-
-@app.command(
-    epilog=(
-        "Examples:\n\n"
-        "  dmstab hessian recipes/mini_fig4_hessian_dm.yaml     # trains it first if needed\n\n"
-        "  dmstab hessian RUN_ID hessian.top_k=5 hessian.timesteps=[10,500]\n\n"
-        "  dmstab hessian runs/RUN_ID/checkpoint.pt hessian.method=double_backward"
-    )
-)
-@user_errors
-def hessian(arguments: Analyzed = None) -> None:
-    """Hessian of the loss on a fixed batch: top eigenvalues, trace, density (AAAI Fig. 4)."""
-    from dmstab.commands.hessian import main
-
-    main(arguments or [])
-
-
-@app.command(
-    epilog=(
-        "Examples:\n\n"
-        "  dmstab landscape recipes/mini_fig2_landscape_dm.yaml      # 2D surfaces\n\n"
-        "  dmstab landscape recipes/mini_fig3_interpolation_dm.yaml  # 1D, kept checkpoints\n\n"
-        "  dmstab landscape RUN_ID landscape.points=21 landscape.timesteps=[10,900]\n\n"
-        "  dmstab landscape early.pt late.pt                         # 1D from θb to θa"
-    )
-)
-@user_errors
-def landscape(arguments: Analyzed = None) -> None:
-    """Loss surface around a model (AAAI Fig. 2) or the loss between two checkpoints (Fig. 3)."""
-    from dmstab.commands.landscape import main
-
-    main(arguments or [])
+    main(name, arguments or [])
 
 
 def main() -> Any:
