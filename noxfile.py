@@ -11,22 +11,26 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["tests"]
 
 
+# pytest-xdist: one worker per core of the 2-core CI machine, idle workers steal queued tests.
+PARALLEL = ("-n", "2", "--dist", "worksteal")
+
+
 def _install(session: nox.Session) -> None:
     session.install("-e", ".[dev]")
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The CPU test suite (tests marked `gpu` are skipped)."""
+    """The CPU test suite (tests marked `gpu` are skipped), on two worker processes."""
     _install(session)
-    session.run("pytest", "-m", "not gpu", *session.posargs)
+    session.run("pytest", "-m", "not gpu", *PARALLEL, *session.posargs)
 
 
 @nox.session
 def quick(session: nox.Session) -> None:
     """The CPU suite without the tests marked `slow`, stopping at the first failure."""
     _install(session)
-    session.run("pytest", "-m", "not gpu and not slow", "-x", *session.posargs)
+    session.run("pytest", "-m", "not gpu and not slow", "-x", *PARALLEL, *session.posargs)
 
 
 @nox.session

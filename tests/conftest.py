@@ -3,6 +3,7 @@ CLI runner; tiny runs trained once a session and copied into the tests that read
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +31,9 @@ from .helpers import (
     train_into,
 )
 from .inception_standin import write_torchscript_inception
+from .reliability import counts as fault_injection
+
+REPORT_ENV = "DMSTAB_RELIABILITY_REPORT"  # where to write the fault-injection totals as JSON
 
 __all__ = ["RECIPES", "TINY", "TINY_GAN", "store"]  # older imports from this module keep working
 
@@ -48,6 +52,42 @@ TINY_GAN_RUN = (
         ],
     ),
 )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker uses one thread: tiny networks run fastest so, and two
+    workers then share the two cores without oversubscribing them."""
+    if hasattr(config, "workerinput"):
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Slow tests first, so that with several workers the long ones do not finish last alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A pytest-xdist worker hands its fault-injection totals to the controller."""
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["fault_injection"] = dict(fault_injection.TOTALS)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: object, error: object) -> None:
+    """The pytest-xdist controller adds up its workers' fault-injection totals."""
+    fault_injection.merge(getattr(node, "workeroutput", {}).get("fault_injection", {}))
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The fault-injection suite's line, and its totals as JSON at $DMSTAB_RELIABILITY_REPORT."""
+    if not fault_injection.TOTALS["tests"]:
+        return
+    terminalreporter.write_line(fault_injection.summary())
+    target = os.environ.get(REPORT_ENV)
+    if target:
+        Path(target).write_text(json.dumps(fault_injection.TOTALS, indent=1) + "\n")
 
 
 @pytest.fixture(autouse=True)

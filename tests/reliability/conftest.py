@@ -1,8 +1,8 @@
-"""The fault-injection suite: its summary line and JSON report, and the helpers its tests share."""
+"""The fault-injection suite: the helpers its tests share, and its test count (its summary line
+and JSON report are printed by tests/conftest.py, which the pytest-xdist controller loads)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,9 +16,7 @@ from tests.helpers import MINI, TINY_EDM, cli, one_line_error, store
 
 from . import counts
 
-REPORT_ENV = "DMSTAB_RELIABILITY_REPORT"
 HERE = Path(__file__).resolve().parent
-_ran: list[str] = []
 
 # TINY_EDM with power EMAs snapshotted every 2 steps, a checkpoint every 3 steps and MLflow
 # written at every step: every kind of file the training loop writes, all the time.
@@ -39,16 +37,7 @@ __all__ = [
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.path.resolve().parent == HERE:
-        _ran.append(item.nodeid)
-
-
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if not _ran:
-        return
-    terminalreporter.write_line(counts.summary())
-    target = os.environ.get(REPORT_ENV)
-    if target:
-        Path(target).write_text(json.dumps({**counts.TOTALS, "tests": len(_ran)}, indent=1) + "\n")
+        counts.record(tests=1)
 
 
 def _child_env() -> dict[str, str]:

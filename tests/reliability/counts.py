@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-TOTALS = {"trials": 0, "faults": 0, "resumes": 0, "losses": 0}
+TOTALS = {"trials": 0, "faults": 0, "resumes": 0, "losses": 0, "tests": 0}
 
 
-def record(trials: int = 0, faults: int = 0, resumes: int = 0, losses: int = 0) -> None:
+def record(
+    trials: int = 0, faults: int = 0, resumes: int = 0, losses: int = 0, tests: int = 0
+) -> None:
     """Add to the suite's totals; `losses` counts lost or duplicated metric steps, unreadable
-    checkpoints and weight mismatches found (the tests assert none)."""
-    for key, value in zip(TOTALS, (trials, faults, resumes, losses), strict=True):
+    checkpoints and weight mismatches found (the tests assert none); `tests` the tests run."""
+    for key, value in zip(TOTALS, (trials, faults, resumes, losses, tests), strict=True):
         if value < 0:
             raise ValueError(f"counts.record({key}={value}): counts only grow")
         TOTALS[key] += value
+
+
+def merge(totals: dict[str, int]) -> None:
+    """Add another process's totals (a pytest-xdist worker's) to these."""
+    record(**totals)
 
 
 def summary() -> str:
