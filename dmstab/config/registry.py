@@ -1,15 +1,15 @@
-"""Named components a recipe selects: networks, objectives, timestep samplers, samplers and
-analyses.
+"""Named components a recipe selects: networks, prediction targets, timestep samplers,
+samplers and analyses.
 
 A registry maps a name to a `Component`: the implementation, registered by the layer that owns
 it (this layer never imports one), the dataclass of the recipe keys the component brings, and
 a check of the whole recipe. Loading a recipe looks the name up to parse those keys, so a new
 component is one module and one `register` call, and its keys come with it.
 
-Sections with variants (`model` by `model.name`, `diffusion` by `diffusion.formulation`,
-`timesteps` by `timesteps.sampler`) take the variant's dataclass, a subclass of the section's
-base class. An analysis's dataclass is a top-level section of its own (`hessian:`), present
-in a recipe only when the recipe sets it.
+The `model` section takes the dataclass `model.name` registered, a subclass of `ModelConfig`.
+An analysis's dataclass is a top-level section of its own (`hessian:`), present in a recipe
+only when the recipe sets it. Targets, timestep samplers and samplers bring no keys: they read
+the `diffusion`, `timesteps` and `sample` sections.
 """
 
 from __future__ import annotations
@@ -64,10 +64,6 @@ class Registry:
         component = Component(name, implementation, config, check)
         self._components[name] = component
         return component
-
-    def unregister(self, name: str) -> None:
-        """Forget `name` (for tests that register a component of their own)."""
-        self._components.pop(name, None)
 
     def get(self, name: str, key: str | None = None) -> Component:
         """The component `name`; unknown, a one-line error under `key` (default: the registry's)."""
