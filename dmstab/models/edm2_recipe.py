@@ -4,39 +4,16 @@ builds (the UNet in EDM's preconditioning, with its learned uncertainty for the 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from torch import nn
 
 from dmstab.config import Recipe
 from dmstab.diffusion.edm import EDMPrecond
-from dmstab.models.edm2_unet import EDM2Config, EDM2UNet
+from dmstab.models.edm2_unet import EDM2Config, EDM2Switches, EDM2UNet
 from dmstab.models.network import model_config
 from dmstab.models.unet_config import UNetConfig, check_unet_layout
-
-
-@dataclass(frozen=True)
-class Edm2Switches:
-    """EDM2 Table 1, one switch per row (B..G), and the magnitude-preserving constants.
-
-    Each switch needs the previous one: config X turns on every row up to X. The names are
-    EDM2Config's own.
-    """
-
-    minor_improvements: bool = True  # B: learned uncertainty u(σ), no attention at 32×32
-    streamlined: bool = True  # C
-    mp_learned_layers: bool = True  # D
-    forced_weight_norm: bool = True  # E
-    no_group_norm: bool = True  # F
-    mp_fixed_layers: bool = True  # G
-    channels_per_head: int = 64
-    res_balance: float = 0.3
-    attn_balance: float = 0.3
-    label_balance: float = 0.5
-    concat_balance: float = 0.5
-    clip_act: float = 256.0
-    logvar_channels: int = 128
 
 
 @dataclass(frozen=True)
@@ -45,7 +22,7 @@ class Edm2UnetConfig(UNetConfig):
 
     formulations: ClassVar[tuple[str, ...]] = ("edm",)
 
-    edm2: Edm2Switches = Edm2Switches()
+    edm2: EDM2Switches = field(default_factory=EDM2Switches)
 
 
 def edm2_config(recipe: Recipe, num_classes: int) -> EDM2Config:

@@ -64,8 +64,32 @@ GROUP_NORM_EPS = 1e-5
 
 
 @dataclass(frozen=True)
-class EDM2Config:
-    """Architecture of an EDM2-family UNet; the defaults are EDM2-S (config G) for ImageNet-512."""
+class EDM2Switches:
+    """EDM2 Table 1, one switch per row (B..G), and the magnitude-preserving constants.
+
+    Each switch needs the previous one: config X turns on every row up to X (SWITCHES). A
+    recipe's `model.edm2` section is this dataclass.
+    """
+
+    minor_improvements: bool = True  # B: learned uncertainty u(σ), no attention at 32×32
+    streamlined: bool = True  # C
+    mp_learned_layers: bool = True  # D
+    forced_weight_norm: bool = True  # E
+    no_group_norm: bool = True  # F
+    mp_fixed_layers: bool = True  # G
+    channels_per_head: int = 64
+    res_balance: float = 0.3
+    attn_balance: float = 0.3
+    label_balance: float = 0.5
+    concat_balance: float = 0.5
+    clip_act: float = 256.0
+    logvar_channels: int = 128
+
+
+@dataclass(frozen=True)
+class EDM2Config(EDM2Switches):
+    """Architecture of an EDM2-family UNet: its layout and Table 1 switches; the defaults are
+    EDM2-S (config G) for ImageNet-512."""
 
     img_resolution: int = 64
     img_channels: int = 4
@@ -74,20 +98,7 @@ class EDM2Config:
     channel_mult: tuple[int, ...] = (1, 2, 3, 4)
     num_blocks: int = 3
     attn_resolutions: tuple[int, ...] = EDM2_ATTN_RESOLUTIONS
-    channels_per_head: int = 64
     dropout: float = 0.0
-    minor_improvements: bool = True
-    streamlined: bool = True
-    mp_learned_layers: bool = True
-    forced_weight_norm: bool = True
-    no_group_norm: bool = True
-    mp_fixed_layers: bool = True
-    res_balance: float = 0.3
-    attn_balance: float = 0.3
-    label_balance: float = 0.5
-    concat_balance: float = 0.5
-    clip_act: float = 256.0
-    logvar_channels: int = 128
 
     def __post_init__(self) -> None:
         # Recipes give lists; tuples keep the config hashable.
