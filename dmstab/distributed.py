@@ -8,7 +8,10 @@ NCCL when they train on CUDA and over gloo on CPU.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TypeVar
@@ -109,6 +112,29 @@ def rank_device(device: torch.device, context: DistributedContext) -> torch.devi
     if device.type == "cuda" and context.active:
         return torch.device("cuda", context.local_rank)
     return device
+
+
+@contextmanager
+def ctrl_c_ends_on_rank_zero(context: DistributedContext) -> Iterator[None]:
+    """Ctrl-C reaches every rank, in no fixed order (the terminal signals the whole process
+    group; `torchrun` relays its own SIGINT rank by rank). Rank 0 acts on it: it closes the MLflow
+    run KILLED and exits. The other ranks only note it and leave when rank 0's exit breaks their
+    next collective, raising KeyboardInterrupt then. Were a peer to leave first, rank 0 would meet
+    the broken collective before its own SIGINT and close the run FAILED."""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if context.is_main or not on_main_thread:
+        yield
+        return
+    noted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+    try:
+        yield
+    except Exception:
+        if noted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from dmstab.diffusion.objectives import (
 from dmstab.distributed import (
     SINGLE_PROCESS,
     DistributedContext,
+    ctrl_c_ends_on_rank_zero,
     init_distributed,
     rank_device,
 )
@@ -244,7 +245,7 @@ def train(
     tracker: Tracker = started if started is not None else NullTracker()
     run_id = context.broadcast_object(tracker.run_id)
     assert isinstance(run_id, str)
-    with tracked_run(tracker):
+    with tracked_run(tracker), ctrl_c_ends_on_rank_zero(context):
         run_dir = (Path(recipe.train.out_dir) / run_id).resolve()
         checkpoint = run_dir / CHECKPOINT_NAME
         if resume_run_id is None and context.is_main:

@@ -115,6 +115,7 @@ def _step(metric: Metric) -> int:
     return int(metric.step)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_whole_batch(one_thread: None) -> None:
     accumulated = _reference("train.micro_batch_size=2", "tracking.experiment=accumulated")
     _assert_same_weights(accumulated, _reference())
@@ -140,26 +141,54 @@ def test_importance_sampler_learns_from_the_whole_batch_under_accumulation(
     )
 
 
-def _interrupt_after_checkpoint(process: subprocess.Popen[str], root: Path, step: int) -> int:
-    """SIGINT (Ctrl-C) once the run's checkpoint has reached `step`; the step it stopped at."""
+def _rank_pid(launcher: subprocess.Popen[str], rank: int) -> int:
+    """The pid of `torchrun`'s worker of that rank (its child whose environment says RANK)."""
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    for pid in children:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(pid)
+    raise AssertionError(f"no worker of rank {rank} among {children}")
+
+
+def _wait_for_checkpoint(process: subprocess.Popen[str], root: Path, step: int) -> Path:
     deadline = time.monotonic() + 240
     while True:
         checkpoints = list(root.glob("runs/*/checkpoint.pt"))
         if checkpoints and load_checkpoint(checkpoints[0])["step"] >= step:
-            break
+            return checkpoints[0]
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, f"no checkpoint of step {step}"
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+
+
+def _stopped_at(process: subprocess.Popen[str], checkpoint: Path) -> int:
     process.communicate(timeout=120)
     assert process.returncode != 0, "the run finished before Ctrl-C; make it longer"
-    return int(load_checkpoint(checkpoints[0])["step"])
+    return int(load_checkpoint(checkpoint)["step"])
+
+
+def _interrupt_after_checkpoint(process: subprocess.Popen[str], root: Path, step: int) -> int:
+    """SIGINT (Ctrl-C) once the run's checkpoint has reached `step`; the step it stopped at."""
+    checkpoint = _wait_for_checkpoint(process, root, step)
+    process.send_signal(signal.SIGINT)
+    return _stopped_at(process, checkpoint)
+
+
+def _interrupt_peer_first(launcher: subprocess.Popen[str], root: Path, step: int) -> int:
+    """Ctrl-C in the order that used to close the run FAILED: rank 1 gets SIGINT a second
+    before `torchrun` relays its own to both ranks; the step the run stopped at."""
+    checkpoint = _wait_for_checkpoint(launcher, root, step)
+    os.kill(_rank_pid(launcher, 1), signal.SIGINT)
+    time.sleep(1.0)
+    launcher.send_signal(signal.SIGINT)
+    return _stopped_at(launcher, checkpoint)
 
 
 @pytest.mark.slow
 def test_ctrl_c_then_resume_on_one_then_on_two_processes(isolated_workdir: Path) -> None:
     longer = "train.kimg=0.24"  # 30 steps of 8 images
-    first = _interrupt_after_checkpoint(_torchrun(2, longer), isolated_workdir, 2)
+    first = _interrupt_peer_first(_torchrun(2, longer), isolated_workdir, 2)
     client = store()
     (killed,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     assert killed.info.status == "KILLED"
