@@ -234,6 +234,7 @@ def test_fast_path_fid_equals_clean_fids_folder_pipeline(mode: str, tmp_path: Pa
     assert ours == pytest.approx(expected, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_dataset_against_itself_is_zero_and_blur_raises_fid_monotonically() -> None:
     images = shapes(150, 32, seed=4)
     extractor = extractor_for(RandomConvFeatures(dim=32, seed=1), "clean")

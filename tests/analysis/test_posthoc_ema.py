@@ -58,6 +58,7 @@ def test_reconstruction_approaches_a_directly_tracked_ema(isolated_workdir: Path
     assert errors[2] < 0.05
 
 
+@pytest.mark.slow
 def test_cli_reconstructs_the_latest_run_and_sample_accepts_it(dmstab: Runner) -> None:
     trained = dmstab(
         "train",

@@ -1,7 +1,8 @@
 """The synthetic-shape classifier (`eval.features: classifier`): training, cache, FID features.
 
 Every test shares one HOME for the module, so the 16 px classifier trains once (seconds on one
-core) and the later tests load it; nothing touches the real ~/.cache.
+core) and the later tests load it; nothing touches the real ~/.cache. The tests that need the
+trained classifier are `slow`: its training alone takes about 10 s.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def _same_weights(first: TrainedClassifier, second: TrainedClassifier) -> bool:
     return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+@pytest.mark.slow
 def test_the_classifier_tells_unseen_shapes_apart(
     trained: tuple[TrainedClassifier, bool], one_thread: None
 ) -> None:
@@ -80,6 +82,7 @@ def test_the_classifier_tells_unseen_shapes_apart(
         assert accuracy >= ClassifierConfig().min_accuracy, name
 
 
+@pytest.mark.slow
 def test_a_cached_classifier_is_loaded_not_retrained(
     trained: tuple[TrainedClassifier, bool],
 ) -> None:
@@ -92,6 +95,7 @@ def test_a_cached_classifier_is_loaded_not_retrained(
     assert _same_weights(again, first)
 
 
+@pytest.mark.slow
 def test_a_corrupt_cache_file_is_retrained_to_the_same_weights(
     trained: tuple[TrainedClassifier, bool],
 ) -> None:
@@ -139,6 +143,7 @@ def _shapes_as_noise(images: torch.Tensor, seed: int, fraction: float) -> torch.
     return (images.float() * (1 - alpha) + noise * alpha).round().byte()
 
 
+@pytest.mark.slow
 def test_frechet_distance_in_classifier_features_grows_with_blur_and_noise(
     trained: tuple[TrainedClassifier, bool], one_thread: None
 ) -> None:
@@ -159,6 +164,7 @@ def test_frechet_distance_in_classifier_features_grows_with_blur_and_noise(
     assert independent < noised[0] < noised[1] < noised[2]
 
 
+@pytest.mark.slow
 def test_training_logs_eval_fid_in_classifier_features(
     trained: tuple[TrainedClassifier, bool],
 ) -> None:
@@ -187,6 +193,7 @@ def _npz(path: Path, seed: int) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_dmstab_fid_scores_in_classifier_features(
     trained: tuple[TrainedClassifier, bool], isolated_workdir: Path, dmstab: Runner
 ) -> None:

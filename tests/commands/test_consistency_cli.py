@@ -51,6 +51,7 @@ def _independent_eq_1(images: np.ndarray) -> float:
     return float(np.mean(values))
 
 
+@pytest.mark.slow
 def test_checkpoint_and_run_id_give_eq_1_of_the_logged_images(
     dmstab: Runner, trained_runs: TrainedRuns
 ) -> None:

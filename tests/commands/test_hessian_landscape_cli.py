@@ -60,6 +60,7 @@ def _hvp(
     return list(torch.autograd.grad(dot, params))
 
 
+@pytest.mark.slow
 def test_hessian_by_checkpoint_logs_a_spectrum_above_every_rayleigh_quotient(
     trained: CachedRun, dmstab: Runner
 ) -> None:

@@ -20,6 +20,7 @@ def _recipe(*extra: str):  # type: ignore[no-untyped-def]
     return load_recipe(RECIPES / "quickstart.yaml", [*TINY, *extra])
 
 
+@pytest.mark.slow
 def test_kept_checkpoint_equals_a_run_that_stops_there(one_thread: None) -> None:
     """The weights kept at step 8 of a 12-step run are those of an 8-step run: every draw of a
     step depends only on (seed, step), and nothing in this recipe depends on the run length."""

@@ -180,6 +180,7 @@ class _StopAt:
         pass
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_sweep_then_resume_auto_trains_only_what_is_missing(one_thread: None) -> None:
     path = _write(POINTS)
     sweep = load_sweep(path, TINY)

@@ -90,6 +90,7 @@ def test_a_network_registered_outside_the_package_trains_samples_and_is_analysed
     assert hessian["hessian/parameters"] == metrics["model/parameters"]
 
 
+@pytest.mark.slow
 def test_a_prediction_target_registered_outside_the_package_trains_samples_and_is_analysed(
     dmstab: Runner,
 ) -> None:

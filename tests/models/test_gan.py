@@ -215,6 +215,7 @@ class _StopAt:
     def stop(self) -> None: ...
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["mini_dcgan", "mini_biggan"])
 def test_an_interrupted_gan_resumes_bit_for_bit(name: str) -> None:
     attention = ["model.attention_resolution=16"] if name == "mini_biggan" else []

@@ -73,6 +73,7 @@ def test_payload_is_live_when_unpickled_unsafely(tmp_path: Path) -> None:
     assert Path(MARKER).exists()
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_is_refused_by_resume_and_sample_then_resume_works() -> None:
     with pytest.raises(KeyboardInterrupt):
         train(load_recipe(QUICKSTART, RECIPE), progress=InterruptAt(6))

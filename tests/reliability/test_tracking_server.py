@@ -26,8 +26,9 @@ from tests.helpers import RECIPES, TINY, one_line_error, store
 from . import counts
 from .conftest import dmstab, start_dmstab
 
-STEPS = 300  # 30-40 s of TINY training: longer than a server restart
-RECIPE = [*TINY, f"train.steps={STEPS}", "train.checkpoint_every=100", "tracking.flush_every=2"]
+RESTART_STEPS = 300  # 30-40 s of TINY training: longer than a server restart
+GONE_STEPS = 60  # a run that outlives its server only needs steps after the kill
+RECIPE = [*TINY, "train.checkpoint_every=100", "tracking.flush_every=2"]
 KEYS = ("loss", "mse", "lr", "kimg", "images_per_s")
 START_TIMEOUT_S = 180.0
 
@@ -103,9 +104,9 @@ def _up(server: Server) -> Server:
     return server
 
 
-def _train(server: Server, *extra: str) -> subprocess.Popen[str]:
-    args = ["train", str(RECIPES / "quickstart.yaml"), *RECIPE, f"tracking.uri={server.uri}"]
-    return start_dmstab(*args, *extra)
+def _train(server: Server, steps: int) -> subprocess.Popen[str]:
+    args = ["train", str(RECIPES / "quickstart.yaml"), *RECIPE, f"train.steps={steps}"]
+    return start_dmstab(*args, f"tracking.uri={server.uri}")
 
 
 def _run_ids(client: MlflowClient) -> set[str]:
@@ -125,19 +126,19 @@ def _wait_for_metrics(client: MlflowClient, earlier: set[str], minimum_step: int
     raise AssertionError("training logged no metrics")
 
 
-def _check_complete(client: MlflowClient, run_id: str) -> None:
-    """Every key has every step 1..STEPS once, the run finished, samples and checkpoint there."""
+def _check_complete(client: MlflowClient, run_id: str, steps: int) -> None:
+    """Every key has every step 1..`steps` once, the run finished, samples and checkpoint there."""
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     lost = 0
     for key in KEYS:
-        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
-        lost += abs(len(steps) - STEPS) + len(set(range(1, STEPS + 1)) ^ set(steps))
-        assert steps == list(range(1, STEPS + 1)), (key, steps)
+        logged = sorted(m.step for m in client.get_metric_history(run_id, key))
+        lost += abs(len(logged) - steps) + len(set(range(1, steps + 1)) ^ set(logged))
+        assert logged == list(range(1, steps + 1)), (key, logged)
     counts.record(losses=lost)
     assert [m.step for m in client.get_metric_history(run_id, "model/parameters")] == [0]
     artifacts = {a.path for a in client.list_artifacts(run_id, "samples")}
-    assert {f"samples/step_{STEPS:08d}.png", f"samples/step_{STEPS:08d}.npz"} <= artifacts
+    assert {f"samples/step_{steps:08d}.png", f"samples/step_{steps:08d}.npz"} <= artifacts
     assert [a.path for a in client.list_artifacts(run_id, "checkpoints")] == [
         "checkpoints/checkpoint.pt"
     ]
@@ -154,7 +155,7 @@ def _finish(process: subprocess.Popen[str]) -> tuple[str, str]:
 def test_server_killed_and_restarted_mid_run(server: Server) -> None:
     client = _up(server).client()
     earlier = _run_ids(client)
-    process = _train(server)
+    process = _train(server, RESTART_STEPS)
     run_id = _wait_for_metrics(client, earlier, 4)
     server.kill()
     time.sleep(3)
@@ -163,14 +164,14 @@ def test_server_killed_and_restarted_mid_run(server: Server) -> None:
     counts.record(trials=1)
     assert "spooled to" in err
     assert not (Path("runs") / SPOOL_DIRNAME).exists(), err[-2000:]  # replayed, then deleted
-    _check_complete(client, run_id)
+    _check_complete(client, run_id, RESTART_STEPS)
 
 
 @pytest.mark.slow
 def test_server_gone_until_the_end_then_sync(server: Server) -> None:
     client = _up(server).client()
     earlier = _run_ids(client)
-    process = _train(server)
+    process = _train(server, GONE_STEPS)
     run_id = _wait_for_metrics(client, earlier, 4)
     server.kill()
     _, err = _finish(process)
@@ -183,7 +184,7 @@ def test_server_gone_until_the_end_then_sync(server: Server) -> None:
     synced = dmstab("sync", str(spool))
     assert synced.returncode == 0, synced.stderr[-2000:]
     assert not spool.exists()
-    _check_complete(client, run_id)
+    _check_complete(client, run_id, GONE_STEPS)
     again = dmstab("sync", str(spool))  # nothing left to send: a one-line refusal
     one_line_error(again)
 

@@ -44,6 +44,7 @@ def _history(run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in store().get_metric_history(run_id, key)}
 
 
+@pytest.mark.slow
 def test_training_logs_eval_fid_at_exactly_the_requested_steps(dmstab: Runner) -> None:
     recipe = _recipe(
         "train.steps=4",

@@ -79,6 +79,7 @@ class _CrashAt:
         return None
 
 
+@pytest.mark.slow
 def test_importance_sampler_run_resumes_bit_for_bit() -> None:
     long = ["timesteps.sampler=importance", "train.steps=12", "train.checkpoint_every=6"]
     reference = train(_recipe(*long, "tracking.experiment=reference", "train.out_dir=reference"))
