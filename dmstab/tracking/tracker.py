@@ -380,16 +380,32 @@ class MlflowTracker:
                 )
 
 
+def caused_by_ctrl_c(error: BaseException) -> bool:
+    """Whether `error` is a KeyboardInterrupt or was raised while handling one: Ctrl-C in the
+    middle of a SQLite write can surface as SQLAlchemy's "database is locked" from its cleanup."""
+    seen: set[int] = set()
+    link: BaseException | None = error
+    while link is not None and id(link) not in seen:
+        if isinstance(link, KeyboardInterrupt):
+            return True
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return False
+
+
 @contextmanager
 def tracked_run(tracker: Tracker) -> Iterator[Tracker]:
-    """Close the run FINISHED, KILLED on Ctrl-C, FAILED on any error, keeping what was logged."""
+    """Close the run FINISHED, KILLED on Ctrl-C, FAILED on any error, keeping what was logged.
+
+    An error raised while handling Ctrl-C counts as Ctrl-C: the run closes KILLED and
+    KeyboardInterrupt propagates in place of the library's error."""
     try:
         yield tracker
-    except KeyboardInterrupt:
-        tracker.finish("KILLED")
-        raise
-    except BaseException:
-        tracker.finish("FAILED")
+    except BaseException as error:
+        interrupted = caused_by_ctrl_c(error)
+        tracker.finish("KILLED" if interrupted else "FAILED")
+        if interrupted and not isinstance(error, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
         raise
     tracker.finish("FINISHED")
 

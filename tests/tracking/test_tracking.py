@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,20 @@ def test_crash_marks_failed_and_keeps_metrics() -> None:
         _ = 1 / 0
     run = store().get_run(tracker.run_id)
     assert run.info.status == "FAILED"
+    assert run.data.metrics["loss"] == 0.5
+
+
+def test_an_error_raised_while_handling_ctrl_c_marks_killed() -> None:
+    """Ctrl-C in the middle of a SQLite write surfaces as the cleanup's OperationalError."""
+    tracker = MlflowTracker.start(_recipe(), kind="train")
+    with pytest.raises(KeyboardInterrupt), tracked_run(tracker):
+        tracker.log_metrics({"loss": 0.5}, step=1)
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise sqlite3.OperationalError("database is locked")  # noqa: B904  # as SQLAlchemy
+    run = store().get_run(tracker.run_id)
+    assert run.info.status == "KILLED"
     assert run.data.metrics["loss"] == 0.5
 
 
