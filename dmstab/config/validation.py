@@ -236,13 +236,13 @@ def check_sampler(recipe: Recipe, sampler: str, steps: int, key: str) -> None:
     """`sampler` is registered for the recipe's formulation and `steps` suit that formulation's
     schedule (`key`: the section that set them)."""
     check = SAMPLERS.get(sampler, f"{key}.sampler").check
-    if check is not None:
-        check(recipe, key)
     if recipe.diffusion.formulation == "edm":  # Karras levels σ_max … σ_min need two ends
         _require(steps >= 2, f"{key}.steps is {steps}; edm sampling needs at least 2")
-        return
-    T = recipe.diffusion.steps  # a respacing keeps 1 … T of the trained steps
-    _require(1 <= steps <= T, f"{key}.steps is {steps}; must be in [1, diffusion.steps={T}]")
+    else:  # a respacing keeps both ends: 2 … T of the trained steps
+        T = recipe.diffusion.steps
+        _require(2 <= steps <= T, f"{key}.steps is {steps}; must be in [2, diffusion.steps={T}]")
+    if check is not None:
+        check(recipe, key, steps)
 
 
 def _validate_sample(recipe: Recipe) -> None:

@@ -6,6 +6,7 @@ bound, called on the original timestep; x_T and every step's noise come from the
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Literal
 
@@ -16,27 +17,38 @@ from dmstab.diffusion.gaussian import GaussianDiffusion, ReverseStep, gather_per
 from dmstab.diffusion.sampling import Callback, Denoise, NoiseSource
 
 Spacing = Literal["even", "ddim"]
+# improved-diffusion's pairing: DDPM respaces evenly ("250"), DDIM by an integer stride ("ddim250")
+DDPM_SPACING: Spacing = "even"
+DDIM_SPACING: Spacing = "ddim"
 
 
 def space_timesteps(num_timesteps: int, num_steps: int, kind: Spacing) -> list[int]:
     """The original steps kept when sampling with num_steps steps (improved-diffusion respacing).
 
-    "even": round(i·(T−1)/(N−1)) for i < N, so 0 and T−1 are both kept.
+    "even": a running sum of the fractional stride (T−1)/(N−1), each partial sum rounded
+    (Python's round, ties to even), so 0 and T−1 are both kept. The float sum, not the exact
+    i·(T−1)/(N−1), decides the ties: that is improved-diffusion's `space_timesteps`, whose kept
+    steps these equal for every N (the product i·stride keeps other steps at 283 of the 999 step
+    counts of T = 1000).
     "ddim": range(0, T, stride) for the smallest integer stride giving exactly N steps.
     """
     if not 2 <= num_steps <= num_timesteps:
         raise ValueError(f"num_steps must lie in [2, {num_timesteps}], got {num_steps}")
     if kind == "even":
-        spacing = (num_timesteps - 1) / (num_steps - 1)
-        return [round(i * spacing) for i in range(num_steps)]
+        stride = (num_timesteps - 1) / (num_steps - 1)
+        partial_sums = itertools.accumulate(itertools.repeat(stride, num_steps - 1), initial=0.0)
+        return [round(position) for position in partial_sums]
     if kind == "ddim":
-        for stride in range(1, num_timesteps):
-            kept = range(0, num_timesteps, stride)
-            if len(kept) == num_steps:
-                return list(kept)
+        # count -> the smallest stride giving it (later, smaller strides overwrite larger ones)
+        strides = reversed(range(1, num_timesteps))
+        counts = {len(range(0, num_timesteps, stride)): stride for stride in strides}
+        if num_steps in counts:
+            return list(range(0, num_timesteps, counts[num_steps]))
+        below = max(count for count in counts if count < num_steps)
+        above = min(count for count in counts if count > num_steps)
         raise ValueError(
             f"no integer stride gives exactly {num_steps} of {num_timesteps} steps; "
-            "choose another step count or even spacing"
+            f"the nearest counts one gives are {below} and {above}"
         )
     raise ValueError(f"unknown timestep spacing {kind!r}; allowed: 'even', 'ddim'")
 
@@ -90,7 +102,7 @@ def ddpm(
     """
     if schedule.eta != 0:
         raise ValueError(f"eta must be 0 for DDPM (η is DDIM's), got {schedule.eta}")
-    spaced, num_steps = schedule.respaced("even"), schedule.num_steps
+    spaced, num_steps = schedule.respaced(DDPM_SPACING), schedule.num_steps
     with torch.no_grad():
         x = noise.next()
         for done, index in enumerate(reversed(range(num_steps)), start=1):
@@ -145,7 +157,7 @@ def ddim(
     per step but the last, with η = 0 none (the images depend on x_T alone).
     callback(done, total) runs after each step.
     """
-    spaced, num_steps = schedule.respaced("ddim"), schedule.num_steps
+    spaced, num_steps = schedule.respaced(DDIM_SPACING), schedule.num_steps
     tables = ddim_tables(spaced, schedule.eta)
     with torch.no_grad():
         x = noise.next()

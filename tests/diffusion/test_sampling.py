@@ -44,18 +44,62 @@ def smooth_model(x: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
     return 0.4 * torch.tanh(x) + 0.1 * torch.sin(t / 100).reshape(-1, 1, 1, 1)
 
 
+def improved_diffusion_even(T: int, N: int) -> list[int]:
+    """improved-diffusion's one-section `space_timesteps`, restated from its definition: a
+    float position that starts at 0 and grows by (T−1)/(N−1) after each kept step, rounded
+    with Python's round()."""
+    kept, position = [], 0.0
+    while len(kept) < N:
+        kept.append(round(position))
+        position += (T - 1) / (N - 1)
+    return kept
+
+
+def improved_diffusion_ddim(T: int, N: int) -> list[int] | None:
+    """improved-diffusion's "ddimN": the first stride 1, 2, … whose range(0, T, stride) has N
+    entries, or None where none has."""
+    return next((list(range(0, T, i)) for i in range(1, T) if len(range(0, T, i)) == N), None)
+
+
 def test_even_spacing_keeps_both_ends() -> None:
     kept = space_timesteps(4000, 250, "even")
     assert len(kept) == 250 and kept[0] == 0 and kept[-1] == 3999
     assert set(np.diff(kept).tolist()) <= {16, 17}  # 3999/249 ≈ 16.06
-    assert kept == [round(i * 3999 / 249) for i in range(250)]
+
+
+@pytest.mark.parametrize("T", [1000, 4000])
+def test_even_spacing_equals_improved_diffusions_for_every_step_count(T: int) -> None:
+    for N in range(2, T + 1):
+        assert space_timesteps(T, N, "even") == improved_diffusion_even(T, N), N
+
+
+def test_even_spacing_breaks_ties_where_the_running_sum_does() -> None:
+    # 999/20 = 49.95: the exact 10·49.95 = 499.5 rounds to 500 (ties to even); the running sum
+    # of ten 49.95s is 499.49999999999994 and rounds to 499, which improved-diffusion keeps.
+    assert sum([999 / 20] * 10) < 499.5 == 10 * 999 / 20
+    assert space_timesteps(1000, 21, "even")[10] == 499
+
+
+@pytest.mark.parametrize("T", [1000, 4000])
+def test_ddim_spacing_equals_improved_diffusions_for_every_step_count(T: int) -> None:
+    for N in range(2, T + 1):
+        expected = improved_diffusion_ddim(T, N)
+        if expected is None:
+            with pytest.raises(ValueError, match="no integer stride"):
+                space_timesteps(T, N, "ddim")
+        else:
+            assert space_timesteps(T, N, "ddim") == expected, N
 
 
 def test_ddim_spacing_uses_an_integer_stride() -> None:
     assert space_timesteps(4000, 250, "ddim") == list(range(0, 4000, 16))
     assert space_timesteps(1000, 50, "ddim") == list(range(0, 1000, 20))
     assert space_timesteps(1000, 30, "ddim") == list(range(0, 1000, 34))
-    with pytest.raises(ValueError, match="no integer stride"):
+    assert space_timesteps(1000, 2, "ddim") == [0, 500]  # the smallest of strides 500 … 999
+    # strides 3 and 4 give 334 and 250 steps; none gives 300
+    with pytest.raises(
+        ValueError, match="300 of 1000 steps; the nearest counts one gives are 250 and 334"
+    ):
         space_timesteps(1000, 300, "ddim")
     with pytest.raises(ValueError, match="num_steps must lie in"):
         space_timesteps(1000, 1, "even")

@@ -37,7 +37,17 @@ BAD_OVERRIDES = [
     ([QUICKSTART, "train.kimg=-1"], "train.kimg is -1.0; must be >= 0"),
     ([QUICKSTART, "ema.rate=1.0"], "ema.rate is 1.0; must be in [0, 1)"),
     ([QUICKSTART, "data.resolution=4"], "data.resolution is 4; must be at least 8"),
-    ([QUICKSTART, "sample.steps=5000"], "sample.steps is 5000; must be in [1, diffusion.steps"),
+    ([QUICKSTART, "sample.steps=5000"], "sample.steps is 5000; must be in [2, diffusion.steps"),
+    ([QUICKSTART, "sample.steps=1"], "sample.steps is 1; must be in [2, diffusion.steps=1000]"),
+    (
+        [QUICKSTART, "sample.steps=300"],  # ddim's integer strides of 1000 give 250 or 334 steps
+        "sample.steps=300 for sampler ddim: no integer stride gives exactly 300 of 1000 steps; "
+        "the nearest counts one gives are 250 and 334",
+    ),
+    (
+        [QUICKSTART, "sample.sampler=ddpm", "sample.eta=0.5"],
+        "sample.eta=0.5 is DDIM's η, which sample.sampler ddpm does not take",
+    ),
     ([QUICKSTART, "sample.num_images=0"], "sample.num_images/batch_size must be >= 1"),
     ([QUICKSTART, "tracking.flush_every=0"], "tracking.flush_every must be at least 1"),
     ([QUICKSTART, "eval.at=[0]"], "eval.at [0] must be steps >= 1"),
