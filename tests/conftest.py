@@ -63,7 +63,11 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Slow tests first, so that with several workers the long ones do not finish last alone."""
+    """Slow tests first. Under `--dist worksteal` the first worker's share begins with all of
+    them while the second runs fast tests and then steals from the end of the first's queue, so
+    the slow tests (most spawn processes of their own) run beside one-thread fast ones. Dealing
+    the slow tests over both workers instead ran them side by side and took longer (9:53 against
+    8:03 for the suite on 2 cores)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

@@ -39,11 +39,11 @@ def space_timesteps(num_timesteps: int, num_steps: int, kind: Spacing) -> list[i
         partial_sums = itertools.accumulate(itertools.repeat(stride, num_steps - 1), initial=0.0)
         return [round(position) for position in partial_sums]
     if kind == "ddim":
-        # count -> the smallest stride giving it (later, smaller strides overwrite larger ones)
-        strides = reversed(range(1, num_timesteps))
-        counts = {len(range(0, num_timesteps, stride)): stride for stride in strides}
-        if num_steps in counts:
-            return list(range(0, num_timesteps, counts[num_steps]))
+        for stride in range(1, num_timesteps):
+            kept = range(0, num_timesteps, stride)
+            if len(kept) == num_steps:
+                return list(kept)
+        counts = {len(range(0, num_timesteps, stride)) for stride in range(1, num_timesteps)}
         below = max(count for count in counts if count < num_steps)
         above = min(count for count in counts if count > num_steps)
         raise ValueError(

@@ -80,8 +80,8 @@ def test_even_spacing_breaks_ties_where_the_running_sum_does() -> None:
     assert space_timesteps(1000, 21, "even")[10] == 499
 
 
-@pytest.mark.parametrize("T", [1000, 4000])
-def test_ddim_spacing_equals_improved_diffusions_for_every_step_count(T: int) -> None:
+def test_ddim_spacing_equals_improved_diffusions_for_every_step_count() -> None:
+    T = 1000
     for N in range(2, T + 1):
         expected = improved_diffusion_ddim(T, N)
         if expected is None:
