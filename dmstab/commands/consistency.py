@@ -79,7 +79,7 @@ def _noise_signature(subject: Subject) -> dict[str, object]:
     signature: dict[str, object] = {
         "kind": "GAN" if _is_gan(recipe) else "diffusion model",
         "data.resolution": recipe.data.resolution,
-        "image channels": 4 if recipe.data.name == "latents" else 3,
+        "image channels": recipe.data.channels,
         "class conditioning (classes)": subject.num_classes if recipe.model.class_cond else 0,
     }
     if _is_gan(recipe):

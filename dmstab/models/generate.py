@@ -48,8 +48,7 @@ def noise_shape(recipe: Recipe) -> tuple[int, int, int]:
     """Each image's noise draws: x_T's shape for a diffusion model, z's for a GAN."""
     if is_gan(recipe):
         return latent_shape(recipe)
-    channels = 4 if recipe.data.name == "latents" else 3
-    return (channels, recipe.data.resolution, recipe.data.resolution)
+    return (recipe.data.channels, recipe.data.resolution, recipe.data.resolution)
 
 
 def sampling_schedule(recipe: Recipe, cfg: SampleConfig) -> DiscreteSchedule | SigmaSchedule:
