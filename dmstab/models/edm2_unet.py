@@ -24,7 +24,7 @@ decoder, attention heads of 64 channels); sizes and dropout follow NVlabs/edm2's
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal, overload
 
 import torch
@@ -122,7 +122,7 @@ class EDM2Config(EDM2Switches):
         for earlier, later in itertools.pairwise(SWITCHES):
             if getattr(self, later) and not getattr(self, earlier):
                 raise DmstabError(
-                    f"model.{later}=true needs model.{earlier}=true: Table 1's steps build on "
+                    f"{_key(later)}=true needs {_key(earlier)}=true: Table 1's steps build on "
                     f"each other in the order {', '.join(SWITCHES)}"
                 )
 
@@ -130,33 +130,33 @@ class EDM2Config(EDM2Switches):
         positive = ("img_resolution", "img_channels", "model_channels", "num_blocks")
         for name in (*positive, "channels_per_head", "logvar_channels"):
             if getattr(self, name) <= 0:
-                raise DmstabError(f"model.{name}={getattr(self, name)} must be positive")
+                raise DmstabError(f"{_key(name)}={getattr(self, name)} must be positive")
         if self.label_dim < 0:
-            raise DmstabError(f"model.label_dim={self.label_dim} must be ≥ 0 (0: unconditional)")
+            raise DmstabError(f"label_dim={self.label_dim} must be ≥ 0 (0: unconditional)")
         if not self.channel_mult or min(self.channel_mult) <= 0:
             raise DmstabError(
-                f"model.channel_mult={list(self.channel_mult)} must be non-empty and positive"
+                f"{_key('channel_mult')}={list(self.channel_mult)} must be non-empty and positive"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise DmstabError(f"model.dropout={self.dropout} must be in [0, 1)")
+            raise DmstabError(f"{_key('dropout')}={self.dropout} must be in [0, 1)")
         for name in ("res_balance", "attn_balance", "label_balance", "concat_balance"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise DmstabError(f"model.{name}={getattr(self, name)} must be in [0, 1]")
+                raise DmstabError(f"{_key(name)}={getattr(self, name)} must be in [0, 1]")
         if self.clip_act <= 0:
-            raise DmstabError(f"model.clip_act={self.clip_act} must be positive")
+            raise DmstabError(f"{_key('clip_act')}={self.clip_act} must be positive")
 
     def _check_layout(self) -> None:
         levels = len(self.channel_mult)
         if self.img_resolution % 2 ** (levels - 1):
             raise DmstabError(
-                f"model.img_resolution={self.img_resolution} must be a multiple of "
+                f"{_key('img_resolution')}={self.img_resolution} must be a multiple of "
                 f"{2 ** (levels - 1)} for {levels} levels"
             )
         resolutions = [self.img_resolution >> level for level in range(levels)]
         unreachable = sorted(set(self.attn_resolutions) - set(resolutions))
         if unreachable:
             raise DmstabError(
-                f"model.attn_resolutions {unreachable} never occur; the feature maps are "
+                f"{_key('attn_resolutions')} {unreachable} never occur; the feature maps are "
                 f"{resolutions}"
             )
         levels_with_attention = zip(self.widths, resolutions, strict=True)
@@ -165,9 +165,27 @@ class EDM2Config(EDM2Switches):
         for width in sorted(attended):
             if width % self.channels_per_head:
                 raise DmstabError(
-                    f"attention over {width} channels: model.channels_per_head="
+                    f"attention over {width} channels: {_key('channels_per_head')}="
                     f"{self.channels_per_head} must divide it"
                 )
+
+
+# The recipe key behind each EDM2Config field (models/edm2_recipe.py builds the config from a
+# recipe), so that an error names what a user sets; img_channels and label_dim follow from
+# data.name and model.class_cond and keep their own names.
+RECIPE_KEYS = {
+    "img_resolution": "data.resolution",
+    "model_channels": "model.channels",
+    "channel_mult": "model.channel_mult",
+    "num_blocks": "model.num_res_blocks",
+    "attn_resolutions": "model.attention_resolutions",
+    "dropout": "model.dropout",
+    **{switch.name: f"model.edm2.{switch.name}" for switch in fields(EDM2Switches)},
+}
+
+
+def _key(name: str) -> str:
+    return RECIPE_KEYS.get(name, name)
 
 
 def config_for(letter: str, size: str, dataset: str = "img512") -> EDM2Config:

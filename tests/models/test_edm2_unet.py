@@ -177,7 +177,7 @@ def test_sizes_channels_and_dropout_follow_the_presets() -> None:
         (lambda: config_for("H", "S"), "choose one of A, B"),
         (lambda: config_for("G", "XXL", "img64"), "choose one of S, M, L, XL"),
         (lambda: config_for("G", "S", "img256"), "img512, img64"),
-        (lambda: EDM2Config(streamlined=False), "needs model.streamlined=true"),
+        (lambda: EDM2Config(streamlined=False), "needs model.edm2.streamlined=true"),
         (lambda: EDM2Config(attn_resolutions=(32, 4)), "[4] never occur"),
         (lambda: EDM2Config(img_resolution=60), "multiple of 8"),
         (lambda: EDM2Config(channels_per_head=100), "must divide it"),

@@ -58,6 +58,16 @@ BAD_OVERRIDES = [
     ([QUICKSTART, "optimizer.lr=1e-4"], "unknown recipe key 'optimizer'"),
     ([QUICKSTART, "model.edm2.nope=1"], "unknown recipe key 'model.edm2'; model.name adm_unet"),
     ([EDM, "model.edm2.nope=1"], "unknown recipe key 'model.edm2.nope'"),
+    # the EDM2 UNet's own checks name the recipe keys, not its constructor's arguments
+    ([EDM, "model.edm2.res_balance=1.5"], "model.edm2.res_balance=1.5 must be in [0, 1]"),
+    (
+        [EDM, "model.edm2.channels_per_head=48"],
+        "attention over 64 channels: model.edm2.channels_per_head=48 must divide it",
+    ),
+    (
+        [EDM, "model.edm2.no_group_norm=false"],
+        "model.edm2.mp_fixed_layers=true needs model.edm2.no_group_norm=true",
+    ),
     # contradictory options
     ([QUICKSTART, "timesteps.mu=1000"], "timesteps.mu is 1000.0; must be in [0, diffusion.steps)"),
     ([QUICKSTART, "timesteps.mu=-1"], "timesteps.mu is -1.0; must be in [0, diffusion.steps)"),

@@ -169,7 +169,7 @@ def test_mini_then_ema_reconstruct_with_no_arguments_then_sample(dmstab: Runner)
         (["sample.guide=self", "sample.guidance=2"], "diffusion.label_dropout > 0"),
         (["diffusion.label_dropout=0.1", "model.class_cond=false"], "needs model.class_cond"),
         (["optim.schedule=constant"], "belong to optim.schedule inverse_sqrt"),
-        (["model.edm2.streamlined=false"], "needs model.streamlined=true"),
+        (["model.edm2.streamlined=false"], "needs model.edm2.streamlined=true"),
         (["diffusion.p_std=0"], "diffusion.p_std is 0.0"),
         (["sample.steps=1"], "edm sampling needs at least 2"),
     ],
