@@ -32,17 +32,22 @@ def gamma_to_sigma_rel(gamma: float) -> float:
     return math.sqrt(gamma + 1.0) / (gamma + 2.0) / math.sqrt(gamma + 3.0)
 
 
+def check_sigma_rel(sigma_rel: float) -> None:
+    """σrel is a power profile's relative width: in (0, σrel(γ=0)] (EDM2 Sec. 3.1)."""
+    if not (0.0 < sigma_rel <= SIGMA_REL_MAX):
+        raise DmstabError(
+            f"EMA sigma_rel is {sigma_rel}; must be in (0, {SIGMA_REL_MAX:.6f}] "
+            "(the relative width of the averaging profile)"
+        )
+
+
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """The γ ≥ 0 whose profile has relative width `sigma_rel` (largest root of the cubic).
 
     σrel(γ) falls monotonically on [0, ∞) and σrel(1/σ) < σ, so the root is bracketed
     by [0, 1/σrel].
     """
-    if not (0.0 < sigma_rel <= SIGMA_REL_MAX):
-        raise DmstabError(
-            f"EMA sigma_rel is {sigma_rel}; must be in (0, {SIGMA_REL_MAX:.6f}] "
-            "(the relative width of the averaging profile)"
-        )
+    check_sigma_rel(sigma_rel)
     if sigma_rel == SIGMA_REL_MAX:
         return 0.0
     root = brentq(lambda g: gamma_to_sigma_rel(g) - sigma_rel, 0.0, 1.0 / sigma_rel, xtol=1e-13)

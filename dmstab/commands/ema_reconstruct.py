@@ -18,6 +18,7 @@ import numpy as np
 
 from dmstab.analysis.ema_profiles import (
     SnapshotInfo,
+    check_sigma_rel,
     gamma_to_sigma_rel,
     list_snapshots,
     sigma_rel_to_gamma,
@@ -178,6 +179,8 @@ def main(
     sigmas += parse_sigma_rel_range(sigma_rel_range) if sigma_rel_range else []
     if not sigmas:
         raise DmstabError("give --sigma-rel, --gamma or --sweep")
+    for sigma in sigmas:  # before any store or run is looked up
+        check_sigma_rel(sigma)
     directory = find_snapshots(run, snapshots, None)
     if dry_run:
         result(make_plan(directory, sigmas, at).describe())

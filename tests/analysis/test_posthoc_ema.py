@@ -14,7 +14,7 @@ from dmstab.commands.ema_reconstruct import make_plan, parse_sigma_rel_range, re
 from dmstab.config import load_recipe
 from dmstab.errors import DmstabError
 from dmstab.train.loop import train
-from tests.helpers import RECIPES, TINY, Runner, store
+from tests.helpers import RECIPES, TINY, Runner, one_line_error, store
 
 POWER = ["ema.power_sigma_rels=[0.05,0.1,0.13]", "train.steps=48", "train.checkpoint_every=48"]
 
@@ -86,6 +86,16 @@ def test_cli_reconstructs_the_latest_run_and_sample_accepts_it(dmstab: Runner) -
     bad = dmstab("ema-reconstruct", "--sigma-rel", "0.5")
     assert bad.returncode == 2, bad.stderr
     assert bad.stderr.startswith("error:") and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_an_impossible_sigma_rel_is_refused_before_any_run_is_looked_up(
+    dmstab: Runner, isolated_workdir: Path
+) -> None:
+    for option in (["--sigma-rel", "5"], ["--sweep", "0.1:0.4:0.1"]):  # σrel(γ=0) ≈ 0.2887
+        refused = dmstab("ema-reconstruct", *option)
+        assert refused.returncode == 2, refused.stderr
+        assert "sigma_rel" in one_line_error(refused)
+    assert list(isolated_workdir.iterdir()) == [], "no store, no run lookup"
 
 
 def test_plan_and_sweep_errors(isolated_workdir: Path) -> None:
