@@ -24,6 +24,16 @@ from dmstab.tracking.tags import (
 UNFINISHED = ("RUNNING", "FAILED", "KILLED")
 
 
+def _existing_store(uri: str | None) -> Any | None:
+    """A client of the store at `uri`, or None when it is a SQLite file that does not exist:
+    looking a run up must not create an empty store (MLflow creates the file on opening it)."""
+    resolved = resolve_uri(uri)
+    prefix = "sqlite:///"
+    if resolved.startswith(prefix) and not Path(resolved[len(prefix) :]).is_file():
+        return None
+    return open_client(resolved)
+
+
 def _experiment_ids(client: Any, experiment: str | None) -> list[str]:
     """The id of experiment `experiment` ([] when absent), or of every experiment when None."""
     if experiment is None:
@@ -34,7 +44,9 @@ def _experiment_ids(client: Any, experiment: str | None) -> list[str]:
 
 def _runs_of_recipe(recipe: Recipe) -> list[Any]:
     """This recipe's training runs (by fingerprint), newest first."""
-    client = open_client(resolve_uri(recipe.tracking.uri))
+    client = _existing_store(recipe.tracking.uri)
+    if client is None:
+        return []
     experiment = client.get_experiment_by_name(recipe.tracking.experiment)
     if experiment is None:
         return []
@@ -86,7 +98,9 @@ def _record(run: Any) -> RunRecord:
 
 def run_record(run_id: str, uri: str | None = None) -> RunRecord:
     """One run of the store; a one-line error if the id is unknown."""
-    client = open_client(resolve_uri(uri))
+    client = _existing_store(uri)
+    if client is None:
+        raise DmstabError(f"no MLflow run '{run_id}': there is no store at {resolve_uri(uri)}")
     try:
         run = client.get_run(run_id)
     except ServerUnreachable:
@@ -106,7 +120,9 @@ def find_runs(
     tags: Mapping[str, str], experiment: str | None = None, uri: str | None = None
 ) -> list[RunRecord]:
     """Runs carrying all `tags`, newest first, in one experiment or in all when None."""
-    client = open_client(resolve_uri(uri))
+    client = _existing_store(uri)
+    if client is None:
+        return []
     ids = _experiment_ids(client, experiment)
     if not ids:
         return []
@@ -117,7 +133,9 @@ def find_runs(
 
 def metric_history(run_id: str, key: str, uri: str | None = None) -> list[tuple[int, float]]:
     """(step, value) of one metric, by step; a step logged twice keeps its latest value."""
-    client = open_client(resolve_uri(uri))
+    client = _existing_store(uri)
+    if client is None:
+        return []
     by_step: dict[int, tuple[int, float]] = {}
     for m in client.get_metric_history(run_id, key):
         if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
@@ -135,7 +153,9 @@ def run_directory(run_id: str, uri: str | None = None) -> Path:
 
 def latest_run(experiment: str | None, kind: str, uri: str | None = None) -> str | None:
     """Most recent run of `kind` (e.g. 'train') in one experiment, or in all when None."""
-    client = open_client(resolve_uri(uri))
+    client = _existing_store(uri)
+    if client is None:
+        return None
     ids = _experiment_ids(client, experiment)
     if not ids:
         return None

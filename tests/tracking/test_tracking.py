@@ -18,7 +18,7 @@ from dmstab.tracking import (
     resolve_uri,
     tracked_run,
 )
-from tests.helpers import RECIPES, TINY, store
+from tests.helpers import RECIPES, TINY, Runner, one_line_error, store
 
 
 def _recipe(*extra: str):  # type: ignore[no-untyped-def]
@@ -117,3 +117,20 @@ def test_unreachable_store_is_a_one_line_error(isolated_workdir: Path) -> None:
     with pytest.raises(DmstabError, match="cannot open MLflow store") as info:
         MlflowTracker.start(_recipe(f"tracking.uri={uri}"), kind="train")
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["sample", "0123456789abcdef0123456789abcdef"],
+        ["train", str(RECIPES / "quickstart.yaml"), "--resume", "0123456789abcdef"],
+        ["ema-reconstruct", "--sigma-rel", "0.1"],
+        ["report", str(RECIPES / "quickstart.yaml")],
+    ],
+    ids=lambda args: args[0],
+)
+def test_a_lookup_in_an_empty_directory_creates_no_store(
+    args: list[str], dmstab: Runner, isolated_workdir: Path
+) -> None:
+    one_line_error(dmstab(*args))
+    assert list(isolated_workdir.iterdir()) == [], "a failed lookup leaves nothing behind"
