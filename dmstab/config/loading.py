@@ -52,6 +52,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        # PyYAML marks where it gave up, often the line after the mistake; its context mark
+        # says where the construct it was parsing began (an unclosed bracket, say).
+        context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+        if context and start is not None and mark is not None and start.line != mark.line:
+            problem += f" ({context} that starts on line {start.line + 1})"
         raise DmstabError(f"recipe {path}{where} is not valid YAML: {problem}") from None
     if data is None:
         raise DmstabError(f"recipe {path} is empty; it needs at least one section or `base:`")

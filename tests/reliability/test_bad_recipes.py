@@ -136,6 +136,15 @@ def test_bad_override_is_one_line_exit_2_nothing_written(args: list[str], expect
 
 BAD_FILES = {
     "malformed YAML": ("optim: {lr: [1e-4\n", "is not valid YAML: expected ',' or ']'"),
+    "unclosed bracket": (  # PyYAML gives up on line 3; the bracket opened on line 2
+        "optim:\n  betas: [0.9, 0.99\ntrain:\n  steps: 10\n",
+        "bad.yaml line 3 is not valid YAML: expected ',' or ']', but got ':' "
+        "(while parsing a flow sequence that starts on line 2)",
+    ),
+    "unclosed quote": (
+        'name: "x\ntrain:\n  steps: 10\n',
+        "(while scanning a quoted scalar that starts on line 1)",
+    ),
     "empty file": ("", "is empty"),
     "a list, not sections": ("- optim\n- train\n", "must be a YAML mapping of sections"),
     "unknown section": ("optimiser: {lr: 1.0e-4}\n", "unknown recipe key 'optimiser'"),
