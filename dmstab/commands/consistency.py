@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +41,17 @@ from dmstab.tracking import browse_hint, save_figure
 from dmstab.train.loop import Progress
 
 
+def _member_overrides(member: str) -> list[str]:
+    """One member's overrides, split as a shell would: `model.channel_mult='[1, 2]'` is one."""
+    try:
+        return shlex.split(member)
+    except ValueError as error:
+        raise DmstabError(f"consistency.members entry {member!r}: {error}") from None
+
+
 def member_recipes(recipe: Recipe) -> list[tuple[str, Recipe]]:
     """The group `consistency.members` defines: (label, the recipe with that member's
-    space-separated overrides) for each member."""
+    overrides, split as a shell would) for each member."""
     members = recipe.analysis(ConsistencyConfig).members
     if len(members) < 2:
         raise DmstabError(
@@ -51,7 +60,7 @@ def member_recipes(recipe: Recipe) -> list[tuple[str, Recipe]]:
         )
     tree = to_dict(recipe)
     return [
-        (member or recipe.name, from_mapping(apply_overrides(tree, member.split())))
+        (member or recipe.name, from_mapping(apply_overrides(tree, _member_overrides(member))))
         for member in members
     ]
 

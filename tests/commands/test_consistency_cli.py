@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from dmstab.commands.consistency import member_recipes
 from dmstab.config import fingerprint, load_recipe
+from dmstab.errors import DmstabError
 from dmstab.train.loop import train
 from tests.helpers import RECIPES, TINY, TINY_GAN, CachedRun, Runner, Training, store
 
@@ -150,6 +152,21 @@ def test_models_that_cannot_share_noise_are_refused(
     result = dmstab("consistency", first.run_id, other.run_id, *SAMPLING)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_member_overrides_split_as_a_shell_would() -> None:
+    members = 'consistency.members=["train.seed=1", "train.seed=2 model.channel_mult=\'[1, 2]\'"]'
+    recipe = load_recipe(RECIPES / "quickstart.yaml", [*SMALL, members])
+    (_, first), (label, second) = member_recipes(recipe)
+    assert (first.train.seed, second.train.seed) == (1, 2)
+    assert label == "train.seed=2 model.channel_mult='[1, 2]'"
+    assert second.model.channel_mult == (1, 2)  # type: ignore[attr-defined]
+    unclosed = load_recipe(
+        RECIPES / "quickstart.yaml", [*SMALL, 'consistency.members=["train.seed=1", "a=\'b"]']
+    )
+    message = 'consistency.members entry "a=\'b": No closing quotation'
+    with pytest.raises(DmstabError, match=re.escape(message)):
+        member_recipes(unclosed)
 
 
 def test_fewer_than_two_models_is_one_line_and_exit_2(
