@@ -5,7 +5,7 @@ timesteps), so H = ∇²L(θ) is a fixed symmetric matrix; nothing here ever for
 H·v come from forward-over-reverse differentiation (torch.func.jvp of torch.func.grad) or from
 double backward, and feed:
 
-- the top eigenvalues by Lanczos with deflation: one Lanczos run per eigenvalue on H with the
+- the top eigenpairs by Lanczos with deflation: one Lanczos run per eigenvalue on H with the
   eigenvectors already found projected out, stopped when the Ritz pair's residual
   ‖Hx − θx‖ = β_m·|e_mᵀy| falls below `tol`·|θ| (Golub & Van Loan §10.1). PyHessian's power
   iteration stops early when the top two magnitudes are close (an indefinite GAN Hessian's ±λ):
@@ -13,7 +13,8 @@ double backward, and feed:
 - the trace by Hutchinson's estimator, E[zᵀHz] = tr H for Rademacher z, with its standard error,
 - the spectral density by stochastic Lanczos quadrature (Ubaru, Chen & Saad 2017): Lanczos with
   full reorthogonalisation from random unit vectors; the Ritz values are the nodes and the
-  squared first components of the Ritz vectors their weights.
+  squared first components of the Ritz vectors their weights. On a grid, the nodes are
+  broadened by Gaussians as PyHessian does (`SpectralDensity.broadened`).
 
 Vectors are flat float64 tensors over all parameters (in `named_parameters` order), on the host:
 each product moves its direction to the model's device and the result back.
@@ -95,7 +96,15 @@ def _unit(vector: Tensor) -> Tensor:
     return vector / float(vector.norm())
 
 
-def top_eigenvalues(
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value
+class Eigenpairs:
+    """Eigenvalues of largest magnitude, largest first, and their unit eigenvectors (rows)."""
+
+    values: list[float]
+    vectors: Tensor  # (k, size), row i belongs to values[i]
+
+
+def top_eigenpairs(
     operator: Callable[[Tensor], Tensor],
     size: int,
     k: int,
@@ -103,10 +112,11 @@ def top_eigenvalues(
     iterations: int = 100,
     tol: float = 1e-3,
     generator: torch.Generator,
-) -> list[float]:
-    """The k eigenvalues of largest magnitude, largest first: for each, at most `iterations`
+) -> Eigenpairs:
+    """The k eigenpairs of largest magnitude, largest first: for each, at most `iterations`
     Lanczos steps on H with the eigenvectors already found projected out (deflation), until the
-    largest-magnitude Ritz pair's residual is below `tol`·|θ|."""
+    largest-magnitude Ritz pair's residual is below `tol`·|θ|. The vectors are the unit Ritz
+    vectors, each orthogonal to those found before it (up to rounding)."""
     eigenvalues: list[float] = []
     eigenvectors: list[Tensor] = []
 
@@ -129,7 +139,10 @@ def top_eigenvalues(
                 break
         eigenvalues.append(float(values[top]))
         eigenvectors.append(_unit(krylov.ritz_vector(vectors[:, top])))
-    return sorted(eigenvalues, key=abs, reverse=True)
+    order = sorted(range(len(eigenvalues)), key=lambda i: abs(eigenvalues[i]), reverse=True)
+    return Eigenpairs(
+        [eigenvalues[i] for i in order], torch.stack([eigenvectors[i] for i in order])
+    )
 
 
 @dataclass(frozen=True)
@@ -168,6 +181,45 @@ class SpectralDensity:
 
     def variance(self) -> float:
         return self.moment(2) - self.moment(1) ** 2
+
+    def broadened(self, sigma_squared: float) -> BroadenedDensity:
+        """PyHessian's Gaussian-broadened density (`density_generate` in its density_plot.py):
+        on `DENSITY_BINS` points from the runs' mean smallest node − `DENSITY_OVERHEAD` to their
+        mean largest node + `DENSITY_OVERHEAD`, each run's Σ_j w_j·N(x; λ_j, v) with the kernel
+        variance v = σ²·max(1, grid range), averaged over runs and rescaled so that its sum
+        times the bin width is 1. Padding of a run cut short (weight 0) is no node."""
+        real = self.weights > 0
+        largest = torch.where(real, self.nodes, -math.inf).amax(dim=1).mean()
+        smallest = torch.where(real, self.nodes, math.inf).amin(dim=1).mean()
+        grid = torch.linspace(
+            float(smallest) - DENSITY_OVERHEAD,
+            float(largest) + DENSITY_OVERHEAD,
+            DENSITY_BINS,
+            dtype=torch.float64,
+        )
+        variance = sigma_squared * max(1.0, float(grid[-1] - grid[0]))
+        density = torch.zeros_like(grid)
+        for nodes, weights in zip(self.nodes, self.weights, strict=True):  # one run at a time
+            kernel = torch.exp(-((grid[None, :] - nodes[:, None]) ** 2) / (2 * variance))
+            density += weights @ kernel / math.sqrt(2 * math.pi * variance)
+        density /= len(self.nodes)
+        density /= float(density.sum()) * float(grid[1] - grid[0])
+        return BroadenedDensity(grid, density, variance)
+
+
+# PyHessian's `density_generate` defaults: grid points and the margin beyond the extreme nodes.
+DENSITY_BINS = 10_000
+DENSITY_OVERHEAD = 0.01
+
+
+@dataclass(frozen=True, eq=False)
+class BroadenedDensity:
+    """A spectral density on a grid: `density[i]` at `grid[i]`, Σ density·Δx = 1, from
+    Gaussians of variance `kernel_variance`."""
+
+    grid: Tensor  # (DENSITY_BINS,)
+    density: Tensor  # (DENSITY_BINS,)
+    kernel_variance: float
 
 
 class _Lanczos:

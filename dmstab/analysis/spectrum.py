@@ -1,6 +1,7 @@
-"""The Hessian spectrum of one loss at a model's weights (AAAI Fig. 4): λ1..λk by Lanczos with
-deflation, tr H by Hutchinson, and the eigenvalue density by stochastic Lanczos quadrature,
-whose mean is tr H / P and whose variance estimates (1/P)·tr H² − (tr H / P)²."""
+"""The Hessian spectrum of one loss at a model's weights (AAAI Fig. 4): λ1..λk and their
+eigenvectors by Lanczos with deflation, tr H by Hutchinson, and the eigenvalue density by
+stochastic Lanczos quadrature, whose mean is tr H / P and whose variance estimates
+(1/P)·tr H² − (tr H / P)², broadened by Gaussians onto a grid as PyHessian does."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dmstab.analysis.fixed_batch import GanNetwork, check_fixed_batch_keys
 from dmstab.analysis.hessian import (
+    BroadenedDensity,
     HessianOperator,
     Loss,
     Method,
@@ -20,7 +22,7 @@ from dmstab.analysis.hessian import (
     TraceEstimate,
     hutchinson_trace,
     spectral_density,
-    top_eigenvalues,
+    top_eigenpairs,
 )
 from dmstab.config import AnalysisSection, Recipe
 from dmstab.errors import DmstabError
@@ -34,7 +36,9 @@ class HessianConfig(AnalysisSection):
 
     Top-`top_k` eigenvalues by Lanczos with deflation (at most `max_iterations` steps each,
     until the Ritz residual is below `tolerance`·|λ|), trace by Hutchinson (`trace_samples`),
-    density by stochastic Lanczos quadrature (`slq_runs` runs of `lanczos_steps`).
+    density by stochastic Lanczos quadrature (`slq_runs` runs of `lanczos_steps`), broadened
+    on a grid by Gaussians of variance `density_sigma_squared`·max(1, range) (PyHessian's
+    `density_generate`, whose default σ² is 1e-5).
     Hessian-vector products by `method`; `auto` takes forward-over-reverse on CUDA (about 3×
     faster on an H100) and double backward on the CPU (faster there, docs/performance.md).
     For GANs, `network`'s loss with the other network fixed.
@@ -50,6 +54,7 @@ class HessianConfig(AnalysisSection):
     trace_samples: int = 100
     slq_runs: int = 4
     lanczos_steps: int = 80
+    density_sigma_squared: float = 1e-5
     method: HvpMethod = "auto"  # forward_over_reverse on CUDA, double_backward on CPU
     network: GanNetwork = "generator"
     seed: int = 0
@@ -67,6 +72,10 @@ def check_hessian(recipe: Recipe) -> None:
             h.slq_runs >= 1 and h.lanczos_steps >= 2,
             "hessian needs slq_runs >= 1 and lanczos_steps >= 2",
         ),
+        (
+            h.density_sigma_squared > 0,
+            f"hessian.density_sigma_squared is {h.density_sigma_squared}; must be positive",
+        ),
     )
     for ok, message in rules:
         if not ok:
@@ -78,9 +87,12 @@ class Spectrum:
     """The Hessian of one fixed-batch loss, seen through `parameters`-dimensional HVPs."""
 
     top: list[float]
+    eigenvectors: Tensor  # (k, parameters) float32, row i the unit eigenvector of top[i]
     trace: TraceEstimate
     density: SpectralDensity
+    broadened: BroadenedDensity  # `density` on a grid, with `density_sigma_squared`
     parameters: int
+    layout: dict[str, tuple[int, ...]]  # name -> shape of the parameters, in vector order
 
     @property
     def mean(self) -> float:
@@ -106,12 +118,13 @@ def hvp_method(setting: HvpMethod, model: nn.Module) -> Method:
 
 
 def spectrum(model: nn.Module, loss: Loss, config: HessianConfig) -> Spectrum:
-    """λ1..λk, Hutchinson trace and SLQ density of ∇²loss at the model's weights (the math
-    attention kernel: CPU fused attention kernels have no forward-over-reverse derivative)."""
+    """λ1..λk with their eigenvectors, Hutchinson trace and SLQ density of ∇²loss at the
+    model's weights (the math attention kernel: CPU fused attention kernels have no
+    forward-over-reverse derivative)."""
     operator = HessianOperator(model, loss, method=hvp_method(config.method, model))
     generator = torch.Generator().manual_seed(config.seed)
     with sdpa_kernel(SDPBackend.MATH):
-        top = top_eigenvalues(
+        top = top_eigenpairs(
             operator,
             operator.size,
             config.top_k,
@@ -127,4 +140,12 @@ def spectrum(model: nn.Module, loss: Loss, config: HessianConfig) -> Spectrum:
             runs=config.slq_runs,
             generator=generator,
         )
-    return Spectrum(top, trace, density, operator.size)
+    return Spectrum(
+        top.values,
+        top.vectors.to(torch.float32),
+        trace,
+        density,
+        density.broadened(config.density_sigma_squared),
+        operator.size,
+        {name: tuple(shape) for name, shape in zip(operator.names, operator.shapes, strict=True)},
+    )

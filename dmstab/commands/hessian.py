@@ -1,10 +1,11 @@
 """`dmstab hessian`: the loss Hessian's top eigenvalues, trace and spectral density of one
 trained model on a fixed batch (AAAI Fig. 4: λ1 and the variance σ² of the eigenvalues).
 
-Every loss of `dmstab.analysis.fixed_batch` (averaged over t, and per chosen t) gets λ1..λk by
-Lanczos with deflation, tr H by Hutchinson, and the eigenvalue density by stochastic
-Lanczos quadrature; its mean is tr H / P and its variance the SLQ estimate of
-(1/P)·tr H² − (tr H / P)². Everything is logged to one MLflow run of kind "hessian".
+Every loss of `dmstab.analysis.fixed_batch` (averaged over t, and per chosen t) gets λ1..λk and
+their eigenvectors by Lanczos with deflation, tr H by Hutchinson, and the eigenvalue density by
+stochastic Lanczos quadrature; its mean is tr H / P and its variance the SLQ estimate of
+(1/P)·tr H² − (tr H / P)². The density is also broadened on a grid as PyHessian does, the
+numbers the figure draws. Everything is logged to one MLflow run of kind "hessian".
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from dmstab.plots import spectral_density_figure
 from dmstab.tracking import browse_hint, save_figure
 
 SPECTRUM_FILE = "spectrum.npz"
+EIGENVECTORS_FILE = "eigenvectors.npz"
+DENSITY_FILE = "density.npz"
 
 
 def save_spectra(spectra: Mapping[str, Spectrum], path: Path) -> Path:
@@ -49,6 +52,43 @@ def save_spectra(spectra: Mapping[str, Spectrum], path: Path) -> Path:
     return path
 
 
+def save_eigenvectors(spectra: Mapping[str, Spectrum], path: Path) -> Path:
+    """Every loss's top eigenpairs as one .npz: `<name>/eigenvalues` (k) and
+    `<name>/eigenvectors` (k × P float32, row i the unit eigenvector of eigenvalue i, over the
+    parameters in `parameter_names` order, each `parameter_shapes[j]` flattened in C order)."""
+    layout = next(iter(spectra.values())).layout
+    arrays: dict[str, Any] = {
+        "names": np.array(json.dumps(list(spectra))),
+        "parameter_names": np.array(json.dumps(list(layout))),
+        "parameter_shapes": np.array(json.dumps([list(shape) for shape in layout.values()])),
+    }
+    for name, item in spectra.items():
+        key = metric_name(name)
+        arrays[f"{key}/eigenvalues"] = np.array(item.top)
+        arrays[f"{key}/eigenvectors"] = item.eigenvectors.numpy()
+    write_atomically(path, lambda handle: np.savez(handle, **arrays))
+    return path
+
+
+def save_densities(spectra: Mapping[str, Spectrum], sigma_squared: float, path: Path) -> Path:
+    """Every loss's broadened density as one .npz: `sigma_squared` (the recipe's), and per loss
+    `<name>/grid`, `<name>/density`, `<name>/kernel_variance` (σ²·max(1, grid range)) and the
+    SLQ nodes and weights they were broadened from (runs × steps)."""
+    arrays: dict[str, Any] = {
+        "names": np.array(json.dumps(list(spectra))),
+        "sigma_squared": np.array(sigma_squared),
+    }
+    for name, item in spectra.items():
+        key = metric_name(name)
+        arrays[f"{key}/grid"] = item.broadened.grid.numpy()
+        arrays[f"{key}/density"] = item.broadened.density.numpy()
+        arrays[f"{key}/kernel_variance"] = np.array(item.broadened.kernel_variance)
+        arrays[f"{key}/slq_nodes"] = item.density.nodes.numpy()
+        arrays[f"{key}/slq_weights"] = item.density.weights.numpy()
+    write_atomically(path, lambda handle: np.savez(handle, **arrays))
+    return path
+
+
 @dataclass(frozen=True)
 class HessianResult:
     run_id: str
@@ -62,11 +102,13 @@ def hessian(subject: Subject, device: torch.device) -> HessianResult:
     with open_analysis(subject, "hessian") as run:
         model, losses = analysis_losses(subject, device, config)
         spectra = {name: spectrum(model, loss, config) for name, loss in losses.items()}
-        _log(run, spectra, subject)
+        _log(run, spectra, subject, config)
     return HessianResult(run.run_id, spectra, run.directory)
 
 
-def _log(run: AnalysisRun, spectra: Mapping[str, Spectrum], subject: Subject) -> None:
+def _log(
+    run: AnalysisRun, spectra: Mapping[str, Spectrum], subject: Subject, config: HessianConfig
+) -> None:
     metrics: dict[str, float] = {
         "hessian/parameters": float(next(iter(spectra.values())).parameters)
     }
@@ -74,12 +116,18 @@ def _log(run: AnalysisRun, spectra: Mapping[str, Spectrum], subject: Subject) ->
         metrics.update(item.metrics(f"hessian/{metric_name(name)}"))
     run.tracker.log_metrics(metrics, subject.step)
     run.tracker.log_artifact(save_spectra(spectra, run.directory / SPECTRUM_FILE), "hessian")
+    eigenvectors = save_eigenvectors(spectra, run.directory / EIGENVECTORS_FILE)
+    run.tracker.log_artifact(eigenvectors, "hessian")
+    sigma_squared = config.density_sigma_squared  # a run param too: `hessian.density_sigma_squared`
+    densities = save_densities(spectra, sigma_squared, run.directory / DENSITY_FILE)
+    run.tracker.log_artifact(densities, "hessian")
     figure = spectral_density_figure(
         {
-            name: (item.density.nodes.numpy(), item.density.weights.numpy())
+            name: (item.broadened.grid.numpy(), item.broadened.density.numpy())
             for name, item in spectra.items()
         },
-        f"Hessian eigenvalue density, {subject.label} (step {subject.step})",
+        f"Hessian eigenvalue density (σ² = {sigma_squared:g}), {subject.label} "
+        f"(step {subject.step})",
     )
     save_figure(run.tracker, figure, "hessian/density.png")
 

@@ -1,19 +1,23 @@
-"""Hessian spectra from Hessian-vector products against the explicit Hessian of a small net."""
+"""Hessian spectra from Hessian-vector products against the explicit Hessian of a small net,
+and the broadened density against PyHessian's closed form."""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
 
 from dmstab.analysis.hessian import (
     HessianOperator,
+    SpectralDensity,
     hutchinson_trace,
     spectral_density,
-    top_eigenvalues,
+    top_eigenpairs,
 )
+from dmstab.analysis.spectrum import HessianConfig, spectrum
 
 
 def _problem() -> tuple[nn.Module, Tensor, Tensor]:
@@ -81,10 +85,10 @@ def test_top_three_eigenvalues_match_eigvalsh() -> None:
     exact = torch.linalg.eigvalsh(hessian)
     by_magnitude = exact[exact.abs().argsort(descending=True)][:3].tolist()
     op = _operator()
-    found = top_eigenvalues(
+    found = top_eigenpairs(
         op, op.size, 3, iterations=5000, tol=1e-12, generator=torch.Generator().manual_seed(2)
     )
-    assert found == pytest.approx(by_magnitude, rel=1e-4)
+    assert found.values == pytest.approx(by_magnitude, rel=1e-4)
 
 
 def test_top_eigenvalues_keep_repeated_and_opposite_signed_eigenvalues() -> None:
@@ -99,8 +103,23 @@ def test_top_eigenvalues_keep_repeated_and_opposite_signed_eigenvalues() -> None
     )
     q, _ = torch.linalg.qr(torch.randn(300, 300, generator=generator, dtype=torch.float64))
     matrix = q @ torch.diag(d) @ q.T
-    found = top_eigenvalues(lambda v: matrix @ v, 300, 5, generator=generator)
-    assert found == pytest.approx([-9.0, 8.9, 3.0, 3.0, 3.0], rel=1e-6)
+    found = top_eigenpairs(lambda v: matrix @ v, 300, 5, generator=generator)
+    assert found.values == pytest.approx([-9.0, 8.9, 3.0, 3.0, 3.0], rel=1e-6)
+    # The vectors: Q's first two columns up to sign, and three orthonormal vectors spanning
+    # the eigenspace of the triple 3 (any basis of it is right).
+    vectors = found.vectors
+    torch.testing.assert_close(
+        vectors @ vectors.T, torch.eye(5, dtype=torch.float64), atol=1e-6, rtol=0
+    )
+    for i in range(2):
+        assert abs(float(vectors[i] @ q[:, i])) == pytest.approx(1.0, abs=1e-6)
+    triple = q[:, 2:5]
+    torch.testing.assert_close(
+        triple.T @ vectors[2:].T @ vectors[2:] @ triple,
+        torch.eye(3, dtype=torch.float64),
+        atol=1e-6,
+        rtol=0,
+    )
 
 
 def test_hutchinson_trace_is_within_its_standard_error_of_the_exact_trace() -> None:
@@ -130,3 +149,76 @@ def test_slq_density_integrates_to_one_and_has_the_spectrums_moments() -> None:
         target = float((exact**power).mean())
         assert density.moment(power) == pytest.approx(target, rel=0.1)
     assert density.variance() > 0
+
+
+def test_spectrum_of_least_squares_has_the_eigenvectors_of_2xtx_over_n() -> None:
+    """L(w) = mean_i (w·x_i − y_i)², a bias-free linear model: H = 2XᵀX/n exactly, whatever w.
+    The saved eigenvectors are XᵀX's top three up to sign (float32), unit and orthogonal."""
+    generator = torch.Generator().manual_seed(6)
+    scales = torch.tensor([3.0, 2.0, 1.5, 1.0, 0.5, 0.2], dtype=torch.float64)
+    x = torch.randn(40, 6, generator=generator, dtype=torch.float64) * scales
+    y = torch.randn(40, 1, generator=generator, dtype=torch.float64)
+    model = nn.Linear(6, 1, bias=False).double()
+    config = HessianConfig(top_k=3, tolerance=1e-10, trace_samples=2, slq_runs=1)
+    result = spectrum(model, lambda m: ((m(x) - y) ** 2).mean(), config)
+
+    values, vectors = torch.linalg.eigh(2 * x.T @ x / len(x))  # ascending, all positive
+    assert result.top == pytest.approx(values.flip(0)[:3].tolist(), rel=1e-8)
+    assert result.eigenvectors.dtype == torch.float32 and result.eigenvectors.shape == (3, 6)
+    found = result.eigenvectors.double()
+    torch.testing.assert_close(
+        found @ found.T, torch.eye(3, dtype=torch.float64), atol=1e-6, rtol=0
+    )
+    for i in range(3):
+        assert abs(float(found[i] @ vectors[:, -1 - i])) == pytest.approx(1.0, abs=1e-6)
+    assert result.layout == {"weight": (1, 6)}
+
+
+def _mixture(
+    grid: np.ndarray, nodes: list[float], weights: list[float], variance: float
+) -> np.ndarray:
+    """Σ_i w_i·N(x; λ_i, variance) at every x of the grid."""
+    gaussians = [
+        w * np.exp(-((grid - node) ** 2) / (2 * variance)) / np.sqrt(2 * np.pi * variance)
+        for node, w in zip(nodes, weights, strict=True)
+    ]
+    return np.sum(gaussians, axis=0)
+
+
+def test_broadened_density_of_one_run_is_the_gaussian_mixture_of_its_nodes() -> None:
+    """Nodes 1, 2.5, 3 with weights .2, .5, .3: PyHessian's grid runs from 1 − 0.01 to
+    3 + 0.01 in 10,000 points; the kernel variance is σ²·(grid range), the range being above 1;
+    with σ² = 1e-6 every Gaussian lies well inside the grid, so the density is the mixture."""
+    nodes, weights = [1.0, 2.5, 3.0], [0.2, 0.5, 0.3]
+    density = SpectralDensity(
+        torch.tensor([nodes], dtype=torch.float64), torch.tensor([weights], dtype=torch.float64)
+    ).broadened(1e-6)
+    grid = density.grid.numpy()
+    np.testing.assert_allclose(grid, np.linspace(0.99, 3.01, 10_000), rtol=0, atol=1e-12)
+    assert density.kernel_variance == pytest.approx(1e-6 * 2.02, rel=1e-12)
+    expected = _mixture(grid, nodes, weights, 1e-6 * 2.02)
+    np.testing.assert_allclose(density.density.numpy(), expected, rtol=1e-6, atol=1e-9)
+    assert float(density.density.sum()) * (grid[1] - grid[0]) == pytest.approx(1.0, rel=1e-12)
+    assert np.trapezoid(density.density.numpy(), grid) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_broadened_density_averages_runs_over_their_mean_extent_and_skips_padding() -> None:
+    """Two runs, the second cut short (a zero node of weight 0 pads it): the grid spans the
+    runs' mean smallest and largest nodes ± 0.01, (0.2 + 0.4)/2 − 0.01 to (0.5 + 0.6)/2 + 0.01,
+    whose range is below 1, so the kernel variance is σ² itself; the density is the runs' mean
+    mixture rescaled to sum to 1 over the grid (the tails beyond it are cut)."""
+    nodes = [[0.2, 0.3, 0.5], [0.4, 0.6, 0.0]]
+    weights = [[0.3, 0.3, 0.4], [0.5, 0.5, 0.0]]
+    sigma_squared = 1e-3
+    density = SpectralDensity(
+        torch.tensor(nodes, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64)
+    ).broadened(sigma_squared)
+    grid = density.grid.numpy()
+    assert (grid[0], grid[-1]) == pytest.approx((0.29, 0.56), abs=1e-12)
+    assert density.kernel_variance == sigma_squared
+    mean = (
+        _mixture(grid, nodes[0], weights[0], sigma_squared)
+        + _mixture(grid, nodes[1][:2], weights[1][:2], sigma_squared)
+    ) / 2
+    expected = mean / (mean.sum() * (grid[1] - grid[0]))
+    np.testing.assert_allclose(density.density.numpy(), expected, rtol=1e-10)
