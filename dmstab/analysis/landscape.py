@@ -1,5 +1,6 @@
-"""Loss-landscape geometry: 1D interpolation between checkpoints and 2D filter-normalised
-surfaces (AAAI Figs. 2–3, after Li et al. 2018, "Visualizing the Loss Landscape of Neural Nets").
+"""Loss-landscape geometry: 1D interpolation between checkpoints and 2D filter- or
+layer-normalised surfaces (AAAI Figs. 2–3, after Li et al. 2018, "Visualizing the Loss
+Landscape of Neural Nets").
 
 Every landscape is a function of the weights only: the DM loss on a fixed batch with fixed
 noise and fixed draws (`FixedBatchLoss`, built on the objective's own `terms`), evaluated with
@@ -9,9 +10,12 @@ the model in eval mode and without gradients.
   θ(α) = α·θa + (1 − α)·θb over whole state dicts, one pass over α for every loss.
 - Surface: L(θ + x·d1 + y·d2) over a grid, for random Gaussian directions d whose every filter
   (a slice along dim 0 of a weight with ≥ 2 dims) is rescaled to the norm of the matching filter
-  of θ (Li et al. Eq. 1). Parameters with ≤ 1 dims (biases, norm gains and shifts) get a zero
-  direction (`ignore="biasbn"`, the reference default) or, with `ignore="none"`, the weight itself
-  as their direction (as the reference code `net_plotter.normalize_directions_for_weights`).
+  of θ (Li et al. Eq. 1, `norm="filter"`), or whose every weight with ≥ 2 dims (a layer) is
+  rescaled as a whole to the norm of θ's (`norm="layer"`, the reference code's
+  `net_plotter.normalize_direction`). Parameters with ≤ 1 dims (biases, norm gains and
+  shifts) get a zero direction (`ignore="biasbn"`, the reference default) or, with
+  `ignore="none"`, the weight itself as their direction (as the reference code
+  `net_plotter.normalize_directions_for_weights`).
 
 Directions cover the trainable parameters (`requires_grad`) in `named_parameters` order, as the
 Hessian analysis does; buffers (EDM2's Fourier features) stay fixed.
@@ -40,9 +44,12 @@ Direction = dict[str, Tensor]
 """One tensor per trainable parameter, keyed by its `named_parameters` name."""
 Ignore = Literal["biasbn", "none"]
 IGNORE_CHOICES: tuple[Ignore, ...] = ("biasbn", "none")
+DirectionNorm = Literal["filter", "layer"]
+NORM_CHOICES: tuple[DirectionNorm, ...] = ("filter", "layer")
 
-# Guards the rescaling of a random filter against a zero norm, as the reference code does.
-_FILTER_EPS = 1e-10
+# Guards the rescaling of a random filter against a zero norm, as the reference code does; the
+# reference rescales a layer without it, a relative difference of 1e-10/‖d‖.
+_NORM_EPS = 1e-10
 
 
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value
@@ -189,7 +196,7 @@ def _axis(values: npt.ArrayLike, name: str) -> np.ndarray:
     return points
 
 
-# ----------------------------------------------------------------- filter-normalised surface
+# ----------------------------------------------------------------------- normalised surface
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -197,30 +204,37 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def random_direction(
-    model: nn.Module, generator: torch.Generator, ignore: Ignore = "biasbn"
+    model: nn.Module,
+    generator: torch.Generator,
+    ignore: Ignore = "biasbn",
+    norm: DirectionNorm = "filter",
 ) -> Direction:
-    """A Gaussian direction shaped like the trainable parameters, filter-normalised (Li et al.
-    Eq. 1). Drawn on the CPU from `generator` (one draw per parameter, 1-D ones included, so
-    both `ignore` choices share their filters), then moved to each parameter's device."""
+    """A Gaussian direction shaped like the trainable parameters, filter- or layer-normalised.
+    Drawn on the CPU from `generator` (one draw per parameter, 1-D ones included, so every
+    `ignore` and `norm` choice rescales the same draw), then moved to each parameter's device."""
     if ignore not in IGNORE_CHOICES:
         raise DmstabError(f"ignore must be one of {', '.join(IGNORE_CHOICES)}; got {ignore!r}")
+    if norm not in NORM_CHOICES:
+        raise DmstabError(f"norm must be one of {', '.join(NORM_CHOICES)}; got {norm!r}")
     direction = {}
     for name, weight in trainable_parameters(model).items():
         draw = torch.randn(weight.shape, generator=generator, dtype=weight.dtype)
-        direction[name] = filter_normalized(draw.to(weight.device), weight.detach(), ignore)
+        direction[name] = normalized(draw.to(weight.device), weight.detach(), ignore, norm)
     return direction
 
 
-def filter_normalized(draw: Tensor, weight: Tensor, ignore: Ignore) -> Tensor:
-    """Each filter d_j (slice along dim 0) of `draw` rescaled to ‖θ_j‖: d_j·‖θ_j‖/‖d_j‖ (a
-    linear layer's filter is the weights of one output unit). A 1-D or scalar weight gets zero
-    ("biasbn") or itself ("none") as its direction."""
+def normalized(draw: Tensor, weight: Tensor, ignore: Ignore, norm: DirectionNorm) -> Tensor:
+    """`draw` rescaled to the weight's scale. "filter" (Li et al. Eq. 1): each filter d_j
+    (slice along dim 0) to ‖θ_j‖, d_j·‖θ_j‖/‖d_j‖ (a linear layer's filter is the weights of
+    one output unit); "layer": the whole tensor, d·‖θ‖/‖d‖. A 1-D or scalar weight gets zero
+    ("biasbn") or itself ("none") as its direction, whatever `norm` is (as the reference)."""
     if weight.dim() <= 1:
         return torch.zeros_like(weight) if ignore == "biasbn" else weight.clone()
-    dims = tuple(range(1, weight.dim()))
+    first = 1 if norm == "filter" else 0
+    dims = tuple(range(first, weight.dim()))
     weight_norms = torch.linalg.vector_norm(weight, dim=dims, keepdim=True)
     draw_norms = torch.linalg.vector_norm(draw, dim=dims, keepdim=True)
-    return torch.mul(draw, weight_norms / (draw_norms + _FILTER_EPS))
+    return torch.mul(draw, weight_norms / (draw_norms + _NORM_EPS))
 
 
 def surface(

@@ -10,7 +10,7 @@ from typing import ClassVar
 import numpy as np
 
 from dmstab.analysis.fixed_batch import GanNetwork, check_fixed_batch_keys, metric_name
-from dmstab.analysis.landscape import LandscapeGrid
+from dmstab.analysis.landscape import DirectionNorm, LandscapeGrid
 from dmstab.config import AnalysisSection, Recipe
 from dmstab.errors import DmstabError
 
@@ -19,9 +19,10 @@ from dmstab.errors import DmstabError
 class LandscapeConfig(AnalysisSection):
     """`landscape:` (AAAI Figs 2–3) on one fixed batch with fixed noise and timesteps.
 
-    2D: filter-normalised directions (Li et al. 2018, biasbn) on a `points`×`points` grid over
-    [−`span`, `span`]². 1D: θ = α·θa + (1−α)·θb for `alphas` values of α on [`alpha_min`,
-    `alpha_max`] between the run's checkpoints kept at `interpolate` = (step b, step a).
+    2D: random directions normalised per filter (Li et al. 2018) or per layer (`norm`), biases
+    and norm layers zeroed (biasbn), on a `points`×`points` grid over [−`span`, `span`]².
+    1D: θ = α·θa + (1−α)·θb for `alphas` values of α on [`alpha_min`, `alpha_max`] between the
+    run's checkpoints kept at `interpolate` = (step b, step a).
     `timesteps` are the DDPM t of the per-timestep curves and surfaces (the t-averaged loss is
     always computed). For GANs, `network` is the one whose weights move.
     """
@@ -32,6 +33,7 @@ class LandscapeConfig(AnalysisSection):
     timesteps: tuple[int, ...] = ()
     points: int = 51
     span: float = 1.0
+    norm: DirectionNorm = "filter"
     alphas: int = 21
     alpha_min: float = 0.0
     alpha_max: float = 1.0

@@ -1,8 +1,9 @@
 """`dmstab landscape`: loss surfaces around one trained model (AAAI Fig. 2) and the loss along
 the line between two checkpoints (Fig. 3), on a fixed batch with fixed noise and timesteps.
 
-- Surface: L(θ + x·d1 + y·d2) over [−span, span]² for two filter-normalised random
-  directions with biases and norm layers zeroed ("biasbn", Li et al. 2018).
+- Surface: L(θ + x·d1 + y·d2) over [−span, span]² for two random directions normalised per
+  filter (or per layer, `landscape.norm`) with biases and norm layers zeroed ("biasbn", Li et
+  al. 2018).
 - Interpolation: L(α·θa + (1 − α)·θb) for α on [alpha_min, alpha_max], θb the earlier
   checkpoint (the paper's epoch 10) and θa the later (epoch 100).
 
@@ -60,17 +61,26 @@ class LandscapeResult:
 
 
 def loss_surface(subject: Subject, device: torch.device) -> LandscapeResult:
-    """The 2D filter-normalised surface of every fixed-batch loss around `subject`."""
+    """The 2D surface of every fixed-batch loss around `subject`, along filter- or
+    layer-normalised random directions (`landscape.norm`)."""
     config = subject.recipe.analysis(LandscapeConfig)
     axis = np.linspace(-config.span, config.span, config.points)
     with open_analysis(subject, "landscape") as run:
         model, losses = analysis_losses(subject, device, config)
         generator = torch.Generator().manual_seed(config.seed)
-        directions = (random_direction(model, generator), random_direction(model, generator))
+        directions = (
+            random_direction(model, generator, norm=config.norm),
+            random_direction(model, generator, norm=config.norm),
+        )
         values = {
             name: surface(model, loss, directions, axis, axis) for name, loss in losses.items()
         }
-        metadata = {"checkpoint": str(subject.checkpoint), "step": subject.step, "ignore": "biasbn"}
+        metadata = {
+            "checkpoint": str(subject.checkpoint),
+            "step": subject.step,
+            "ignore": "biasbn",
+            "norm": config.norm,
+        }
         grid = LandscapeGrid(axis, axis, values, {**metadata, "seed": config.seed})
         run.tracker.log_metrics(surface_metrics(grid), subject.step)
         for name, array in values.items():

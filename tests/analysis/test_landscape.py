@@ -129,6 +129,41 @@ def test_ignore_none_keeps_the_filters_and_uses_the_weight_for_1d_parameters() -
         random_direction(model, _generator(0), ignore="bias")  # type: ignore[arg-type]
 
 
+def test_layer_norm_rescales_each_layers_draw_to_the_layers_weight_norm() -> None:
+    """norm="layer" (the reference's `normalize_direction`): a weight with ≥ 2 dims gets its
+    Gaussian draw, the same draw as "filter", times ‖θ‖/‖draw‖; 1-D parameters stay zero."""
+    model = ConvNet()
+    with torch.no_grad():
+        model.conv.weight[1].mul_(10.0)  # filters of unequal norms: filter ≠ layer here
+    direction = random_direction(model, _generator(0), norm="layer")
+    generator = _generator(0)  # the draws, one per parameter in order, 1-D ones included
+    draws = {n: torch.randn(p.shape, generator=generator) for n, p in model.named_parameters()}
+    for name in ("conv.weight", "linear.weight"):
+        weight, draw = dict(model.named_parameters())[name].detach(), draws[name]
+        expected = draw * (weight.norm() / draw.norm())
+        torch.testing.assert_close(direction[name], expected, rtol=1e-6, atol=0)
+        assert float(direction[name].norm()) == pytest.approx(float(weight.norm()), rel=1e-6)
+    filters = random_direction(model, _generator(0), norm="filter")
+    conv_norms = torch.linalg.vector_norm(direction["conv.weight"], dim=(1, 2, 3))
+    weight_norms = torch.linalg.vector_norm(model.conv.weight.detach(), dim=(1, 2, 3))
+    assert not torch.allclose(conv_norms, weight_norms, rtol=0.1)  # only "filter" matches these
+    assert torch.allclose(
+        torch.linalg.vector_norm(filters["conv.weight"], dim=(1, 2, 3)), weight_norms, rtol=1e-6
+    )
+    for name in ("conv.bias", "norm.weight", "norm.bias", "linear.bias"):
+        assert torch.count_nonzero(direction[name]) == 0
+    with pytest.raises(DmstabError, match="norm must be one of filter, layer"):
+        random_direction(model, _generator(0), norm="weight")  # type: ignore[arg-type]
+
+
+def test_layer_and_filter_norm_agree_on_layers_of_one_filter() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 1, 3), nn.Flatten(), nn.Linear(4, 1))
+    layer = random_direction(model, _generator(2), norm="layer")
+    filters = random_direction(model, _generator(2), norm="filter")
+    for name in ("0.weight", "2.weight"):
+        torch.testing.assert_close(layer[name], filters[name], rtol=1e-6, atol=0)
+
+
 def test_directions_are_reproducible_from_the_generator() -> None:
     model = ConvNet()
     first, again = random_direction(model, _generator(3)), random_direction(model, _generator(3))

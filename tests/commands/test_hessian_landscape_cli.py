@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dmstab.analysis.landscape import evaluate, load_landscape
+from dmstab.analysis.landscape import evaluate, load_landscape, random_direction
 from dmstab.analysis.landscape_metrics import LandscapeConfig
 from dmstab.analysis.spectrum import HessianConfig, hvp_method
 from dmstab.commands.study import analysis_losses
@@ -71,7 +72,8 @@ def test_hessian_by_checkpoint_logs_a_spectrum_above_every_rayleigh_quotient(
     run = client.get_run(run_id)
     assert run.data.tags["mlflow.parentRunId"] == trained.run_id
     artifacts = {a.path for a in client.list_artifacts(run_id, "hessian")}
-    assert {"hessian/spectrum.npz", "hessian/density.png"} <= artifacts
+    expected = {"spectrum", "eigenvectors", "density"}
+    assert {f"hessian/{name}.npz" for name in expected} | {"hessian/density.png"} <= artifacts
     with np.load(Path("analyses/hessian") / run_id / "spectrum.npz") as arrays:
         top = arrays["mean/top"]
         assert float(run.data.metrics["hessian/mean/lambda_1"]) == pytest.approx(top[0])
@@ -93,13 +95,17 @@ def test_hessian_by_checkpoint_logs_a_spectrum_above_every_rayleigh_quotient(
         assert quotient <= top[0] * (1 + 1e-3)
 
 
-def test_landscape_surface_centre_is_the_models_loss(trained: CachedRun, dmstab: Runner) -> None:
+def test_landscape_surface_centre_is_the_models_loss_and_corners_move_by_norm(
+    trained: CachedRun, dmstab: Runner
+) -> None:
     options = ["landscape.points=3", "landscape.batch_size=4", "landscape.timesteps=[5]"]
+    options.append("landscape.norm=layer")
     result = dmstab("landscape", trained.run_id, *options)
     assert result.returncode == 0, result.stderr
     run_id = _latest_run(store(), "landscape")
     grid = load_landscape(Path("analyses/landscape") / run_id / "surface.npz")
     assert set(grid.values) == {"mean", "t=5"} and grid.values["mean"].shape == (3, 3)
+    assert grid.metadata["norm"] == "layer"
     subject = load_subject(trained.run_id, options)
     model, losses = analysis_losses(
         subject, torch.device("cpu"), subject.recipe.analysis(LandscapeConfig)
@@ -107,6 +113,14 @@ def test_landscape_surface_centre_is_the_models_loss(trained: CachedRun, dmstab:
     for name, loss in losses.items():
         assert grid.values[name][1, 1] == pytest.approx(evaluate(loss, model), rel=1e-6)
         assert grid.values[name].max() > grid.values[name][1, 1]  # a trained model: a minimum
+    # The corner (x, y) = (−1, −1) is the loss at θ − d1 − d2 for layer-normalised d1, d2 drawn
+    # from the seed, each layer of d as long as θ's.
+    generator = torch.Generator().manual_seed(0)
+    d1, d2 = (random_direction(model, generator, norm="layer") for _ in range(2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.sub_(d1[name] + d2[name])
+    assert grid.values["mean"][0, 0] == pytest.approx(evaluate(losses["mean"], model), rel=1e-6)
     artifacts = {a.path for a in store().list_artifacts(run_id, "landscape")}
     assert {"landscape/surface.npz", "landscape/surface_mean.png"} <= artifacts
 
@@ -134,6 +148,8 @@ def test_interpolation_ends_are_each_checkpoints_loss(trained: CachedRun, dmstab
         (["landscape", "CKPT", "landscape.interpolate=[2,12]"], "kept no checkpoint at step 2"),
         (["hessian", "CKPT", "model.channels=64"], "cannot change a trained model"),
         (["hessian", "CKPT", "hessian.top_k=0"], "hessian.top_k must be at least 1"),
+        (["hessian", "CKPT", "hessian.density_sigma_squared=0"], "must be positive"),
+        (["landscape", "CKPT", "landscape.norm=weight"], "allowed: 'filter' | 'layer'"),
         (["hessian", "CKPT", "CKPT"], "reads one model"),
     ],
 )
@@ -146,20 +162,57 @@ def test_bad_input_is_one_line_and_exit_2(
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def _rayleigh_quotient(model: torch.nn.Module, loss: torch.Tensor, vector: np.ndarray) -> float:
+    """vᵀHv for a flat vector over the trainable parameters in `named_parameters` order."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.from_numpy(vector)
+    pieces = [
+        piece.reshape(p.shape)
+        for piece, p in zip(flat.split([p.numel() for p in params]), params, strict=True)
+    ]
+    hv = _hvp(model, loss, pieces)
+    return float(sum((h * v).sum() for h, v in zip(hv, pieces, strict=True)))
+
+
 def test_gan_hessian_of_the_generator_loss_and_interpolation_of_both_losses(
     dmstab: Runner, tiny_gan: CachedRun
 ) -> None:
     """On the session's tiny DCGAN: TINY_GAN, 6 steps, checkpoints every 2, step 2 kept."""
     run = tiny_gan
-    options = [*HESSIAN[:1], *HESSIAN[2:]]  # no timesteps for a GAN
+    options = [*HESSIAN[:1], *HESSIAN[2:], "hessian.density_sigma_squared=2e-5"]  # no t for a GAN
     result = dmstab("hessian", run.run_id, *options)
     assert result.returncode == 0, result.stderr
-    metrics = store().get_run(_latest_run(store(), "hessian")).data.metrics
+    run_id = _latest_run(store(), "hessian")
+    logged = store().get_run(run_id).data
+    metrics = logged.metrics
     top = metrics["hessian/generator/lambda_1"]
     subject = load_subject(run.run_id, options)
     model, losses = analysis_losses(
         subject, torch.device("cpu"), subject.recipe.analysis(HessianConfig)
     )
+    folder = Path("analyses/hessian") / run_id
+    with np.load(folder / "eigenvectors.npz", allow_pickle=False) as arrays:
+        names = json.loads(str(arrays["parameter_names"]))
+        shapes = json.loads(str(arrays["parameter_shapes"]))
+        assert [(n, list(p.shape)) for n, p in model.named_parameters()] == list(
+            zip(names, shapes, strict=True)
+        )
+        values, vectors = arrays["generator/eigenvalues"], arrays["generator/eigenvectors"]
+    assert values[0] == pytest.approx(top) and vectors.dtype == np.float32
+    assert vectors.shape == (2, sum(p.numel() for p in model.parameters()))
+    np.testing.assert_allclose(vectors.astype(np.float64) @ vectors.T, np.eye(2), atol=1e-5)
+    for value, vector in zip(values, vectors, strict=True):  # a Ritz value is vᵀHv of its vector
+        quotient = _rayleigh_quotient(model, losses["generator"](model), vector)
+        assert quotient == pytest.approx(value, rel=1e-3, abs=1e-4 * abs(top))
+    with np.load(folder / "density.npz", allow_pickle=False) as arrays:
+        assert float(arrays["sigma_squared"]) == 2e-5
+        grid, density = arrays["generator/grid"], arrays["generator/density"]
+        spread = max(1.0, grid[-1] - grid[0])
+        assert float(arrays["generator/kernel_variance"]) == pytest.approx(2e-5 * spread)
+        assert density.sum() * (grid[1] - grid[0]) == pytest.approx(1.0)
+        with np.load(folder / "spectrum.npz", allow_pickle=False) as raw:
+            np.testing.assert_array_equal(arrays["generator/slq_nodes"], raw["generator/slq_nodes"])
+    assert float(logged.params["hessian.density_sigma_squared"]) == 2e-5
     generator = torch.Generator().manual_seed(5)
     for _ in range(3):  # |vᵀHv| ≤ |λ1|, λ1 the eigenvalue of largest magnitude
         vector = [torch.randn(p.shape, generator=generator) for p in model.parameters()]
