@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -18,6 +19,8 @@ from dmstab.config.schema import ANALYSES, MODELS, ModelConfig, Recipe
 from dmstab.errors import DmstabError
 
 T = TypeVar("T")
+
+_INT_LIST = re.compile(r"^\s*-?\d+\s*(,\s*-?\d+\s*)+$")
 
 
 def _type_name(tp: Any) -> str:
@@ -57,6 +60,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 continue
         raise DmstabError(f"recipe key '{key}' is {value!r}; expected {_type_name(tp)}")
     if origin is tuple:
+        # A list of ints may also be improved-diffusion's comma string ("10,15,20"): YAML
+        # reads the override `sample.sections=10,15,20` as that string.
+        if get_args(tp) == (int, Ellipsis) and isinstance(value, str) and _INT_LIST.match(value):
+            value = [int(part) for part in value.split(",")]
         if not isinstance(value, list | tuple):
             raise DmstabError(f"recipe key '{key}' is {value!r}; expected {_type_name(tp)}")
         args = get_args(tp)

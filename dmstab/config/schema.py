@@ -205,6 +205,9 @@ class SampleConfig:
 
     sampler: str = "ddpm"  # a registered sampler (SAMPLERS)
     steps: int = 250
+    # ddpm/ddim: improved-diffusion's multi-section respacing, steps kept per section of the T
+    # (() = one section spaced by the sampler's own rule); they must keep `steps` in all.
+    sections: tuple[int, ...] = ()
     eta: float = 0.0
     num_images: int = 64
     batch_size: int = 64

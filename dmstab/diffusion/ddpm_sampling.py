@@ -7,6 +7,7 @@ bound, called on the original timestep; x_T and every step's noise come from the
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -22,22 +23,47 @@ DDPM_SPACING: Spacing = "even"
 DDIM_SPACING: Spacing = "ddim"
 
 
+def space_sections(num_timesteps: int, section_counts: Sequence[int]) -> list[int]:
+    """The original steps kept by improved-diffusion's multi-section respacing ("10,15,20").
+
+    The T steps split into len(section_counts) consecutive sections of T // n steps, the first
+    T % n of them one step longer. A section of size S keeping c steps keeps its first step
+    plus a running sum of the fractional stride (S−1)/(c−1), each partial sum rounded (Python's
+    round, ties to even): its first and last steps when c ≥ 2, its first alone when c = 1.
+    """
+    if not section_counts or any(count < 1 for count in section_counts):
+        raise ValueError("every section must keep at least 1 step")
+    size_per_section, longer = divmod(num_timesteps, len(section_counts))
+    kept: list[int] = []
+    start = 0
+    for index, count in enumerate(section_counts):
+        size = size_per_section + (1 if index < longer else 0)
+        if count > size:
+            raise ValueError(
+                f"section {index + 1} spans {size} of the {num_timesteps} steps, so it keeps "
+                f"1 … {size}, not {count}"
+            )
+        stride = (size - 1) / (count - 1) if count > 1 else 1.0
+        partial_sums = itertools.accumulate(itertools.repeat(stride, count - 1), initial=0.0)
+        kept += [start + round(position) for position in partial_sums]
+        start += size
+    return kept
+
+
 def space_timesteps(num_timesteps: int, num_steps: int, kind: Spacing) -> list[int]:
     """The original steps kept when sampling with num_steps steps (improved-diffusion respacing).
 
-    "even": a running sum of the fractional stride (T−1)/(N−1), each partial sum rounded
-    (Python's round, ties to even), so 0 and T−1 are both kept. The float sum, not the exact
-    i·(T−1)/(N−1), decides the ties: that is improved-diffusion's `space_timesteps`, whose kept
-    steps these equal for every N (the product i·stride keeps other steps at 283 of the 999 step
-    counts of T = 1000).
+    "even": one section of ``space_sections``, a running sum of the fractional stride
+    (T−1)/(N−1), each partial sum rounded (ties to even), so 0 and T−1 are both kept. The float
+    sum, not the exact i·(T−1)/(N−1), decides the ties: that is improved-diffusion's
+    `space_timesteps`, whose kept steps these equal for every N (the product i·stride keeps
+    other steps at 283 of the 999 step counts of T = 1000).
     "ddim": range(0, T, stride) for the smallest integer stride giving exactly N steps.
     """
     if not 2 <= num_steps <= num_timesteps:
         raise ValueError(f"num_steps must lie in [2, {num_timesteps}], got {num_steps}")
     if kind == "even":
-        stride = (num_timesteps - 1) / (num_steps - 1)
-        partial_sums = itertools.accumulate(itertools.repeat(stride, num_steps - 1), initial=0.0)
-        return [round(position) for position in partial_sums]
+        return space_sections(num_timesteps, [num_steps])
     if kind == "ddim":
         for stride in range(1, num_timesteps):
             kept = range(0, num_timesteps, stride)
@@ -58,7 +84,9 @@ class DiscreteSchedule:
     """The chain DDPM and DDIM walk: `diffusion` respaced to `num_steps` steps, and how.
 
     spacing None lets the sampler pick improved-diffusion's pairing: "even" for DDPM ("250"),
-    "ddim" for DDIM ("ddim250"). eta is DDIM's η (Song et al. Eq. 16; DDPM needs 0).
+    "ddim" for DDIM ("ddim250"). Non-empty `sections` replace either by the multi-section
+    respacing ("10,15,20", ``space_sections``) for every sampler, as in improved-diffusion;
+    they must keep num_steps steps in all. eta is DDIM's η (Song et al. Eq. 16; DDPM needs 0).
     clip_denoised clamps every x̂0 to [−1, 1].
     """
 
@@ -67,17 +95,24 @@ class DiscreteSchedule:
     eta: float = 0.0
     clip_denoised: bool = True
     spacing: Spacing | None = None
+    sections: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.eta < 0:
             raise ValueError(f"eta must be non-negative for DDIM, got {self.eta}")
+        if self.sections and sum(self.sections) != self.num_steps:
+            raise ValueError(
+                f"sections {list(self.sections)} keep {sum(self.sections)} steps, "
+                f"not {self.num_steps}"
+            )
 
     def respaced(self, spacing: Spacing) -> GaussianDiffusion:
-        """The diffusion over the kept steps, with `spacing` unless the schedule names one."""
-        kind = self.spacing or spacing
-        return self.diffusion.respaced(
-            space_timesteps(self.diffusion.num_timesteps, self.num_steps, kind)
-        )
+        """The diffusion over the kept steps: the sections when given, else `spacing` unless
+        the schedule names one."""
+        T = self.diffusion.num_timesteps
+        if self.sections:
+            return self.diffusion.respaced(space_sections(T, self.sections))
+        return self.diffusion.respaced(space_timesteps(T, self.num_steps, self.spacing or spacing))
 
 
 def ddpm_step(step: ReverseStep, noise: Tensor | None) -> Tensor:

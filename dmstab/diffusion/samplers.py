@@ -5,7 +5,8 @@ whose schedule it walks: ddpm samplers get a ``DiscreteSchedule`` (the recipe's 
 respaced to `sample.steps`), edm samplers a ``SigmaSchedule`` (Karras noise levels). Its name
 is then a valid `sample.sampler`, `eval.sampler` and `consistency.samplers` entry, and a recipe
 that names it is checked when it loads: the formulation, the step count against the sampler's
-respacing, and `sample.eta` against whether the sampler takes DDIM's η.
+respacing (or against `sample.sections`, improved-diffusion's multi-section respacing, which
+only samplers that respace take), and `sample.eta` against whether the sampler takes DDIM's η.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dmstab.diffusion.ddpm_sampling import (
     Spacing,
     ddim,
     ddpm,
+    space_sections,
     space_timesteps,
 )
 from dmstab.diffusion.edm_sampling import heun
@@ -47,7 +49,9 @@ def register_sampler(
                 f"{key}.sampler {name} samples diffusion.formulation {formulation} models; "
                 f"this recipe's is {recipe.diffusion.formulation}"
             )
-        if spacing is not None:
+        if recipe.sample.sections:
+            check_sections(recipe, key, steps, name, respaces=spacing is not None)
+        elif spacing is not None:
             try:
                 space_timesteps(recipe.diffusion.steps, steps, spacing)
             except ValueError as error:
@@ -59,6 +63,25 @@ def register_sampler(
             )
 
     SAMPLERS.register(name, sampler, check=check)
+
+
+def check_sections(recipe: Recipe, key: str, steps: int, sampler: str, *, respaces: bool) -> None:
+    """`sample.sections` can respace the recipe's β schedule for `sampler` at `steps` steps."""
+    sections = list(recipe.sample.sections)
+    if not respaces:
+        raise DmstabError(
+            f"sample.sections={sections} respace the ddpm β schedule, which {key}.sampler "
+            f"{sampler} does not walk; use ddpm or ddim, or sample.sections=[]"
+        )
+    try:
+        space_sections(recipe.diffusion.steps, sections)
+    except ValueError as error:
+        raise DmstabError(f"sample.sections={sections}: {error}") from None
+    if sum(sections) != steps:
+        raise DmstabError(
+            f"sample.sections={sections} keep {sum(sections)} steps in all but {key}.steps is "
+            f"{steps}; set {key}.steps={sum(sections)}"
+        )
 
 
 def find_sampler(name: str) -> Sampler[Any]:

@@ -40,8 +40,11 @@ BatchSampler = Callable[[NoiseSource, torch.Tensor | None], torch.Tensor]
 
 
 def sampler_label(recipe: Recipe, cfg: SampleConfig) -> str:
-    """How images were drawn, for file and metric names: "ddim50", "heun32", or "gan"."""
-    return "gan" if is_gan(recipe) else f"{cfg.sampler}{cfg.steps}"
+    """How images were drawn, for file and metric names: "ddim50", "heun32", "gan", or
+    "ddpm10-15-20" for sample.sections [10, 15, 20]."""
+    if is_gan(recipe):
+        return "gan"
+    return cfg.sampler + ("-".join(map(str, cfg.sections)) if cfg.sections else str(cfg.steps))
 
 
 def noise_shape(recipe: Recipe) -> tuple[int, int, int]:
@@ -53,13 +56,18 @@ def noise_shape(recipe: Recipe) -> tuple[int, int, int]:
 
 def sampling_schedule(recipe: Recipe, cfg: SampleConfig) -> DiscreteSchedule | SigmaSchedule:
     """What `cfg.sampler` walks: the recipe's β schedule respaced to `cfg.steps` (ddpm
-    formulation), or `cfg.steps` Karras noise levels (EDM Eq. 5) with optional churn (edm)."""
+    formulation; by `cfg.sections` when given), or `cfg.steps` Karras noise levels (EDM Eq. 5)
+    with optional churn (edm)."""
     if recipe.diffusion.formulation == "edm":
         sigmas = karras_sigmas(cfg.steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
         churn = Churn(cfg.s_churn, cfg.s_min, cfg.s_max, cfg.s_noise) if cfg.s_churn else None
         return SigmaSchedule(sigmas, churn)
     return DiscreteSchedule(
-        build_diffusion(recipe), cfg.steps, eta=cfg.eta, clip_denoised=cfg.clip_denoised
+        build_diffusion(recipe),
+        cfg.steps,
+        eta=cfg.eta,
+        clip_denoised=cfg.clip_denoised,
+        sections=cfg.sections,
     )
 
 
