@@ -83,7 +83,8 @@ class DiffusionConfig:
     """The formulation: discrete DDPM or continuous EDM.
 
     ddpm: forward process (AAAI Eq. 3) with `schedule` over `steps` and prediction `target`
-    (Eq. 4: eps, Eq. 5: x0, or v of Salimans & Ho 2022); `weighting` scales the target MSE per
+    (Eq. 4: eps, Eq. 5: x0, v of Salimans & Ho 2022, or previous_x: x_{t−1}'s posterior mean,
+    Ho et al. 2020 Eq. 7); `weighting` scales the target MSE per
     timestep: Min-SNR-γ (`min_snr_gamma`) or P2 1/(`p2_k` + SNR)^`p2_gamma` on the ε-MSE,
     converted to the target (dmstab.diffusion.weighting). edm: preconditioning with
     `sigma_data` (EDM Table 1) and training noise levels ln σ ~ N(`p_mean`, `p_std`²)

@@ -8,8 +8,9 @@ improved-diffusion does.
 
 A model is any callable ``model(x, t, y)`` where t is the float timestep rescaled to
 [0, 1000) using the original schedule's index (improved-diffusion's rescale_timesteps).
-With learned Σ its output has 2C channels: C for ε, x0 or v, then C for the interpolation
-value ∈ [−1, 1] of Nichol & Dhariwal Eq. 15 (named `v` below only where Σ is concerned).
+With learned Σ its output has 2C channels: C for the target (ε, x0, v, …), then C for the
+interpolation value ∈ [−1, 1] of Nichol & Dhariwal Eq. 15 (named `v` below only where Σ is
+concerned).
 """
 
 import math
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor
 
 from dmstab.diffusion.sampling import Denoise
-from dmstab.diffusion.targets import prediction_target
+from dmstab.diffusion.targets import StepCoefficients, prediction_target
 
 Model = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
@@ -28,9 +29,11 @@ Model = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 _HALF_BIN = 1.0 / 255.0
 
 
-def gather_per_sample(values: Tensor, t: Tensor, ndim: int) -> Tensor:
-    """values[t] as float32 on t's device, shaped (B, 1, …, 1) to broadcast over ndim dims."""
-    picked = values.to(t.device)[t].to(torch.float32)
+def gather_per_sample(
+    values: Tensor, t: Tensor, ndim: int, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """values[t] as `dtype` on t's device, shaped (B, 1, …, 1) to broadcast over ndim dims."""
+    picked = values.to(t.device)[t].to(dtype)
     return picked.reshape(-1, *([1] * (ndim - 1)))
 
 
@@ -145,6 +148,7 @@ class GaussianDiffusion:
             * torch.sqrt(1.0 - self.betas)
             / (1.0 - self.alphas_cumprod)
         )
+        self.snr_table = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
         # Fixed Σ: improved-diffusion's "fixedlarge" σ_t² = β_t, with β̃_1 at t = 0.
         self.fixed_log_variance = torch.log(
             torch.cat([self.posterior_variance[1:2], self.betas[1:]])
@@ -182,33 +186,35 @@ class GaussianDiffusion:
 
     def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Ho et al. 2020 Eqs. 6–7: mean and clipped log-variance of q(x_{t−1} | x_t, x0)."""
-        mean = (
-            gather_per_sample(self.posterior_coef_x0, t, x_t.ndim) * x0
-            + gather_per_sample(self.posterior_coef_xt, t, x_t.ndim) * x_t
-        )
+        mean = self.coefficients(t, x_t.ndim).posterior_mean(x0, x_t)
         log_variance = gather_per_sample(self.posterior_log_variance_clipped, t, x_t.ndim)
         return mean, log_variance.expand_as(x_t)
 
-    def snr(self, t: Tensor) -> Tensor:
-        """SNR(t) = ᾱ_t/(1 − ᾱ_t) as float64 on t's device, shape (B,)."""
-        alpha_bar = self.alphas_cumprod.to(t.device)[t]
-        return alpha_bar / (1.0 - alpha_bar)
+    def coefficients(
+        self, t: Tensor, ndim: int, dtype: torch.dtype = torch.float32
+    ) -> StepCoefficients:
+        """√ᾱ_t, √(1 − ᾱ_t), the posterior mean's coefficients and SNR(t) per sample, as
+        `dtype` on t's device, shaped (B, 1, …, 1) to broadcast over ndim dims."""
 
-    def _signal_and_noise(self, t: Tensor, ndim: int) -> tuple[Tensor, Tensor]:
-        """a = √ᾱ_t and s = √(1 − ᾱ_t) per sample, shaped to broadcast over ndim dims."""
-        return (
-            gather_per_sample(self.sqrt_alphas_cumprod, t, ndim),
-            gather_per_sample(self.sqrt_one_minus_alphas_cumprod, t, ndim),
+        def at_t(values: Tensor) -> Tensor:
+            return gather_per_sample(values, t, ndim, dtype)
+
+        return StepCoefficients(
+            a=at_t(self.sqrt_alphas_cumprod),
+            s=at_t(self.sqrt_one_minus_alphas_cumprod),
+            posterior_x0=at_t(self.posterior_coef_x0),
+            posterior_xt=at_t(self.posterior_coef_xt),
+            snr=at_t(self.snr_table),
         )
 
     def training_target(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        """What the model is trained to output: ε (Eq. 4), x0 (Eq. 5), v, or a registered
-        target (dmstab.diffusion.targets)."""
-        return self.prediction.training_target(x0, noise, *self._signal_and_noise(t, x0.ndim))
+        """What the model is trained to output: ε (Eq. 4), x0 (Eq. 5), v, x_{t−1}'s posterior
+        mean, or a registered target (dmstab.diffusion.targets)."""
+        return self.prediction.training_target(x0, noise, self.coefficients(t, x0.ndim))
 
     def predict_x0(self, x_t: Tensor, t: Tensor, prediction: Tensor) -> Tensor:
         """x̂0 from the model's prediction of the target (dmstab.diffusion.targets)."""
-        return self.prediction.predict_x0(x_t, prediction, *self._signal_and_noise(t, x_t.ndim))
+        return self.prediction.predict_x0(x_t, prediction, self.coefficients(t, x_t.ndim))
 
     def predict_eps(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         """ε implied by x_t and an x0 estimate (Eq. 3 solved for ε)."""
@@ -217,7 +223,7 @@ class GaussianDiffusion:
         ) / gather_per_sample(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
 
     def split_output(self, output: Tensor, channels: int) -> tuple[Tensor, Tensor | None]:
-        """(ε, x0 or v prediction; Σ interpolation value or None) from a float32 model output."""
+        """(the target's prediction; Σ interpolation value or None) from a float32 model output."""
         expected = 2 * channels if self.learn_sigma else channels
         if output.shape[1] != expected:
             raise ValueError(
@@ -240,12 +246,14 @@ class GaussianDiffusion:
     def reverse_step(
         self, output: Tensor, x_t: Tensor, t: Tensor, *, clip_denoised: bool
     ) -> ReverseStep:
-        """p_θ(x_{t−1} | x_t) from a float32 model output (Ho et al. 2020 Eq. 11 via x̂0)."""
+        """p_θ(x_{t−1} | x_t) from a float32 model output: the target's reverse mean (Ho et al.
+        2020 Eq. 11 via x̂0, or the predicted mean itself) and x̂0, clipped if asked."""
         prediction, v = self.split_output(output, x_t.shape[1])
-        pred_x0 = self.predict_x0(x_t, t, prediction)
+        c = self.coefficients(t, x_t.ndim)
+        pred_x0 = self.prediction.predict_x0(x_t, prediction, c)
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
-        mean, _ = self.q_posterior(pred_x0, x_t, t)
+        mean = self.prediction.reverse_mean(x_t, prediction, pred_x0, c)
         return ReverseStep(mean, self.model_log_variance(v, t, x_t), pred_x0)
 
     def p_mean_variance(
@@ -276,7 +284,7 @@ class GaussianDiffusion:
         y: Tensor | None = None,
         mse_weights: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """Per-sample losses: the target MSE (AAAI Eq. 4 for ε, Eq. 5 for x0, or v) as "mse",
+        """Per-sample losses: the target MSE (AAAI Eq. 4 for ε, Eq. 5 for x0, v, …) as "mse",
         plus Nichol & Dhariwal's VB term when Σ is learned ("vb", scaled by T/1000).
 
         "loss" is mse_weights·mse + vb: a loss weighting (dmstab.diffusion.weighting) scales

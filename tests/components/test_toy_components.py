@@ -14,6 +14,7 @@ import yaml
 from dmstab.commands.subjects import load_subject
 from dmstab.diffusion import build_diffusion
 from dmstab.diffusion.sampling import NoiseSource
+from dmstab.diffusion.targets import StepCoefficients
 
 from ..helpers import QUICKSTART, TINY, CachedRun, Runner, one_line_error, store
 from . import toy_analysis, toy_network, toy_sampler, toy_target
@@ -96,9 +97,11 @@ def test_a_prediction_target_registered_outside_the_package_trains_samples_and_i
 ) -> None:
     x0, noise = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     a, s = torch.tensor([[[[0.6]]], [[[0.8]]]]), torch.tensor([[[[0.8]]], [[[0.6]]]])
+    unused = torch.full_like(a, float("nan"))  # −ε needs neither the posterior nor SNR
+    c = StepCoefficients(a, s, posterior_x0=unused, posterior_xt=unused, snr=unused)
     target = toy_target.NegatedEpsilon()
     x_t = a * x0 + s * noise  # AAAI Eq. 3: a perfect prediction of −ε recovers x0
-    recovered = target.predict_x0(x_t, target.training_target(x0, noise, a, s), a, s)
+    recovered = target.predict_x0(x_t, target.training_target(x0, noise, c), c)
     torch.testing.assert_close(recovered, x0)
 
     toy_target.CALLS.clear()

@@ -60,11 +60,19 @@ def true_target(target: str, x0: np.ndarray, eps: np.ndarray, t: Tensor) -> np.n
 def eps_from_prediction(
     target: str, prediction: np.ndarray, x_t: np.ndarray, t: Tensor
 ) -> np.ndarray:
-    """The ε̂ implied by a prediction of `target` at x_t (Eq. 3 and the v definition)."""
+    """The ε̂ implied by a prediction of `target` at x_t (Eq. 3, the v definition and, for
+    previous_x, Ho et al. 2020 Eq. 7's μ̃ = c_0·x0 + c_t·x_t solved for x0)."""
     a = per_sample(alpha_bars()[t.numpy()])
     if target == "eps":
         return prediction
-    x0_hat = prediction if target == "x0" else np.sqrt(a) * x_t - np.sqrt(1 - a) * prediction
+    if target == "previous_x":
+        betas = per_sample(cosine_betas(T).numpy()[t.numpy()])
+        a_prev = per_sample(np.concatenate([[1.0], alpha_bars()[:-1]])[t.numpy()])
+        coef_x0 = betas * np.sqrt(a_prev) / (1 - a)
+        coef_xt = (1 - a_prev) * np.sqrt(1 - betas) / (1 - a)
+        x0_hat = (prediction - coef_xt * x_t) / coef_x0
+    else:
+        x0_hat = prediction if target == "x0" else np.sqrt(a) * x_t - np.sqrt(1 - a) * prediction
     return np.asarray((x_t - np.sqrt(a) * x0_hat) / np.sqrt(1 - a))
 
 
@@ -177,7 +185,7 @@ EPS_WEIGHTS = {
 }
 
 
-@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("target", [*TARGETS, "previous_x"])
 @pytest.mark.parametrize("name", sorted(EPS_WEIGHTS))
 def test_a_weighting_is_the_same_objective_for_every_target(
     target: str, name: str, data: tuple[Tensor, Tensor]

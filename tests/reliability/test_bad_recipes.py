@@ -49,6 +49,10 @@ BAD_OVERRIDES = [
         "sample.eta=0.5 is DDIM's η, which sample.sampler ddpm does not take",
     ),
     ([QUICKSTART, "sample.num_images=0"], "sample.num_images/batch_size must be >= 1"),
+    (
+        [QUICKSTART, "sample.sections=400,600", "sample.steps=1000"],
+        "sample.sections=[400, 600]: section 2 spans 500 of the 1000 steps, so it keeps 1 … 500",
+    ),
     ([QUICKSTART, "tracking.flush_every=0"], "tracking.flush_every must be at least 1"),
     ([QUICKSTART, "eval.at=[0]"], "eval.at [0] must be steps >= 1"),
     ([QUICKSTART, "ema.power_sigma_rels=[0.5]"], "ema.power_sigma_rels [0.5] must lie in (0,"),
@@ -81,6 +85,7 @@ BAD_OVERRIDES = [
         "sample.sampler ddim samples diffusion.formulation ddpm models; this recipe's is edm",
     ),
     ([EDM, "diffusion.target=x0"], "diffusion.target x0 is a ddpm option"),
+    ([EDM, "diffusion.target=previous_x"], "diffusion.target previous_x is a ddpm option"),
     ([QUICKSTART, "train.kimg=1", "train.steps=5"], "set train.steps or train.kimg, not both"),
     ([QUICKSTART, "sample.guidance=2"], "sample.guidance != 1 needs sample.guide"),
     (
