@@ -241,6 +241,11 @@ def check_sampler(recipe: Recipe, sampler: str, steps: int, key: str) -> None:
     else:  # a respacing keeps both ends: 2 … T of the trained steps
         T = recipe.diffusion.steps
         _require(2 <= steps <= T, f"{key}.steps is {steps}; must be in [2, diffusion.steps={T}]")
+        _require(  # μ̂ is one step of the trained chain; respaced, it would be read as a longer one
+            recipe.diffusion.target != "previous_x" or steps == T,
+            f"{key}.steps is {steps}; diffusion.target previous_x predicts the mean of one step "
+            f"of the {T}-step chain, so it samples only with {key}.steps={T}",
+        )
     if check is not None:
         check(recipe, key, steps)
 

@@ -113,7 +113,8 @@ class PreviousX(PredictionTarget):
     unclipped even when x̂0 is clipped, as improved-diffusion's p_mean_variance has it.
     μ̃ − μ̂ = posterior_x0·(x0 − x̂0), so MSE_μ = posterior_x0²·MSE_ε/SNR and
     w_μ = w_ε·SNR/posterior_x0². The coefficients are the chain's own: sampled over fewer steps
-    (respaced), μ̂ is read as the mean of the respaced step, as in improved-diffusion.
+    (respaced), μ̂ would be read as the mean of the longer respaced step (improved-diffusion does
+    so), which is why recipe validation allows only sampling with every trained step.
     """
 
     def training_target(self, x0: Tensor, noise: Tensor, c: StepCoefficients) -> Tensor:

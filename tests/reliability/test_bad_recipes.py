@@ -86,6 +86,11 @@ BAD_OVERRIDES = [
     ),
     ([EDM, "diffusion.target=x0"], "diffusion.target x0 is a ddpm option"),
     ([EDM, "diffusion.target=previous_x"], "diffusion.target previous_x is a ddpm option"),
+    (
+        [QUICKSTART, "diffusion.target=previous_x"],  # quickstart samples DDIM-50 of 1000 steps
+        "sample.steps is 50; diffusion.target previous_x predicts the mean of one step of the "
+        "1000-step chain, so it samples only with sample.steps=1000",
+    ),
     ([QUICKSTART, "train.kimg=1", "train.steps=5"], "set train.steps or train.kimg, not both"),
     ([QUICKSTART, "sample.guidance=2"], "sample.guidance != 1 needs sample.guide"),
     (

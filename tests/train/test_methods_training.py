@@ -178,15 +178,15 @@ def test_curricula_leave_every_loss_at_weight_one(sampler: str) -> None:
     assert torch.equal(terms["loss"], terms["mse"]) and bool((terms["loss_weight"] == 1).all())
 
 
-def test_previous_x_trains_with_learned_sigma_and_samples_over_sections() -> None:
-    """The x_{t−1} target through the objective (hybrid loss, Min-SNR) and the sampler walking
-    improved-diffusion's sections: T = 8 in sections of 4 keeping 3 and 1 steps."""
+def test_previous_x_trains_with_learned_sigma_and_samples() -> None:
+    """The x_{t−1} target through the objective (hybrid loss, Min-SNR) and DDPM over all T = 8
+    steps of its chain (the only respacing such a model samples as trained)."""
     recipe = _recipe(
         "diffusion.target=previous_x",
         "model.learn_sigma=true",
         "diffusion.weighting=min_snr",
         "sample.sampler=ddpm",
-        "sample.sections=[3,1]",
+        "sample.steps=8",
     )
     torch.manual_seed(0)
     objective, model = DDPMObjective(recipe), build_model(recipe, num_classes=10)
