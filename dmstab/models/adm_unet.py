@@ -2,13 +2,14 @@
 
 Layout, channel bookkeeping and initialisation follow openai/improved-diffusion `UNetModel`, so
 parameter counts match (CIFAR-10 model: 52,546,438); `num_head_channels` and `resblock_updown`
-follow openai/guided-diffusion.
+follow openai/guided-diffusion, and so does the choice of how the attention's qkv channels split
+(`AttentionOrder`).
 """
 
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, get_args
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,11 @@ from dmstab.models.unet_config import UNetConfig, check_unet_layout
 
 GROUP_NORM_GROUPS = 32
 Resample = Literal["none", "down", "up"]
+# How the 3·C qkv channels split into heads: guided-diffusion's `QKVAttentionLegacy` (improved-
+# diffusion's `QKVAttention`, and every released improved-/guided-diffusion checkpoint) reads them
+# as (heads, 3, C/heads); guided-diffusion's `QKVAttention` (`use_new_attention_order=True`) as
+# (3, heads, C/heads).
+AttentionOrder = Literal["legacy", "qkv_first"]
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
@@ -102,11 +108,13 @@ class ResBlock(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over pixels with a zero-initialised output projection."""
+    """Multi-head self-attention over pixels with a zero-initialised output projection; the qkv
+    projection's channels split into heads in `order` (see `AttentionOrder`)."""
 
-    def __init__(self, channels: int, num_heads: int) -> None:
+    def __init__(self, channels: int, num_heads: int, order: AttentionOrder = "qkv_first") -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.order: AttentionOrder = order
         self.norm = nn.GroupNorm(GROUP_NORM_GROUPS, channels)
         self.qkv = nn.Linear(channels, 3 * channels)
         self.proj_out = zero_init(nn.Linear(channels, channels))
@@ -114,7 +122,12 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         batch, channels, height, width = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        qkv = self.qkv(tokens).unflatten(2, (3, self.num_heads, channels // self.num_heads))
+        qkv = self.qkv(tokens)  # (B, HW, 3C)
+        head_channels = channels // self.num_heads
+        if self.order == "legacy":  # QKVAttentionLegacy: (heads, 3, C/heads)
+            qkv = qkv.unflatten(2, (self.num_heads, 3, head_channels)).transpose(2, 3)
+        else:  # QKVAttention: (3, heads, C/heads)
+            qkv = qkv.unflatten(2, (3, self.num_heads, head_channels))
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, HW, C/heads)
         attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
         out: Tensor = self.proj_out(attended)  # (B, HW, C)
@@ -139,6 +152,7 @@ class _BlockFactory:
     use_scale_shift_norm: bool
     num_heads: int
     num_head_channels: int
+    attention_order: AttentionOrder
 
     def res(self, in_channels: int, out_channels: int, mode: Resample = "none") -> ResBlock:
         return ResBlock(
@@ -151,7 +165,7 @@ class _BlockFactory:
         )
 
     def attention(self, channels: int) -> AttentionBlock:
-        return AttentionBlock(channels, self.heads_for(channels))
+        return AttentionBlock(channels, self.heads_for(channels), self.attention_order)
 
     def heads_for(self, channels: int) -> int:
         """guided-diffusion: num_head_channels > 0 overrides num_heads."""
@@ -217,11 +231,15 @@ class ADMUNet(nn.Module):
         use_scale_shift_norm: bool = True,
         resblock_updown: bool = False,
         num_classes: int | None = None,
+        attention_order: AttentionOrder = "qkv_first",
     ) -> None:
         super().__init__()
         _check_config(image_size, model_channels, channel_mult, attention_resolutions)
         if num_classes is not None and num_classes <= 0:
             raise DmstabError(f"num_classes={num_classes} must be positive (or None)")
+        orders = get_args(AttentionOrder)
+        if attention_order not in orders:
+            raise DmstabError(f"attention_order={attention_order!r}; allowed: {', '.join(orders)}")
         self.in_channels = in_channels
         self.model_channels = model_channels
         self.downsampling = 2 ** (len(channel_mult) - 1)
@@ -233,7 +251,12 @@ class ADMUNet(nn.Module):
         )
         self.label_embed = None if num_classes is None else nn.Embedding(num_classes, emb_channels)
         blocks = _BlockFactory(
-            emb_channels, dropout, use_scale_shift_norm, num_heads, num_head_channels
+            emb_channels,
+            dropout,
+            use_scale_shift_norm,
+            num_heads,
+            num_head_channels,
+            attention_order,
         )
         # script_util.py: attention resolutions in pixels become downsampling rates.
         attention_rates = {image_size // resolution for resolution in attention_resolutions}
@@ -319,11 +342,13 @@ class ADMUNet(nn.Module):
 class AdmUnetConfig(UNetConfig):
     """`model.name: adm_unet`: attention with `num_heads` heads (or heads of
     `num_head_channels` channels, guided-diffusion), FiLM conditioning
-    (`use_scale_shift_norm`), resampling in residual blocks (`resblock_updown`), and a learned
-    reverse-process variance (`learn_sigma`, improved DDPM Sec. 3.1)."""
+    (`use_scale_shift_norm`), resampling in residual blocks (`resblock_updown`), a learned
+    reverse-process variance (`learn_sigma`, improved DDPM Sec. 3.1), and the order in which
+    attention splits its qkv channels (`attention_order`, see `AttentionOrder`)."""
 
     num_heads: int = 4
     num_head_channels: int = -1
+    attention_order: AttentionOrder = "qkv_first"
     use_scale_shift_norm: bool = True
     resblock_updown: bool = False
     learn_sigma: bool = True
@@ -360,4 +385,5 @@ def build(recipe: Recipe, num_classes: int) -> ADMUNet:
         use_scale_shift_norm=m.use_scale_shift_norm,
         resblock_updown=m.resblock_updown,
         num_classes=num_classes if m.class_cond else None,
+        attention_order=m.attention_order,
     )

@@ -28,6 +28,10 @@ BAD_OVERRIDES = [
     ([QUICKSTART, "ema.power_sigma_rels=0.1"], "'ema.power_sigma_rels' is 0.1"),
     ([QUICKSTART, "train.precision=fp16"], "'train.precision' is 'fp16'; allowed: 'fp32' | 'bf16'"),
     ([QUICKSTART, "train.device=tpu"], "'train.device' is 'tpu'"),
+    (
+        [QUICKSTART, "model.attention_order=heads_first"],
+        "'model.attention_order' is 'heads_first'; allowed: 'legacy' | 'qkv_first'",
+    ),
     ([QUICKSTART, "timesteps.sampler=bogus"], "timesteps.sampler 'bogus' is not registered"),
     # out of range
     ([QUICKSTART, "optim.lr=-1"], "optim.lr is -1.0; must be positive"),
