@@ -8,8 +8,13 @@ What makes it BigGAN (Sec. 3 and Appendix B of the paper):
 - residual up/down blocks, one SAGAN self-attention block at `attention_resolution`,
 - spectral normalisation of every weight in both networks, orthogonal initialisation,
 - a projection discriminator: ψ(Σ ReLU(h)) + ⟨embed(y), Σ ReLU(h)⟩, trained with the hinge loss.
-Channel multipliers per resolution follow the paper's Table 4–5 (128: G 16,16,8,4,2,1) and its
-CIFAR-10 networks (32: 4,4,4,4).
+Channel multipliers per resolution follow the paper's Tables 4 and 6 (128: G 16,16,8,4,2,1;
+512: G 16,16,8,8,4,2,1,1, attention at 64×64 in both networks) and its CIFAR-10 networks (32:
+4,4,4,4). The discriminator reads the generator's widths in reverse, as ajbrock/BigGAN-PyTorch
+builds it: its first block maps RGB to ch. The paper's D columns list the same blocks one
+width further on (Table 4(b) starts "ch → 2ch"), but the reversed layout is the one that gives
+the paper's own D count (88.0M at 128, App. B), so 512 is read the same way. A D block that
+neither changes width nor downsamples has an identity shortcut (BigGAN-PyTorch `learnable_sc`).
 """
 
 from __future__ import annotations
@@ -27,16 +32,71 @@ from dmstab.models.gan import GanConfig, check_gan
 from dmstab.models.network import model_config
 
 # Generator widths (× channels) from 4×4 up; the discriminator reads them in reverse.
-_WIDTHS = {32: (4, 4, 4, 4), 64: (16, 8, 4, 2, 1), 128: (16, 16, 8, 4, 2, 1)}
+_WIDTHS = {
+    32: (4, 4, 4, 4),
+    64: (16, 8, 4, 2, 1),
+    128: (16, 16, 8, 4, 2, 1),  # Table 4
+    512: (16, 16, 8, 8, 4, 2, 1, 1),  # Table 6: one more block than 256 (Table 5), at 512×512
+}
 
 
-def _widths(resolution: int) -> tuple[int, ...]:
+def widths(resolution: int) -> tuple[int, ...]:
+    """Generator widths (× `model.g_channels`) from 4×4 up, one more than its blocks."""
     if resolution not in _WIDTHS:
         allowed = ", ".join(map(str, _WIDTHS))
         raise DmstabError(
             f"the BigGAN-style GAN supports data.resolution {allowed}; got {resolution}"
         )
     return _WIDTHS[resolution]
+
+
+def generator_sizes(resolution: int) -> list[int]:
+    """The side of each generator block's output: 8, 16, …, `resolution`."""
+    return [4 * 2**i for i in range(1, len(widths(resolution)))]
+
+
+def discriminator_widths(resolution: int) -> tuple[int, ...]:
+    """Discriminator block output widths (× `model.d_channels`): the generator's reversed."""
+    return tuple(reversed(widths(resolution)))
+
+
+def discriminator_downsamplings(resolution: int) -> int:
+    """How many leading discriminator blocks halve the size (the rest keep it)."""
+    return len(widths(resolution)) - 1 if resolution != 32 else 2  # 32×32: 32 → 8, then 2 more
+
+
+def discriminator_sizes(resolution: int) -> list[int]:
+    """The side of each discriminator block's output, down to 4×4 (8×8 at 32)."""
+    down = discriminator_downsamplings(resolution)
+    return [resolution // 2 ** min(i + 1, down) for i in range(len(widths(resolution)))]
+
+
+def z_chunk(resolution: int, z_dim: int) -> int:
+    """The size of each of z's chunks: one for the input layer and one per generator block."""
+    chunks = len(widths(resolution))
+    if z_dim % chunks:
+        raise DmstabError(
+            f"model.z_dim {z_dim} must split into {chunks} equal chunks (one per generator block "
+            f"and one for the input) at resolution {resolution}"
+        )
+    return z_dim // chunks
+
+
+def check_attention(attention_resolution: int, sizes: list[int]) -> None:
+    """`attention_resolution` is 0 (none) or the output side of one of the blocks."""
+    if attention_resolution and attention_resolution not in sizes:
+        allowed = sorted(set(sizes))
+        raise DmstabError(
+            f"model.attention_resolution is {attention_resolution}; 0 or one of {allowed}"
+        )
+
+
+def _check_attention_width(channels: int) -> None:
+    if channels < 8:
+        raise DmstabError(
+            f"self-attention needs at least 8 channels (queries have C/8); it would get "
+            f"{channels}: raise model.g_channels/d_channels or set model.attention_resolution 0"
+        )
 
 
 def _normalized(layer: nn.Conv2d | nn.Linear | nn.Embedding) -> nn.Module:
@@ -79,11 +139,7 @@ class SelfAttention(nn.Module):
 
     def __init__(self, channels: int) -> None:
         super().__init__()
-        if channels < 8:
-            raise DmstabError(
-                f"self-attention needs at least 8 channels (queries have C/8); it would get "
-                f"{channels}: raise model.g_channels/d_channels or set model.attention_resolution 0"
-            )
+        _check_attention_width(channels)
         self.query = _sn_conv(channels, channels // 8, 1)
         self.key = _sn_conv(channels, channels // 8, 1)
         self.value = _sn_conv(channels, channels // 2, 1)
@@ -122,13 +178,14 @@ class GeneratorBlock(nn.Module):
 
 class DiscriminatorBlock(nn.Module):
     """(ReLU) → 3×3 conv → ReLU → 3×3 conv → 2× average pooling, plus a 1×1-conv shortcut
-    (BigGAN Fig. 15c); the first block has no leading ReLU, the last ones no pooling."""
+    (BigGAN Fig. 15c); the first block has no leading ReLU, the last ones no pooling, and a
+    block that keeps both width and size adds its input unchanged."""
 
     def __init__(self, cin: int, cout: int, *, downsample: bool, preactivation: bool) -> None:
         super().__init__()
         self.conv1 = _sn_conv(cin, cout, 3)
         self.conv2 = _sn_conv(cout, cout, 3)
-        self.shortcut = _sn_conv(cin, cout, 1)
+        self.shortcut = _sn_conv(cin, cout, 1) if cin != cout or downsample else nn.Identity()
         self.downsample = downsample
         self.preactivation = preactivation
 
@@ -157,37 +214,28 @@ class BigGANGenerator(nn.Module):
         attention_resolution: int,
     ) -> None:
         super().__init__()
-        widths = _widths(resolution)
-        blocks = len(widths) - 1
-        if z_dim % (blocks + 1):
-            raise DmstabError(
-                f"model.z_dim {z_dim} must split into {blocks + 1} equal chunks (one per generator "
-                f"block and one for the input) at resolution {resolution}"
-            )
-        sizes = [4 * 2**i for i in range(1, blocks + 1)]
-        if attention_resolution and attention_resolution not in sizes:
-            raise DmstabError(
-                f"model.attention_resolution is {attention_resolution}; 0 or one of {sizes}"
-            )
-        self.chunk = z_dim // (blocks + 1)
+        layout = widths(resolution)
+        sizes = generator_sizes(resolution)
+        check_attention(attention_resolution, sizes)
+        self.chunk = z_chunk(resolution, z_dim)
         self.z_dim = z_dim
         self.shared = _sn_embedding(num_classes, shared_dim) if num_classes else None
         cond_dim = self.chunk + (shared_dim if num_classes else 0)
-        self.first_width = widths[0] * channels
+        self.first_width = layout[0] * channels
         self.linear = _sn_linear(self.chunk, self.first_width * 16)
         self.blocks = nn.ModuleList(
-            GeneratorBlock(widths[i] * channels, widths[i + 1] * channels, cond_dim)
-            for i in range(blocks)
+            GeneratorBlock(layout[i] * channels, layout[i + 1] * channels, cond_dim)
+            for i in range(len(sizes))
         )
         self.attention = nn.ModuleDict(
             {
-                str(i): SelfAttention(widths[i + 1] * channels)
-                for i in range(blocks)
-                if sizes[i] == attention_resolution
+                str(i): SelfAttention(layout[i + 1] * channels)
+                for i, size in enumerate(sizes)
+                if size == attention_resolution
             }
         )
-        self.out_norm = nn.BatchNorm2d(widths[-1] * channels)
-        self.out = _sn_conv(widths[-1] * channels, 3, 3)
+        self.out_norm = nn.BatchNorm2d(layout[-1] * channels)
+        self.out = _sn_conv(layout[-1] * channels, 3, 3)
 
     def forward(self, z: Tensor, labels: Tensor | None = None) -> Tensor:
         chunks = torch.split(z, self.chunk, dim=1)
@@ -207,17 +255,12 @@ class BigGANDiscriminator(nn.Module):
         self, resolution: int, channels: int, num_classes: int, attention_resolution: int
     ) -> None:
         super().__init__()
-        widths = tuple(reversed(_widths(resolution)))
-        downsampling = len(widths) - 1 if resolution != 32 else 2  # 32×32: 32 → 8, then 2 more
-        sizes = [resolution // 2 ** min(i + 1, downsampling) for i in range(len(widths))]
-        if attention_resolution and attention_resolution not in sizes:
-            allowed = sorted(set(sizes))
-            raise DmstabError(
-                f"model.attention_resolution is {attention_resolution}; 0 or one of {allowed}"
-            )
+        downsampling = discriminator_downsamplings(resolution)
+        sizes = discriminator_sizes(resolution)
+        check_attention(attention_resolution, sizes)
         layers: list[nn.Module] = []
         cin = 3
-        for index, width in enumerate(widths):
+        for index, width in enumerate(discriminator_widths(resolution)):
             layers.append(
                 DiscriminatorBlock(
                     cin, width * channels, downsample=index < downsampling, preactivation=index > 0
@@ -251,9 +294,22 @@ def check_recipe(recipe: Recipe) -> None:
     check_gan(g)
     if g.shared_dim < 1:
         raise DmstabError("model.shared_dim must be at least 1")
-    resolution = recipe.data.resolution
-    if resolution not in (32, 64, 128):
-        raise DmstabError(f"biggan supports data.resolution 32, 64 or 128; got {resolution}")
+    check_layout(recipe.data.resolution, g)
+
+
+def check_layout(resolution: int, g: BigganConfig) -> None:
+    """What the constructors would refuse, at load time: the resolution has a layout, z splits
+    into its chunks, and attention sits where both networks have a block with 8+ channels."""
+    z_chunk(resolution, g.z_dim)
+    if not g.attention_resolution:
+        return
+    g_sizes, d_sizes = generator_sizes(resolution), discriminator_sizes(resolution)
+    check_attention(g.attention_resolution, g_sizes)
+    check_attention(g.attention_resolution, d_sizes)
+    g_width = widths(resolution)[g_sizes.index(g.attention_resolution) + 1]
+    d_width = discriminator_widths(resolution)[d_sizes.index(g.attention_resolution)]
+    _check_attention_width(g_width * g.g_channels)
+    _check_attention_width(d_width * g.d_channels)
 
 
 def _classes(recipe: Recipe, num_classes: int) -> int:
