@@ -15,8 +15,9 @@ Facts checked in baofff/U-ViT (libs/uvit.py, configs/*.py):
 - the code's `depth` counts half the blocks twice: UViT(depth=12) builds 6 + 1 + 6 = 13. Here
   `depth` is the paper's count of all blocks: U-ViT-S 13 (code 12, width 512, 8 heads), U-ViT-M
   17 (code 16, 768, 12 heads), U-ViT-L 21 (code 20, 1024, 16 heads), U-ViT-H 29 (code 28, 1152,
-  16 heads); CIFAR-10 uses U-ViT-S/2 (patch 2), ImageNet-64 M/4 and L/4; latent-space U-ViT-H
-  drops the final conv (conv=False).
+  16 heads); CIFAR-10 uses U-ViT-S/2 (patch 2), ImageNet-64 M/4 and L/4, ImageNet-512 latents
+  L/4 and H/4 (configs/imagenet512_uvit_{large,huge}.py); the latent-space U-ViT-H drops the
+  final conv (conv=False): `model.conv_out: false` here.
 Unlike the official model, `out_channels` may be 2 × `in_channels`: ADM's learned Σ.
 """
 
@@ -215,6 +216,7 @@ class UvitConfig(ModelConfig):
     mlp_ratio: float = 4.0
     dropout: float = 0.3
     learn_sigma: bool = True
+    conv_out: bool = True  # the final 3×3 conv (official `conv`; U-ViT-H/4 on latents: false)
 
     def learns_variance(self) -> bool:
         return self.learn_sigma
@@ -245,5 +247,6 @@ def build(recipe: Recipe, num_classes: int) -> UViT:
         num_heads=m.num_heads,
         mlp_ratio=m.mlp_ratio,
         num_classes=num_classes if m.class_cond else None,
+        conv_out=m.conv_out,
         dropout=m.dropout,
     )
