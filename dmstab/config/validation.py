@@ -139,6 +139,23 @@ def _validate_diffusion(recipe: Recipe) -> None:
     check = TIMESTEP_SAMPLERS.get(ts.sampler).check
     if check is not None:
         check(recipe)
+    _validate_ddpm_latents(recipe)
+
+
+def _validate_ddpm_latents(recipe: Recipe) -> None:
+    """A ddpm model of latents: nothing may treat them as pixels in [−1, 1]."""
+    if recipe.data.name != "latents":
+        return
+    _require(  # ADM's clip_denoised clamps x̂0 to the pixel range; latents span about ±3σ_data
+        not recipe.sample.clip_denoised,
+        "sample.clip_denoised clamps x̂0 to the pixel range [-1, 1]; latents are not pixels "
+        "(data.name latents): set sample.clip_denoised=false",
+    )
+    _require(  # the VB term's t = 0 decoder is a discretised 8-bit pixel likelihood (bins 2/255)
+        not recipe.model.learns_variance(),
+        f"model.name {recipe.model.name} learns Σ with the hybrid loss, whose t=0 term is an "
+        "8-bit pixel likelihood; latents (data.name latents) need model.learn_sigma=false",
+    )
 
 
 def _validate_fdm(diff: DiffusionConfig) -> None:
