@@ -223,7 +223,6 @@ def image_metrics(
 def require_images(recipe: Recipe, device: torch.device) -> None:
     """FID scores RGB images: a latent-space model's samples go through the SD VAE decoder,
     so its absence (optional extra, local weights) stops scoring before any sampling."""
-    if recipe.data.name == "latents":
-        from dmstab.data.latents import load_vae
+    from dmstab.data.latents import require_vae
 
-        load_vae(device)
+    require_vae(recipe.data, device)

@@ -32,6 +32,7 @@ from dmstab.commands.study import AnalysisRun, open_analysis
 from dmstab.commands.subjects import Subject, load_subject, parse_inputs, trained_subject
 from dmstab.config import ANALYSES, Recipe, SampleConfig, apply_overrides, from_mapping, to_dict
 from dmstab.console import SampleProgress, TextTable, TrainProgress, console, rich_table
+from dmstab.data.latents import require_vae
 from dmstab.devices import pick_device
 from dmstab.errors import DmstabError
 from dmstab.models.gan import gan_config
@@ -298,6 +299,10 @@ def main(arguments: Sequence[str]) -> None:
     """A recipe's group (trained or reused) or two or more trained models, scored by Eq. 1."""
     inputs = parse_inputs(arguments)
     if inputs.recipe is not None:
+        members = [member for _, member in member_recipes(inputs.recipe)]
+        device = pick_device(members[0].train.device)
+        for member in members:  # a group of latent models needs the VAE: before any training
+            require_vae(member.data, device)
         subjects = trained_group(
             inputs.recipe, progress=TrainProgress(), on_sample=SampleProgress("sample")
         )
@@ -307,7 +312,9 @@ def main(arguments: Sequence[str]) -> None:
                 "give a recipe with consistency.members, or at least two trained models"
             )
         subjects = [load_subject(source, inputs.overrides) for source in inputs.sources]
-    device = pick_device(subjects[0].recipe.train.device)
+        device = pick_device(subjects[0].recipe.train.device)
+        for subject in subjects:
+            require_vae(subject.recipe.data, device)
     report = consistency(subjects, device, SampleProgress("sample"))
     stdout = Console()
     for table in summary_tables(report):

@@ -293,6 +293,13 @@ def load_vae(device: torch.device) -> Any:
     return _load_vae(source).to(device)
 
 
+def require_vae(data: DataConfig, device: torch.device) -> None:
+    """Stop before any compute when `data` are latents and the VAE that decodes them is missing
+    (the optional `latent` extra, or its local weights): one line saying what to install."""
+    if data.name == "latents":
+        load_vae(device)
+
+
 def _check_latent_batch(latents: torch.Tensor, data: DataConfig) -> None:
     expected = (LATENT_CHANNELS, data.resolution, data.resolution)
     if latents.ndim != 4 or tuple(latents.shape[1:]) != expected:
