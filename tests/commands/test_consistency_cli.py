@@ -127,6 +127,7 @@ def test_a_recipe_trains_its_group_once_and_scores_samplers_and_targets(dmstab: 
         ("table1_cifar10_dcgan_consistency", "dcgan_cifar10"),
         ("table1_imagenet128_gd_consistency", "imagenet128_gd"),
         ("table1_imagenet128_biggan_consistency", "biggan_imagenet128"),
+        ("table1_imagenet512_biggan_consistency", "biggan_imagenet512"),
         ("table1_uvit_consistency", "uvit_cifar10_s2"),
         ("mini_table1_eps_vs_x0_consistency", "mini_stability_dm"),
     ],
