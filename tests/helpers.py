@@ -6,6 +6,7 @@ Test modules import from here (never from another test module or a conftest).
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -92,6 +93,16 @@ Runner = Callable[..., subprocess.CompletedProcess[str]]  # the `dmstab` fixture
 def store() -> MlflowClient:
     """A client on the default store of the current working directory (./mlflow.db)."""
     return MlflowClient(resolve_uri(None))
+
+
+class Payload:
+    """A malicious pickle: unpickling it runs `touch MARKER` (weights-only loading refuses it)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Callable[[str], int], tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
 
 
 # --------------------------------------------------------------------------- the command line

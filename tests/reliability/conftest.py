@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.entities import Run
 
-from tests.helpers import MINI, TINY_EDM, cli, one_line_error, store
+from tests.helpers import MINI, TINY_EDM, Payload, cli, one_line_error, store
 
 from . import counts
 
@@ -81,16 +81,6 @@ class InterruptAt:
 
     def stop(self) -> None:
         """Nothing to close."""
-
-
-class Payload:
-    """A malicious pickle: unpickling it runs `touch MARKER` (weights-only loading refuses it)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Callable[[str], int], tuple[str]]:
-        return os.system, (f"touch {self.marker}",)
 
 
 def only_run(experiment: str = "tests") -> Run:
