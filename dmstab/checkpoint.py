@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
-import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +10,7 @@ from torch import nn
 
 from dmstab.atomic import write_atomically
 from dmstab.errors import DmstabError
+from dmstab.reading import read_torch
 
 CHECKPOINT_NAME = "checkpoint.pt"
 KEPT_DIR = "checkpoints"  # train.keep_checkpoints: RUN_DIR/checkpoints/step_XXXXXXXX.pt
@@ -38,20 +36,7 @@ def load_weights(model: nn.Module, weights: dict[str, Any], source: Path) -> nn.
     return model.eval()
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load with `weights_only=True`; anything unreadable is a one-line user error."""
-    if not path.is_file():
-        raise DmstabError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"unsupported GLOBAL (\S+)", str(exc), re.IGNORECASE)
-        what = f"it references {found.group(1)}" if found else "corrupt or not a torch file"
-        raise DmstabError(f"checkpoint {path} refused by weights-only loading: {what}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as exc:
-        raise DmstabError(
-            f"checkpoint {path} is corrupt or truncated ({type(exc).__name__})"
-        ) from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise DmstabError(f"{path} is not a dmstab checkpoint (no 'model' entry)")
+def load_checkpoint(path: Path, kind: str = "checkpoint") -> dict[str, Any]:
+    """A dictionary with a 'model' entry, loaded weights-only (`dmstab.reading`)."""
+    state: dict[str, Any] = read_torch(path, kind, required=("model",))
     return state

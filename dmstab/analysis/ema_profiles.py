@@ -20,8 +20,10 @@ from dmstab.atomic import write_atomically
 from dmstab.checkpoint import load_checkpoint, save_checkpoint
 from dmstab.config import SIGMA_REL_MAX
 from dmstab.errors import DmstabError
+from dmstab.reading import not_a, read_json
 
 SNAPSHOT_PREFIX = "phema"
+SNAPSHOT_KIND = "power-EMA snapshot"
 SNAPSHOT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
@@ -122,7 +124,7 @@ def _info_from_metadata(metadata: dict[str, Any], path: Path, source: Path) -> S
         and isinstance(gamma, float)
         and dtype in SNAPSHOT_DTYPES
     ):
-        raise DmstabError(f"{source} is not a power-EMA snapshot (step/sigma_rel/gamma/dtype)")
+        raise not_a(source, SNAPSHOT_KIND, "no integer step, float sigma_rel and gamma, dtype")
     return SnapshotInfo(path, step, sigma_rel, gamma, dtype)
 
 
@@ -132,12 +134,9 @@ def list_snapshots(directory: Path) -> list[SnapshotInfo]:
         raise DmstabError(f"snapshot directory not found: {directory}")
     found = []
     for sidecar in directory.glob(f"{SNAPSHOT_PREFIX}-*.json"):
-        try:
-            metadata = json.loads(sidecar.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise DmstabError(f"snapshot sidecar {sidecar} is corrupt (not JSON)") from None
+        metadata = read_json(sidecar, "snapshot sidecar")
         if not isinstance(metadata, dict):
-            raise DmstabError(f"snapshot sidecar {sidecar} is corrupt (not a JSON object)")
+            raise not_a(sidecar, "snapshot sidecar", "not a JSON object")
         info = _info_from_metadata(metadata, sidecar.with_suffix(".pt"), sidecar)
         if not info.path.is_file():
             raise DmstabError(f"snapshot {info.path} is missing (its sidecar {sidecar} exists)")
@@ -147,10 +146,10 @@ def list_snapshots(directory: Path) -> list[SnapshotInfo]:
 
 def load_snapshot(path: Path) -> tuple[dict[str, torch.Tensor], SnapshotInfo]:
     """Weights and metadata of one snapshot file, loaded weights-only."""
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, SNAPSHOT_KIND)
     weights = state["model"]
     if not isinstance(weights, dict) or not all(
         isinstance(v, torch.Tensor) for v in weights.values()
     ):
-        raise DmstabError(f"snapshot {path} holds no tensor dictionary under 'model'")
+        raise not_a(path, SNAPSHOT_KIND, "no tensor dictionary under 'model'")
     return weights, _info_from_metadata(state, path, path)

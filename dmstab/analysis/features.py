@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, cast
@@ -25,6 +23,7 @@ from torch import nn
 
 from dmstab.analysis.resize import INCEPTION_SIZE, Preprocess, preprocessor
 from dmstab.errors import DmstabError
+from dmstab.reading import not_a, read_torch, read_torchscript
 
 WEIGHTS_ENV = "DMSTAB_INCEPTION_WEIGHTS"
 INCEPTION_FEATURES = 2048  # pool_3
@@ -222,28 +221,24 @@ def inception_weights_path(mode: str, weights: str | Path | None = None) -> Path
     return path
 
 
+WEIGHTS_KIND = "Inception weights file"
+
+
 def _load_torchscript(path: Path, device: torch.device) -> nn.Module:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter(
-                "ignore", FutureWarning
-            )  # torch.jit is deprecated, the file is not
-            scripted = torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call]
-    except (RuntimeError, ValueError) as error:
-        raise DmstabError(f"{path} is not a TorchScript Inception file ({error})") from None
+    scripted = read_torchscript(path, WEIGHTS_KIND, device)
     if not (hasattr(scripted, "layers") and hasattr(scripted, "output")):
-        raise DmstabError(f"{path} is TorchScript but not {TORCHSCRIPT_INCEPTION.name}")
+        raise not_a(path, WEIGHTS_KIND, f"TorchScript, but not {TORCHSCRIPT_INCEPTION.name}")
     return cast(nn.Module, scripted.eval())
 
 
 def _load_pytorch_fid(path: Path, device: torch.device) -> nn.Module:
     network = pytorch_fid_inception_v3()
+    state = read_torch(path, WEIGHTS_KIND)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
         network.load_state_dict(state)
-    except (RuntimeError, ValueError, EOFError, TypeError, pickle.UnpicklingError) as error:
+    except (RuntimeError, TypeError) as error:  # other weights, or not a state dict at all
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DmstabError(f"{path} is not {PYTORCH_FID_INCEPTION.name} ({first_line})") from None
+        raise not_a(path, WEIGHTS_KIND, f"not {PYTORCH_FID_INCEPTION.name}: {first_line}") from None
     return network.to(device)
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,9 @@ import numpy.typing as npt
 import torch
 
 from dmstab.errors import DmstabError
+from dmstab.reading import read_npz
+
+STATS_KIND = "FID statistics file"
 
 Array = npt.NDArray[np.float64]
 
@@ -74,31 +75,10 @@ class FeatureStats:
     @classmethod
     def load(cls, path: Path) -> FeatureStats:
         """Statistics from dmstab, clean-fid custom stats, EDM or guided-diffusion `.npz` files."""
-        if not path.is_file():
-            raise DmstabError(f"statistics file {path} does not exist")
-        try:
-            archive = np.load(path, allow_pickle=False)
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise DmstabError(f"{path} is a single .npy array, not an .npz of statistics")
-            with archive:
-                return cls._from_archive(archive, path)
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
-            # ValueError includes pickled data, which is never loaded
-            raise DmstabError(
-                f"{path} is not a readable .npz statistics file ({type(error).__name__})"
-            ) from None
-
-    @classmethod
-    def _from_archive(cls, archive: np.lib.npyio.NpzFile, path: Path) -> FeatureStats:
-        keys = set(archive.files)
-        if not {"mu", "sigma"} <= keys:
-            hint = " (it holds images: score them instead)" if "arr_0" in keys else ""
-            raise DmstabError(
-                f"{path} has no 'mu' and 'sigma' statistics{hint}; keys: {sorted(keys)}"
-            )
-        mu, sigma = _checked_moments(archive["mu"], archive["sigma"], str(path))
-        count = int(archive["num_images"]) if "num_images" in keys else None
-        return cls(mu, sigma, count)
+        arrays = read_npz(path, STATS_KIND, required=("mu", "sigma"), optional=("num_images",))
+        mu, sigma = _checked_moments(arrays["mu"], arrays["sigma"], str(path))
+        count = arrays.get("num_images")
+        return cls(mu, sigma, None if count is None else int(count))
 
 
 def _above_rounding(eigenvalues: torch.Tensor) -> torch.Tensor:

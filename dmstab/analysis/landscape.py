@@ -24,7 +24,6 @@ Hessian analysis does; buffers (EDM2's Fourier features) stay fixed.
 from __future__ import annotations
 
 import json
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from dmstab.analysis.hessian import Loss
 from dmstab.atomic import write_atomically
 from dmstab.diffusion.objectives import DDPMObjective, Draws, Objective
 from dmstab.errors import DmstabError
+from dmstab.reading import not_a, read_npz
 
 Direction = dict[str, Tensor]
 """One tensor per trainable parameter, keyed by its `named_parameters` name."""
@@ -46,6 +46,7 @@ Ignore = Literal["biasbn", "none"]
 IGNORE_CHOICES: tuple[Ignore, ...] = ("biasbn", "none")
 DirectionNorm = Literal["filter", "layer"]
 NORM_CHOICES: tuple[DirectionNorm, ...] = ("filter", "layer")
+LANDSCAPE_KIND = "landscape file"
 
 # Guards the rescaling of a random filter against a zero norm, as the reference code does; the
 # reference rescales a layer without it, a relative difference of 1e-10/‖d‖.
@@ -324,13 +325,10 @@ def save_landscape(grid: LandscapeGrid, path: Path) -> Path:
 
 def load_landscape(path: Path) -> LandscapeGrid:
     """The grid `save_landscape` wrote to `path`."""
-    if not path.is_file():
-        raise DmstabError(f"no landscape file at {path}")
+    data = read_npz(path, LANDSCAPE_KIND, required=("xs", "values", "header"), optional=("ys",))
     try:
-        with np.load(path, allow_pickle=False) as data:
-            header = json.loads(str(data["header"]))
-            ys = np.array(data["ys"]) if "ys" in data.files else None
-            values = dict(zip(header["names"], np.array(data["values"]), strict=True))
-            return LandscapeGrid(np.array(data["xs"]), ys, values, header["metadata"])
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
-        raise DmstabError(f"{path} is not a landscape .npz written by dmstab: {exc}") from None
+        header = json.loads(str(data["header"]))
+        values = dict(zip(header["names"], data["values"], strict=True))
+        return LandscapeGrid(data["xs"], data.get("ys"), values, header["metadata"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise not_a(path, LANDSCAPE_KIND, f"its header does not fit its arrays: {exc}") from None

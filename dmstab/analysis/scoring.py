@@ -7,14 +7,12 @@ during training (dmstab.train.evaluate) are built from these pieces.
 from __future__ import annotations
 
 import hashlib
-import zipfile
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from dmstab.analysis.features import (
     PreprocessedNetwork,
@@ -32,6 +30,7 @@ from dmstab.data import build_dataset
 from dmstab.data.images import IMAGE_SUFFIXES, image_files, nhwc_to_nchw, read_npz_images
 from dmstab.errors import DmstabError
 from dmstab.plots import to_uint8
+from dmstab.reading import npz_names, read_image
 
 PAPER_NUM_IMAGES = 50_000  # both papers score 50k generated images
 
@@ -119,13 +118,7 @@ def folder_images(path: Path, batch_size: int) -> Iterator[torch.Tensor]:
     if not files:
         raise DmstabError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}")
     for start in range(0, len(files), batch_size):
-        arrays = []
-        for file in files[start : start + batch_size]:
-            try:
-                with Image.open(file) as image:
-                    arrays.append(np.asarray(image.convert("RGB")))
-            except OSError:
-                raise DmstabError(f"cannot read image {file}") from None
+        arrays = [np.asarray(read_image(file)) for file in files[start : start + batch_size]]
         if len({a.shape for a in arrays}) > 1:
             raise DmstabError(f"images under {path} differ in size; FID needs one size")
         yield nhwc_to_nchw(np.stack(arrays))
@@ -133,11 +126,7 @@ def folder_images(path: Path, batch_size: int) -> Iterator[torch.Tensor]:
 
 def _stats_file(path: Path) -> FeatureStats | None:
     """A statistics file (`mu`, `sigma`), or None when the `.npz` holds images instead."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            has_stats = "mu" in archive and "sigma" in archive
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # ValueError: pickled data
-        raise DmstabError(f"{path} is not a readable .npz of statistics or images") from None
+    has_stats = {"mu", "sigma"} <= set(npz_names(path, "FID reference"))
     return FeatureStats.load(path) if has_stats else None
 
 

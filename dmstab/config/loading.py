@@ -13,6 +13,7 @@ from dmstab.config.parse import build_recipe
 from dmstab.config.schema import Recipe
 from dmstab.config.validation import validate
 from dmstab.errors import DmstabError
+from dmstab.reading import read_text
 
 _MAX_BASE_DEPTH = 16
 
@@ -40,14 +41,9 @@ def _yaml_load(text: str) -> Any:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if path.is_dir():
-        raise DmstabError(f"recipe {path} is a directory, not a recipe file")
-    if not path.is_file():
-        raise DmstabError(f"recipe file not found: {path}")
+    text = read_text(path, "recipe file")
     try:
-        data = _yaml_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise DmstabError(f"recipe {path} is not UTF-8 text") from None
+        data = _yaml_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

@@ -1,6 +1,5 @@
 """Datasets from a folder of image files or from an .npz array, cropped like guided-diffusion."""
 
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +10,12 @@ from PIL import Image
 
 from dmstab.data.base import ImageDataset, InMemoryDataset, uint8_to_model_range
 from dmstab.errors import DmstabError
+from dmstab.reading import read_image, read_npz
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 NPZ_IMAGE_KEYS = ("arr_0", "images")
 NPZ_LABEL_KEYS = ("arr_1", "labels")
+IMAGE_SET_KIND = "image set"
 
 UInt8Array = npt.NDArray[np.uint8]
 
@@ -48,11 +49,7 @@ def nhwc_to_nchw(images: UInt8Array) -> torch.Tensor:
 
 
 def _load_image(path: Path, resolution: int) -> UInt8Array:
-    try:
-        with Image.open(path) as image:
-            return center_crop_resize(image, resolution)
-    except (OSError, Image.DecompressionBombError) as error:
-        raise DmstabError(f"cannot read image {path}: {error}") from None
+    return center_crop_resize(read_image(path), resolution)
 
 
 class FolderDataset:
@@ -111,27 +108,12 @@ def folder_dataset(root: Path, resolution: int) -> ImageDataset:
     return FolderDataset(files, torch.tensor(labels), len(class_folders), resolution)
 
 
-def _first_present(archive: np.lib.npyio.NpzFile, keys: tuple[str, ...]) -> str | None:
-    return next((key for key in keys if key in archive.files), None)
-
-
 def _read_npz(path: Path) -> tuple[npt.NDArray[Any], npt.NDArray[Any] | None]:
     """The image array and the label array (if any) stored in an .npz file."""
-    if not zipfile.is_zipfile(path):
-        raise DmstabError(f"{path} is not an .npz archive (the zip of arrays numpy.savez writes)")
-    # allow_pickle stays False: arrays only, no code runs.
-    with np.load(path) as archive:
-        image_key = _first_present(archive, NPZ_IMAGE_KEYS)
-        if image_key is None:
-            raise DmstabError(
-                f"{path} has no image array under {' or '.join(NPZ_IMAGE_KEYS)} "
-                f"(found {', '.join(archive.files) or 'nothing'})"
-            )
-        label_key = _first_present(archive, NPZ_LABEL_KEYS)
-        try:
-            return archive[image_key], None if label_key is None else archive[label_key]
-        except (OSError, ValueError, zipfile.BadZipFile) as error:
-            raise DmstabError(f"cannot read arrays from {path}: {error}") from None
+    arrays = read_npz(path, IMAGE_SET_KIND, required=(NPZ_IMAGE_KEYS,), optional=NPZ_LABEL_KEYS)
+    images = next(arrays[key] for key in NPZ_IMAGE_KEYS if key in arrays)
+    labels = next((arrays[key] for key in NPZ_LABEL_KEYS if key in arrays), None)
+    return images, labels
 
 
 def _checked_labels(path: Path, labels: npt.NDArray[Any], count: int) -> torch.Tensor:
@@ -147,8 +129,6 @@ def _checked_labels(path: Path, labels: npt.NDArray[Any], count: int) -> torch.T
 
 def read_npz_images(path: Path) -> tuple[UInt8Array, npt.NDArray[Any] | None]:
     """Checked uint8 (N, H, W, 3) images under 'arr_0' or 'images', and labels if present."""
-    if not path.is_file():
-        raise DmstabError(f"npz file {path} does not exist")
     images, labels = _read_npz(path)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or not len(images):
         raise DmstabError(

@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
 import os
-import zipfile
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +30,7 @@ import torch
 from dmstab.config import DataConfig
 from dmstab.data.images import _checked_labels
 from dmstab.errors import DmstabError
+from dmstab.reading import not_a, read_json, read_npy, read_npz
 
 LATENT_CHANNELS = 4
 MEAN_STD_CHANNELS = 2 * LATENT_CHANNELS  # EDM2 dataset tool: encoder mean ‖ std
@@ -156,19 +154,8 @@ def _labelled(where: Path, labels: npt.NDArray[Any], count: int) -> tuple[torch.
 
 
 def _read_npz_latents(path: Path) -> tuple[npt.NDArray[Any], npt.NDArray[Any] | None]:
-    if not zipfile.is_zipfile(path):
-        raise DmstabError(f"{path} is not an .npz archive (the zip of arrays numpy.savez writes)")
-    try:
-        with np.load(path) as archive:  # allow_pickle stays False: arrays only, no code runs
-            if NPZ_LATENT_KEY not in archive.files:
-                raise DmstabError(
-                    f"{path} has no '{NPZ_LATENT_KEY}' array "
-                    f"(found {', '.join(archive.files) or 'nothing'})"
-                )
-            labels = archive[NPZ_LABEL_KEY] if NPZ_LABEL_KEY in archive.files else None
-            return archive[NPZ_LATENT_KEY], labels
-    except (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as error:
-        raise DmstabError(f"cannot read arrays from {path}: {error}") from None
+    arrays = read_npz(path, "latent set", required=(NPZ_LATENT_KEY,), optional=(NPZ_LABEL_KEY,))
+    return arrays[NPZ_LATENT_KEY], arrays.get(NPZ_LABEL_KEY)
 
 
 def npz_latent_dataset(path: Path, resolution: int) -> LatentDataset:
@@ -184,10 +171,7 @@ def npz_latent_dataset(path: Path, resolution: int) -> LatentDataset:
 
 
 def _load_npy(path: Path, resolution: int) -> npt.NDArray[Any]:
-    try:
-        latent: npt.NDArray[Any] = np.load(path)  # allow_pickle stays False: arrays only
-    except (OSError, ValueError, EOFError) as error:
-        raise DmstabError(f"cannot read latent file {path}: {error}") from None
+    latent = read_npy(path, "latent file")
     _check_layout(str(path), latent, resolution, batched=False)
     return latent
 
@@ -218,10 +202,10 @@ def _folder_labels(root: Path, files: list[Path]) -> tuple[torch.Tensor, int]:
     meta = root / LABELS_FILE
     if not meta.is_file():
         return _unlabelled(len(files))
-    try:
-        entries = json.loads(meta.read_text()).get("labels")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
-        raise DmstabError(f'cannot read {meta} as {{"labels": [...]}}: {error}') from None
+    content = read_json(meta, "latent labels file")
+    if not isinstance(content, dict):
+        raise not_a(meta, "latent labels file", 'not a JSON object {"labels": [...]}')
+    entries = content.get("labels")
     if entries is None:
         return _unlabelled(len(files))
     try:

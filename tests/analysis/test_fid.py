@@ -299,11 +299,11 @@ def test_unusable_statistics_files_are_one_line_errors(tmp_path: Path) -> None:
     np.save(tmp_path / "array.npy", np.zeros(3))
     (tmp_path / "text.npz").write_text("not an archive")
     cases = {
-        "missing.npz": "does not exist",
-        "images.npz": "holds images",
+        "missing.npz": "FID statistics file not found",
+        "images.npz": "is not a FID statistics file \\(no 'mu', 'sigma' array; it holds arr_0\\)",
         "shapes.npz": "mu must be",
         "array.npy": "single .npy array",
-        "text.npz": "not a readable .npz",
+        "text.npz": "is corrupt or truncated: not a readable .npz archive",
     }
     for name, message in cases.items():
         with pytest.raises(DmstabError, match=message) as caught:
@@ -379,7 +379,7 @@ def test_real_inception_path_runs_end_to_end_from_a_weights_file(torchscript_fol
 def test_corrupt_torchscript_file_is_a_one_line_error(tmp_path: Path) -> None:
     weights = tmp_path / TORCHSCRIPT_INCEPTION.name
     weights.write_bytes(b"\x00" * 64)
-    with pytest.raises(DmstabError, match="not a TorchScript Inception file"):
+    with pytest.raises(DmstabError, match="corrupt or truncated: not a readable TorchScript"):
         load_inception("clean", weights)
 
 

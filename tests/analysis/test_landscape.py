@@ -334,9 +334,12 @@ def test_grids_survive_an_npz_round_trip(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="expected"):
         LandscapeGrid(np.zeros(4), np.zeros(3), {"t=5": np.zeros((4, 3))})
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
-    with pytest.raises(DmstabError, match=r"bad\.npz is not a landscape"):
+    with pytest.raises(DmstabError, match=r"bad\.npz is corrupt or truncated: not a readable"):
         load_landscape(tmp_path / "bad.npz")
-    with pytest.raises(DmstabError, match="no landscape file"):
+    np.savez(tmp_path / "header.npz", xs=np.zeros(2), values=np.zeros((1, 2)), header="{}")
+    with pytest.raises(DmstabError, match=r"header\.npz is not a landscape file \(its header"):
+        load_landscape(tmp_path / "header.npz")
+    with pytest.raises(DmstabError, match="landscape file not found"):
         load_landscape(tmp_path / "missing.npz")
 
 

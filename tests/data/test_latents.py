@@ -181,7 +181,7 @@ BAD_NPZ = {
     "negative label": ({"latents": _latents(2, 4, 8, 8), "labels": np.array([0, -1])}, "non-neg"),
     "float labels": ({"latents": _latents(2, 4, 8, 8), "labels": np.array([0.0, 1.0])}, "integer"),
     "label count": ({"latents": _latents(2, 4, 8, 8), "labels": np.array([0])}, "shape (2,)"),
-    "missing key": ({"images": _latents(2, 4, 8, 8)}, "no 'latents' array (found images)"),
+    "missing key": ({"images": _latents(2, 4, 8, 8)}, "(no 'latents' array; it holds images)"),
 }
 
 
@@ -212,7 +212,8 @@ def test_truncated_npz_is_a_one_line_error(keep: float, isolated_workdir: Path) 
 def test_bad_paths_and_folders_are_one_line_errors(isolated_workdir: Path) -> None:
     assert "does not exist" in _one_line_error(_data(isolated_workdir / "nowhere.npz"))
     (isolated_workdir / "text.npz").write_text("not a zip")
-    assert "not an .npz archive" in _one_line_error(_data(isolated_workdir / "text.npz"))
+    expected = "is corrupt or truncated: not a readable .npz archive"
+    assert expected in _one_line_error(_data(isolated_workdir / "text.npz"))
     folder = isolated_workdir / "folder"
     folder.mkdir()
     assert "holds no .npy files" in _one_line_error(_data(folder))

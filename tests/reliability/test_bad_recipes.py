@@ -166,7 +166,7 @@ BAD_FILES = {
     "base not a path": ("base: [a, b]\n", "`base:` must be a file path"),
     "missing base": ("base: nowhere.yaml\n", "nowhere.yaml"),
     "base cycle": ("base: bad.yaml\n", "a cycle"),
-    "not text": (b"\xff\xfe\x00garbage\x80", "is not UTF-8 text"),
+    "not text": (b"\xff\xfe\x00garbage\x80", "not a readable UTF-8 text (UnicodeDecodeError)"),
 }
 
 
@@ -181,7 +181,7 @@ def test_bad_recipe_file_is_one_line_exit_2_nothing_written(
 
 def test_directory_or_missing_recipe_is_one_line_exit_2() -> None:
     Path("recipes.d").mkdir()
-    assert "recipes.d" in _refused(["train", "recipes.d"], "is a directory, not a recipe file")
+    assert "recipes.d" in _refused(["train", "recipes.d"], "is a directory, not a file")
     _refused(["train", "missing.yaml"], "recipe file not found: missing.yaml")
 
 
