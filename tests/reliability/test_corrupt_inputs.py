@@ -150,6 +150,14 @@ def _garbage(path: Path) -> None:
     path.write_bytes(np.random.default_rng(17).bytes(4096))  # torch met it as an IndexError
 
 
+def _remove(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def _empty(path: Path) -> None:
+    path.write_bytes(b"")
+
+
 def _whole_then_truncated(make: Damage) -> Damage:
     return lambda path: (make(path), _truncate(path))
 
@@ -169,8 +177,8 @@ def _pickled_yaml(path: Path) -> None:
 # Each file format: its failures, each a damage and what the one line says.
 FORMATS: dict[str, dict[str, tuple[Damage, str]]] = {
     "checkpoint": {
-        "missing": (lambda p: p.unlink(missing_ok=True), "not found"),
-        "empty": (lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
+        "missing": (_remove, "not found"),
+        "empty": (_empty, "is empty (0 bytes)"),
         "truncated": (_whole_then_truncated(_checkpoint), f"{CORRUPT} torch file"),
         "garbage": (_garbage, f"{CORRUPT} torch file"),
         "pickled code": (_malicious, PICKLED),
@@ -178,48 +186,47 @@ FORMATS: dict[str, dict[str, tuple[Damage, str]]] = {
         "no model": (lambda p: torch.save({"step": 1}, p), "(no 'model' entry)"),
     },
     "npz": {
-        "missing": (lambda p: p.unlink(missing_ok=True), "not found"),
-        "empty": (lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
+        "missing": (_remove, "not found"),
+        "empty": (_empty, "is empty (0 bytes)"),
         "truncated": (_whole_then_truncated(_stats), f"{CORRUPT} .npz archive"),
         "garbage": (_garbage, f"{CORRUPT} .npz archive"),
         "pickled code": (_pickled_stats, PICKLED),
         "checkpoint instead": (_checkpoint, "(it is a torch file, not a NumPy .npz archive)"),
     },
     "image npz": {
-        "empty": (lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
+        "empty": (_empty, "is empty (0 bytes)"),
         "truncated": (_whole_then_truncated(_images), f"{CORRUPT} .npz archive"),
         "garbage": (_garbage, f"{CORRUPT} .npz archive"),
         "pickled code": (_pickled_images, PICKLED),
         "checkpoint instead": (_checkpoint, "(it is a torch file, not a NumPy .npz archive)"),
     },
     "png": {
-        "empty": (lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
+        "empty": (_empty, "is empty (0 bytes)"),
         "truncated": (_whole_then_truncated(_png), f"{CORRUPT} image"),
         "garbage": (_garbage, f"{CORRUPT} image"),
         "npz instead": (_images, f"{CORRUPT} image"),
     },
     "recipe": {
-        "missing": (lambda p: p.unlink(missing_ok=True), "not found"),
-        "empty": (lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
+        "missing": (_remove, "not found"),
+        "empty": (_empty, "is empty (0 bytes)"),
         "truncated": (lambda p: p.write_bytes(b"name: caf\xc3"), f"{CORRUPT} UTF-8 text"),
         "garbage": (_garbage, f"{CORRUPT} UTF-8 text"),
         "pickled code": (_pickled_yaml, "line 1 is not valid YAML: could not determine a constr"),
         "a list instead": (lambda p: p.write_text("- train\n"), "must be a YAML mapping"),
     },
     "sidecar": {
-        "empty": (lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
+        "empty": (_empty, "is empty (0 bytes)"),
         "truncated": (lambda p: p.write_text('{"step": 4, "sigma'), f"{CORRUPT} JSON file"),
         "garbage": (_garbage, f"{CORRUPT} UTF-8 text"),
         "a list instead": (lambda p: p.write_text("[1, 2]"), "(not a JSON object)"),
     },
 }
-MISSING = FORMATS["checkpoint"]["missing"][0]
-FORMATS["snapshot"] = {**FORMATS["checkpoint"], "missing": (MISSING, "is missing (its sidecar")}
+FORMATS["snapshot"] = {**FORMATS["checkpoint"], "missing": (_remove, "is missing (its sidecar")}
 # A run killed before its first checkpoint resumes from step 0: no checkpoint is no failure.
 FORMATS["resumed checkpoint"] = {k: v for k, v in FORMATS["checkpoint"].items() if k != "missing"}
 FORMATS["inception"] = {
-    "missing": (MISSING, "not found"),
-    "empty": (lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
+    "missing": (_remove, "not found"),
+    "empty": (_empty, "is empty (0 bytes)"),
     "garbage": (_garbage, f"{CORRUPT} TorchScript archive"),
     "weights instead": (_checkpoint, "(it is a torch file, not a TorchScript archive)"),
     "statistics instead": (_stats, "(it is a NumPy .npz archive, not a TorchScript archive)"),
