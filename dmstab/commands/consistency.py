@@ -30,7 +30,7 @@ from dmstab.analysis.consistency import (
 from dmstab.atomic import write_atomically
 from dmstab.commands.study import AnalysisRun, open_analysis
 from dmstab.commands.subjects import Subject, load_subject, parse_inputs, trained_subject
-from dmstab.config import ANALYSES, Recipe, SampleConfig, apply_overrides, from_mapping, to_dict
+from dmstab.config import ANALYSES, Recipe, SampleConfig, apply_overrides, from_written, to_written
 from dmstab.console import SampleProgress, TextTable, TrainProgress, console, rich_table
 from dmstab.data.latents import require_vae
 from dmstab.devices import pick_device
@@ -59,9 +59,9 @@ def member_recipes(recipe: Recipe) -> list[tuple[str, Recipe]]:
             f"consistency.members lists {len(members)} model(s); a group needs at least 2 "
             '(e.g. ["train.seed=0", "train.seed=1", "train.seed=2"])'
         )
-    tree = to_dict(recipe)
+    tree = to_written(recipe)
     return [
-        (member or recipe.name, from_mapping(apply_overrides(tree, _member_overrides(member))))
+        (member or recipe.name, from_written(apply_overrides(tree, _member_overrides(member))))
         for member in members
     ]
 

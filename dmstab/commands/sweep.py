@@ -24,7 +24,7 @@ from dmstab.config import (
     apply_overrides,
     fingerprint,
     flatten,
-    from_mapping,
+    from_written,
     load_tree,
     parse_override,
     set_key,
@@ -123,7 +123,7 @@ def expand(tree: Mapping[str, Any], spec: Any, overrides: Sequence[str] = ()) ->
     grid = _grid(spec.get("grid"))
     _check_keys(overrides, points, grid)
     base_tree = apply_overrides(dict(tree), overrides)
-    base = from_mapping(base_tree)
+    base = from_written(base_tree)
     children = [
         _child(base_tree, base, label, settings, cell)
         for label, settings in points
@@ -230,7 +230,7 @@ def _child(
     settings = [*own, *cell]
     tree = _apply(base_tree, [*settings, ("name", name), ("tracking.run_name", name)])
     try:
-        recipe = from_mapping(tree)
+        recipe = from_written(tree)
     except DmstabError as exc:
         raise DmstabError(f"sweep child '{child_label}': {exc}") from None
     return SweepChild(child_label, tuple(settings), recipe)

@@ -5,6 +5,7 @@ recipe (`views`). The bottom layer: it imports no other dmstab package but `dmst
 from dmstab.config.loading import (
     apply_overrides,
     from_mapping,
+    from_written,
     load_recipe,
     load_tree,
     parse_override,
@@ -40,6 +41,7 @@ from dmstab.config.views import (
     result_dict,
     run_params,
     to_dict,
+    to_written,
     to_yaml,
 )
 
@@ -71,6 +73,7 @@ __all__ = [
     "fingerprint",
     "flatten",
     "from_mapping",
+    "from_written",
     "load_recipe",
     "load_tree",
     "parse_override",
@@ -78,6 +81,7 @@ __all__ = [
     "run_params",
     "set_key",
     "to_dict",
+    "to_written",
     "to_yaml",
     "validate",
 ]

@@ -11,7 +11,7 @@ import yaml
 
 from dmstab.config.parse import build_recipe
 from dmstab.config.schema import Recipe
-from dmstab.config.validation import validate
+from dmstab.config.validation import check_written_length, validate
 from dmstab.errors import DmstabError
 from dmstab.reading import read_text
 
@@ -112,7 +112,16 @@ def apply_overrides(tree: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 
 def from_mapping(tree: Mapping[str, Any]) -> Recipe:
+    """The validated recipe of a resolved tree (a stored one, or `from_written`'s)."""
     return validate(build_recipe(tree))
+
+
+def from_written(tree: Mapping[str, Any]) -> Recipe:
+    """`from_mapping` for a tree the user wrote (files and overrides), with the rules that
+    only a written tree can check (`check_written_length`)."""
+    recipe = from_mapping(tree)
+    check_written_length(tree, recipe)
+    return recipe
 
 
 def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Recipe:
@@ -125,4 +134,4 @@ def load_recipe(path: Path | str, overrides: Sequence[str] = ()) -> Recipe:
             f"`dmstab train {path}`; this command takes a plain recipe or a run id"
         )
     tree.setdefault("name", path.stem)
-    return from_mapping(apply_overrides(tree, overrides))
+    return from_written(apply_overrides(tree, overrides))

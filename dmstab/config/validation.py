@@ -9,6 +9,8 @@ sections, so it imports no model or analysis code.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 from dmstab.config.schema import (
     ANALYSES,
@@ -49,6 +51,19 @@ def validate(recipe: Recipe) -> Recipe:
             check(recipe)
     _require(recipe.tracking.flush_every >= 1, "tracking.flush_every must be at least 1")
     return recipe
+
+
+def check_written_length(written: Mapping[str, Any], recipe: Recipe) -> None:
+    """A run's length is `train.steps` or, when positive, `train.kimg`: refuse a `written`
+    tree (a recipe's `base:` chain with its overrides, as the user wrote it) that sets both, as
+    `kimg` would silently win whatever `steps` says. `train.kimg: 0` beside `steps` is allowed
+    (it selects `steps`). `recipe` is the tree resolved, whose kimg is already type-checked."""
+    train = written.get("train")
+    if isinstance(train, Mapping) and "steps" in train and "kimg" in train and recipe.train.kimg:
+        raise DmstabError(
+            f"set train.steps or train.kimg, not both (train.steps={train['steps']} and "
+            f"train.kimg={recipe.train.kimg:g} are both written; train.kimg=0 uses train.steps)"
+        )
 
 
 def _validate_data(d: DataConfig) -> None:
@@ -222,10 +237,6 @@ def _validate_ema(e: EmaConfig) -> None:
 def _validate_train(tr: TrainConfig) -> None:
     _require(tr.steps >= 1, "train.steps must be at least 1")
     _require(tr.kimg >= 0, f"train.kimg is {tr.kimg}; must be >= 0 (0 = use train.steps)")
-    _require(
-        tr.kimg == 0 or tr.steps == TrainConfig.steps,
-        "set train.steps or train.kimg, not both",
-    )
     _require(tr.batch_size >= 1, "train.batch_size must be at least 1")
     _require(tr.log_every >= 1, "train.log_every must be at least 1")
     _require(tr.checkpoint_every >= 1, "train.checkpoint_every must be at least 1")

@@ -30,6 +30,15 @@ def to_dict(recipe: Recipe) -> dict[str, Any]:
     return {**tree, **analyses}  # each analysis's section at the top level
 
 
+def to_written(recipe: Recipe) -> dict[str, Any]:
+    """`to_dict` as a user would write it: of `train.steps` and `train.kimg` only the one that
+    sets the run's length (kimg when positive), so the tree reloads under the rule that a
+    written recipe sets one of them (`check_written_length`) and overrides of either apply."""
+    tree = to_dict(recipe)
+    tree["train"].pop("steps" if recipe.train.kimg > 0 else "kimg")
+    return tree
+
+
 class _RecipeDumper(yaml.SafeDumper):
     """Short lists of numbers on one line (`betas: [0.8, 0.999]`), as recipes are written."""
 
@@ -43,7 +52,8 @@ _RecipeDumper.add_representer(list, _represent_list)
 
 
 def to_yaml(recipe: Recipe) -> str:
-    return yaml.dump(to_dict(recipe), Dumper=_RecipeDumper, sort_keys=False)
+    """The resolved recipe as a recipe file (`to_written`): `--dry-run` prints it, runs log it."""
+    return yaml.dump(to_written(recipe), Dumper=_RecipeDumper, sort_keys=False)
 
 
 def flatten(recipe: Recipe) -> dict[str, str]:

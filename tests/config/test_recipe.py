@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from dmstab.cli import app
@@ -43,6 +44,24 @@ def load_recipe_from_text(text: str, directory: Path, stem: str) -> Recipe:
     target = directory / f"{stem}.yaml"
     target.write_text(text)
     return load_recipe(target)
+
+
+@pytest.mark.parametrize(
+    ("path", "written", "left_out"),
+    [(RECIPES / "edm2_mini.yaml", "kimg", "steps"), (RECIPES / "quickstart.yaml", "steps", "kimg")],
+)
+def test_the_dump_writes_the_one_length_key_in_use(
+    path: Path, written: str, left_out: str, tmp_path: Path
+) -> None:
+    """The dump names only the key that sets the length, so it reloads and either key can be
+    overridden on it by zeroing kimg or writing it (a run's recipe.yaml is reloaded so)."""
+    recipe = load_recipe(path)
+    train = yaml.safe_load(to_yaml(recipe))["train"]
+    assert written in train and left_out not in train
+    dumped = tmp_path / "dumped.yaml"
+    dumped.write_text(to_yaml(recipe))
+    assert load_recipe(dumped) == recipe
+    assert load_recipe(dumped, ["train.kimg=0", "train.steps=7"]).train.total_steps == 7
 
 
 def test_cifar10_clts_carries_the_papers_hyperparameters() -> None:

@@ -96,6 +96,10 @@ BAD_OVERRIDES = [
         "1000-step chain, so it samples only with sample.steps=1000",
     ),
     ([QUICKSTART, "train.kimg=1", "train.steps=5"], "set train.steps or train.kimg, not both"),
+    # both written, whatever the values: a file's steps, an override's kimg; train.steps equal
+    # to its default (500000) beside the file's kimg, which compared with the default let through
+    ([QUICKSTART, "train.kimg=1"], "train.steps=1000 and train.kimg=1 are both written"),
+    ([EDM, "train.steps=500000"], "train.steps=500000 and train.kimg=57.6 are both written"),
     ([QUICKSTART, "sample.guidance=2"], "sample.guidance != 1 needs sample.guide"),
     (
         [QUICKSTART, "diffusion.label_dropout=0.5"],
@@ -166,6 +170,10 @@ BAD_FILES = {
     "base not a path": ("base: [a, b]\n", "`base:` must be a file path"),
     "missing base": ("base: nowhere.yaml\n", "nowhere.yaml"),
     "base cycle": ("base: bad.yaml\n", "a cycle"),
+    "sweep child with steps and kimg": (
+        f"base: {EDM}\nsweep:\n  grid:\n    train.steps: [500000]\n",
+        "sweep child 'train.steps=500000': set train.steps or train.kimg, not both",
+    ),
     "not text": (b"\xff\xfe\x00garbage\x80", "not a readable UTF-8 text (UnicodeDecodeError)"),
 }
 
