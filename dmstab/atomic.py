@@ -57,6 +57,33 @@ def _write_then_rename(path: Path, write: Callable[[BinaryIO], object]) -> None:
     fsync_directory(path.parent)
 
 
+def require_writable_directory(path: Path, what: str) -> None:
+    """Refuse, in one line naming `what`, a directory this process cannot create files in.
+
+    `path` need not exist yet: it is judged at its nearest existing ancestor, where `mkdir`
+    would create it. Asked before a command creates its run or computes anything, so a
+    read-only working directory or output folder is an error at once, not after the work.
+    `os.access` answers for the mode bits, but root passes every mode check while a read-only
+    mount or a regular file in the path still stops it, so a temporary file is also created
+    and removed there: what a write will really meet.
+    """
+    existing = path.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    where = "it" if existing == path.absolute() else str(existing)
+    if not existing.is_dir():
+        raise DmstabError(f"cannot write {what} {path}: {where} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DmstabError(f"cannot write {what} {path}: {where} is a read-only directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dmstab-probe.", dir=existing)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise DmstabError(f"cannot write {what} {path}: {reason} ({existing})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def remove_interrupted_writes(directory: Path) -> list[Path]:
     """Delete the temporary files `write_atomically` leaves in `directory` when its process is
     killed mid-write (never a complete file: a finished write is renamed); the removed paths."""

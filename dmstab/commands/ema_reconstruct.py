@@ -24,6 +24,7 @@ from dmstab.analysis.ema_profiles import (
     sigma_rel_to_gamma,
 )
 from dmstab.analysis.ema_reconstruct import reconstruct, solve_coefficients
+from dmstab.atomic import require_writable_directory
 from dmstab.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from dmstab.config import from_mapping
 from dmstab.console import console, result
@@ -31,6 +32,7 @@ from dmstab.errors import DmstabError
 from dmstab.tracking import (
     TAG_PARENT,
     MlflowTracker,
+    check_store_writable,
     latest_run,
     run_directory,
     tracked_run,
@@ -132,6 +134,8 @@ def reconstruct_ema(
     recipe = from_mapping(state["recipe"])
     train_run = state.get("run_id")
     out_dir = out_dir or directory.parent / "reconstructed"
+    check_store_writable(recipe.tracking.uri)  # before the run and the reconstruction
+    require_writable_directory(out_dir, "the reconstruction folder")
     tags = {TAG_PARENT: str(train_run)} if train_run else {}
     tags["dmstab.sigma_rels"] = ",".join(f"{s:g}" for s in plan.sigma_rels)
     tags["dmstab.step"] = str(plan.step)

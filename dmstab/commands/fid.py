@@ -26,7 +26,9 @@ from dmstab.analysis.scoring import (
     network_pipeline,
     npz_images,
     require_images,
+    stats_cache,
 )
+from dmstab.atomic import require_writable_directory
 from dmstab.checkpoint import load_checkpoint
 from dmstab.config import FeatureNetwork
 from dmstab.console import SampleProgress, console, result
@@ -39,7 +41,7 @@ from dmstab.distributed import (
 )
 from dmstab.errors import DmstabError
 from dmstab.models.generate import generate_for_recipe
-from dmstab.tracking import TAG_PARENT, MlflowTracker, tracked_run
+from dmstab.tracking import TAG_PARENT, MlflowTracker, check_store_writable, tracked_run
 from dmstab.train.restore import find_checkpoint, load_guide, network_from_state, stored_recipe
 
 
@@ -106,6 +108,13 @@ def _images_to_score(
     return sampled, {"images": images, "checkpoint": str(checkpoint.resolve())}, run_id
 
 
+def check_fid_outputs(reference: Path | None) -> None:
+    """What scoring writes: its MLflow run, and a recipe reference's cached statistics."""
+    check_store_writable(None)
+    if reference is not None and reference.suffix in (".yaml", ".yml"):
+        require_writable_directory(stats_cache(), "the statistics cache")
+
+
 def score(
     images: str | Path,
     reference: Path,
@@ -132,6 +141,7 @@ def score(
     device = device or pick_device("auto")
     context = init_distributed(device.type)
     device = rank_device(device, context)
+    context.from_main(lambda: check_fid_outputs(reference))  # every rank stops on failure
     if not context.is_main:
         _images_to_score(str(images), num_images, batch_size, device, None, context)
         return None

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dmstab.analysis.scoring import FeaturePipeline, Reference, image_metrics, load_reference
+from dmstab.atomic import require_writable_directory
 from dmstab.checkpoint import load_checkpoint
-from dmstab.commands.fid import sampled_images
+from dmstab.commands.fid import check_fid_outputs, sampled_images
 from dmstab.config import EvalConfig
 from dmstab.console import SampleProgress, console, result
 from dmstab.devices import pick_device
@@ -130,6 +131,8 @@ def run_fid_sweep(
     """Score a sweep and log it (kind `fid-sweep`, child of the training run): the points as
     metrics `fid/guidance_<w>` (step = point index, `sigma_rel` alongside), CSV and figure."""
     checkpoints = reconstructed_checkpoints(paths)
+    out_dir = out_dir or checkpoints[0][1].parent
+    require_writable_directory(out_dir, "the sweep's output folder")  # before any scoring
     ref = load_reference(reference, pipeline)  # a bad reference fails before any sampling
     points = score_checkpoints(
         checkpoints,
@@ -140,7 +143,6 @@ def run_fid_sweep(
         guide=guide,
         callback=callback,
     )
-    out_dir = out_dir or checkpoints[0][1].parent
     out_dir.mkdir(parents=True, exist_ok=True)
     table = out_dir / "fid_vs_sigma_rel.csv"
     table.write_text(fid_table_csv(points))
@@ -193,6 +195,7 @@ def main(
         inception_weights=inception_weights,
         batch_size=batch_size,
     )
+    check_fid_outputs(ref)
     device = pick_device("auto")
     pipeline = feature_pipeline(config, device)  # missing weights fail before any sampling
     paths = list(checkpoints) or [find_checkpoint(None, None, None).parent / "reconstructed"]

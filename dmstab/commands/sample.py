@@ -10,13 +10,24 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dmstab.atomic import require_writable_directory
 from dmstab.checkpoint import load_checkpoint
+from dmstab.config import Recipe
 from dmstab.console import SampleProgress, console
 from dmstab.devices import pick_device
 from dmstab.distributed import init_distributed, rank_device
 from dmstab.models.generate import generate_for_recipe, sampler_label, write_samples
-from dmstab.tracking import TAG_PARENT, MlflowTracker, NullTracker, Tracker, tracked_run
+from dmstab.tracking import (
+    TAG_PARENT,
+    MlflowTracker,
+    NullTracker,
+    Tracker,
+    check_store_writable,
+    tracked_run,
+)
 from dmstab.train.restore import find_checkpoint, load_guide, network_from_state, stored_recipe
+
+SAMPLES_DIR = Path("samples")  # each run's images go to samples/RUN_ID unless --out says
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,7 @@ def sample(
     device = pick_device(recipe.train.device)
     context = init_distributed(device.type)
     device = rank_device(device, context)
+    context.from_main(lambda: _check_writable(recipe, out_dir))  # every rank stops on failure
     num_classes = int(state.get("num_classes", 0))
     model = network_from_state(state, recipe, use_ema=recipe.sample.use_ema, source=checkpoint)
     model.to(device)
@@ -64,7 +76,7 @@ def sample(
         if not context.is_main:
             return None
         assert tracker.run_id is not None
-        directory = out_dir or Path("samples") / tracker.run_id
+        directory = out_dir or SAMPLES_DIR / tracker.run_id
         stem = f"{sampler_label(recipe, recipe.sample)}_seed{recipe.sample.seed}"
         npz, grid = write_samples(images, directory, stem)
         step = int(state.get("step", 0))
@@ -73,6 +85,12 @@ def sample(
         tracker.log_artifact(npz, "samples")
         tracker.set_tags({"dmstab.checkpoint": str(checkpoint.resolve()), "dmstab.step": str(step)})
     return SampleResult(tracker.run_id, npz, grid, len(images))
+
+
+def _check_writable(recipe: Recipe, out_dir: Path | None) -> None:
+    """The store and the images' folder take files, checked before the network is built."""
+    check_store_writable(recipe.tracking.uri)
+    require_writable_directory(out_dir or SAMPLES_DIR, "the samples folder")
 
 
 def main(

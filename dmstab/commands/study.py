@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from dmstab.analysis.fixed_batch import FixedBatch, diffusion_losses, fixed_batch
 from dmstab.analysis.hessian import Loss
-from dmstab.commands.subjects import Subject
+from dmstab.commands.subjects import ANALYSES_DIR, Subject, check_analysis_writable
 from dmstab.config import Recipe
 from dmstab.errors import DmstabError
 from dmstab.models.gan import (
@@ -27,8 +27,6 @@ from dmstab.models.gan import (
     seeded_latents,
 )
 from dmstab.tracking import TAG_PARENT, MlflowTracker, Tracker, tracked_run
-
-ANALYSES_DIR = Path("analyses")
 
 
 class FixedBatchSettings(Protocol):
@@ -62,6 +60,7 @@ def open_analysis(subjects: Subject | Sequence[Subject], kind: str) -> Iterator[
     tags = {f"dmstab.checkpoint.{i}": str(s.checkpoint.resolve()) for i, s in enumerate(group)}
     if len(group) == 1 and group[0].run_id:
         tags[TAG_PARENT] = str(group[0].run_id)
+    check_analysis_writable(group[0].recipe)
     tracker = MlflowTracker.start(group[0].recipe, kind=kind, extra_tags=tags)
     with tracked_run(tracker):
         assert tracker.run_id is not None

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from dmstab.atomic import require_writable_directory
 from dmstab.checkpoint import CHECKPOINT_NAME, kept_checkpoint, load_checkpoint
 from dmstab.config import ANALYSES, Recipe, load_recipe
 from dmstab.console import SampleProgress, TrainProgress
 from dmstab.errors import DmstabError
-from dmstab.tracking import find_finished_run, run_directory
+from dmstab.tracking import check_store_writable, find_finished_run, run_directory
 from dmstab.train.loop import Progress, train
 from dmstab.train.restore import find_checkpoint, network_from_state, stored_recipe
 
@@ -111,6 +112,16 @@ def trained_subject(
     return Subject(checkpoint, state, recipe, label)
 
 
+ANALYSES_DIR = Path("analyses")  # an analysis's arrays go to analyses/KIND/RUN_ID
+
+
+def check_analysis_writable(recipe: Recipe) -> None:
+    """Refuse an analysis whose MLflow store or analyses/ folder cannot take files, before it
+    trains, loads or computes anything."""
+    check_store_writable(recipe.tracking.uri)
+    require_writable_directory(ANALYSES_DIR, "the analyses folder")
+
+
 @dataclass(frozen=True)
 class AnalysisInputs:
     """An analysis command's arguments: one recipe to train (or reuse), or trained models
@@ -132,7 +143,9 @@ def parse_inputs(arguments: Sequence[str]) -> AnalysisInputs:
         raise DmstabError(
             f"give one recipe or trained models (run ids, checkpoints), not {' and '.join(sources)}"
         )
-    return AnalysisInputs(load_recipe(recipes[0], overrides), (), overrides)
+    recipe = load_recipe(recipes[0], overrides)
+    check_analysis_writable(recipe)  # the recipe's training checks its own train.out_dir
+    return AnalysisInputs(recipe, (), overrides)
 
 
 def subjects_for(

@@ -275,6 +275,10 @@ def run_sweep(
             "a sweep does not run under torchrun; train each child under torchrun instead "
             "(dmstab train RECIPE --dry-run lists the children's overrides)"
         )
+    from dmstab.train.loop import check_writable
+
+    for child in sweep.children:  # before the parent run: a child may name its own out_dir
+        check_writable(child.recipe)
     tracker = _open_parent(sweep, _resolve_parent(sweep, resume))
     assert tracker.run_id is not None
     parent_id, total = tracker.run_id, len(sweep.children)

@@ -2,7 +2,13 @@
 command logs to (`tracker`), runs spooled while a server was away (`spool`, `sync`), finding
 runs (`runs`) and the tags dmstab sets (`tags`)."""
 
-from dmstab.tracking.client import DEFAULT_TRACKING_URI, browse_hint, is_remote, resolve_uri
+from dmstab.tracking.client import (
+    DEFAULT_TRACKING_URI,
+    browse_hint,
+    check_store_writable,
+    is_remote,
+    resolve_uri,
+)
 from dmstab.tracking.runs import (
     RunRecord,
     find_finished_run,
@@ -38,6 +44,7 @@ __all__ = [
     "RunRecord",
     "Tracker",
     "browse_hint",
+    "check_store_writable",
     "find_finished_run",
     "find_resumable_run",
     "find_runs",

@@ -11,6 +11,7 @@ from functools import wraps
 from pathlib import Path
 from typing import Any
 
+from dmstab.atomic import require_writable_directory
 from dmstab.errors import DmstabError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -45,6 +46,24 @@ def resolve_uri(recipe_uri: str | None) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + str(Path(uri[len(prefix) :]).resolve())
     return uri
+
+
+def check_store_writable(recipe_uri: str | None) -> None:
+    """Refuse a local SQLite store this process cannot write, before MLflow opens it: MLflow
+    retries a store it cannot create for minutes, printing SQLAlchemy warnings, and its last
+    error does not say why. SQLite writes its journal beside the database, so the database's
+    directory must be writable, and the file itself when it exists; a new experiment's
+    artifacts go to ./mlruns in the working directory. A server (http/https) is left to the
+    spool, which handles it being away; other stores to MLflow."""
+    uri = resolve_uri(recipe_uri)
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return
+    database = Path(uri[len(prefix) :].partition("?")[0])
+    require_writable_directory(database.parent, "the MLflow store's directory")
+    if database.is_file() and not os.access(database, os.R_OK | os.W_OK):
+        raise DmstabError(f"cannot write the MLflow store {database}: it is read-only")
+    require_writable_directory(Path.cwd(), "the working directory (MLflow's ./mlruns)")
 
 
 def _quiet_mlflow_logs() -> None:

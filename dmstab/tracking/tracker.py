@@ -30,6 +30,7 @@ from dmstab.errors import DmstabError
 from dmstab.tracking.client import (
     FailFastClient,
     ServerUnreachable,
+    check_store_writable,
     ensure_experiment,
     first_line,
     last_logged_steps,
@@ -180,6 +181,7 @@ class MlflowTracker:
         spool_root = Path(recipe.train.out_dir) / SPOOL_DIRNAME
         if resume_run_id is not None:
             uri = resolve_uri(recipe.tracking.uri)
+            check_store_writable(uri)
             client = open_client(uri)
             try:
                 client.update_run(resume_run_id, status="RUNNING")
@@ -231,6 +233,7 @@ class MlflowTracker:
         `offline`: when the server does not answer, a run with a local id, spooled.
         """
         resolved = resolve_uri(uri)
+        check_store_writable(resolved)  # every command's run: one line, not MLflow's retries
         client = open_client(resolved)
         all_tags = {**_standard_tags(kind), **tags}
         try:

@@ -25,7 +25,7 @@ from typing import Protocol
 import torch
 
 from dmstab.analysis.ema_profiles import SNAPSHOT_DTYPES
-from dmstab.atomic import remove_interrupted_writes
+from dmstab.atomic import remove_interrupted_writes, require_writable_directory
 from dmstab.checkpoint import (
     CHECKPOINT_NAME,
     KEPT_DIR,
@@ -61,6 +61,7 @@ from dmstab.tracking import (
     MlflowTracker,
     NullTracker,
     Tracker,
+    check_store_writable,
     find_resumable_run,
     run_info,
     save_figure,
@@ -213,6 +214,13 @@ def _magnitude_monitor(trainer: LoopTrainer, tracker: Tracker) -> MagnitudeMonit
     return monitor
 
 
+def check_writable(recipe: Recipe) -> None:
+    """Refuse, before a run exists or a step is computed, a recipe whose MLflow store or
+    `train.out_dir` this process cannot write (a read-only working directory, say)."""
+    check_store_writable(recipe.tracking.uri)
+    require_writable_directory(Path(recipe.train.out_dir), "train.out_dir")
+
+
 def train(
     recipe: Recipe,
     *,
@@ -231,6 +239,7 @@ def train(
     device = rank_device(device, context)
     if not context.is_main:
         progress, on_sample = None, None
+    context.from_main(lambda: check_writable(recipe))
     resumed = context.broadcast_object(context.from_main(lambda: _resolve_resume(recipe, resume)))
     resume_run_id = resumed if isinstance(resumed, str) else None
     trainer = build_trainer(recipe, device, context)  # bad settings fail before a run exists
