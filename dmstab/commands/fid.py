@@ -3,9 +3,10 @@
 Images come from an `.npz` (uint8 NHWC under `arr_0`), a folder of image files, or a training
 run / checkpoint (sampled with its recipe's sampler, kept in memory). The reference is a
 statistics `.npz` (`mu`, `sigma`), images (`.npz` or folder), a recipe or a `DataConfig`, whose
-dataset's statistics are computed once and cached (dmstab.analysis.scoring). The Inception
-weights file is checked before anything else runs. Under `torchrun` the ranks share the
-sampling; rank 0 alone scores and logs.
+dataset's statistics are computed once and cached (dmstab.analysis.scoring). The inputs are
+checked before anything is computed, in this order: the MLflow store and the statistics cache
+can be written, the images exist, the reference exists, the Inception weights are there. Under
+`torchrun` the ranks share the sampling; rank 0 alone scores and logs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from dmstab.analysis.features import inception_weights_path
 from dmstab.analysis.fid import ImageSource
 from dmstab.analysis.scoring import (
     PAPER_NUM_IMAGES,
@@ -32,6 +34,7 @@ from dmstab.atomic import require_writable_directory
 from dmstab.checkpoint import load_checkpoint
 from dmstab.config import FeatureNetwork
 from dmstab.console import SampleProgress, console, result
+from dmstab.data.images import IMAGE_SUFFIXES, image_files
 from dmstab.devices import pick_device
 from dmstab.distributed import (
     SINGLE_PROCESS,
@@ -94,18 +97,48 @@ def _images_to_score(
     if path.is_dir():
         return folder_images(path, batch_size), {"images": str(path.resolve())}, None
     if path.suffix == ".npz":
-        if not path.is_file():
-            raise DmstabError(f"images to score not found: {path}")
         return npz_images(path), {"images": str(path.resolve())}, None
+    sampled, checkpoint, run_id = sampled_images(
+        images, num_images, device, callback, context=context
+    )
+    return sampled, {"images": images, "checkpoint": str(checkpoint.resolve())}, run_id
+
+
+def check_images(images: str) -> None:
+    """The images to score are there and readable: a folder holding image files, an `.npz`,
+    or the checkpoint of a model (a `.pt`, a run directory or a training run id)."""
+    path = Path(images)
+    if path.is_dir():
+        if not image_files(path, recursive=True):
+            raise DmstabError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}")
+        return
+    if path.suffix == ".npz":
+        _require_readable(path, "images to score")
+        return
     if not path.exists() and path.suffix != ".pt" and (path.suffix or len(path.parts) > 1):
         raise DmstabError(
             f"images to score not found: {path} (expected a folder, an .npz, a checkpoint .pt "
             "or a training run id)"
         )
-    sampled, checkpoint, run_id = sampled_images(
-        images, num_images, device, callback, context=context
-    )
-    return sampled, {"images": images, "checkpoint": str(checkpoint.resolve())}, run_id
+    _require_readable(find_checkpoint(images, None, None), "checkpoint")
+
+
+def _require_readable(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise DmstabError(f"{what} not found: {path}")
+    try:
+        path.open("rb").close()
+    except OSError as exc:
+        raise DmstabError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def check_scoring(reference: Path, features: str, mode: str, weights: str | None) -> None:
+    """The reference is there and the feature network's weights are (Inception: a local file),
+    checked before the network is built or any statistics are computed."""
+    if not reference.exists():
+        raise DmstabError(f"FID reference not found: {reference}")
+    if features == "inception":
+        inception_weights_path(mode, weights)
 
 
 def check_fid_outputs(reference: Path | None) -> None:
@@ -113,6 +146,16 @@ def check_fid_outputs(reference: Path | None) -> None:
     check_store_writable(None)
     if reference is not None and reference.suffix in (".yaml", ".yml"):
         require_writable_directory(stats_cache(), "the statistics cache")
+
+
+def _check_inputs(
+    images: str, reference: Path, features: str, mode: str, weights: str | None
+) -> None:
+    """Every user input, before anything is computed, in the order a user fixes them: where
+    the score goes, the images to score, the reference, the feature network's weights."""
+    check_fid_outputs(reference)
+    check_images(images)
+    check_scoring(reference, features, mode, weights)
 
 
 def score(
@@ -141,11 +184,13 @@ def score(
     device = device or pick_device("auto")
     context = init_distributed(device.type)
     device = rank_device(device, context)
-    context.from_main(lambda: check_fid_outputs(reference))  # every rank stops on failure
+    context.from_main(
+        lambda: _check_inputs(str(images), reference, features, mode, inception_weights)
+    )
     if not context.is_main:
         _images_to_score(str(images), num_images, batch_size, device, None, context)
         return None
-    pipeline = network_pipeline(features, mode, inception_weights, device, batch_size)  # first
+    pipeline = network_pipeline(features, mode, inception_weights, device, batch_size)
     ref = load_reference(reference, pipeline, with_features=with_kid)  # before any sampling
     source, params, sampled_run = _images_to_score(
         str(images), num_images, batch_size, device, callback, context

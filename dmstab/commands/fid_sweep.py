@@ -14,7 +14,7 @@ from pathlib import Path
 from dmstab.analysis.scoring import FeaturePipeline, Reference, image_metrics, load_reference
 from dmstab.atomic import require_writable_directory
 from dmstab.checkpoint import load_checkpoint
-from dmstab.commands.fid import check_fid_outputs, sampled_images
+from dmstab.commands.fid import check_fid_outputs, check_scoring, sampled_images
 from dmstab.config import EvalConfig
 from dmstab.console import SampleProgress, console, result
 from dmstab.devices import pick_device
@@ -53,6 +53,11 @@ def reconstructed_checkpoints(paths: Sequence[Path]) -> list[tuple[float, Path]]
     if len(found) < 2:
         raise DmstabError(f"a sweep needs at least 2 reconstructed checkpoints, found {len(found)}")
     return sorted(found)
+
+
+def _output_folder(checkpoints: Sequence[tuple[float, Path]], out: Path | None) -> Path:
+    """Where the sweep's CSV and figure go: `out`, else beside the checkpoints."""
+    return out or checkpoints[0][1].parent
 
 
 def score_checkpoints(
@@ -131,8 +136,7 @@ def run_fid_sweep(
     """Score a sweep and log it (kind `fid-sweep`, child of the training run): the points as
     metrics `fid/guidance_<w>` (step = point index, `sigma_rel` alongside), CSV and figure."""
     checkpoints = reconstructed_checkpoints(paths)
-    out_dir = out_dir or checkpoints[0][1].parent
-    require_writable_directory(out_dir, "the sweep's output folder")  # before any scoring
+    out_dir = _output_folder(checkpoints, out_dir)
     ref = load_reference(reference, pipeline)  # a bad reference fails before any sampling
     points = score_checkpoints(
         checkpoints,
@@ -195,10 +199,12 @@ def main(
         inception_weights=inception_weights,
         batch_size=batch_size,
     )
-    check_fid_outputs(ref)
-    device = pick_device("auto")
-    pipeline = feature_pipeline(config, device)  # missing weights fail before any sampling
+    check_fid_outputs(ref)  # the inputs in fid's order, before anything is computed
     paths = list(checkpoints) or [find_checkpoint(None, None, None).parent / "reconstructed"]
+    require_writable_directory(_output_folder(reconstructed_checkpoints(paths), out), "--out")
+    check_scoring(ref, features, mode, inception_weights)
+    device = pick_device("auto")
+    pipeline = feature_pipeline(config, device)
     sweep = run_fid_sweep(
         paths,
         ref,

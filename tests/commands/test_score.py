@@ -81,21 +81,41 @@ def test_fid_against_images_and_a_cached_recipe_reference(
     assert len(runs) == 4 and all("fid" in r.data.metrics for r in runs)
 
 
-def test_weights_are_checked_before_a_run_is_looked_up_or_sampled(
-    isolated_workdir: Path, scoring: Scoring
+FID_ORDER = {  # where the score goes, the images, the reference, the weights: the first wrong
+    "images before the reference": (["missing.npz", "--ref", "nothere.npz"], "images to score"),
+    "the reference before the weights": (["a.npz", "--ref", "nothere.npz"], "FID reference not"),
+    "images before a recipe's statistics are computed": (
+        ["missing.npz", "--ref", str(RECIPES / "quickstart.yaml"), "--features", "random_conv"],
+        "images to score not found: missing.npz",
+    ),
+    "a run before the weights": (
+        ["0123456789abcdef0123456789abcdef", "--ref", "a.npz", "--is"],
+        "no MLflow run '0123456789abcdef0123456789abcdef': there is no store",
+    ),
+}
+
+
+@pytest.mark.parametrize(("args", "message"), FID_ORDER.values(), ids=FID_ORDER)
+def test_fid_reports_the_first_wrong_input_before_any_work(
+    args: list[str], message: str, isolated_workdir: Path, scoring: Scoring
 ) -> None:
-    result = scoring(
-        "fid",
-        "0123456789abcdef0123456789abcdef",
-        "--ref",
-        "ref.npz",
-        "--is",
-        env={"HOME": str(isolated_workdir)},
-    )
+    """Without the Inception weights (HOME has none) and before the reference's statistics are
+    computed: the images, then the reference; nothing is written, not even the cache."""
+    _write_npz(isolated_workdir / "a.npz", 4, seed=0)
+    result = scoring("fid", *args, env={"HOME": str(isolated_workdir)})
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "inception-2015-12-05.pt" in lines[0], result.stderr
-    assert not Path("mlflow.db").exists()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert sorted(p.name for p in isolated_workdir.iterdir()) == ["a.npz"]
+
+
+def test_fid_sweep_looks_for_its_checkpoints_before_the_reference_and_weights(
+    isolated_workdir: Path, scoring: Scoring
+) -> None:
+    result = scoring("fid-sweep", "nowhere", "--ref", "nothere.npz", env={"HOME": "."})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "reconstructed checkpoint or folder not found: nowhere" in lines[0]
 
 
 @pytest.mark.parametrize(
