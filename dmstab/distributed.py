@@ -97,6 +97,33 @@ class DistributedContext:
             raise DmstabError(message) if user_error else RuntimeError(f"rank 0: {message}")
         return value
 
+    def decide_together(self, check: Callable[[], None]) -> None:
+        """Run `check` (the user's inputs: files, weights, store) on every rank, then agree on
+        the outcome before any rank goes on to a collective. When it failed anywhere, every
+        rank raises the lowest failing rank's error (a DmstabError when that was one, so each
+        exits 2 with the same line) instead of the others waiting for a rank that has left, up
+        to the process group's 30-minute timeout. `check` may test some inputs on rank 0 only
+        (`is_main`): what only rank 0 writes or reads."""
+        failure: Exception | None = None
+        try:
+            check()
+        except Exception as exc:  # re-raised below, after every rank has heard of it
+            failure = exc
+        if not self.active:
+            if failure is not None:
+                raise failure
+            return
+        told = None if failure is None else (isinstance(failure, DmstabError), str(failure))
+        outcomes: list[object] = [None] * self.world_size
+        dist.all_gather_object(outcomes, told)
+        first = next(((rank, o) for rank, o in enumerate(outcomes) if isinstance(o, tuple)), None)
+        if first is None:
+            return
+        rank, (user_error, message) = first
+        if rank == self.rank and failure is not None:
+            raise failure
+        raise DmstabError(message) if user_error else RuntimeError(f"rank {rank}: {message}")
+
     def shard(self, count: int) -> range:
         """This rank's contiguous share of `count` items; shares differ in size by at most 1."""
         base, extra = divmod(count, self.world_size)

@@ -21,6 +21,8 @@ from dmstab.analysis.features import inception_weights_path
 from dmstab.analysis.fid import ImageSource
 from dmstab.analysis.scoring import (
     PAPER_NUM_IMAGES,
+    FeaturePipeline,
+    Reference,
     Score,
     folder_images,
     image_metrics,
@@ -149,13 +151,35 @@ def check_fid_outputs(reference: Path | None) -> None:
 
 
 def _check_inputs(
-    images: str, reference: Path, features: str, mode: str, weights: str | None
+    images: str,
+    reference: Path,
+    features: str,
+    mode: str,
+    weights: str | None,
+    context: DistributedContext,
 ) -> None:
     """Every user input, before anything is computed, in the order a user fixes them: where
-    the score goes, the images to score, the reference, the feature network's weights."""
-    check_fid_outputs(reference)
+    the score goes, the images to score, the reference, the feature network's weights. Every
+    rank samples, so each checks the images; the rest is rank 0's alone."""
+    if context.is_main:
+        check_fid_outputs(reference)
     check_images(images)
-    check_scoring(reference, features, mode, weights)
+    if context.is_main:
+        check_scoring(reference, features, mode, weights)
+
+
+def _feature_reference(
+    features: FeatureNetwork,
+    mode: str,
+    weights: str | None,
+    device: torch.device,
+    batch_size: int,
+    reference: Path,
+    with_kid: bool,
+) -> tuple[FeaturePipeline, Reference]:
+    """The feature network and the reference's statistics (computed and cached for a recipe)."""
+    pipeline = network_pipeline(features, mode, weights, device, batch_size)
+    return pipeline, load_reference(reference, pipeline, with_features=with_kid)
 
 
 def score(
@@ -184,17 +208,20 @@ def score(
     device = device or pick_device("auto")
     context = init_distributed(device.type)
     device = rank_device(device, context)
-    context.from_main(
-        lambda: _check_inputs(str(images), reference, features, mode, inception_weights)
+    context.decide_together(  # every rank exits 2 at once when an input is wrong
+        lambda: _check_inputs(str(images), reference, features, mode, inception_weights, context)
     )
-    if not context.is_main:
-        _images_to_score(str(images), num_images, batch_size, device, None, context)
-        return None
-    pipeline = network_pipeline(features, mode, inception_weights, device, batch_size)
-    ref = load_reference(reference, pipeline, with_features=with_kid)  # before any sampling
+    prepared = context.from_main(  # the other ranks wait here, and hear when it fails
+        lambda: _feature_reference(
+            features, mode, inception_weights, device, batch_size, reference, with_kid
+        )
+    )
     source, params, sampled_run = _images_to_score(
         str(images), num_images, batch_size, device, callback, context
     )
+    if prepared is None:  # a torchrun rank other than 0: it only helped sample
+        return None
+    pipeline, ref = prepared
     generated = pipeline.features(source)
     names = [name for name, wanted in (("fid", True), ("kid", with_kid), ("is", with_is)) if wanted]
     metrics = image_metrics(generated, ref, pipeline, names)

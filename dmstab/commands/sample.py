@@ -54,15 +54,16 @@ def sample(
     device = pick_device(recipe.train.device)
     context = init_distributed(device.type)
     device = rank_device(device, context)
-    context.from_main(lambda: _check_writable(recipe, out_dir))  # every rank stops on failure
+    context.decide_together(lambda: _check_writable(recipe, out_dir) if context.is_main else None)
     num_classes = int(state.get("num_classes", 0))
     model = network_from_state(state, recipe, use_ema=recipe.sample.use_ema, source=checkpoint)
     model.to(device)
     train_run = state.get("run_id")
     tags = {TAG_PARENT: str(train_run)} if train_run else {}
-    tracker: Tracker = NullTracker()
-    if context.is_main:
-        tracker = MlflowTracker.start(recipe, kind="sample", extra_tags=tags)
+    started = context.from_main(  # a store that fails here stops every rank, not rank 0 alone
+        lambda: MlflowTracker.start(recipe, kind="sample", extra_tags=tags)
+    )
+    tracker: Tracker = started if started is not None else NullTracker()
     with tracked_run(tracker):
         images = generate_for_recipe(
             model,
