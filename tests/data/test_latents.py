@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from dmstab.checkpoint import load_checkpoint
 from dmstab.cli import app
-from dmstab.config import DataConfig, load_recipe
+from dmstab.config import DataConfig, from_mapping, load_recipe
 from dmstab.data import build_dataset
 from dmstab.data.latents import (
     FINAL_STD,
@@ -316,3 +316,36 @@ def test_tiny_edm_training_on_latents_through_the_cli(
     # No VAE here: the end-of-training samples are latent previews, R×R rather than 8R×8R.
     previews = np.load(run_dir / "samples" / "step_00000004.npz")["arr_0"]
     assert previews.shape == (4, RESOLUTION, RESOLUTION, 3) and previews.dtype == np.uint8
+
+
+PIXEL_NETWORKS = {  # networks written for RGB, at a few thousand parameters on 8×8 latents
+    "adm_unet": (RECIPES / "quickstart.yaml", ["model.channel_mult=[1,2]"]),
+    "uvit": (RECIPES / "mini_uvit.yaml", ["model.patch_size=2"]),
+}
+
+
+@pytest.mark.parametrize(("recipe", "extra"), PIXEL_NETWORKS.values(), ids=PIXEL_NETWORKS)
+def test_pixel_space_networks_take_the_latents_four_channels(
+    recipe: Path, extra: list[str], isolated_workdir: Path
+) -> None:
+    """`data.name: latents` gives adm_unet and uvit 4 input and output channels (they were
+    fixed at 3 once: a shape error at step 1, after the MLflow run existed): one step trains."""
+    _write_npz(isolated_workdir / "latents.npz", count=8)
+    result = CliRunner().invoke(
+        app,
+        [
+            "train", str(recipe), "data.name=latents", "data.root=latents.npz",
+            f"data.resolution={RESOLUTION}", "train.steps=1", "train.batch_size=4",
+            "train.device=cpu", "train.precision=fp32", "sample.num_images=2",
+            "sample.batch_size=2", "sample.steps=5", "tracking.experiment=tests", *extra,
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (checkpoint,) = Path("runs").glob("*/checkpoint.pt")
+    state = load_checkpoint(checkpoint)
+    model = build_model(from_mapping(state["recipe"]), num_classes=5)
+    model.load_state_dict(state["model"])
+    latents = torch.randn(2, 4, RESOLUTION, RESOLUTION)
+    with torch.no_grad():
+        out = model(latents, torch.tensor([1, 2]), torch.tensor([0, 1]))
+    assert out.shape == latents.shape
