@@ -143,10 +143,10 @@ def check_scoring(reference: Path, features: str, mode: str, weights: str | None
         inception_weights_path(mode, weights)
 
 
-def check_fid_outputs(reference: Path | None) -> None:
+def check_fid_outputs(reference: Path) -> None:
     """What scoring writes: its MLflow run, and a recipe reference's cached statistics."""
     check_store_writable(None)
-    if reference is not None and reference.suffix in (".yaml", ".yml"):
+    if reference.suffix in (".yaml", ".yml"):
         require_writable_directory(stats_cache(), "the statistics cache")
 
 

@@ -201,7 +201,8 @@ def main(
     )
     check_fid_outputs(ref)  # the inputs in fid's order, before anything is computed
     paths = list(checkpoints) or [find_checkpoint(None, None, None).parent / "reconstructed"]
-    require_writable_directory(_output_folder(reconstructed_checkpoints(paths), out), "--out")
+    folder = _output_folder(reconstructed_checkpoints(paths), out)
+    require_writable_directory(folder, "the sweep's output folder")
     check_scoring(ref, features, mode, inception_weights)
     device = pick_device("auto")
     pipeline = feature_pipeline(config, device)
