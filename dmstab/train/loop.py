@@ -38,6 +38,7 @@ from dmstab.config import (
     differences,
     fingerprint,
     from_mapping,
+    load_tree,
     result_dict,
     to_yaml,
 )
@@ -104,10 +105,8 @@ def _resolve_resume(recipe: Recipe, resume: str | None) -> str | None:
     if tags.get(TAG_FINGERPRINT) != fingerprint(recipe):
         stored = Path(tags.get(TAG_RUN_DIR, "")) / "recipe.yaml"
         detail = ""
-        if stored.is_file():
-            from dmstab.config import load_recipe
-
-            changed = differences(load_recipe(stored), recipe)
+        if stored.is_file():  # a dump, read as stored: older ones wrote train.steps and kimg
+            changed = differences(from_mapping(load_tree(stored)), recipe)
             detail = ": " + "; ".join(changed[:5])
         raise DmstabError(f"recipe differs from the one run {resume} was started with{detail}")
     return resume

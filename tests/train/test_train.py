@@ -120,3 +120,24 @@ def test_resume_with_a_different_recipe_is_refused() -> None:
         train(_recipe("train.steps=2"), resume=first.run_id)
     with pytest.raises(DmstabError, match="no MLflow run"):
         train(_recipe(), resume="0123456789abcdef")
+
+
+def test_resuming_another_recipes_run_names_the_change_even_from_an_older_dump(
+    isolated_workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs started before the dump wrote one length key kept train.steps beside train.kimg in
+    their recipe.yaml; the refusal still reads it to say what changed."""
+    import yaml
+
+    from dmstab.config import to_dict
+    from dmstab.tracking import TAG_FINGERPRINT, TAG_RUN_DIR
+    from dmstab.train import loop
+
+    recipe = load_recipe(RECIPES / "edm2_mini.yaml")
+    older = to_dict(load_recipe(RECIPES / "edm2_mini.yaml", ["optim.lr=0.5"]))
+    assert older["train"]["kimg"] > 0 and "steps" in older["train"]
+    (isolated_workdir / "recipe.yaml").write_text(yaml.safe_dump(older))
+    tags = {TAG_FINGERPRINT: "another", TAG_RUN_DIR: str(isolated_workdir)}
+    monkeypatch.setattr(loop, "run_info", lambda run_id, uri: (tags, "RUNNING"))
+    with pytest.raises(DmstabError, match=r"started with: optim.lr: 0.5 -> "):
+        train(recipe, resume="0123456789abcdef")
