@@ -36,7 +36,7 @@ from dmstab.atomic import require_writable_directory
 from dmstab.checkpoint import load_checkpoint
 from dmstab.config import FeatureNetwork
 from dmstab.console import SampleProgress, console, result
-from dmstab.data.images import IMAGE_SUFFIXES, image_files
+from dmstab.data.images import IMAGE_SUFFIXES, image_files, read_npz_images
 from dmstab.devices import pick_device
 from dmstab.distributed import (
     SINGLE_PROCESS,
@@ -46,6 +46,7 @@ from dmstab.distributed import (
 )
 from dmstab.errors import DmstabError
 from dmstab.models.generate import generate_for_recipe
+from dmstab.reading import require_file
 from dmstab.tracking import TAG_PARENT, MlflowTracker, check_store_writable, tracked_run
 from dmstab.train.restore import find_checkpoint, load_guide, network_from_state, stored_recipe
 
@@ -115,23 +116,15 @@ def check_images(images: str) -> None:
             raise DmstabError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}")
         return
     if path.suffix == ".npz":
-        _require_readable(path, "images to score")
+        require_file(path, "images to score")
+        read_npz_images(path)  # in full, checked: scoring reads it again after the reference
         return
     if not path.exists() and path.suffix != ".pt" and (path.suffix or len(path.parts) > 1):
         raise DmstabError(
             f"images to score not found: {path} (expected a folder, an .npz, a checkpoint .pt "
             "or a training run id)"
         )
-    _require_readable(find_checkpoint(images, None, None), "checkpoint")
-
-
-def _require_readable(path: Path, what: str) -> None:
-    if not path.is_file():
-        raise DmstabError(f"{what} not found: {path}")
-    try:
-        path.open("rb").close()
-    except OSError as exc:
-        raise DmstabError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    load_checkpoint(find_checkpoint(images, None, None))  # read in full: sampling reads it again
 
 
 def check_scoring(reference: Path, features: str, mode: str, weights: str | None) -> None:
