@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from scipy.optimize import brentq
 
 from dmstab.atomic import write_atomically
 from dmstab.checkpoint import load_checkpoint, save_checkpoint
@@ -52,6 +51,8 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     check_sigma_rel(sigma_rel)
     if sigma_rel == SIGMA_REL_MAX:
         return 0.0
+    from scipy.optimize import brentq  # here: scipy.optimize takes a second to import
+
     root = brentq(lambda g: gamma_to_sigma_rel(g) - sigma_rel, 0.0, 1.0 / sigma_rel, xtol=1e-13)
     return float(root)
 

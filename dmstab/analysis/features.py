@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Protocol, cast
 
 import torch
-import torchvision
 from torch import nn
 
 from dmstab.analysis.resize import INCEPTION_SIZE, Preprocess, preprocessor
@@ -135,7 +134,9 @@ class TorchscriptInception(nn.Module):
 
 def pytorch_fid_inception_v3() -> nn.Module:
     """pytorch-fid's FID Inception-v3 (torchvision's, 1008 classes, patched blocks), untrained."""
-    # The FID variants of the mixed blocks are clean-fid's own classes.
+    # Imported here: torchvision brings torch._dynamo with it, seconds that a command refusing a
+    # bad input should not wait. The FID variants of the mixed blocks are clean-fid's own classes.
+    import torchvision
     from cleanfid.inception_pytorch import (
         FIDInceptionA,
         FIDInceptionC,
