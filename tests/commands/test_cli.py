@@ -20,6 +20,38 @@ def test_help_shows_examples(command: list[str], dmstab: Runner) -> None:
     assert "Examples" in result.stdout and "dmstab" in result.stdout
 
 
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["trian"], "error: No such command 'trian'. Did you mean 'train'?; see 'dmstab --help'"),
+        (["--verbose"], "error: No such option: --verbose (Possible options: --version); see"),
+        (["train", "--dryrun"], "error: No such option: --dryrun"),
+        (["fid", "--ref", "a.npz"], "error: Missing argument 'images'; see 'dmstab fid --help'"),
+        (["fid-sweep"], "error: Missing option '--ref'; see 'dmstab fid-sweep --help'"),
+        (["sample", "--out"], "error: Option '--out' requires an argument; see 'dmstab sample"),
+        (
+            ["ema-reconstruct", "--sigma-rel", "0.1.3"],
+            "error: Invalid value for '--sigma-rel': ",
+        ),
+        (["analyse"], "error: Missing argument 'name'; see 'dmstab analyse --help'"),
+    ],
+)
+def test_usage_mistakes_are_one_line_and_exit_2(args: list[str], line: str, dmstab: Runner) -> None:
+    """click's usage box (Usage:, Try ..., a framed message) becomes the one `error:` line."""
+    result = dmstab(*args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith(line), result.stderr
+    assert result.stderr.rstrip().endswith(" --help'"), result.stderr
+
+
+def test_bare_dmstab_still_prints_the_help(dmstab: Runner) -> None:
+    result = dmstab()
+    assert "Usage:" in result.stdout + result.stderr and "Examples" in result.stdout
+    assert "error:" not in result.stderr
+
+
 def test_dry_run_prints_the_papers_hyperparameters(dmstab: Runner) -> None:
     result = dmstab("train", str(RECIPES / "cifar10_clts.yaml"), "--dry-run")
     assert result.returncode == 0, result.stderr
