@@ -40,6 +40,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         counts.record(tests=1)
 
 
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    line = counts.slowest_answer()
+    if line is not None:
+        terminalreporter.write_line(line)
+
+
 def _child_env() -> dict[str, str]:
     """One thread per child: tiny models run fastest so, and in step with an in-process run."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

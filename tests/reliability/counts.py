@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 TOTALS = {"trials": 0, "faults": 0, "resumes": 0, "losses": 0, "tests": 0}
+# seconds each mistake of the bad-input catalogue took to be refused, in this process
+ANSWER_SECONDS: dict[str, float] = {}
 
 
 def record(
@@ -27,4 +29,15 @@ def summary() -> str:
     return (
         f"fault-injection: {t['trials']} trials, {t['faults']} faults injected, "
         f"{t['resumes']} resumes, {t['losses']} losses"
+    )
+
+
+def slowest_answer() -> str | None:
+    """One line on the bad-input catalogue's refusals timed here, or None if none were."""
+    if not ANSWER_SECONDS:
+        return None
+    what, seconds = max(ANSWER_SECONDS.items(), key=lambda item: item[1])
+    return (
+        f"bad-input catalogue: {len(ANSWER_SECONDS)} mistakes answered, "
+        f"slowest in {seconds:.2f} s ({what})"
     )
