@@ -16,6 +16,7 @@ from dmstab.config import Recipe
 from dmstab.console import SampleProgress, console
 from dmstab.devices import pick_device
 from dmstab.distributed import init_distributed, rank_device
+from dmstab.errors import DmstabError
 from dmstab.models.generate import generate_for_recipe, sampler_label, write_samples
 from dmstab.tracking import (
     TAG_PARENT,
@@ -48,6 +49,8 @@ def sample(
     callback: Callable[[int, int], None] | None = None,
 ) -> SampleResult | None:
     """The images' files and run on rank 0 (or a single process); None on the other ranks."""
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise DmstabError(f"--out {out_dir} is a file; give a folder for the images")
     checkpoint = find_checkpoint(source, experiment, uri)
     state = load_checkpoint(checkpoint)
     recipe = stored_recipe(state, checkpoint, overrides)

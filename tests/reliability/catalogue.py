@@ -388,10 +388,9 @@ SAMPLE = [
     Mistake(
         "sample into a file",
         ("sample", "{run}", "--out", "notes.txt"),
-        "notes.txt",
+        "--out notes.txt is a file",
         files={"notes.txt": text("mine\n")},
         trained="dm",
-        fixed_on="",
     ),
     Mistake(
         "sample the latest run of an experiment that does not exist",
