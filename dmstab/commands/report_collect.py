@@ -375,6 +375,12 @@ def build_report(
     key = metric_key(metric or first.paper.metric or "fid")
     base = _method(base_targets[0], key) if base_targets else None
     methods = _unique([base] if base else [], (_method(t, key) for t in targets))
+    if metric is not None and not any(method.measured for method in methods):
+        logged = sorted({name for method in methods for name in method.run.metrics})
+        raise DmstabError(
+            f"--metric {metric}: no reported run logged {key}; they logged: "
+            f"{', '.join(logged) or 'no metrics'}"
+        )
     return Report(key, methods, base, speed_ups(base, methods, key) if base else [])
 
 

@@ -629,9 +629,8 @@ REPORT_AND_SYNC = [
     Mistake(
         "report a metric nobody logs",
         ("report", "{run}", "--metric", "fdi"),
-        "fdi",
+        "--metric fdi: no reported run logged fdi; they logged: ",
         trained="dm",
-        fixed_on="",
     ),
     Mistake(
         "a speed-up baseline that is nothing",
