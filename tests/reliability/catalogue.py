@@ -97,6 +97,18 @@ def folder(**entries: Writer) -> Writer:
     return write
 
 
+def npy_folder(count: int, shape: tuple[int, ...]) -> Writer:
+    """`count` float32 .npy arrays of `shape`: a folder of latents, without labels."""
+
+    def write(path: Path) -> None:
+        path.mkdir()
+        for index in range(count):
+            np.save(path / f"{index}.npy", np.zeros(shape, np.float32))
+
+    return write
+
+
+LATENTS = npy_folder(8, (4, 16, 16))  # Stable Diffusion VAE latents of 128x128 images
 IMAGES = npz(arr_0=np.zeros((8, 16, 16, 3), np.uint8))  # uint8 NHWC, what `sample` writes
 STATS = npz(mu=np.zeros(4), sigma=np.eye(4))  # FID reference statistics of 4 features
 
@@ -158,7 +170,7 @@ RECIPE_FILES = [
     Mistake(
         "a YAML syntax error names its line",
         ("train", "broken.yaml"),
-        "line 4",
+        "that starts on line 4",
         files={"broken.yaml": YAML_SYNTAX_ERROR},
     ),
     Mistake(
@@ -203,8 +215,23 @@ OVERRIDES = [
         ("train", QUICKSTART, "sample.sampler=ddpm", "sample.eta=0.5"),
         "sample.eta=0.5 is DDIM's η",
     ),
-    Mistake("latents with the ADM UNet", ("train", QUICKSTART, "data.name=latents"), "latents"),
-    Mistake("latents with U-ViT", ("train", UVIT, "data.name=latents"), "latents"),
+    Mistake(
+        "latents with the ADM UNet but no data.root",
+        ("train", QUICKSTART, "data.name=latents"),
+        "data.root is required for data.name='latents'",
+    ),
+    Mistake(
+        "unlabelled latents for the class-conditional ADM UNet",
+        ("train", *SMALL, "data.name=latents", "data.root=latents"),
+        "model.class_cond is true but the dataset has no labels",
+        files={"latents": LATENTS},
+    ),
+    Mistake(
+        "unlabelled latents for the class-conditional U-ViT",
+        ("train", UVIT, "data.name=latents", "data.root=latents", "data.resolution=16"),
+        "model.class_cond is true but the dataset has no labels",
+        files={"latents": LATENTS},
+    ),
     Mistake("train.steps beside train.kimg", ("train", *SMALL, "train.kimg=1"), "train.kimg"),
     Mistake(
         "train.steps at its default beside train.kimg",
@@ -264,7 +291,9 @@ PATHS_AND_ENVIRONMENT = [
         fixed_on="",
     ),
     Mistake(
-        "training on a GPU the machine lacks", ("train", *SMALL, "train.device=cuda:7"), "cuda"
+        "a CUDA device index as train.device",
+        ("train", *SMALL, "train.device=cuda:7"),
+        "'train.device' is 'cuda:7'; allowed:",
     ),
     Mistake(
         "a read-only working directory",
@@ -508,7 +537,7 @@ FID = [
     Mistake(
         "fid against a broken recipe",
         ("fid", "images.npz", "--ref", "broken.yaml", "--features", "random_conv"),
-        "line 4",
+        "recipe broken.yaml line 5 is not valid YAML",
         files={"images.npz": IMAGES, "broken.yaml": YAML_SYNTAX_ERROR},
     ),
     Mistake(
