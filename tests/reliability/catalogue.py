@@ -52,7 +52,7 @@ def empty(path: Path) -> None:
 
 
 def garbage(path: Path) -> None:
-    """Bytes that are no file format at all (a download cut off into an HTML page, say)."""
+    """Random bytes: no file format at all (a file overwritten, or the wrong download)."""
     path.write_bytes(np.random.default_rng(0).bytes(4096))
 
 
@@ -64,13 +64,14 @@ def truncated_torch(path: Path) -> None:
 
 
 def pickled_code(path: Path) -> None:
-    """A .pt whose pickle calls os.system when loaded (weights-only loading must refuse it)."""
+    """A .pt whose pickle runs `touch pwned` when loaded: weights-only loading must refuse it,
+    and the working directory's digest would show the new file if it ran."""
     torch.save({"model": _Payload()}, path)
 
 
 class _Payload:
     def __reduce__(self) -> tuple[Callable[[str], int], tuple[str]]:
-        return os.system, ("true",)
+        return os.system, ("touch pwned",)
 
 
 def torch_object(value: object) -> Writer:
@@ -228,7 +229,15 @@ OVERRIDES = [
     ),
     Mistake(
         "unlabelled latents for the class-conditional U-ViT",
-        ("train", UVIT, "data.name=latents", "data.root=latents", "data.resolution=16"),
+        (
+            "train",
+            UVIT,
+            "data.name=latents",
+            "data.root=latents",
+            "data.resolution=16",
+            "train.steps=2",
+            "train.batch_size=4",
+        ),
         "model.class_cond is true but the dataset has no labels",
         files={"latents": LATENTS},
     ),
