@@ -224,6 +224,13 @@ def init_distributed(device_type: str) -> DistributedContext:
     if not all(name in os.environ for name in _ENV) or not launched_by_torchrun():
         return SINGLE_PROCESS
     context = DistributedContext(_env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK"))
+    rendezvous = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if rendezvous and not dist.is_initialized():  # torchrun sets both; a copied shell may not
+        raise DmstabError(
+            f"WORLD_SIZE={context.world_size} says this is one of several ranks, but "
+            f"{' and '.join(rendezvous)} {'is' if len(rendezvous) == 1 else 'are'} not set: "
+            "start it with torchrun, or unset WORLD_SIZE, RANK and LOCAL_RANK"
+        )
     if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         if backend == "nccl":
