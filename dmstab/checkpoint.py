@@ -36,7 +36,8 @@ def load_weights(model: nn.Module, weights: dict[str, Any], source: Path) -> nn.
     return model.eval()
 
 
-def load_checkpoint(path: Path, kind: str = "checkpoint") -> dict[str, Any]:
-    """A dictionary with a 'model' entry, loaded weights-only (`dmstab.reading`)."""
-    state: dict[str, Any] = read_torch(path, kind, required=("model",))
+def load_checkpoint(path: Path, kind: str = "checkpoint", *, mmap: bool = False) -> dict[str, Any]:
+    """A dictionary with a 'model' entry, loaded weights-only (`dmstab.reading`); `mmap` maps
+    the tensors instead of reading them."""
+    state: dict[str, Any] = read_torch(path, kind, required=("model",), mmap=mmap)
     return state

@@ -216,8 +216,9 @@ def _refuse_plain_pickle(path: Path, kind: str) -> None:
 # --------------------------------------------------------------------------- torch
 
 
-def read_torch(path: Path, kind: str, required: Sequence[str] = ()) -> Any:
-    """A torch file loaded weights-only on the CPU; with `required`, a dict holding those keys."""
+def read_torch(path: Path, kind: str, required: Sequence[str] = (), *, mmap: bool = False) -> Any:
+    """A torch file loaded weights-only on the CPU; with `required`, a dict holding those keys.
+    With `mmap` the tensors are mapped, not read: the whole file is checked at little cost."""
     require_file(path, kind)
     with _reading(path, kind, "torch file"), warnings.catch_warnings():
         _expect_zip(path, kind, TORCH)
@@ -226,7 +227,7 @@ def read_torch(path: Path, kind: str, required: Sequence[str] = ()) -> Any:
         _refuse_plain_pickle(path, kind)
         # torch warns about an unusual pickle protocol before refusing or loading it
         warnings.simplefilter("ignore")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     if required:
         if not isinstance(state, dict):
             raise not_a(path, kind, f"it holds {type(state).__name__}, not a dictionary")

@@ -145,9 +145,11 @@ def list_snapshots(directory: Path) -> list[SnapshotInfo]:
     return sorted(found, key=lambda info: (info.step, info.sigma_rel))
 
 
-def load_snapshot(path: Path) -> tuple[dict[str, torch.Tensor], SnapshotInfo]:
-    """Weights and metadata of one snapshot file, loaded weights-only."""
-    state = load_checkpoint(path, SNAPSHOT_KIND)
+def load_snapshot(
+    path: Path, *, mmap: bool = False
+) -> tuple[dict[str, torch.Tensor], SnapshotInfo]:
+    """Weights and metadata of one snapshot file, loaded weights-only (`mmap`: mapped, not read)."""
+    state = load_checkpoint(path, SNAPSHOT_KIND, mmap=mmap)
     weights = state["model"]
     if not isinstance(weights, dict) or not all(
         isinstance(v, torch.Tensor) for v in weights.values()

@@ -21,6 +21,7 @@ from dmstab.analysis.ema_profiles import (
     check_sigma_rel,
     gamma_to_sigma_rel,
     list_snapshots,
+    load_snapshot,
     sigma_rel_to_gamma,
 )
 from dmstab.analysis.ema_reconstruct import reconstruct, solve_coefficients
@@ -136,6 +137,8 @@ def reconstruct_ema(
     out_dir = out_dir or directory.parent / "reconstructed"
     check_store_writable(recipe.tracking.uri)  # before the run and the reconstruction
     require_writable_directory(out_dir, "the reconstruction folder")
+    for info in plan.snapshots:  # every file it combines readable before a run opens: mapped,
+        load_snapshot(info.path, mmap=True)  # so a damaged one costs no reading of the rest
     tags = {TAG_PARENT: str(train_run)} if train_run else {}
     tags["dmstab.sigma_rels"] = ",".join(f"{s:g}" for s in plan.sigma_rels)
     tags["dmstab.step"] = str(plan.step)
