@@ -76,19 +76,26 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     workeroutput = getattr(session.config, "workeroutput", None)
     if workeroutput is not None:
         workeroutput["fault_injection"] = dict(fault_injection.TOTALS)
+        workeroutput["fault_injection_moments"] = dict(fault_injection.MOMENTS)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node: object, error: object) -> None:
     """The pytest-xdist controller adds up its workers' fault-injection totals."""
-    fault_injection.merge(getattr(node, "workeroutput", {}).get("fault_injection", {}))
+    output = getattr(node, "workeroutput", {})
+    fault_injection.merge(
+        output.get("fault_injection", {}), output.get("fault_injection_moments", {})
+    )
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """The fault-injection suite's line, and its totals as JSON at $DMSTAB_RELIABILITY_REPORT."""
+    """The fault-injection suite's line (and its kills by moment), and its totals as JSON at $DMSTAB_RELIABILITY_REPORT."""
     if not fault_injection.TOTALS["tests"]:
         return
     terminalreporter.write_line(fault_injection.summary())
+    moments = fault_injection.moments_line()
+    if moments is not None:
+        terminalreporter.write_line(moments)
     target = os.environ.get(REPORT_ENV)
     if target:
         Path(target).write_text(json.dumps(fault_injection.TOTALS, indent=1) + "\n")

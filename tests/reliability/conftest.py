@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -46,19 +46,25 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(line)
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(extra: Mapping[str, str] | None) -> dict[str, str]:
     """One thread per child: tiny models run fastest so, and in step with an in-process run."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", **(extra or {})}
 
 
-def start_dmstab(*args: str, preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen[str]:
-    """`dmstab ARGS` as a child process in the current directory, output captured."""
+def start_dmstab(
+    *args: str,
+    preexec_fn: Callable[[], None] | None = None,
+    env: Mapping[str, str] | None = None,
+    launcher: Sequence[str] = ("-m", "dmstab"),
+) -> subprocess.Popen[str]:
+    """`dmstab ARGS` as a child process in the current directory, output captured; `env` is
+    added to the environment, `launcher` replaces `-m dmstab` (a script that runs dmstab)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "dmstab", *args],
+        [sys.executable, *launcher, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=_child_env(),
+        env=_child_env(env),
         preexec_fn=preexec_fn,
     )
 

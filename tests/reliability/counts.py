@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 TOTALS = {"trials": 0, "faults": 0, "resumes": 0, "losses": 0, "tests": 0}
 # seconds each mistake of the bad-input catalogue took to be refused, in this process
 ANSWER_SECONDS: dict[str, float] = {}
+MOMENTS: Counter[str] = Counter()  # kill -9s by the moment they struck (test_kill9, test_soak)
 
 
 def record(
@@ -18,9 +21,24 @@ def record(
         TOTALS[key] += value
 
 
-def merge(totals: dict[str, int]) -> None:
+def killed_at(moment: str) -> None:
+    """One kill -9 at `moment` (also counted as a trial and a fault)."""
+    record(trials=1, faults=1)
+    MOMENTS[moment] += 1
+
+
+def merge(totals: dict[str, int], moments: dict[str, int] | None = None) -> None:
     """Add another process's totals (a pytest-xdist worker's) to these."""
     record(**totals)
+    MOMENTS.update(moments or {})
+
+
+def moments_line() -> str | None:
+    """The kills by moment, e.g. `fault-injection kills by moment: checkpoint 3, step 4`."""
+    if not MOMENTS:
+        return None
+    parts = ", ".join(f"{moment} {count}" for moment, count in sorted(MOMENTS.items()))
+    return f"fault-injection kills by moment: {parts}"
 
 
 def summary() -> str:
