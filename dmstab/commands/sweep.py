@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from dmstab.train.loop import Progress
 
 SWEEP_KEYS = ("points", "grid")
+SWEEP_ARTIFACT = "sweep.yaml"  # the parent run's: the base recipe and its `sweep:` section
 _SHARED_KEYS = ("name", "tracking")  # the sweep names its children and keeps them in one store
 Setting = tuple[str, Any]  # ("timesteps.sampler", "clts")
 Action = Literal["new", "resumed", "skipped"]
@@ -325,13 +326,20 @@ def _resolve_parent(sweep: Sweep, resume: str | None) -> str | None:
 def _open_parent(sweep: Sweep, run_id: str | None) -> MlflowTracker:
     """Reopen the parent run `run_id`, or create one holding the sweep and the base recipe."""
     base = sweep.base
-    if run_id is not None:
-        return MlflowTracker.start(base, kind="sweep", resume_run_id=run_id)
     params = {
         **flatten(base),
         "sweep.children": str(len(sweep.children)),
         **{f"sweep.{key}": json.dumps(value, default=str) for key, value in sweep.spec.items()},
     }
+    sweep_yaml = to_yaml(base) + yaml.safe_dump({"sweep": dict(sweep.spec)}, sort_keys=False)
+    if run_id is not None:  # a parent killed in its setup gets its params and sweep.yaml now
+        return MlflowTracker.reopen(
+            run_id,
+            uri=base.tracking.uri,
+            params=params,
+            texts={SWEEP_ARTIFACT: sweep_yaml},
+            flush_every=base.tracking.flush_every,
+        )
     tracker = MlflowTracker.create(
         experiment=base.tracking.experiment,
         kind="sweep",
@@ -341,8 +349,7 @@ def _open_parent(sweep: Sweep, run_id: str | None) -> MlflowTracker:
         run_name=base.tracking.run_name or base.name,
         flush_every=base.tracking.flush_every,
     )
-    sweep_yaml = yaml.safe_dump({"sweep": dict(sweep.spec)}, sort_keys=False)
-    tracker.log_text(to_yaml(base) + sweep_yaml, "sweep.yaml")
+    tracker.log_text(sweep_yaml, SWEEP_ARTIFACT)
     return tracker
 
 

@@ -179,23 +179,16 @@ class MlflowTracker:
         With `tracking.offline` and a server that does not answer, a new run starts spooled.
         """
         spool_root = Path(recipe.train.out_dir) / SPOOL_DIRNAME
+        params = run_params(recipe, kind)
         if resume_run_id is not None:
-            uri = resolve_uri(recipe.tracking.uri)
-            check_store_writable(uri)
-            client = open_client(uri)
-            try:
-                client.update_run(resume_run_id, status="RUNNING")
-            except ServerUnreachable:
-                raise
-            except Exception as exc:  # the run is gone or the store cannot be written
-                raise DmstabError(
-                    f"cannot reopen run {resume_run_id} in {uri}: {first_line(exc)}"
-                ) from None
-            tracker = cls(
-                client, resume_run_id, recipe.tracking.flush_every, uri=uri, spool_root=spool_root
+            return cls.reopen(
+                resume_run_id,
+                uri=recipe.tracking.uri,
+                params=params,
+                texts={"recipe.yaml": to_yaml(recipe)},
+                flush_every=recipe.tracking.flush_every,
+                spool_root=spool_root,
             )
-            tracker.set_tags({TAG_COMMAND + ".resume": " ".join(["dmstab", *sys.argv[1:]])})
-            return tracker
         tags = {TAG_RECIPE_NAME: recipe.name, TAG_FINGERPRINT: fingerprint(recipe)}
         if parent_run_id:
             tags[TAG_PARENT] = parent_run_id
@@ -203,7 +196,7 @@ class MlflowTracker:
         tracker = cls.create(
             experiment=recipe.tracking.experiment,
             kind=kind,
-            params=run_params(recipe, kind),
+            params=params,
             tags=tags,
             uri=recipe.tracking.uri,
             run_name=recipe.tracking.run_name,
@@ -213,6 +206,49 @@ class MlflowTracker:
         )
         tracker.log_text(to_yaml(recipe), "recipe.yaml")
         return tracker
+
+    @classmethod
+    def reopen(
+        cls,
+        run_id: str,
+        *,
+        uri: str | None,
+        params: Mapping[str, str],
+        texts: Mapping[str, str],
+        flush_every: int = 50,
+        spool_root: Path = DEFAULT_SPOOL_ROOT,
+    ) -> MlflowTracker:
+        """Reopen run `run_id` (RUNNING again) and complete its setup: the `params` and the text
+        artifacts `texts` (file name -> text) it was created with, where it lacks them."""
+        resolved = resolve_uri(uri)
+        check_store_writable(resolved)
+        client = open_client(resolved)
+        try:
+            client.update_run(run_id, status="RUNNING")
+        except ServerUnreachable:
+            raise
+        except Exception as exc:  # the run is gone or the store cannot be written
+            raise DmstabError(
+                f"cannot reopen run {run_id} in {resolved}: {first_line(exc)}"
+            ) from None
+        tracker = cls(client, run_id, flush_every, uri=resolved, spool_root=spool_root)
+        tracker._complete_setup(params, texts)
+        tracker.set_tags({TAG_COMMAND + ".resume": " ".join(["dmstab", *sys.argv[1:]])})
+        return tracker
+
+    def _complete_setup(self, params: Mapping[str, str], texts: Mapping[str, str]) -> None:
+        """Log what of a new run's setup the run lacks: a kill -9 between `create_run` and the
+        params or the recipe artifact leaves a run without them, which `--resume` finds by its
+        tags. Idempotent: params already logged are kept (MLflow refuses to change one)."""
+        assert self.run_id is not None
+        logged = self._client.get_run(self.run_id).data.params
+        missing = {key: value for key, value in params.items() if key not in logged}
+        if missing:
+            log_params(self._client, self.run_id, missing)
+        present = {artifact.path for artifact in self._client.list_artifacts(self.run_id)}
+        for name, text in texts.items():
+            if name not in present:
+                self.log_text(text, name)
 
     @classmethod
     def create(

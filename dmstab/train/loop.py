@@ -25,7 +25,7 @@ from typing import Protocol
 import torch
 
 from dmstab.analysis.ema_profiles import SNAPSHOT_DTYPES
-from dmstab.atomic import remove_interrupted_writes, require_writable_directory
+from dmstab.atomic import remove_interrupted_writes, require_writable_directory, write_atomically
 from dmstab.checkpoint import (
     CHECKPOINT_NAME,
     KEPT_DIR,
@@ -186,6 +186,15 @@ def _save(trainer: LoopTrainer, run_id: str, path: Path) -> None:
     trainer.context.barrier()
 
 
+def _set_up_run_dir(run_dir: Path, recipe: Recipe, tracker: Tracker) -> None:
+    """The run directory with its `recipe.yaml`, and the tag that points at it (idempotent)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "recipe.yaml").is_file():
+        text = to_yaml(recipe).encode()
+        write_atomically(run_dir / "recipe.yaml", lambda handle: handle.write(text))
+    tracker.set_tags({TAG_RUN_DIR: str(run_dir)})
+
+
 def _load(trainer: LoopTrainer, checkpoint: Path) -> None:
     """Every rank loads rank 0's checkpoint, when rank 0 sees one (a shared filesystem)."""
     context = trainer.context
@@ -256,10 +265,8 @@ def train(
     with tracked_run(tracker), ctrl_c_ends_on_rank_zero(context):
         run_dir = (Path(recipe.train.out_dir) / run_id).resolve()
         checkpoint = run_dir / CHECKPOINT_NAME
-        if resume_run_id is None and context.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "recipe.yaml").write_text(to_yaml(recipe))
-            tracker.set_tags({TAG_RUN_DIR: str(run_dir)})
+        if context.is_main:  # also on resume: a kill -9 may have cut a new run's setup short
+            _set_up_run_dir(run_dir, recipe, tracker)
         if resume_run_id is not None:
             if context.is_main:  # a kill -9 mid-write leaves a partial temporary file behind
                 for directory in (run_dir, run_dir / SNAPSHOT_DIR, run_dir / KEPT_DIR):
