@@ -87,8 +87,15 @@ class SyncResult:
     records: int
 
 
+def _never_created(spool: Spool) -> bool:
+    """An offline run's spool killed between its `meta.json` and its first (`create`) record:
+    the run never logged anything and its training never began, so there is nothing to upload."""
+    return "server_run_id" not in spool.meta() and not spool.records()
+
+
 def sync(path: Path, uri: str | None = None) -> list[SyncResult]:
-    """Upload the spool at `path`, or every spool in a `.mlflow-spool` folder, and delete it.
+    """Upload the spool at `path`, or every spool in a `.mlflow-spool` folder, and delete it
+    (one that holds no run yet is deleted, not uploaded).
 
     `uri` replaces the tracking URI a spool was written for (a server that moved).
     """
@@ -99,6 +106,9 @@ def sync(path: Path, uri: str | None = None) -> list[SyncResult]:
         )
     results = []
     for spool in spools:
+        if _never_created(spool):
+            spool.remove()
+            continue
         meta = spool.meta()
         client = open_client(resolve_uri(uri or meta["uri"]))
         server_id = meta.get("server_run_id")

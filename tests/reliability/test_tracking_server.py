@@ -273,3 +273,12 @@ def test_replaying_a_spool_twice_logs_each_step_once(tmp_path: Path) -> None:
     assert len(store().get_metric_history(run_id, "loss")) == 7
     assert history == {1: 0.5, **{step: 1.0 / step for step in range(2, 8)}}
     assert store().get_run(run_id).data.tags["attempt"] == "1"
+
+
+def test_sync_deletes_an_offline_spool_killed_before_its_first_record(tmp_path: Path) -> None:
+    """kill -9 between an offline run's spool `meta.json` and its `create` record: no run."""
+    spool = Spool(tmp_path / SPOOL_DIRNAME / "local")
+    spool.create({"uri": "sqlite:///mlflow.db", "run_id": "local"})
+    assert sync(tmp_path / SPOOL_DIRNAME) == []
+    assert not (tmp_path / SPOOL_DIRNAME).exists()
+    assert not Path("mlflow.db").exists() or not _run_ids(store())
