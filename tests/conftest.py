@@ -89,7 +89,8 @@ def pytest_testnodedown(node: object, error: object) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """The fault-injection suite's line (and its kills by moment), and its totals as JSON at $DMSTAB_RELIABILITY_REPORT."""
+    """The fault-injection suite's line and its kills by moment, and its totals as JSON at
+    $DMSTAB_RELIABILITY_REPORT."""
     if not fault_injection.TOTALS["tests"]:
         return
     terminalreporter.write_line(fault_injection.summary())
