@@ -23,6 +23,7 @@ _RECORDS = "records.jsonl"
 _FILES = "files"
 _SENT = "sent"
 _META = "meta.json"
+_LEFTOVER = ".removed"  # a spool being deleted: `.RUN_ID.removed`
 
 Record = dict[str, Any]
 
@@ -131,9 +132,13 @@ class Spool:
         _write_text(self.directory / _SENT, str(count))
 
     def remove(self) -> None:
-        """Delete the spool once everything in it is on the server."""
-        shutil.rmtree(self.directory)
+        """Delete the spool once everything in it is on the server: renamed out of the way in
+        one step first, so a kill -9 in mid-delete leaves a leftover, never a torn spool."""
         parent = self.directory.parent
+        leftover = parent / f".{self.directory.name}{_LEFTOVER}"
+        os.replace(self.directory, leftover)
+        fsync_directory(parent)
+        shutil.rmtree(leftover)
         if parent.name == SPOOL_DIRNAME and not any(parent.iterdir()):
             parent.rmdir()
 
@@ -158,4 +163,11 @@ def find_spools(path: Path) -> list[Spool]:
         return [Spool(path)]
     if not path.is_dir():
         return []
-    return [Spool(p) for p in sorted(path.iterdir()) if (p / _META).is_file()]
+    return [Spool(p) for p in sorted(path.iterdir()) if (p / _META).is_file() and p.name[0] != "."]
+
+
+def remove_leftovers(folder: Path) -> None:
+    """Finish deleting the spools in `folder` whose deletion a kill -9 cut short."""
+    if folder.is_dir():
+        for leftover in folder.glob(f".*{_LEFTOVER}"):
+            shutil.rmtree(leftover)

@@ -23,6 +23,7 @@ from dmstab.tracking.spool import (
     SPOOL_DIRNAME,
     Spool,
     find_spools,
+    remove_leftovers,
 )
 
 
@@ -99,6 +100,7 @@ def sync(path: Path, uri: str | None = None) -> list[SyncResult]:
 
     `uri` replaces the tracking URI a spool was written for (a server that moved).
     """
+    remove_leftovers(path)
     spools = find_spools(path)
     if not spools:
         raise DmstabError(

@@ -19,8 +19,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dmstab.config import load_recipe
+from dmstab.errors import DmstabError
 from dmstab.tracking import MlflowTracker, sync
-from dmstab.tracking.spool import SPOOL_DIRNAME, Spool
+from dmstab.tracking.spool import SPOOL_DIRNAME, Spool, find_spools
 from tests.helpers import RECIPES, TINY, one_line_error, store
 
 from . import counts
@@ -282,3 +283,19 @@ def test_sync_deletes_an_offline_spool_killed_before_its_first_record(tmp_path: 
     assert sync(tmp_path / SPOOL_DIRNAME) == []
     assert not (tmp_path / SPOOL_DIRNAME).exists()
     assert not Path("mlflow.db").exists() or not _run_ids(store())
+
+
+def test_sync_finishes_deleting_a_spool_a_kill_cut_short(tmp_path: Path) -> None:
+    """kill -9 while sync deleted an uploaded spool: a leftover, never a spool to replay."""
+    folder = tmp_path / SPOOL_DIRNAME
+    spool = Spool(folder / "run")
+    spool.create({"uri": "sqlite:///mlflow.db", "run_id": "run", "server_run_id": "run"})
+    leftover = folder / ".gone.removed"
+    leftover.mkdir()
+    (leftover / "meta.json").write_text("{}")  # what a cut-short deletion leaves
+    assert [s.directory for s in find_spools(folder)] == [spool.directory]
+    spool.remove()
+    assert list(folder.iterdir()) == [leftover]
+    with pytest.raises(DmstabError, match="no dmstab spool"):
+        sync(folder)
+    assert not folder.exists() or not any(folder.iterdir())
