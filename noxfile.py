@@ -33,16 +33,32 @@ def _install(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The CPU test suite (tests marked `gpu` are skipped), on two pytest-xdist workers."""
+    """The CPU test suite (tests marked `gpu` or `soak` are skipped), on two pytest-xdist
+    workers."""
     _install(session)
-    session.run("pytest", "-m", "not gpu", *PARALLEL, *session.posargs)
+    session.run("pytest", "-m", "not gpu and not soak", *PARALLEL, *session.posargs)
 
 
 @nox.session
 def quick(session: nox.Session) -> None:
     """The CPU suite without the tests marked `slow`, stopping at the first failure."""
     _install(session)
-    session.run("pytest", "-m", "not gpu and not slow", "-x", *PARALLEL, *session.posargs)
+    session.run(
+        "pytest", "-m", "not gpu and not slow and not soak", "-x", *PARALLEL, *session.posargs
+    )
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """The kill -9 soak, outside the suite: $DMSTAB_SOAK_TRIALS kills (100 unless set) of
+    training runs, sweeps and spooled runs at random moments, each resumed; $DMSTAB_SOAK_SEED
+    replays a printed seed (docs/tracking.md). 10-20 minutes on 2 cores, one process."""
+    _install(session)
+    env = {
+        "DMSTAB_SOAK_TRIALS": os.environ.get("DMSTAB_SOAK_TRIALS", "100"),
+        "OMP_NUM_THREADS": "1",
+    }
+    session.run("pytest", "-m", "soak", "tests/reliability/test_soak.py", *session.posargs, env=env)
 
 
 @nox.session
