@@ -33,8 +33,7 @@ def _install(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The CPU test suite (tests marked `gpu` or `soak` are skipped), on two pytest-xdist
-    workers."""
+    """The CPU test suite, on two pytest-xdist workers (tests marked `gpu` or `soak` skipped)."""
     _install(session)
     session.run("pytest", "-m", "not gpu and not soak", *PARALLEL, *session.posargs)
 
@@ -50,9 +49,11 @@ def quick(session: nox.Session) -> None:
 
 @nox.session
 def soak(session: nox.Session) -> None:
-    """The kill -9 soak, outside the suite: $DMSTAB_SOAK_TRIALS kills (100 unless set) of
-    training runs, sweeps and spooled runs at random moments, each resumed; $DMSTAB_SOAK_SEED
-    replays a printed seed (docs/tracking.md). 10-20 minutes on 2 cores, one process."""
+    """The kill -9 soak (tests marked `soak`), outside the suite: 10-20 minutes on 2 cores.
+
+    $DMSTAB_SOAK_TRIALS kills (100 unless set) of training runs, sweeps and spooled runs at
+    random moments, each resumed; $DMSTAB_SOAK_SEED replays a printed seed (docs/tracking.md).
+    """
     _install(session)
     env = {
         "DMSTAB_SOAK_TRIALS": os.environ.get("DMSTAB_SOAK_TRIALS", "100"),
