@@ -337,7 +337,8 @@ def test_pixel_space_networks_take_the_latents_four_channels(
             "train", str(recipe), "data.name=latents", "data.root=latents.npz",
             f"data.resolution={RESOLUTION}", "train.steps=1", "train.batch_size=4",
             "train.device=cpu", "train.precision=fp32", "sample.num_images=2",
-            "sample.batch_size=2", "sample.steps=5", "tracking.experiment=tests", *extra,
+            "sample.batch_size=2", "sample.steps=5", "sample.clip_denoised=false",
+            "tracking.experiment=tests", *extra,
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
