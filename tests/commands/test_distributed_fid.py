@@ -24,10 +24,6 @@ CASES = {
         ["--ref", "stats.npz"],  # --features inception; HOME holds no weights
         "FID mode 'clean' needs inception-2015-12-05.pt",
     ),
-    "missing reference": (
-        ["--ref", "nothere.npz", "--features", "random_conv"],
-        "FID reference not found: nothere.npz",
-    ),
 }
 
 

@@ -27,7 +27,7 @@ from .killing import (
 )
 
 STEPS = 90
-KILLS = 12
+KILLS = 8  # each moment twice; test_soak.py kills 100 times (nox -s soak)
 RECIPE = [*EDM_EVERY_WRITE, f"train.steps={STEPS}"]
 MOMENTS = ("step", "checkpoint", "snapshot", "flush")
 PARTIAL = ("checkpoint", "phema")  # checkpoint.pt's and the snapshots' temporary files
