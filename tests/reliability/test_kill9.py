@@ -27,7 +27,7 @@ from .killing import (
 )
 
 STEPS = 90
-KILLS = 8  # each moment twice; test_soak.py kills 100 times (nox -s soak)
+KILLS = 12
 RECIPE = [*EDM_EVERY_WRITE, f"train.steps={STEPS}"]
 MOMENTS = ("step", "checkpoint", "snapshot", "flush")
 PARTIAL = ("checkpoint", "phema")  # checkpoint.pt's and the snapshots' temporary files
@@ -40,7 +40,7 @@ def reference(one_thread: None) -> Iterator[str]:
     yield train(recipe).run_id
 
 
-@pytest.mark.slow
+@pytest.mark.soak  # with test_soak.py in `nox -s soak`: the suite keeps fewer, shorter kills
 def test_kill_9_anywhere_then_resume_auto_loses_nothing(reference: str) -> None:
     rng = random.Random(8)
     moments = [MOMENTS[i % len(MOMENTS)] for i in range(KILLS)]

@@ -187,7 +187,7 @@ def _interrupt_peer_first(launcher: subprocess.Popen[str], root: Path, step: int
 
 @pytest.mark.slow
 def test_ctrl_c_then_resume_on_one_then_on_two_processes(isolated_workdir: Path) -> None:
-    longer = "train.kimg=0.48"  # 60 steps of 8 images: each phase stops well before the end
+    longer = "train.kimg=0.96"  # 120 steps of 8 images: each phase stops well before the end
     first = _interrupt_peer_first(_torchrun(2, longer), isolated_workdir, 2)
     client = store()
     (killed,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
@@ -195,10 +195,10 @@ def test_ctrl_c_then_resume_on_one_then_on_two_processes(isolated_workdir: Path)
     second = _interrupt_after_checkpoint(
         _single(longer, "--resume", "auto"), isolated_workdir, first + 2
     )
-    assert first < second < 60
+    assert first < second < 120
     _finish(_torchrun(2, longer, "train.micro_batch_size=2", "--resume", "auto"))
     run_id = _only_run(client)
     assert run_id == killed.info.run_id
-    assert _logged_steps(client, run_id) == list(range(1, 61)), "each step logged exactly once"
+    assert _logged_steps(client, run_id) == list(range(1, 121)), "each step logged exactly once"
     checkpoint = isolated_workdir / "runs" / run_id / "checkpoint.pt"
     _assert_same_weights(checkpoint, _reference(longer))
