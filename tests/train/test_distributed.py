@@ -163,8 +163,8 @@ def _wait_for_checkpoint(process: subprocess.Popen[str], root: Path, step: int) 
 
 
 def _stopped_at(process: subprocess.Popen[str], checkpoint: Path) -> int:
-    process.communicate(timeout=120)
-    assert process.returncode != 0, "the run finished before Ctrl-C; make it longer"
+    _, err = process.communicate(timeout=120)
+    assert process.returncode != 0, f"the run finished before Ctrl-C; make it longer: {err[-800:]}"
     return int(load_checkpoint(checkpoint)["step"])
 
 
@@ -187,7 +187,8 @@ def _interrupt_peer_first(launcher: subprocess.Popen[str], root: Path, step: int
 
 @pytest.mark.slow
 def test_ctrl_c_then_resume_on_one_then_on_two_processes(isolated_workdir: Path) -> None:
-    longer = "train.kimg=0.96"  # 120 steps of 8 images: each phase stops well before the end
+    longer = "train.kimg=1.92"  # 240 steps of 8 images: each phase stops well before the end,
+    # even when a loaded machine lets the poller see a checkpoint late (120 steps ran out in CI)
     first = _interrupt_peer_first(_torchrun(2, longer), isolated_workdir, 2)
     client = store()
     (killed,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
@@ -195,10 +196,10 @@ def test_ctrl_c_then_resume_on_one_then_on_two_processes(isolated_workdir: Path)
     second = _interrupt_after_checkpoint(
         _single(longer, "--resume", "auto"), isolated_workdir, first + 2
     )
-    assert first < second < 120
+    assert first < second < 240
     _finish(_torchrun(2, longer, "train.micro_batch_size=2", "--resume", "auto"))
     run_id = _only_run(client)
     assert run_id == killed.info.run_id
-    assert _logged_steps(client, run_id) == list(range(1, 121)), "each step logged exactly once"
+    assert _logged_steps(client, run_id) == list(range(1, 241)), "each step logged exactly once"
     checkpoint = isolated_workdir / "runs" / run_id / "checkpoint.pt"
     _assert_same_weights(checkpoint, _reference(longer))
