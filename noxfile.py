@@ -49,7 +49,7 @@ def quick(session: nox.Session) -> None:
 
 @nox.session
 def soak(session: nox.Session) -> None:
-    """The kill -9 soak (tests marked `soak`), outside the suite: about 30 minutes on 2 cores.
+    """The kill -9 soak (tests marked `soak`), outside the suite: about 20 minutes on 2 cores.
 
     $DMSTAB_SOAK_TRIALS kills (100 unless set) of training runs, sweeps and spooled runs at
     random moments, each resumed; $DMSTAB_SOAK_SEED replays a printed seed (docs/tracking.md).
