@@ -124,7 +124,7 @@ def check_images(images: str) -> None:
             f"images to score not found: {path} (expected a folder, an .npz, a checkpoint .pt "
             "or a training run id)"
         )
-    load_checkpoint(find_checkpoint(images, None, None))  # read in full: sampling reads it again
+    load_checkpoint(find_checkpoint(images, None, None), mmap=True)  # mapped: sampling reads it
 
 
 def check_scoring(reference: Path, features: str, mode: str, weights: str | None) -> None:
