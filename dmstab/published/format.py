@@ -9,7 +9,7 @@ matched) and writes a dmstab checkpoint that every command reads.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,11 +51,16 @@ class ImportedModel:
 @dataclass(frozen=True)
 class PublishedFormat:
     """One format: its name (`dmstab import --format NAME`), the file suffixes it reads, the
-    reader, and the released files it knows."""
+    reader, and the released files it knows.
+
+    `read(path, given)` reads the file; `given` holds the settings the user (or the file's
+    `KnownFile`) wrote, flat `a.b` keys to YAML-typed values (e.g. {"data.resolution": 128,
+    "model.num_heads": 4}), for what the file cannot tell; the reader fails with one line
+    naming the key when it needs one that is not given."""
 
     name: str
     suffixes: tuple[str, ...]
-    read: Callable[[Path], ImportedModel]
+    read: Callable[[Path, Mapping[str, Any]], ImportedModel]
     known_files: tuple[KnownFile, ...] = ()
     summary: str = ""
 
