@@ -16,7 +16,7 @@ from dmstab.config.registry import Registry
 
 DatasetName = Literal["synthetic", "cifar10", "folder", "npz", "latents"]
 Formulation = Literal["ddpm", "edm"]
-ScheduleName = Literal["linear", "cosine"]
+ScheduleName = Literal["linear", "cosine", "scaled_linear"]
 LossWeighting = Literal["none", "min_snr", "p2", "fdm"]
 LrSchedule = Literal["constant", "inverse_sqrt"]
 FidMode = Literal["clean", "legacy_pytorch", "legacy_tensorflow"]

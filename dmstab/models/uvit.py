@@ -17,7 +17,14 @@ Facts checked in baofff/U-ViT (libs/uvit.py, configs/*.py):
   17 (code 16, 768, 12 heads), U-ViT-L 21 (code 20, 1024, 16 heads), U-ViT-H 29 (code 28, 1152,
   16 heads); CIFAR-10 uses U-ViT-S/2 (patch 2), ImageNet-64 M/4 and L/4, ImageNet-512 latents
   L/4 and H/4 (configs/imagenet512_uvit_{large,huge}.py); the latent-space U-ViT-H drops the
-  final conv (conv=False): `model.conv_out: false` here.
+  final conv (conv=False): `model.conv_out: false` here;
+- its class-conditional latent models have one label embedding more than classes: the last,
+  label K, is "no label" for classifier-free guidance (`model.null_class: true` here; a forward
+  without labels then uses it, as U-ViT's sampler passes K for the unconditional half);
+- the time token embeds the timestep as the network's forward receives it: 999·t for its
+  continuous VP SDE (t in (0, 1]), n in 1…1000 for its discrete schedule. dmstab's model time
+  is the 0-based step index i (·1000/T), and step i is U-ViT's n = i + 1 (t = (i+1)/1000), so
+  its released models are run with `model.time_shift: 1` (embedding i + 1).
 Unlike the official model, `out_channels` may be 2 × `in_channels`: ADM's learned Σ.
 """
 
@@ -136,6 +143,8 @@ class UViT(nn.Module):
         qkv_bias: bool = False,
         conv_out: bool = True,
         dropout: float = 0.0,
+        null_class: bool = False,
+        time_shift: float = 0.0,
     ) -> None:
         super().__init__()
         check_uvit_config(image_size, patch_size, embed_dim, depth, num_heads, mlp_ratio)
@@ -144,7 +153,12 @@ class UViT(nn.Module):
         self.image_size, self.patch_size, self.embed_dim = image_size, patch_size, embed_dim
         self.in_channels, self.out_channels = in_channels, out_channels
         self.patch_embed = nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size)
-        self.label_embed = None if num_classes is None else nn.Embedding(num_classes, embed_dim)
+        # with null_class, row num_classes is "no label" (classifier-free guidance)
+        self.null_label = num_classes if null_class and num_classes is not None else None
+        self.label_embed = (
+            None if num_classes is None else nn.Embedding(num_classes + null_class, embed_dim)
+        )
+        self.time_shift = time_shift
         self.extra_tokens = 1 if num_classes is None else 2  # time [+ label]
         patches = (image_size // patch_size) ** 2
         self.pos_embed = nn.Parameter(torch.zeros(1, self.extra_tokens + patches, embed_dim))
@@ -174,9 +188,11 @@ class UViT(nn.Module):
         """x: (B, in_channels, H, W) at the built size; t: (B,) timesteps; y: (B,) labels."""
         self._check_inputs(x, t, y)
         patches = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, HW/p², D)
-        tokens = [timestep_embedding(t, self.embed_dim)[:, None], patches]
+        time = t + self.time_shift if self.time_shift else t
+        tokens = [timestep_embedding(time, self.embed_dim)[:, None], patches]
         if self.label_embed is not None:
-            tokens.insert(0, self.label_embed(y)[:, None])
+            labels = self._null_labels(t) if y is None else y
+            tokens.insert(0, self.label_embed(labels)[:, None])
         h = torch.cat(tokens, dim=1) + self.pos_embed
         skips = []
         for in_block in self.in_blocks:
@@ -202,7 +218,14 @@ class UViT(nn.Module):
                 f"x must be (B, {self.in_channels}, {size}, {size}) (position embeddings fix "
                 f"the size), got {tuple(x.shape)}"
             )
-        check_timesteps_and_labels(t, y, batch, conditional=self.label_embed is not None)
+        # with a null class, labels may be left out: the "no label" token stands in
+        conditional = self.label_embed is not None and (y is not None or self.null_label is None)
+        check_timesteps_and_labels(t, y, batch, conditional=conditional)
+
+    def _null_labels(self, t: Tensor) -> Tensor:
+        """The null class for every image (_check_inputs lets y be None only when there is one)."""
+        assert self.null_label is not None
+        return torch.full(t.shape, self.null_label, dtype=torch.long, device=t.device)
 
 
 @dataclass(frozen=True)
@@ -214,9 +237,12 @@ class UvitConfig(ModelConfig):
     depth: int = 13  # all transformer blocks: depth//2 in, 1 mid, depth//2 out
     num_heads: int = 4
     mlp_ratio: float = 4.0
+    qkv_bias: bool = False  # every published config: False
     dropout: float = 0.3
     learn_sigma: bool = True
     conv_out: bool = True  # the final 3×3 conv (official `conv`; U-ViT-H/4 on latents: false)
+    null_class: bool = False  # class_cond: one more label embedding, "no label" (official K)
+    time_shift: float = 0.0  # added to the model time before its embedding (official: 1)
 
     def learns_variance(self) -> bool:
         return self.learn_sigma
@@ -247,6 +273,9 @@ def build(recipe: Recipe, num_classes: int) -> UViT:
         num_heads=m.num_heads,
         mlp_ratio=m.mlp_ratio,
         num_classes=num_classes if m.class_cond else None,
+        qkv_bias=m.qkv_bias,
         conv_out=m.conv_out,
         dropout=m.dropout,
+        null_class=m.null_class,
+        time_shift=m.time_shift,
     )

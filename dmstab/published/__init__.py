@@ -1,5 +1,6 @@
 """Checkpoints released with papers, read into dmstab networks (`dmstab import`)."""
 
+from dmstab.published import uvit  # noqa: F401  (registers the `uvit` format)
 from dmstab.published.format import (
     FORMATS,
     ImportedModel,

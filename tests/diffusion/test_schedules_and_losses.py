@@ -53,6 +53,17 @@ def test_linear_betas_endpoints_scale_with_num_timesteps() -> None:
         assert bool((betas.diff() > 0).all())
 
 
+def test_scaled_linear_betas_are_stable_diffusions_square_root_linear_schedule() -> None:
+    # Stable Diffusion / U-ViT's stable_diffusion_beta_schedule: √β from √0.00085 to √0.012,
+    # written here as β_i = (√b0 + i/(T−1)·(√b1 − √b0))²
+    betas = make_betas("scaled_linear", 1000).numpy()
+    i = np.arange(1000)
+    expected = (0.00085**0.5 + i / 999 * (0.012**0.5 - 0.00085**0.5)) ** 2
+    np.testing.assert_allclose(betas, expected, rtol=1e-12)
+    assert betas[0] == pytest.approx(0.00085, rel=1e-12)
+    assert betas[-1] == pytest.approx(0.012, rel=1e-12)
+
+
 def test_cosine_alpha_bar_matches_closed_form_before_clipping() -> None:
     num_timesteps, s = 4000, 0.008
 

@@ -216,3 +216,21 @@ def test_mini_recipe_trains_samples_and_is_tracked(one_thread: None) -> None:
     assert all(torch.isfinite(torch.tensor(m.value)) for m in losses)
     samples = {a.path for a in client.list_artifacts(result.run_id, "samples")}
     assert any(p.endswith(".png") for p in samples) and any(p.endswith(".npz") for p in samples)
+
+
+def test_time_shift_adds_to_the_time_the_embedding_sees() -> None:
+    shifted, plain = small(time_shift=1.0), small()
+    x, t, y = inputs(plain)
+    assert torch.equal(shifted(x, t, y), plain(x, t + 1, y))
+    assert not torch.allclose(shifted(x, t, y), plain(x, t, y))
+
+
+def test_null_class_is_one_more_label_and_stands_in_for_missing_labels() -> None:
+    model = small(num_classes=10, null_class=True)
+    assert model.label_embed is not None and model.label_embed.num_embeddings == 11
+    x, t, _ = inputs(model)
+    null = torch.full((3,), 10)
+    assert torch.equal(model(x, t, None), model(x, t, null))
+    assert not torch.allclose(model(x, t, None), model(x, t, null - 1))
+    with pytest.raises(ValueError, match=r"y \(class labels\) must be given"):
+        small(num_classes=10)(x, t, None)  # without a null class, labels are required
