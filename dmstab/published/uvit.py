@@ -38,9 +38,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dmstab.config import apply_overrides, parse_override
+from dmstab.config import apply_overrides, parse_override, set_key
 from dmstab.errors import DmstabError
-from dmstab.published.format import ImportedModel, PublishedFormat, register_format
+from dmstab.published.format import (
+    ImportedModel,
+    KnownFile,
+    PublishedFormat,
+    register_format,
+)
 from dmstab.published.uvit_files import KNOWN_FILES, U_VIT_PAPER
 from dmstab.reading import read_torch
 
@@ -97,7 +102,8 @@ def _blocks(state: Mapping[str, Tensor], prefix: str) -> int:
 def infer_settings(
     state: Mapping[str, Tensor], path: Path, null_class: bool | None
 ) -> dict[str, Any]:
-    """The architecture the tensors show, as flat recipe keys (`model.*`, `data.resolution`).
+    """The architecture the tensors show, as flat recipe keys (`model.*`, `data.resolution`),
+    plus `channels` (3 or 4) and, when class-conditional, `num_classes` (null class excluded).
     `null_class`: whether the label table ends with the null class (None: latent models do)."""
     if any(name.startswith("time_embed.") for name in state):
         raise DmstabError(
@@ -182,14 +188,34 @@ def _data(given: Mapping[str, Any], channels: int, resolution: int) -> dict[str,
 def read_uvit(path: Path, given: Mapping[str, Any]) -> ImportedModel:
     """A released U-ViT `.pth` as a dmstab `uvit` recipe tree and its weights."""
     known = next((file for file in KNOWN_FILES if file.name == path.name), None)
-    if known is not None:  # its settings, under the user's
-        given = {**_flat(known.overrides), **given}
     state = read_torch(path, KIND)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise DmstabError(f"{KIND} {path} is not a state dict (names to tensors)")
     inferred = infer_settings(state, path, given.get("model.null_class"))
     channels, num_classes = inferred.pop("channels"), inferred.pop("num_classes", 0)
     _check_given(given, inferred, path)
+    tree = recipe_tree(path, inferred, channels, given, known)
+    return ImportedModel(
+        recipe=tree,
+        weights=_weights(state, path),
+        num_classes=num_classes,
+        inferred=inferred,
+        known=known,
+    )
+
+
+def recipe_tree(
+    path: Path,
+    inferred: Mapping[str, Any],
+    channels: int,
+    given: Mapping[str, Any],
+    known: KnownFile | None,
+) -> dict[str, Any]:
+    """The recipe tree of a U-ViT file whose tensors show `inferred`: its architecture, the
+    given heads, and the known file's training settings and paper (else U-ViT's defaults)."""
+    users = given
+    if known is not None:  # its settings, under the user's
+        given = {**_flat(known.overrides), **given}
     num_heads = given.get("model.num_heads")
     if num_heads is None:
         raise DmstabError(
@@ -215,13 +241,9 @@ def read_uvit(path: Path, given: Mapping[str, Any]) -> ImportedModel:
     }
     if known is not None:
         tree = apply_overrides(tree, known.overrides)
-    return ImportedModel(
-        recipe=tree,
-        weights=_weights(state, path),
-        num_classes=num_classes,
-        inferred=inferred,
-        known=known,
-    )
+    for key, value in users.items():  # the user's settings over the known file's
+        tree = set_key(tree, key.split("."), value)
+    return tree
 
 
 def _flat(overrides: tuple[str, ...]) -> dict[str, Any]:

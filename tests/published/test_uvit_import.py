@@ -15,7 +15,8 @@ from dmstab.config import from_mapping
 from dmstab.errors import DmstabError
 from dmstab.models import build_model
 from dmstab.published import FORMATS, published_format
-from dmstab.published.uvit import read_uvit
+from dmstab.published.uvit import read_uvit, recipe_tree
+from dmstab.published.uvit_files import KNOWN_FILES
 from tests.helpers import Payload
 
 FIXTURE = Path(__file__).parent / "fixtures" / "uvit_reference.pt"
@@ -89,12 +90,17 @@ def test_the_format_is_registered_for_pth_files() -> None:
 def test_a_known_file_brings_its_heads_training_and_paper(tmp_path: Path) -> None:
     # the latent reference under the released U-ViT-H/4's name: 48 wide, so 16 heads divide it
     path = released(tmp_path, "latent_cond", "imagenet512_uvit_huge.pth")
-    network, imported = imported_network(path, {})
+    network, imported = imported_network(path, {"data.root": "my/latents"})
     tree = imported.recipe
     assert imported.known is not None and imported.known.name == path.name
     assert tree["model"]["num_heads"] == 16
     assert tree["diffusion"]["schedule"] == "scaled_linear"  # train_ldm_discrete.py
-    assert tree["data"]["name"] == "latents"
+    assert tree["data"] == {
+        "name": "latents",
+        "root": "my/latents",
+        "resolution": 8,
+        "hflip": False,
+    }
     assert tree["paper"]["values"] == {"500k": 4.05}
     assert tree["paper"]["source"].startswith("All are Worth Words")
     reference = REFERENCES["latent_cond"]
@@ -138,3 +144,40 @@ def test_a_pth_with_pickled_code_is_refused_and_runs_nothing(
     message = str(refused.value)
     assert "\n" not in message and "pickled code" in message, message
     assert not marker.exists() and sorted(tmp_path.iterdir()) == before  # nothing written
+
+
+# The released models' architectures, from baofff/U-ViT configs/*.py (depth there counts in- and
+# out-blocks), and their sizes in the U-ViT paper: S 44M, M 131M, L 287M, H 501M parameters.
+RELEASED = {
+    # file: (resolution, channels, patch, width, code depth, classes incl. null, conv, size M)
+    "cifar10_uvit_small.pth": (32, 3, 2, 512, 12, 0, True, 44),
+    "imagenet64_uvit_mid.pth": (64, 3, 4, 768, 16, 1000, True, 131),
+    "imagenet64_uvit_large.pth": (64, 3, 4, 1024, 20, 1000, True, 287),
+    "imagenet256_uvit_large.pth": (32, 4, 2, 1024, 20, 1001, True, 287),
+    "imagenet256_uvit_huge.pth": (32, 4, 2, 1152, 28, 1001, False, 501),
+    "imagenet512_uvit_large.pth": (64, 4, 4, 1024, 20, 1001, True, 287),
+    "imagenet512_uvit_huge.pth": (64, 4, 4, 1152, 28, 1001, False, 501),
+}
+
+
+@pytest.mark.parametrize("known", KNOWN_FILES, ids=lambda known: known.name)
+def test_every_known_file_gives_a_valid_recipe_of_the_papers_size(known: Any) -> None:
+    resolution, channels, patch, width, depth, labels, conv, size = RELEASED[known.name]
+    latent = channels == 4
+    inferred = {
+        "data.resolution": resolution,
+        "model.patch_size": patch,
+        "model.embed_dim": width,
+        "model.depth": depth + 1,
+        "model.mlp_ratio": 4.0,
+        "model.qkv_bias": False,
+        "model.learn_sigma": False,
+        "model.conv_out": conv,
+        "model.class_cond": labels > 0,
+        "model.null_class": latent,
+    }
+    recipe = from_mapping(recipe_tree(Path(known.name), inferred, channels, {}, known))
+    assert recipe.paper.values and recipe.paper.metric == "fid"
+    with torch.device("meta"):
+        network = build_model(recipe, labels - latent)
+    assert round(sum(p.numel() for p in network.parameters()) / 1e6) == size
