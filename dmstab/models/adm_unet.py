@@ -184,7 +184,7 @@ class _BlockFactory:
 def _check_config(
     image_size: int,
     model_channels: int,
-    channel_mult: Sequence[int],
+    channel_mult: Sequence[float],
     attention_resolutions: Sequence[int],
 ) -> None:
     """Reject configurations improved-diffusion would build wrongly or not at all."""
@@ -193,7 +193,7 @@ def _check_config(
             f"model_channels={model_channels}, channel_mult={list(channel_mult)}: "
             "need a non-empty list of positive multipliers and positive model_channels"
         )
-    if any(mult * model_channels % GROUP_NORM_GROUPS for mult in channel_mult):
+    if any(mult * model_channels % GROUP_NORM_GROUPS != 0 for mult in channel_mult):
         raise DmstabError(
             f"model_channels × channel_mult = {[m * model_channels for m in channel_mult]}: "
             f"every level's width must be a multiple of {GROUP_NORM_GROUPS} (GroupNorm groups)"
@@ -224,7 +224,7 @@ class ADMUNet(nn.Module):
         out_channels: int,
         num_res_blocks: int,
         attention_resolutions: Sequence[int],
-        channel_mult: Sequence[int],
+        channel_mult: Sequence[float],
         dropout: float = 0.0,
         num_heads: int = 4,
         num_head_channels: int = -1,
@@ -260,7 +260,8 @@ class ADMUNet(nn.Module):
         )
         # script_util.py: attention resolutions in pixels become downsampling rates.
         attention_rates = {image_size // resolution for resolution in attention_resolutions}
-        widths = [mult * model_channels for mult in channel_mult]
+        # guided-diffusion: int(mult · model_channels); its 512x512 model starts at mult 0.5.
+        widths = [int(mult * model_channels) for mult in channel_mult]
         last_level = len(widths) - 1
 
         ch = widths[0]
@@ -346,6 +347,11 @@ class AdmUnetConfig(UNetConfig):
     reverse-process variance (`learn_sigma`, improved DDPM Sec. 3.1), and the order in which
     attention splits its qkv channels (`attention_order`, see `AttentionOrder`)."""
 
+    # A multiplier may be a fraction whose width is whole: guided-diffusion's 512x512 model has
+    # channel_mult (0.5, 1, 1, 2, 2, 4, 4) on 256 channels (its first level 128 wide). Whole
+    # multipliers stay ints, so the recipes' params and fingerprints are unchanged; the shared
+    # layout check (check_unet_layout) reads either.
+    channel_mult: tuple[int | float, ...] = (1, 2, 2, 2)  # type: ignore[assignment]
     num_heads: int = 4
     num_head_channels: int = -1
     attention_order: AttentionOrder = "qkv_first"

@@ -28,7 +28,7 @@ def check_unet_layout(m: UNetConfig, resolution: int) -> None:
         raise DmstabError("model.channels must be positive")
     if len(m.channel_mult) < 1:
         raise DmstabError("model.channel_mult needs at least one level")
-    if min(m.channel_mult) < 1:
+    if min(m.channel_mult) <= 0:
         raise DmstabError("model.channel_mult entries must be positive")
     if m.num_res_blocks < 1:
         raise DmstabError("model.num_res_blocks must be at least 1")

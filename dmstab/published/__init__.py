@@ -1,6 +1,9 @@
-"""Checkpoints released with papers, read into dmstab networks (`dmstab import`)."""
+"""Checkpoints released with papers, read into dmstab networks (`dmstab import`).
 
-from dmstab.published import uvit  # noqa: F401  (registers the `uvit` format)
+Each format's module registers it when imported (below).
+"""
+
+from dmstab.published import adm, uvit
 from dmstab.published.format import (
     FORMATS,
     ImportedModel,
@@ -16,7 +19,9 @@ __all__ = [
     "ImportedModel",
     "KnownFile",
     "PublishedFormat",
+    "adm",
     "known_file",
     "published_format",
     "register_format",
+    "uvit",
 ]

@@ -7,7 +7,6 @@ inputs and outputs, written by a script that imports the reference code.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,42 +16,16 @@ from torch import Tensor
 
 from dmstab.config import load_recipe
 from dmstab.models.adm_unet import ADMUNet, AttentionBlock, AttentionOrder, build
+from dmstab.published.adm import dmstab_weights
 from tests.helpers import QUICKSTART, RECIPES
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
-# The reference's module paths, as its classes name their parts, and dmstab's for the same part.
-RENAMES = [
-    (r"^input_blocks\.", "encoder."),
-    (r"^middle_block\.", "middle."),
-    (r"^output_blocks\.", "decoder."),
-    (r"^label_emb\.", "label_embed."),
-    # ResBlock: in_layers = (GroupNorm, SiLU, conv), emb_layers = (SiLU, linear),
-    # out_layers = (GroupNorm, SiLU, Dropout, conv), skip_connection.
-    (r"\.in_layers\.0\.", ".in_norm."),
-    (r"\.in_layers\.2\.", ".in_conv."),
-    (r"\.emb_layers\.1\.", ".emb_proj."),
-    (r"\.out_layers\.0\.", ".out_norm."),
-    (r"\.out_layers\.3\.", ".out_conv."),
-    (r"\.skip_connection\.", ".skip."),
-    (r"\.op\.", "."),  # Downsample's strided conv is the stage's layer itself
-    (r"\.conv\.", ".1."),  # Upsample's conv follows nn.Upsample in an nn.Sequential
-]
-
-
-def dmstab_name(reference_name: str) -> str:
-    for pattern, replacement in RENAMES:
-        reference_name = re.sub(pattern, replacement, reference_name)
-    return reference_name
-
 
 def load_reference(model: ADMUNet, state: dict[str, Tensor]) -> None:
-    """The reference's state dict under dmstab's names; the attention's 1x1 Conv1d weights
-    (out, in, 1) are dmstab's nn.Linear weights (out, in). Every parameter must be matched."""
-    own = model.state_dict()
-    mapped = {dmstab_name(name): value for name, value in state.items()}
-    assert mapped.keys() == own.keys(), sorted(mapped.keys() ^ own.keys())
-    model.load_state_dict({name: value.reshape(own[name].shape) for name, value in mapped.items()})
+    """The reference's state dict through dmstab's import mapping (`dmstab.published.adm`):
+    every parameter matched, strictly."""
+    model.load_state_dict(dmstab_weights(state), strict=True)
 
 
 def fixture(name: str) -> dict[str, Any]:
