@@ -10,7 +10,8 @@ The wording is fixed, whatever the file and whichever command reads it:
 
 Torch files load with `weights_only=True` and NumPy files with `allow_pickle=False`, so no
 pickled code ever runs: the global a refused pickle names comes from torch's refusal or from
-`pickletools`, which only lists a pickle's opcodes.
+`pickletools`, which only lists a pickle's opcodes. A bare pickle (`read_pickle`) goes through
+a restricted unpickler the caller gives, which names each global it refuses (`RefusedGlobal`).
 """
 
 from __future__ import annotations
@@ -244,6 +245,31 @@ def read_torchscript(path: Path, kind: str, device: torch.device) -> torch.jit.S
     with _reading(path, kind, "TorchScript archive"), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, the file is not
         return torch.jit.load(str(path), map_location=device)  # type: ignore[no-untyped-call,no-any-return]
+
+
+# --------------------------------------------------------------------------- bare pickles
+
+
+class RefusedGlobal(pickle.UnpicklingError):
+    """What a restricted unpickler raises for a global (or a persistent id) it does not load;
+    `read_pickle` turns it into the pickled-code refusal naming `name`."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"unsupported GLOBAL {name}")
+
+
+def read_pickle(path: Path, kind: str, unpickler: Callable[[IO[bytes]], pickle.Unpickler]) -> Any:
+    """A bare pickle read by `unpickler`, a restricted unpickler that imports none of the
+    pickle's own code: a global it refuses is the pickled-code refusal, a broken file the
+    corrupt one."""
+    require_file(path, kind)
+    with _reading(path, kind, "pickle"), warnings.catch_warnings():
+        holds = _zip_holds(path)
+        if holds is not None:
+            raise not_a(path, kind, f"it is {holds}, not a pickle")
+        warnings.simplefilter("ignore")  # torch's TypedStorage deprecation, for stored tensors
+        with path.open("rb") as stream:
+            return unpickler(stream).load()
 
 
 # --------------------------------------------------------------------------- numpy

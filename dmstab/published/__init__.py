@@ -3,7 +3,7 @@
 Each format's module registers it when imported (below).
 """
 
-from dmstab.published import adm, uvit
+from dmstab.published import adm, edm2, uvit
 from dmstab.published.format import (
     FORMATS,
     ImportedModel,
@@ -20,6 +20,7 @@ __all__ = [
     "KnownFile",
     "PublishedFormat",
     "adm",
+    "edm2",
     "known_file",
     "published_format",
     "register_format",
