@@ -40,9 +40,28 @@ KNOWN_FILES = known_files()
 
 # NVlabs/edm2 training/networks_edm2.py: each constructor's parameters in order, with the
 # defaults of those a pickle's constructor call may leave out.
-PRECOND_ARGS = ("img_resolution", "img_channels", "label_dim", "use_fp16", "sigma_data")
+PRECOND_ARGS = (
+    "img_resolution",
+    "img_channels",
+    "label_dim",
+    "use_fp16",
+    "sigma_data",
+    "logvar_channels",
+)
 PRECOND_DEFAULTS = {"use_fp16": True, "sigma_data": 0.5, "logvar_channels": 128}
-UNET_ARGS = ("img_resolution", "img_channels", "label_dim", "model_channels", "channel_mult")
+UNET_ARGS = (
+    "img_resolution",
+    "img_channels",
+    "label_dim",
+    "model_channels",
+    "channel_mult",
+    "channel_mult_noise",
+    "channel_mult_emb",
+    "num_blocks",
+    "attn_resolutions",
+    "label_balance",
+    "concat_balance",
+)
 UNET_DEFAULTS = {
     "model_channels": 192,
     "channel_mult": [1, 2, 3, 4],
