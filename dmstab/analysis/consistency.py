@@ -31,18 +31,28 @@ class ConsistencyConfig(AnalysisSection):
     `members` lists the group, one string of space-separated overrides of this recipe per model
     ("" = the recipe as it is; "train.seed=1"; "model.channels=64"). The command trains each
     member (or reuses its finished run) and samples all from the same noise (`sample.seed`).
+    `published` adds released checkpoints to the group, one string per model: the file's path
+    and the settings `dmstab import` needs that the file cannot tell ("models/128x128_diffusion.pt"
+    or "tiny.pt data.resolution=16 model.num_heads=2"); each is imported once (or its earlier
+    import reused) and sampled with this recipe's `sample` and `consistency` settings.
     `samplers` scores the group once per sampler (() = `sample.sampler` only).
     """
 
     section: ClassVar[str] = "consistency"
 
     members: tuple[str, ...] = ()
+    published: tuple[str, ...] = ()
     num_images: int = 32
     samplers: tuple[str, ...] = ()
 
 
 def check_consistency(recipe: Recipe) -> None:
     c = recipe.analysis(ConsistencyConfig)
+    if c.published and len(c.members) + len(c.published) < 2:
+        raise DmstabError(
+            f"consistency lists {len(c.members) + len(c.published)} model(s) in members and "
+            "published; a group needs at least 2"
+        )
     if c.num_images < 1:
         raise DmstabError("consistency.num_images must be at least 1")
     for sampler in c.samplers:

@@ -28,6 +28,7 @@ from dmstab.analysis.consistency import (
     consistency_score,
 )
 from dmstab.atomic import write_atomically
+from dmstab.commands.published_group import published_subjects, require_published_files
 from dmstab.commands.study import AnalysisRun, open_analysis
 from dmstab.commands.subjects import Subject, load_subject, parse_inputs, trained_subject
 from dmstab.config import ANALYSES, Recipe, SampleConfig, apply_overrides, from_written, to_written
@@ -53,8 +54,9 @@ def _member_overrides(member: str) -> list[str]:
 def member_recipes(recipe: Recipe) -> list[tuple[str, Recipe]]:
     """The group `consistency.members` defines: (label, the recipe with that member's
     overrides, split as a shell would) for each member."""
-    members = recipe.analysis(ConsistencyConfig).members
-    if len(members) < 2:
+    group = recipe.analysis(ConsistencyConfig)
+    members = group.members
+    if len(members) + len(group.published) < 2:
         raise DmstabError(
             f"consistency.members lists {len(members)} model(s); a group needs at least 2 "
             '(e.g. ["train.seed=0", "train.seed=1", "train.seed=2"])'
@@ -300,12 +302,17 @@ def main(arguments: Sequence[str]) -> None:
     inputs = parse_inputs(arguments)
     if inputs.recipe is not None:
         members = [member for _, member in member_recipes(inputs.recipe)]
-        device = pick_device(members[0].train.device)
+        require_published_files(inputs.recipe)  # a missing download: before any training
+        device = pick_device(inputs.recipe.train.device)
         for member in members:  # a group of latent models needs the VAE: before any training
             require_vae(member.data, device)
-        subjects = trained_group(
+        published = published_subjects(inputs.recipe)
+        for subject in published:
+            require_vae(subject.recipe.data, device)
+        trained = trained_group(
             inputs.recipe, progress=TrainProgress(), on_sample=SampleProgress("sample")
         )
+        subjects = [*trained, *published]
     else:
         if len(inputs.sources) < 2:
             raise DmstabError(

@@ -62,7 +62,7 @@ def _given(overrides: Sequence[str]) -> dict[str, Any]:
     return {".".join(key): value for key, value in map(parse_override, overrides)}
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -101,9 +101,10 @@ def import_checkpoint(
     *,
     format_name: str | None = None,
     out: Path | None = None,
+    extra_tags: Mapping[str, str] | None = None,
 ) -> ImportResult:
     """Read `path`, write it as a dmstab checkpoint in a new `imported` run's directory (and a
-    copy at `out`), and log the run."""
+    copy at `out`), and log the run (with `extra_tags` besides the source's)."""
     published = format_for(path, format_name)
     require_file(path, SOURCE)
     known = next((k for k in published.known_files if k.name == path.name), None)
@@ -119,7 +120,7 @@ def import_checkpoint(
     imported = published.read(path, given)
     recipe = from_written(apply_overrides(imported.recipe, settings))
     weights = _loaded(imported, recipe, path)
-    sha256 = _sha256(path)
+    sha256 = sha256_of(path)
     tags = {
         "dmstab.import.format": published.name,
         "dmstab.import.source": str(path.resolve()),
@@ -127,7 +128,7 @@ def import_checkpoint(
     }
     if known is not None:
         tags["dmstab.import.known_file"] = known.url
-    tracker = MlflowTracker.start(recipe, kind=KIND, extra_tags=tags)
+    tracker = MlflowTracker.start(recipe, kind=KIND, extra_tags={**tags, **(extra_tags or {})})
     assert tracker.run_id is not None
     run_dir = (out_dir / tracker.run_id).resolve()
     checkpoint = run_dir / CHECKPOINT_NAME

@@ -25,13 +25,16 @@ import torch
 from torch import nn
 
 import dmstab.diffusion.samplers  # noqa: F401  (the recipe's heun sampler)
+from dmstab.checkpoint import load_checkpoint
 from dmstab.config.loading import apply_overrides, from_mapping
 from dmstab.errors import DmstabError
 from dmstab.models import build_model
 from dmstab.models.edm2_unet import EDM2Block, EDM2UNet
 from dmstab.published import FORMATS
 from dmstab.published.edm2_releases import URL_ROOT
-from tests.helpers import Payload
+from dmstab.tracking import TAG_RUN_DIR
+from dmstab.train.restore import network_from_state, stored_recipe
+from tests.helpers import Payload, Runner, one_line_error, store
 
 LABELS = 10
 # The tiny network: 8×8×4 latents, widths 16 and 32, one block per level, attention at 4×4.
@@ -346,3 +349,31 @@ def test_what_dmstab_cannot_hold_is_one_line(
     with pytest.raises(DmstabError) as error:
         FORMATS["edm2"].read(path, {})
     assert says in str(error.value) and "\n" not in str(error.value)
+
+
+def test_dmstab_import_writes_a_checkpoint_that_computes_what_the_original_did(
+    tmp_path: Path, edm2_names: None, source: tuple[str, Path], dmstab: Runner
+) -> None:
+    original = _network(LABELS)
+    path = _write(tmp_path / "net.pkl", _snapshot(original, LABELS, source[0]))
+    result = dmstab("import", str(path), "tracking.experiment=tests")
+    assert result.returncode == 0, result.stderr
+    assert not source[1].exists(), "the pickled module source ran"
+    (run,) = store().search_runs([store().get_experiment_by_name("tests").experiment_id])
+    assert run.data.tags["dmstab.import.format"] == "edm2"
+    checkpoint = Path(run.data.tags[TAG_RUN_DIR]) / "checkpoint.pt"
+    state = load_checkpoint(checkpoint)
+    rebuilt = network_from_state(
+        state, stored_recipe(state, checkpoint), use_ema=True, source=checkpoint
+    )
+    for ours, theirs in zip(_outputs(rebuilt, LABELS), _outputs(original, LABELS), strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def test_dmstab_import_refuses_code_in_a_pickle_in_one_line(tmp_path: Path, dmstab: Runner) -> None:
+    marker = tmp_path / "pwned"
+    _write(Path("evil.pkl"), Payload(marker))
+    line = one_line_error(dmstab("import", "evil.pkl"))
+    assert "refused" in line and "posix.system" in line
+    assert not marker.exists()
+    assert not Path("runs").exists() and not Path("mlflow.db").exists()

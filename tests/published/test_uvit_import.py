@@ -11,13 +11,16 @@ from typing import Any
 import pytest
 import torch
 
+from dmstab.checkpoint import load_checkpoint
 from dmstab.config import from_mapping
 from dmstab.errors import DmstabError
 from dmstab.models import build_model
 from dmstab.published import FORMATS, published_format
 from dmstab.published.uvit import read_uvit, recipe_tree
 from dmstab.published.uvit_files import KNOWN_FILES
-from tests.helpers import Payload
+from dmstab.tracking import TAG_RUN_DIR
+from dmstab.train.restore import network_from_state, stored_recipe
+from tests.helpers import Payload, Runner, one_line_error, store
 
 FIXTURE = Path(__file__).parent / "fixtures" / "uvit_reference.pt"
 REFERENCES: dict[str, dict[str, Any]] = torch.load(FIXTURE, weights_only=True)["models"]
@@ -181,3 +184,27 @@ def test_every_known_file_gives_a_valid_recipe_of_the_papers_size(known: Any) ->
     with torch.device("meta"):
         network = build_model(recipe, labels - latent)
     assert round(sum(p.numel() for p in network.parameters()) / 1e6) == size
+
+
+def test_dmstab_import_gives_the_reference_outputs_and_refuses_code(
+    tmp_path: Path, dmstab: Runner
+) -> None:
+    name = sorted(REFERENCES)[0]
+    reference = REFERENCES[name]
+    heads = reference["config"]["num_heads"]
+    marker = tmp_path / "pwned"
+    torch.save({"pos_embed": Payload(marker)}, "evil.pth")
+    line = one_line_error(dmstab("import", "evil.pth", f"model.num_heads={heads}"))
+    assert "refused" in line and not marker.exists() and not Path("runs").exists()
+    path = released(tmp_path, name)
+    result = dmstab("import", str(path), f"model.num_heads={heads}", "tracking.experiment=tests")
+    assert result.returncode == 0, result.stderr
+    (run,) = store().search_runs([store().get_experiment_by_name("tests").experiment_id])
+    checkpoint = Path(run.data.tags[TAG_RUN_DIR]) / "checkpoint.pt"
+    state = load_checkpoint(checkpoint)
+    network = network_from_state(
+        state, stored_recipe(state, checkpoint), use_ema=True, source=checkpoint
+    )
+    with torch.no_grad():
+        out = network(reference["x"], reference["timesteps"] - 1, reference["y"])
+    torch.testing.assert_close(out, reference["output"], atol=1e-5, rtol=0)
