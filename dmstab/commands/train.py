@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from dmstab.commands.sweep import Sweep, load_sweep, run_sweep
 from dmstab.config import load_recipe, to_yaml
+from dmstab.config.describe import run_name
 from dmstab.console import SampleProgress, TrainProgress, announce_child, console, result
 from dmstab.tracking import browse_hint
 from dmstab.train.loop import train
@@ -22,6 +24,9 @@ def main(recipe: Path, overrides: Sequence[str], *, dry_run: bool, resume: str |
     if dry_run:
         result(to_yaml(resolved), end="")
         return
+    if resolved.tracking.run_name is None:  # named by what sets it apart: quickstart·clts·s0
+        named = replace(resolved.tracking, run_name=run_name(resolved, overrides))
+        resolved = replace(resolved, tracking=named)
     trained = train(
         resolved, resume=resume, progress=TrainProgress(), on_sample=SampleProgress("sample")
     )

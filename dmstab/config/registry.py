@@ -9,7 +9,8 @@ component is one module and one `register` call, and its keys come with it.
 The `model` section takes the dataclass `model.name` registered, a subclass of `ModelConfig`.
 An analysis's dataclass is a top-level section of its own (`hessian:`), present in a recipe
 only when the recipe sets it. Targets, timestep samplers and samplers bring no keys: they read
-the `diffusion`, `timesteps` and `sample` sections.
+the `diffusion`, `timesteps` and `sample` sections, and say which of those keys are theirs alone
+(`reads`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Component:
     implementation: Any
     config: type | None = None
     check: RecipeCheck | None = None
+    reads: tuple[str, ...] = ()  # recipe keys only this kind of component reads ("sample.eta")
 
 
 class Registry:
@@ -51,8 +53,11 @@ class Registry:
         *,
         config: type | None = None,
         check: RecipeCheck | None = None,
+        reads: tuple[str, ...] = (),
     ) -> Component:
-        """Make `name` selectable; a name is registered once."""
+        """Make `name` selectable; a name is registered once. `reads`: the recipe keys of the
+        shared section that this component reads and others of its kind may not (`sample.eta`
+        for DDIM): a run logs them only when the component that reads them is selected."""
         if name in self._components:
             raise DmstabError(f"{self.key} {name!r} is already registered")
         if config is not None and not dataclasses.is_dataclass(config):
@@ -61,7 +66,7 @@ class Registry:
             raise DmstabError(
                 f"{self.key} {name!r}: config {config.__name__} must extend {self.base.__name__}"
             )
-        component = Component(name, implementation, config, check)
+        component = Component(name, implementation, config, check, reads)
         self._components[name] = component
         return component
 

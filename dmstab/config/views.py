@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from dmstab.config.applicable import applicable
 from dmstab.config.schema import ANALYSES, AnalysisSection, Recipe
 
 
@@ -62,15 +63,36 @@ def flatten(recipe: Recipe) -> dict[str, str]:
 
 
 def run_params(recipe: Recipe, kind: str) -> dict[str, str]:
-    """The MLflow params of a run of `kind`: the keys that shaped it. Analysis sections are
-    left out, except the run's own analysis (`kind` a registered analysis), whose section is
-    logged with its defaults filled in."""
+    """The MLflow params of a run of `kind`: the keys that shaped it and that it uses
+    (`dmstab.config.applicable`). Analysis sections are left out, except the run's own
+    analysis (`kind` a registered analysis), whose section is logged with its defaults."""
     tree = to_dict(dataclasses.replace(recipe, analyses={}))
     if kind in ANALYSES:
         config = ANALYSES.get(kind).config
         assert config is not None and issubclass(config, AnalysisSection)
         tree[kind] = _plain(recipe.analysis(config))
-    return _flat(tree)
+    return {key: _param(value) for key, value in applicable(recipe, _leaves(tree)).items()}
+
+
+def _leaves(tree: dict[str, Any]) -> dict[str, Any]:
+    """`section.key` -> value for every leaf of `tree`; a nested mapping is walked into, and an
+    empty one (a paper without values) is no leaf."""
+    leaves: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            leaves[prefix] = value
+
+    walk("", tree)
+    return leaves
+
+
+def _param(value: Any) -> str:
+    """A value as an MLflow param (a string): lists as JSON, the rest as Python prints them."""
+    return json.dumps(value) if isinstance(value, list | dict) else str(value)
 
 
 def _flat(tree: dict[str, Any]) -> dict[str, str]:
@@ -81,7 +103,7 @@ def _flat(tree: dict[str, Any]) -> dict[str, str]:
             for k, v in value.items():
                 walk(f"{prefix}.{k}" if prefix else str(k), v)
         else:
-            flat[prefix] = json.dumps(value) if isinstance(value, list | dict) else str(value)
+            flat[prefix] = _param(value)
 
     walk("", tree)
     return flat

@@ -43,11 +43,15 @@ def build_diffusion(recipe: Recipe) -> GaussianDiffusion:
 
 
 def register_timestep_sampler(
-    name: str, build: Callable[[Recipe], TimestepSampler], check: RecipeCheck | None = None
+    name: str,
+    build: Callable[[Recipe], TimestepSampler],
+    check: RecipeCheck | None = None,
+    reads: tuple[str, ...] = (),
 ) -> None:
     """Make `build(recipe)` the training timestep sampler `timesteps.sampler: name`; `check`
-    rejects a recipe its `timesteps.*` keys do not suit. A name is registered once."""
-    TIMESTEP_SAMPLERS.register(name, build, check=check)
+    rejects a recipe its `timesteps.*` keys do not suit; `reads` names the `timesteps.*` keys
+    it reads. A name is registered once."""
+    TIMESTEP_SAMPLERS.register(name, build, check=check, reads=reads)
 
 
 def build_timestep_sampler(recipe: Recipe) -> TimestepSampler:
@@ -93,10 +97,15 @@ def _check_mean_in_range(recipe: Recipe) -> None:
         raise DmstabError(f"timesteps.mu is {mu}; must be in [0, diffusion.steps) = [0, {T})")
 
 
+GAUSSIAN_KEYS = ("timesteps.mu", "timesteps.sigma", "timesteps.target_iteration")
 register_timestep_sampler("uniform", _uniform)
-register_timestep_sampler("clts", _clts, _check_mean_in_range)
-register_timestep_sampler("shifted_gaussian", _shifted_gaussian, _check_mean_in_range)
-register_timestep_sampler("importance", _importance)
+register_timestep_sampler("clts", _clts, _check_mean_in_range, GAUSSIAN_KEYS)
+register_timestep_sampler(
+    "shifted_gaussian", _shifted_gaussian, _check_mean_in_range, GAUSSIAN_KEYS
+)
+register_timestep_sampler(
+    "importance", _importance, reads=("timesteps.history", "timesteps.uniform_prob")
+)
 
 
 __all__ = [

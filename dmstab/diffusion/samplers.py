@@ -62,7 +62,7 @@ def register_sampler(
                 "not take; set sample.eta=0 or use sampler ddim"
             )
 
-    SAMPLERS.register(name, sampler, check=check)
+    SAMPLERS.register(name, sampler, check=check, reads=("sample.eta",) if takes_eta else ())
 
 
 def check_sections(recipe: Recipe, key: str, steps: int, sampler: str, *, respaces: bool) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from dmstab.atomic import require_writable_directory
 from dmstab.errors import DmstabError
+from dmstab.tracking.tags import TAG_NOTE
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -207,13 +208,26 @@ def first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def ensure_experiment(client: Any, name: str) -> str:
+# MLflow 3's UI opens an experiment in its GenAI view (traces, prompts) unless the experiment's
+# kind tag says it holds model training; dmstab's experiments do.
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+
+
+def ensure_experiment(client: Any, name: str, note: str = "") -> str:
+    """The id of experiment `name`, created (described by `note`) if it does not exist; either
+    way tagged as a model-training experiment, so `mlflow ui` opens it on its runs."""
     experiment = client.get_experiment_by_name(name)
-    if experiment is not None:
-        if experiment.lifecycle_stage == "deleted":
-            raise DmstabError(f"MLflow experiment '{name}' is deleted; restore it or rename it")
-        return str(experiment.experiment_id)
-    return str(client.create_experiment(name))
+    if experiment is None:
+        tags = {TAG_EXPERIMENT_KIND: TRAINING_KIND}
+        if note:
+            tags[TAG_NOTE] = note
+        return str(client.create_experiment(name, tags=tags))
+    if experiment.lifecycle_stage == "deleted":
+        raise DmstabError(f"MLflow experiment '{name}' is deleted; restore it or rename it")
+    if TAG_EXPERIMENT_KIND not in experiment.tags:  # made by an earlier dmstab, or by hand
+        client.set_experiment_tag(experiment.experiment_id, TAG_EXPERIMENT_KIND, TRAINING_KIND)
+    return str(experiment.experiment_id)
 
 
 # ---------------------------------------------------------------- finding earlier runs

@@ -25,6 +25,9 @@ TAG_RUN_DIR = "dmstab.run_dir"
 TAG_PARENT = "mlflow.parentRunId"
 
 
+TAG_NOTE = "mlflow.note.content"  # a run's or an experiment's description (markdown) in the UI
+
+
 TAG_SWEEP_FINGERPRINT = "dmstab.sweep_fingerprint"
 
 

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from dmstab import __version__
 from dmstab.config import Recipe, TrainConfig, fingerprint, run_params, to_yaml
+from dmstab.config.describe import experiment_description, run_description, run_name
 from dmstab.errors import DmstabError
 from dmstab.tracking.client import (
     FailFastClient,
@@ -50,6 +51,7 @@ from dmstab.tracking.tags import (
     TAG_FINGERPRINT,
     TAG_KIND,
     TAG_LOCAL_RUN_ID,
+    TAG_NOTE,
     TAG_PARENT,
     TAG_RECIPE_NAME,
     RunStatus,
@@ -189,7 +191,11 @@ class MlflowTracker:
                 flush_every=recipe.tracking.flush_every,
                 spool_root=spool_root,
             )
-        tags = {TAG_RECIPE_NAME: recipe.name, TAG_FINGERPRINT: fingerprint(recipe)}
+        tags = {
+            TAG_RECIPE_NAME: recipe.name,
+            TAG_FINGERPRINT: fingerprint(recipe),
+            TAG_NOTE: run_description(recipe, kind),
+        }
         if parent_run_id:
             tags[TAG_PARENT] = parent_run_id
         tags.update(extra_tags or {})
@@ -199,10 +205,11 @@ class MlflowTracker:
             params=params,
             tags=tags,
             uri=recipe.tracking.uri,
-            run_name=recipe.tracking.run_name,
+            run_name=recipe.tracking.run_name or run_name(recipe, kind=kind),
             flush_every=recipe.tracking.flush_every,
             spool_root=spool_root,
             offline=recipe.tracking.offline,
+            experiment_note=experiment_description(recipe),
         )
         tracker.log_text(to_yaml(recipe), "recipe.yaml")
         return tracker
@@ -263,17 +270,19 @@ class MlflowTracker:
         flush_every: int = 50,
         spool_root: Path = DEFAULT_SPOOL_ROOT,
         offline: bool = False,
+        experiment_note: str = "",
     ) -> MlflowTracker:
         """A new run of `kind` with the standard tags plus `tags`, and `params` logged.
 
         `offline`: when the server does not answer, a run with a local id, spooled.
+        `experiment_note`: the experiment's description, when this run creates it.
         """
         resolved = resolve_uri(uri)
         check_store_writable(resolved)  # every command's run: one line, not MLflow's retries
         client = open_client(resolved)
         all_tags = {**_standard_tags(kind), **tags}
         try:
-            experiment_id = ensure_experiment(client, experiment)
+            experiment_id = ensure_experiment(client, experiment, experiment_note)
             run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
         except ServerUnreachable:
             if not offline:

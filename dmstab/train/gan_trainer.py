@@ -136,10 +136,10 @@ class GanTrainer:
     def ema_model(self) -> nn.Module:
         return ema_copy(self.model, self.ema, self.device)
 
-    def parameter_metrics(self) -> dict[str, float]:
+    def parameter_counts(self) -> dict[str, int]:
         return {
-            "model/parameters": count_parameters(self.model),
-            "model/discriminator_parameters": count_parameters(self.discriminator),
+            "parameters": count_parameters(self.model),
+            "discriminator_parameters": count_parameters(self.discriminator),
         }
 
     def objective_metrics(self, step: int) -> dict[str, float]:

@@ -272,8 +272,8 @@ def train(
                 for directory in (run_dir, run_dir / SNAPSHOT_DIR, run_dir / KEPT_DIR):
                     remove_interrupted_writes(directory)
             _load(trainer, checkpoint)
-        if trainer.step == 0:
-            tracker.log_metrics(trainer.parameter_metrics(), 0)
+        # Constants of the run: tags (`dmstab.parameters`), not a metric's one-point chart.
+        tracker.set_tags({f"dmstab.{k}": str(n) for k, n in trainer.parameter_counts().items()})
         samples = _run_steps(trainer, tracker, run_id, checkpoint, progress, on_sample, evaluator)
     return TrainResult(run_id, run_dir, trainer.step, checkpoint, samples, context.is_main)
 

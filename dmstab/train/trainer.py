@@ -193,8 +193,8 @@ class Trainer:
     def ema_model(self) -> nn.Module:
         return ema_copy(self.model, self.ema, self.device)
 
-    def parameter_metrics(self) -> dict[str, float]:
-        return {"model/parameters": count_parameters(self.model)}
+    def parameter_counts(self) -> dict[str, int]:
+        return {"parameters": count_parameters(self.model)}
 
     def objective_metrics(self, step: int) -> dict[str, float]:
         return self.objective.metrics(step)

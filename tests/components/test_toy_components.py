@@ -32,14 +32,14 @@ HESSIAN = [
 ]
 
 
-def run_of_kind(kind: str) -> tuple[dict[str, str], dict[str, float]]:
-    """Params and metrics of the store's one run tagged `dmstab.kind=kind`."""
+def run_of_kind(kind: str) -> tuple[dict[str, str], dict[str, float], dict[str, str]]:
+    """Params, metrics and tags of the store's one run tagged `dmstab.kind=kind`."""
     (run,) = store().search_runs(
         [e.experiment_id for e in store().search_experiments()],
         filter_string=f"tags.`dmstab.kind` = '{kind}'",
     )
     assert run.info.status == "FINISHED"
-    return run.data.params, run.data.metrics
+    return run.data.params, run.data.metrics, run.data.tags
 
 
 def latest_samples() -> np.ndarray:
@@ -72,13 +72,13 @@ def test_a_network_registered_outside_the_package_trains_samples_and_is_analysed
 
     trained = dmstab("train", str(toy_network_recipe(width=6)))
     assert trained.returncode == 0, trained.stderr
-    params, metrics = run_of_kind("train")
+    params, metrics, tags = run_of_kind("train")
     assert {k: v for k, v in params.items() if k.startswith("model.")} == {
         "model.name": "toy_convnet",
         "model.class_cond": "False",
         "model.width": "6",
     }  # only the keys the toy network has
-    assert metrics["model/parameters"] == toy_network.parameter_count(channels=3, width=6)
+    assert int(tags["dmstab.parameters"]) == toy_network.parameter_count(channels=3, width=6)
     assert np.isfinite(metrics["loss"])
 
     assert dmstab("sample").returncode == 0
@@ -87,8 +87,8 @@ def test_a_network_registered_outside_the_package_trains_samples_and_is_analysed
 
     analysed = dmstab("hessian", *HESSIAN)
     assert analysed.returncode == 0, analysed.stderr
-    _, hessian = run_of_kind("hessian")
-    assert hessian["hessian/parameters"] == metrics["model/parameters"]
+    _, hessian, _ = run_of_kind("hessian")
+    assert hessian["hessian/parameters"] == int(tags["dmstab.parameters"])
 
 
 @pytest.mark.slow
@@ -107,7 +107,7 @@ def test_a_prediction_target_registered_outside_the_package_trains_samples_and_i
     toy_target.CALLS.clear()
     trained = dmstab("train", str(QUICKSTART), *TINY, "diffusion.target=toy_negated_eps")
     assert trained.returncode == 0, trained.stderr
-    params, _ = run_of_kind("train")
+    params, _, _ = run_of_kind("train")
     assert params["diffusion.target"] == "toy_negated_eps"
     assert toy_target.CALLS["training_target"] >= 12  # one per training step
     # the run's closing samples: one x̂0 per step of TINY's one batch (sample.steps=5)
@@ -130,7 +130,7 @@ def test_a_sampler_registered_outside_the_package_samples_a_trained_model(
 
     sampled = dmstab("sample", "sample.sampler=toy_one_jump", "sample.num_images=4")
     assert sampled.returncode == 0, sampled.stderr
-    params, metrics = run_of_kind("sample")
+    params, metrics, _ = run_of_kind("sample")
     assert params["sample.sampler"] == "toy_one_jump" and metrics["sample/num_images"] == 4
     images = latest_samples()
 
@@ -158,7 +158,7 @@ def test_an_analysis_registered_outside_the_package_runs_through_dmstab_analyse(
 
     analysed = dmstab("analyse", "weight_norm", "weight_norm.p=1")
     assert analysed.returncode == 0, analysed.stderr
-    params, metrics = run_of_kind("weight_norm")
+    params, metrics, _ = run_of_kind("weight_norm")
     assert params["weight_norm.p"] == "1.0"
 
     model = load_subject(None).network(torch.device("cpu"), use_ema=True)

@@ -190,7 +190,7 @@ def test_dmstab_train_tracks_a_dcgan_and_sample_reads_it(dmstab: Runner) -> None
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
     for key in ("loss", "loss_d", "loss_g", "d_real_logit", "d_fake_logit"):
         assert len(client.get_metric_history(run.info.run_id, key)) == 6, key
-    assert run.data.metrics["model/discriminator_parameters"] > 0
+    assert int(run.data.tags["dmstab.discriminator_parameters"]) > 0
     state = load_checkpoint(Path(run.data.tags["dmstab.run_dir"]) / "checkpoint.pt")
     assert {"model", "ema", "discriminator", "optimizer", "d_optimizer"} <= state.keys()
     sampled = dmstab("sample", run.info.run_id, "sample.num_images=5")

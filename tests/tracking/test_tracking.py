@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dmstab import __version__
-from dmstab.config import flatten, load_recipe
+from dmstab.config import flatten, load_recipe, run_params
 from dmstab.errors import DmstabError
 from dmstab.tracking import (
     DEFAULT_TRACKING_URI,
@@ -46,7 +46,9 @@ def test_params_tags_and_recipe_artifact(isolated_workdir: Path) -> None:
     assert (isolated_workdir / "mlflow.db").is_file()
     client = store()
     run = client.get_run(tracker.run_id)
-    assert run.data.params == flatten(recipe)
+    logged = run.data.params  # the recipe's keys the run uses (test_run_layout.py), as flattened
+    assert logged == run_params(recipe, "train")
+    assert logged.items() <= flatten(recipe).items() and "model.channels" in logged
     assert run.data.tags["dmstab.version"] == __version__
     assert run.data.tags["dmstab.command"].startswith("dmstab")
     assert run.data.tags["dmstab.hostname"]
