@@ -41,9 +41,15 @@ class ConsistencyConfig(AnalysisSection):
     section: ClassVar[str] = "consistency"
 
     members: tuple[str, ...] = ()
+    """the group: one string of overrides per model, split as a shell would (`"train.seed=1
+    model.channel_mult='[1, 2]'"`)"""
     published: tuple[str, ...] = ()
+    """released checkpoints in the group: one string per model, the file's path and the
+    settings `dmstab import` needs (`"models/128x128_diffusion.pt"`)"""
     num_images: int = 32
+    """M, images per model"""
     samplers: tuple[str, ...] = ()
+    """score once per sampler (`[]`: `sample.sampler`)"""
 
 
 def check_consistency(recipe: Recipe) -> None:

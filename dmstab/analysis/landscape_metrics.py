@@ -30,16 +30,30 @@ class LandscapeConfig(AnalysisSection):
     section: ClassVar[str] = "landscape"
 
     batch_size: int = 64
+    """the fixed batch"""
     timesteps: tuple[int, ...] = ()
+    """DDPM timesteps with a loss of their own (the t-averaged loss is always computed)"""
     points: int = 51
+    """the 2D grid: points per axis over [−span, span]²"""
     span: float = 1.0
+    """the 2D grid's half-width in units of the directions"""
     norm: DirectionNorm = "filter"
+    """the 2D directions' scale: `filter` gives each filter of d the norm of θ's filter (Li et al.
+    Eq. 1), `layer` each weight tensor the norm of θ's; biases and norm layers get zero either
+    way"""
     alphas: int = 21
+    """the 1D interpolation's number of α values"""
     alpha_min: float = 0.0
+    """the 1D interpolation's smallest α"""
     alpha_max: float = 1.0
+    """the 1D interpolation's largest α"""
     interpolate: tuple[int, ...] = ()
+    """`[b, a]`: interpolate between the run's checkpoints kept at steps b and a
+    (`train.keep_checkpoints`)"""
     network: GanNetwork = "generator"
+    """GANs: the network whose weights move (the other is fixed)"""
     seed: int = 0
+    """seeds the batch, noise, timesteps and directions"""
 
 
 def check_landscape(recipe: Recipe) -> None:

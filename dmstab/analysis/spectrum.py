@@ -47,17 +47,32 @@ class HessianConfig(AnalysisSection):
     section: ClassVar[str] = "hessian"
 
     batch_size: int = 64
+    """the fixed batch"""
     timesteps: tuple[int, ...] = ()
+    """DDPM timesteps with a loss of their own (the t-averaged loss is always computed)"""
     top_k: int = 3
+    """eigenvalues of largest magnitude, by Lanczos with deflation"""
     max_iterations: int = 100
+    """Lanczos steps per eigenvalue at most"""
     tolerance: float = 1e-3
+    """stop an eigenvalue's Lanczos when the Ritz residual is below tolerance·|λ|"""
     trace_samples: int = 100
+    """Hutchinson probes"""
     slq_runs: int = 4
+    """stochastic Lanczos quadrature: runs (random start vectors)"""
     lanczos_steps: int = 80
+    """stochastic Lanczos quadrature: Lanczos steps per run"""
     density_sigma_squared: float = 1e-5
-    method: HvpMethod = "auto"  # forward_over_reverse on CUDA, double_backward on CPU
+    """σ² of the Gaussians that broaden the SLQ density onto a grid, as PyHessian's
+    `density_generate` (kernel variance σ²·max(1, grid range)); positive"""
+    method: HvpMethod = "auto"
+    """Hessian-vector products: `forward_over_reverse` (`torch.func`), `double_backward`, or `auto`:
+    the first on CUDA, the second on CPU (faster there,
+    docs/performance.md#cpu-hessian-vector-products)"""
     network: GanNetwork = "generator"
+    """GANs: the network whose weights move (the other is fixed)"""
     seed: int = 0
+    """seeds the batch, noise, timesteps and probe vectors"""
 
 
 def check_hessian(recipe: Recipe) -> None:

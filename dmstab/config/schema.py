@@ -44,12 +44,20 @@ class DataConfig:
     """Training images. `synthetic` is generated in memory; the others read `root`."""
 
     name: DatasetName = "synthetic"
+    """`synthetic`, `cifar10`, `folder` (class subfolders or flat), `npz` (uint8 NHWC
+    `arr_0`/`images`, labels `arr_1`/`labels`)"""
     root: str | None = None
+    """data directory or file; required except for `synthetic`"""
     resolution: int = 32
+    """image size; folder/npz images are center-cropped and resized as guided-diffusion does"""
     download: bool = False
+    """`cifar10` only: download into `root` when absent"""
     hflip: bool = False
+    """random horizontal flips"""
     synthetic_size: int = 10_000
+    """images in the synthetic set (docs/synthetic.md)"""
     synthetic_seed: int = 0
+    """seed the synthetic set is drawn with"""
 
     @property
     def channels(self) -> int:
@@ -71,7 +79,11 @@ class ModelConfig:
     adversarial: ClassVar[bool] = False
 
     name: str = "adm_unet"
+    """`adm_unet` (improved/guided diffusion, ddpm formulation), `edm2_unet` (EDM2, edm
+    formulation), `uvit` (U-ViT, ddpm formulation), `dcgan` or `biggan` (GAN baselines), or a
+    network a plugin registers (docs/recipes.md#components-and-plugins)"""
     class_cond: bool = False
+    """class-conditional (labels from the dataset)"""
 
     def learns_variance(self) -> bool:
         """Whether the network also outputs the reverse-process variance (improved DDPM)."""
@@ -92,23 +104,43 @@ class DiffusionConfig:
     """
 
     formulation: Formulation = "ddpm"
+    """`ddpm` (discrete, AAAI paper) or `edm` (continuous σ, EDM2)"""
     schedule: ScheduleName = "cosine"
+    """ddpm: `cosine` (Nichol & Dhariwal) or `linear` β schedule"""
     steps: int = 4000
-    target: str = "eps"  # a registered prediction target (TARGETS)
+    """ddpm: T"""
+    target: str = "eps"
+    """ddpm: `eps` (AAAI Eq. 4), `x0` (Eq. 5), `v` (Salimans & Ho 2022), `previous_x` (x_{t−1}'s
+    posterior mean, improved-diffusion), or a registered target"""
     weighting: LossWeighting = "none"
+    """ddpm: weight of the target MSE per timestep: `none`, `min_snr`, `p2` or `fdm`
+    (kernel scale + loss-weight warm-up, docs/fdm.md); see
+    docs/recipes.md#targets-loss-weightings-and-timestep-samplers"""
     min_snr_gamma: float = 5.0
+    """`min_snr`: γ, > 0"""
     p2_k: float = 1.0
+    """`p2`: k of 1/(k + SNR)^γ, > 0"""
     p2_gamma: float = 1.0
+    """`p2`: γ of 1/(k + SNR)^γ, ≥ 0"""
     # weighting fdm: FDM (Wu et al. 2023) = its kernel scale e^{−mB}(1 + mB) on the model input
     # plus its loss-weight warm-up (dmstab.diffusion.fdm); defaults: official CIFAR-10 VP-FDM.
     fdm_multiplier: float = 2.0
+    """`fdm`: m of the kernel scale e^{−mB}(1 + mB) (docs/fdm.md)"""
     fdm_beta_min: float = 0.1
+    """`fdm`: β_min of B(u) = β_min·u + ½β_d·u²"""
     fdm_beta_d: float = 19.9
+    """`fdm`: β_d of B(u) = β_min·u + ½β_d·u²"""
     fdm_warmup_iterations: int = 400
+    """`fdm`: W, the loss-weight warm-up's length in iterations; 0 = no warm-up"""
     p_mean: float = -0.8
+    """edm: the mean of ln σ ~ N(p_mean, p_std²) (EDM2: −0.4 for 512 latents)"""
     p_std: float = 1.6
+    """edm: the standard deviation of ln σ (EDM2: 1.0 for 512 latents)"""
     sigma_data: float = 0.5
-    label_dropout: float = 0.0  # edm: drop labels at this rate for classifier-free guidance
+    """edm: σ_data of the preconditioning"""
+    label_dropout: float = 0.0
+    """edm: fraction of training labels replaced by the zero label, in [0, 1), for classifier-free
+    guidance (`sample.guide: self` needs it > 0); needs `model.class_cond: true`"""
 
 
 @dataclass(frozen=True)
@@ -121,26 +153,45 @@ class TimestepsConfig:
     with `uniform_prob` of uniform.
     """
 
-    sampler: str = "uniform"  # a registered timestep sampler (TIMESTEP_SAMPLERS)
+    sampler: str = "uniform"
+    """`uniform` U(t) = 1/T, or `clts`: P(t) = (1−γ)U(t) + γN(t; μ, σ), γ = min(it/target, 1) (Eqs.
+    6–7); losses are not reweighted. Also `shifted_gaussian` and `importance`
+    (docs/recipes.md#targets-loss-weightings-and-timestep-samplers), or a registered one"""
     mu: float = 1200.0
+    """CLTS / shifted-Gaussian mean μ, in [0, T) (paper: 0.3·T)"""
     sigma: float = 4000.0
+    """CLTS / shifted-Gaussian σ (paper: T)"""
     target_iteration: int = 50_000
+    """iteration at which γ reaches 1 (CLTS) or the mean reaches μ (shifted Gaussian)"""
     history: int = 10
+    """`importance`: losses kept per timestep, ≥ 1"""
     uniform_prob: float = 0.001
+    """`importance`: share of uniform sampling u, in [0, 1)"""
     histogram_every: int = 1000
+    """log a histogram of sampled t every N steps (0: never)"""
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     name: Literal["adam", "adamw"] = "adam"
+    """`adam` or `adamw`"""
     lr: float = 1e-4
+    """learning rate"""
     betas: tuple[float, float] = (0.9, 0.999)
+    """Adam betas (the AAAI paper uses `[0.8, 0.999]`)"""
     weight_decay: float = 0.0
+    """weight decay"""
     grad_clip: float | None = None
+    """clip the global gradient norm"""
     warmup_steps: int = 0
+    """`constant` schedule: linear learning-rate warm-up (steps)"""
     schedule: LrSchedule = "constant"
-    ref_kimg: float = 0.0  # inverse_sqrt: t_ref in thousands of images (EDM2 Sec. 2.3)
-    rampup_kimg: float = 0.0  # inverse_sqrt: linear warm-up, thousands of images
+    """`constant`, or `inverse_sqrt`: lr/√max(t/t_ref, 1)·min(t/t_rampup, 1), t in images (EDM2,
+    config E)"""
+    ref_kimg: float = 0.0
+    """`inverse_sqrt`: t_ref in thousands of images (EDM2 Sec. 2.3; 0: factor off)"""
+    rampup_kimg: float = 0.0
+    """`inverse_sqrt`: t_rampup, the linear warm-up in thousands of images (0: factor off)"""
 
 
 @dataclass(frozen=True)
@@ -153,10 +204,15 @@ class EmaConfig:
     """
 
     rate: float = 0.9999
+    """EMA decay"""
     warmup: bool = False
+    """use min(rate, (1+n)/(10+n)) after n updates"""
     power_sigma_rels: tuple[float, ...] = ()
+    """power-function EMAs to track (EDM2: `[0.05, 0.1]`), for `ema-reconstruct`"""
     snapshot_every: int = 0
+    """training images between power-EMA snapshots (0: only at the end)"""
     snapshot_dtype: Literal["float32", "float16"] = "float32"
+    """`float32` or `float16` snapshot files"""
 
 
 @dataclass(frozen=True)
@@ -169,23 +225,44 @@ class TrainConfig:
     """
 
     steps: int = 500_000
+    """optimiser steps"""
     kimg: float = 0.0
+    """when > 0: length in thousands of images instead of `steps` (not both)"""
     batch_size: int = 128
+    """images per step (the global batch under `torchrun`)"""
     seed: int = 0
+    """seeds initialisation and every step's draws"""
     device: DeviceName = "auto"
+    """`auto`, `cpu` or `cuda`"""
     precision: Precision = "bf16"
+    """`bf16` autocast or `fp32`"""
     log_every: int = 10
+    """metric window (steps)"""
     checkpoint_every: int = 5000
+    """checkpoint interval (steps)"""
     sample_every: int = 0
+    """also sample during training (0: only at the end)"""
     magnitudes_every: int = 0
+    """log weight/activation magnitudes per block every N steps (0: never)"""
     out_dir: str = "runs"
+    """run directories (`OUT_DIR/RUN_ID/checkpoint.pt`)"""
     micro_batch_size: int = 0
+    """rows per forward pass and process; 0: `batch_size` / processes. Smaller values accumulate
+    gradients (docs/distributed.md)"""
     nonfinite: NonfinitePolicy = "stop"
+    """a NaN/inf loss: `stop` the run (exit 1, last checkpoint intact) or `skip` the update"""
     spike_factor: float = 0.0
+    """a loss above this × the mean of the last `spike_window` accepted losses is a spike (0: off;
+    else > 1)"""
     spike_window: int = 100
+    """accepted losses the spike baseline averages"""
     spike_policy: SpikePolicy = "skip"
+    """a spike: `skip` the update or `stop` the run"""
     max_skipped: int = 10
-    keep_checkpoints: tuple[int, ...] = ()  # also keep checkpoints/step_XXXXXXXX.pt at these steps
+    """this many skipped steps in a row stop the run"""
+    keep_checkpoints: tuple[int, ...] = ()
+    """steps whose checkpoint is also kept as `RUN_DIR/checkpoints/step_XXXXXXXX.pt` (the two ends
+    of a 1D interpolation, AAAI Fig. 3)"""
 
     @property
     def total_steps(self) -> int:
@@ -204,26 +281,49 @@ class SampleConfig:
     `guide: self` is classifier-free guidance, a checkpoint path or run id a smaller model.
     """
 
-    sampler: str = "ddpm"  # a registered sampler (SAMPLERS)
+    sampler: str = "ddpm"
+    """ddpm formulation: `ddpm` (respaced ancestral) or `ddim`; edm formulation: `heun`; or a
+    registered sampler"""
     steps: int = 250
-    # ddpm/ddim: improved-diffusion's multi-section respacing, steps kept per section of the T
-    # (() = one section spaced by the sampler's own rule); they must keep `steps` in all.
+    """sampling steps: 2 … `diffusion.steps` for ddpm/ddim (ddim: a count some integer stride
+    gives), at least 2 for heun"""
     sections: tuple[int, ...] = ()
+    """ddpm/ddim: improved-diffusion's multi-section respacing, steps kept per section (`[10, 15,
+    20]`, or the override `sample.sections=10,15,20`): the T steps split into that many
+    consecutive sections (the first T mod n one step longer), each spaced evenly like `ddpm`;
+    each count 1 … its section's size, and `steps` must equal their sum. `[]`: the sampler's own
+    spacing"""
     eta: float = 0.0
+    """DDIM η (0 for every sampler but ddim)"""
     num_images: int = 64
+    """images to generate"""
     batch_size: int = 64
+    """images generated at once"""
     seed: int = 0
+    """fixes every image's initial and per-step noise"""
     use_ema: bool = True
+    """EMA or raw weights"""
     clip_denoised: bool = True
+    """clip predicted x0 to [−1, 1]; must be `false` for a ddpm model of latents"""
     sigma_min: float = 0.002
+    """heun: the smallest Karras noise level (EDM Eq. 5)"""
     sigma_max: float = 80.0
+    """heun: the largest Karras noise level (EDM Eq. 5)"""
     rho: float = 7.0
+    """heun: ρ, how the Karras noise levels crowd toward `sigma_min` (EDM Eq. 5)"""
     s_churn: float = 0.0
+    """heun: S_churn, the noise added back per step (EDM Alg. 2; 0: deterministic)"""
     s_min: float = 0.0
+    """heun: S_tmin, the lowest σ that gets churn (EDM Alg. 2)"""
     s_max: float = float("inf")
+    """heun: S_tmax, the highest σ that gets churn (EDM Alg. 2)"""
     s_noise: float = 1.0
+    """heun: S_noise, the scale of the churn noise (EDM Alg. 2)"""
     guidance: float = 1.0
+    """heun: guidance weight w (1 = none)"""
     guide: str | None = None
+    """`self` (classifier-free; needs `diffusion.label_dropout` > 0) or a guide checkpoint or
+    run id"""
 
 
 @dataclass(frozen=True)
@@ -239,26 +339,46 @@ class EvalConfig:
     """
 
     every: int = 0
+    """also every N steps (0: never); with `at` or `every` set, also at the last step"""
     at: tuple[int, ...] = ()
+    """steps to evaluate at"""
     metrics: tuple[EvalMetric, ...] = ("fid",)
+    """any of `fid`, `kid`, `is`"""
     num_images: int = 50_000
+    """images generated per evaluation"""
     batch_size: int = 250
+    """images generated at once"""
     sampler: str | None = None
+    """the sampler to evaluate with (null: `sample.sampler`)"""
     steps: int | None = None
+    """its steps (null: `sample.steps`)"""
     use_ema: bool = True
+    """EMA or raw weights"""
     reference: str | None = None
+    """statistics `.npz`, images (`.npz`/folder); null: the training set (cached)"""
     mode: FidMode = "clean"
+    """clean-fid mode: `clean`, `legacy_pytorch`, `legacy_tensorflow`"""
     features: FeatureNetwork = "inception"
+    """`inception`; `random_conv` (seeded stand-in for tests; no IS); `classifier` (CNN trained on
+    the synthetic shapes, native resolution; `data.name: synthetic` only; no IS; see
+    docs/synthetic.md)"""
     inception_weights: str | None = None
+    """weights file or folder (else `DMSTAB_INCEPTION_WEIGHTS`, `~/.cache/dmstab/`)"""
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
     uri: str | None = None
+    """MLflow tracking URI (else `MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db`)"""
     experiment: str = "dmstab"
+    """experiment name"""
     run_name: str | None = None
+    """run name (MLflow picks one when null)"""
     flush_every: int = 50
-    offline: bool = False  # train on, spooled, when the server does not answer at start
+    """send buffered metrics every N steps"""
+    offline: bool = False
+    """start even when the tracking server does not answer: the run is spooled locally and uploaded
+    when the server returns or by `dmstab sync` (docs/tracking.md)"""
 
 
 @dataclass(frozen=True)
@@ -266,16 +386,24 @@ class PaperConfig:
     """Published numbers a recipe targets, for `dmstab report` (paper vs measured)."""
 
     source: str = ""
+    """the paper"""
     table: str = ""
+    """the table or figure and its row"""
     metric: str = ""
-    values: dict[str, float] = field(default_factory=dict)  # iteration (100k, 1M, end) -> value
-    others: dict[str, float] = field(default_factory=dict)  # other published metrics, not compared
+    """the metric `values` holds (`fid`, ...)"""
+    values: dict[str, float] = field(default_factory=dict)
+    """published values by training iteration (`{100k: 4.24, 200k: 2.81}`; `end`: the run's
+    last step, as EDM2 reports), compared with the run's by `dmstab report`"""
+    others: dict[str, float] = field(default_factory=dict)
+    """further published numbers (guided FID, say): shown, not compared"""
     notes: str = ""
+    """free text shown with the numbers"""
 
 
 @dataclass(frozen=True)
 class Recipe:
     name: str = "recipe"
+    """the run's name in MLflow and its recipe's (default: the recipe file's stem)"""
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()

@@ -353,11 +353,22 @@ class AdmUnetConfig(UNetConfig):
     # layout check (check_unet_layout) reads either.
     channel_mult: tuple[int | float, ...] = (1, 2, 2, 2)  # type: ignore[assignment]
     num_heads: int = 4
+    """attention heads (when `num_head_channels` is not > 0)"""
     num_head_channels: int = -1
+    """channels per attention head when > 0 (guided-diffusion), overriding `num_heads`"""
     attention_order: AttentionOrder = "qkv_first"
+    """how attention splits its qkv projection's 3·C channels: `legacy` as (heads, 3, C/heads),
+    improved-diffusion's `QKVAttention` and guided-diffusion's `QKVAttentionLegacy` (their
+    released models; the recipes built on `cifar10_base.yaml` and `imagenet128_base.yaml`);
+    `qkv_first` as (3, heads, C/heads), guided-diffusion's `QKVAttention`
+    (`use_new_attention_order=True`). Same parameters, different networks: with several heads a
+    checkpoint gives other outputs in the other order"""
     use_scale_shift_norm: bool = True
+    """FiLM-style timestep conditioning"""
     resblock_updown: bool = False
+    """BigGAN-style resampling residual blocks (guided-diffusion)"""
     learn_sigma: bool = True
+    """learn Σ; trains with the hybrid loss L_simple + VB·T/1000"""
 
     def learns_variance(self) -> bool:
         return self.learn_sigma

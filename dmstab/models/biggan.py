@@ -286,7 +286,9 @@ class BigganConfig(GanConfig):
     """The GAN keys plus the shared class embedding's width and where self-attention is."""
 
     shared_dim: int = 128
+    """the shared class embedding's size"""
     attention_resolution: int = 64
+    """self-attention at this resolution in both networks (0: none)"""
 
 
 def check_recipe(recipe: Recipe) -> None:

@@ -71,19 +71,33 @@ class EDM2Switches:
     recipe's `model.edm2` section is this dataclass.
     """
 
-    minor_improvements: bool = True  # B: learned uncertainty u(σ), no attention at 32×32
-    streamlined: bool = True  # C
-    mp_learned_layers: bool = True  # D
-    forced_weight_norm: bool = True  # E
-    no_group_norm: bool = True  # F
-    mp_fixed_layers: bool = True  # G
+    minor_improvements: bool = True
+    """Table 1 row B: learned uncertainty u(σ), no attention at 32×32 (all six false: config A)"""
+    streamlined: bool = True
+    """row C, needs B: architectural streamlining"""
+    mp_learned_layers: bool = True
+    """row D, needs C: magnitude-preserving learned layers"""
+    forced_weight_norm: bool = True
+    """row E, needs D: forced weight normalisation (config E's recipe also sets the
+    inverse-square-root learning rate, `optim.ref_kimg`)"""
+    no_group_norm: bool = True
+    """row F, needs E: no group normalisations"""
+    mp_fixed_layers: bool = True
+    """row G, needs F: magnitude-preserving fixed-function layers"""
     channels_per_head: int = 64
+    """attention head width"""
     res_balance: float = 0.3
+    """magnitude-preserving sum weight of the residual branch (config G)"""
     attn_balance: float = 0.3
+    """magnitude-preserving sum weight of the attention branch (config G)"""
     label_balance: float = 0.5
+    """magnitude-preserving sum weight of the label embedding (config G)"""
     concat_balance: float = 0.5
+    """magnitude-preserving concatenation weight of the skip connections (config G)"""
     clip_act: float = 256.0
+    """activation clip (config G)"""
     logvar_channels: int = 128
+    """Fourier features of the learned uncertainty u(σ)"""
 
 
 @dataclass(frozen=True)

@@ -37,13 +37,21 @@ class GanConfig(ModelConfig):
     adversarial: ClassVar[bool] = True
 
     loss: GanLoss = "bce"
+    """`bce` (DCGAN's non-saturating loss) or `hinge` (BigGAN)"""
     z_dim: int = 100
+    """latent size; biggan splits it into equal chunks, one per generator block plus one"""
     g_channels: int = 64
+    """the generator's base width (DCGAN: its last layer; BigGAN: ch)"""
     d_channels: int = 64
+    """the discriminator's base width (DCGAN: its first layer; BigGAN: ch)"""
     g_lr: float = 2e-4
+    """the generator's Adam learning rate"""
     d_lr: float = 2e-4
+    """the discriminator's Adam learning rate"""
     betas: tuple[float, float] = (0.5, 0.999)
+    """Adam β for both"""
     d_steps: int = 1
+    """discriminator updates per generator update"""
 
 
 def gan_config(recipe: Recipe) -> GanConfig:

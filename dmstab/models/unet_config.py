@@ -15,10 +15,15 @@ class UNetConfig(ModelConfig):
     the `attention_resolutions` (in pixels), `dropout` in the residual blocks."""
 
     channels: int = 128
+    """base width"""
     channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    """width multiplier per level; `data.resolution` must be divisible by 2^(levels−1)"""
     num_res_blocks: int = 3
+    """residual blocks per level"""
     attention_resolutions: tuple[int, ...] = (16, 8)
+    """feature-map sizes (pixels) with self-attention"""
     dropout: float = 0.3
+    """dropout in residual blocks"""
 
 
 def check_unet_layout(m: UNetConfig, resolution: int) -> None:

@@ -233,16 +233,31 @@ class UvitConfig(ModelConfig):
     """`model.name: uvit`, a ddpm backbone; the defaults are U-ViT-S/2 (CIFAR-10)."""
 
     patch_size: int = 2
+    """p×p patches, one token each; must divide `data.resolution`"""
     embed_dim: int = 512
-    depth: int = 13  # all transformer blocks: depth//2 in, 1 mid, depth//2 out
+    """token width D, a multiple of `num_heads`"""
+    depth: int = 13
+    """transformer blocks in all, odd: depth//2 in-blocks, a mid-block, depth//2 out-blocks joined
+    to the in-blocks by long skips"""
     num_heads: int = 4
+    """attention heads"""
     mlp_ratio: float = 4.0
-    qkv_bias: bool = False  # every published config: False
+    """MLP width / D"""
+    qkv_bias: bool = False
+    """a bias on the attention's q, k, v projection (every published U-ViT config: false)"""
     dropout: float = 0.3
+    """dropout in the transformer blocks"""
     learn_sigma: bool = True
-    conv_out: bool = True  # the final 3×3 conv (official `conv`; U-ViT-H/4 on latents: false)
-    null_class: bool = False  # class_cond: one more label embedding, "no label" (official K)
-    time_shift: float = 0.0  # added to the model time before its embedding (official: 1)
+    """learn Σ, as `adm_unet`"""
+    conv_out: bool = True
+    """the final 3×3 conv on the unpatchified output (the official `conv`; `false` for U-ViT-H/4 on
+    latents)"""
+    null_class: bool = False
+    """with `class_cond`: one more label embedding, "no label" (the official K-th class, for
+    classifier-free guidance); a forward call without labels uses it"""
+    time_shift: float = 0.0
+    """added to the model time before its embedding (U-ViT's released models: 1, as they embed
+    the step n = i + 1)"""
 
     def learns_variance(self) -> bool:
         return self.learn_sigma
