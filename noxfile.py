@@ -18,8 +18,8 @@ PARALLEL = ("-n", "2", "--dist", "worksteal")
 INSTALLED_STAMP = ".dmstab-installed"  # in the session's virtualenv: pyproject.toml's hash
 
 
-def _install(session: nox.Session) -> None:
-    """`pip install -e .[dev]`, skipped when the reused virtualenv was installed from this very
+def _install(session: nox.Session, extra: str = "dev") -> None:
+    """`pip install -e .[EXTRA]`, skipped when the reused virtualenv was installed from this very
     pyproject.toml: the editable install already sees every source change, and pip alone
     takes about 20 s on a 2-core machine."""
     stamp = Path(session.virtualenv.location) / INSTALLED_STAMP
@@ -27,7 +27,7 @@ def _install(session: nox.Session) -> None:
     if stamp.is_file() and stamp.read_text() == wanted:
         session.log("pyproject.toml unchanged since this virtualenv's install: pip skipped")
         return
-    session.install("-e", ".[dev]")
+    session.install("-e", f".[{extra}]")
     stamp.write_text(wanted)
 
 
@@ -85,6 +85,17 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict on the library."""
     _install(session)
     session.run("mypy", "dmstab")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site (mkdocs, Material theme) into site/, in strict mode: any warning
+    fails the build. The recipe reference and every command's --help are generated from the
+    code as it builds (docs/hooks.py, docs/gen_reference.py). Arguments after `--` replace
+    `build --strict`: `nox -s docs -- serve` previews the site."""
+    _install(session, "docs")
+    arguments = session.posargs or ["build", "--strict"]
+    session.run("mkdocs", *arguments, env={"NO_MKDOCS_2_WARNING": "1"})
 
 
 @nox.session(name="tracking-server")

@@ -23,14 +23,24 @@ import tokenize
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dmstab.commands  # noqa: F401  (registers the built-in networks, samplers and analyses)
-from dmstab.config import ANALYSES, MODELS, SAMPLERS, TARGETS, TIMESTEP_SAMPLERS, Recipe
+from dmstab.config import (
+    ANALYSES,
+    MODELS,
+    SAMPLERS,
+    TARGETS,
+    TIMESTEP_SAMPLERS,
+    Recipe,
+    load_tree,
+)
 from dmstab.config.registry import Registry
 from dmstab.config.schema import ModelConfig
 
 PAGE = "recipe-reference.md"  # the generated page, relative to docs/
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 @dataclass(frozen=True)
@@ -255,6 +265,34 @@ def render() -> str:
             for r in section.rows
         ]
     return "\n".join(lines) + "\n"
+
+
+def paper_table(recipes: Path = RECIPES) -> str:
+    """A markdown table of the bundled recipes that carry a `paper:` block: what each
+    reproduces, the published values `dmstab report` compares against, and the data it reads
+    (its `base:` chain merged; sweeps included)."""
+    lines = [
+        "| recipe | paper | table / figure | metric | published | data |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for path in sorted(recipes.glob("*.yaml")):
+        tree = load_tree(path)
+        paper, data = tree.get("paper") or {}, tree.get("data") or {}
+        if not paper.get("table"):
+            continue
+        values = ", ".join(f"{k}: {v}" for k, v in (paper.get("values") or {}).items())
+        where = data.get("name", "synthetic") + (f" `{data['root']}`" if data.get("root") else "")
+        sweep = " (sweep)" if "sweep" in tree else ""
+        cells = [
+            f"`{path.name}`{sweep}",
+            paper.get("source", ""),
+            paper["table"],
+            f"`{paper['metric']}`" if paper.get("metric") else "",
+            values,
+            where,
+        ]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

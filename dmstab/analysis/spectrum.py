@@ -68,7 +68,7 @@ class HessianConfig(AnalysisSection):
     method: HvpMethod = "auto"
     """Hessian-vector products: `forward_over_reverse` (`torch.func`), `double_backward`, or `auto`:
     the first on CUDA, the second on CPU (faster there,
-    docs/performance.md#cpu-hessian-vector-products)"""
+    docs/performance.md#cpu-hessian-vector-products-and-landscape-grid-points)"""
     network: GanNetwork = "generator"
     """GANs: the network whose weights move (the other is fixed)"""
     seed: int = 0
