@@ -20,11 +20,11 @@ os.environ["TERMINAL_WIDTH"] = "100"  # typer reads it when first imported: help
 os.environ["NO_COLOR"] = "1"
 sys.path.insert(0, str(Path(__file__).parent))
 
-import gen_reference  # noqa: E402
-from mkdocs.structure.files import File, Files  # noqa: E402
-from typer.testing import CliRunner  # noqa: E402
+import gen_reference
+from mkdocs.structure.files import File, Files
+from typer.testing import CliRunner
 
-from dmstab.cli import app  # noqa: E402
+from dmstab.cli import app
 
 HELP_MARKER = re.compile(r"<!-- dmstab-help ?([\w-]*) -->")
 
