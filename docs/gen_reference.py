@@ -47,7 +47,7 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 class Row:
     key: str  # dotted, from the recipe's root: `model.edm2.clip_act`
     type: str
-    default: str
+    default: str  # markdown: a YAML value in backticks, or words
     description: str
 
 
@@ -154,8 +154,8 @@ def rows(cls: type, prefix: str, skip: frozenset[str] = frozenset()) -> list[Row
             assert isinstance(hint, type)
             out += rows(hint, key)
             continue
-        value = _default(f)
-        out.append(Row(key, type_name(hint), yaml_value(value), notes.get(f.name, "")))
+        default = f"`{yaml_value(_default(f))}`"
+        out.append(Row(key, type_name(hint), default, notes.get(f.name, "")))
     return out
 
 
@@ -170,16 +170,15 @@ def sections() -> list[Section]:
     one section per registered network after `model`, then the registered analyses."""
     out: list[Section] = []
     top = typing.get_type_hints(Recipe)
-    name_field = next(f for f in dataclasses.fields(Recipe) if f.name == "name")
     out.append(
         Section(
             "name",
             "",
-            (Row("name", "string", "the file's stem", field_notes(Recipe).get("name", "")),),
+            (Row("name", "string", "the file's stem", field_notes(Recipe)["name"]),),
         )
     )
     for f in dataclasses.fields(Recipe):
-        if f in (name_field,) or f.name == "analyses":
+        if f.name in ("name", "analyses"):  # `name` above; `analyses` are sections of their own
             continue
         cls = top[f.name]
         out.append(Section(f.name, _doc(cls), tuple(rows(cls, f.name))))
@@ -209,12 +208,6 @@ def network_sections() -> list[Section]:
 
 
 REGISTRIES: tuple[Registry, ...] = (MODELS, TARGETS, TIMESTEP_SAMPLERS, SAMPLERS, ANALYSES)
-
-
-def anchor(title: str) -> str:
-    """The id mkdocs' toc extension gives a heading (its default slugify)."""
-    slug = re.sub(r"[^\w\s-]", "", title).strip().lower()
-    return re.sub(r"[-\s]+", "-", slug)
 
 
 _DOCS_PATH = re.compile(r"docs/([\w./-]+\.md)(#[\w-]+)?")
@@ -261,7 +254,7 @@ def render() -> str:
             lines += [markdown_text(section.description), ""]
         lines += ["| key | type | default | description |", "| --- | --- | --- | --- |"]
         lines += [
-            f"| `{r.key}` | {_cell(r.type)} | `{r.default}` | {_cell(r.description)} |"
+            f"| `{r.key}` | {_cell(r.type)} | {r.default} | {_cell(r.description)} |"
             for r in section.rows
         ]
     return "\n".join(lines) + "\n"

@@ -173,6 +173,9 @@ class TimestepsConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
+    """The optimiser and its learning-rate schedule: constant with an optional linear warm-up,
+    or EDM2's inverse square root (Sec. 2.3)."""
+
     name: Literal["adam", "adamw"] = "adam"
     """`adam` or `adamw`"""
     lr: float = 1e-4
@@ -368,6 +371,9 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
+    """Where a run is logged: the MLflow store, the experiment and the run's name
+    (docs/tracking.md)."""
+
     uri: str | None = None
     """MLflow tracking URI (else `MLFLOW_TRACKING_URI`, else `sqlite:///mlflow.db`)"""
     experiment: str = "dmstab"
