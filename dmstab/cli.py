@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -9,6 +10,7 @@ import typer
 
 from dmstab import __version__
 from dmstab.cli_errors import OneLineUsageErrors, user_errors
+from dmstab.cli_options import Analyzed, Features, Overrides, examples, reports
 
 app = typer.Typer(
     name="dmstab",
@@ -24,28 +26,10 @@ app = typer.Typer(
         "Browse runs with `mlflow ui` (it opens ./mlflow.db)."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
-
-
-Overrides = Annotated[
-    list[str] | None,
-    typer.Argument(help="Recipe overrides `section.key=value` (YAML-typed).", show_default=False),
-]
-Features = Annotated[
-    str,
-    typer.Option(
-        help="FID feature network: inception; random_conv (a seeded proxy for toy data); or "
-        "classifier (a small CNN trained on the synthetic shapes; synthetic data only, no IS)."
-    ),
-]
-
-
-def _examples(*lines: str) -> str:
-    """An epilog: "Examples:" and one command per paragraph."""
-    return "Examples:\n\n" + "\n\n".join(f"  {line}" for line in lines)
 
 
 def _version(value: bool) -> None:
@@ -64,7 +48,7 @@ def _main(
 
 
 @app.command(
-    epilog=_examples(
+    epilog=examples(
         "dmstab train recipes/quickstart.yaml",
         "dmstab train recipes/cifar10_clts.yaml data.root=~/data train.batch_size=64",
         "dmstab train recipes/cifar10_clts.yaml --dry-run",
@@ -73,6 +57,7 @@ def _main(
     )
 )
 @user_errors
+@reports
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)],
     overrides: Overrides = None,
@@ -88,21 +73,22 @@ def train(
             show_default=False,
         ),
     ] = None,
-) -> None:
+) -> Mapping[str, Any] | None:
     """Train a diffusion model from a recipe (every child of its `sweep:`), logging to MLflow."""
     from dmstab.commands.train import main
 
-    main(recipe, overrides or [], dry_run=dry_run, resume=resume)
+    return main(recipe, overrides or [], dry_run=dry_run, resume=resume)
 
 
 @app.command(
-    epilog=_examples(
+    epilog=examples(
         "dmstab sample                       # latest training run (any experiment), EMA",
         "dmstab sample RUN_ID sample.num_images=256 sample.seed=1",
         "dmstab sample runs/RUN_ID/checkpoint.pt sample.sampler=ddim sample.steps=50",
     )
 )
 @user_errors
+@reports
 def sample(
     source: Annotated[
         str | None,
@@ -119,11 +105,11 @@ def sample(
     out: Annotated[
         Path | None, typer.Option(help="Output directory (default samples/RUN_ID).")
     ] = None,
-) -> None:
+) -> Mapping[str, Any] | None:
     """Sample images (DDPM or DDIM, fixed seeds) and write an .npz and a PNG grid."""
     from dmstab.commands.sample import main
 
-    main(source, overrides or [], experiment=experiment, out=out)
+    return main(source, overrides or [], experiment=experiment, out=out)
 
 
 @app.command(
@@ -157,7 +143,7 @@ def import_(
 
 @app.command(
     "ema-reconstruct",
-    epilog=_examples(
+    epilog=examples(
         "dmstab ema-reconstruct --sigma-rel 0.13   # latest training run, last snapshot",
         "dmstab ema-reconstruct --run RUN_ID --sigma-rel 0.05 --sigma-rel 0.2 --at 4000",
         "dmstab ema-reconstruct --sweep 0.03:0.20:0.01      # one checkpoint per σrel",
@@ -165,6 +151,7 @@ def import_(
     ),
 )
 @user_errors
+@reports
 def ema_reconstruct(
     sigma_rel: Annotated[
         list[float] | None,
@@ -199,11 +186,11 @@ def ema_reconstruct(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print coefficients and errors, write nothing.")
     ] = False,
-) -> None:
+) -> Mapping[str, Any] | None:
     """Post-hoc EMA (EDM2 Sec. 3): a checkpoint for any σrel from power-EMA snapshots."""
     from dmstab.commands.ema_reconstruct import main
 
-    main(
+    return main(
         sigma_rel or [],
         gamma or [],
         sweep,
@@ -216,7 +203,7 @@ def ema_reconstruct(
 
 
 @app.command(
-    epilog=_examples(
+    epilog=examples(
         "dmstab fid samples/RUN/ddpm250_seed0.npz --ref recipes/cifar10_baseline.yaml",
         "dmstab fid RUN_ID --ref recipes/cifar10_baseline.yaml --kid --is   # samples 50k",
         "dmstab fid runs/RUN/reconstructed/phema_step0000004000_sigma0.1300.pt --ref ref.npz",
@@ -225,6 +212,7 @@ def ema_reconstruct(
     )
 )
 @user_errors
+@reports
 def fid(
     images: Annotated[
         str,
@@ -266,11 +254,11 @@ def fid(
             show_default=False,
         ),
     ] = None,
-) -> None:
+) -> Mapping[str, Any] | None:
     """FID (clean-fid numbers, batched), KID and IS of images or a model; logged to MLflow."""
     from dmstab.commands.fid import main
 
-    main(
+    return main(
         images,
         ref,
         mode=mode,
@@ -287,7 +275,7 @@ def fid(
 
 @app.command(
     "fid-sweep",
-    epilog=_examples(
+    epilog=examples(
         "dmstab ema-reconstruct --sweep 0.03:0.20:0.01",
         "dmstab fid-sweep --ref stats.npz                      # latest run's reconstructions",
         "dmstab fid-sweep runs/RUN_ID/reconstructed --ref recipes/edm2_mini.yaml "
@@ -352,7 +340,7 @@ def fid_sweep(
 
 
 @app.command(
-    epilog=_examples(
+    epilog=examples(
         "dmstab report recipes/cifar10_baseline.yaml recipes/cifar10_clts.yaml "
         "--baseline recipes/cifar10_baseline.yaml",
         "dmstab report RUN_ID --metric kid",
@@ -407,7 +395,7 @@ def report(
 
 
 @app.command(
-    epilog=_examples(
+    epilog=examples(
         "dmstab sync                                  # every spool in runs/.mlflow-spool",
         "dmstab sync runs/.mlflow-spool/RUN_ID",
         "dmstab sync --uri http://mlflow.lab:5000     # the server moved",
@@ -430,26 +418,16 @@ def sync(
     main(spool, uri)
 
 
-Analyzed = Annotated[
-    list[str] | None,
-    typer.Argument(
-        help="A recipe (trained, or its finished run reused), or trained models (run ids, run "
-        "directories, checkpoints; default: the latest training run), and `section.key=value` "
-        "overrides (for trained models: sample.*, tracking.*, train.device, analysis sections).",
-        show_default=False,
-    ),
-]
-
-
-def _analysis_verb(name: str, summary: str, *examples: str) -> None:
+def _analysis_verb(name: str, summary: str, *lines: str) -> None:
     """`dmstab NAME ARGS…`, the same as `dmstab analyse NAME ARGS…`."""
 
-    @app.command(name, help=summary, epilog=_examples(*examples))
+    @app.command(name, help=summary, epilog=examples(*lines))
     @user_errors
-    def verb(arguments: Analyzed = None) -> None:
+    @reports
+    def verb(arguments: Analyzed = None) -> Mapping[str, Any] | None:
         from dmstab.commands.analyse import main
 
-        main(name, arguments or [])
+        return main(name, arguments or [])
 
 
 _analysis_verb(
@@ -477,21 +455,22 @@ _analysis_verb(
 
 
 @app.command(
-    epilog=_examples(
+    epilog=examples(
         "dmstab analyse hessian RUN_ID                # = dmstab hessian RUN_ID",
         "DMSTAB_PLUGINS=mylab.probes dmstab analyse probe RUN_ID probe.layers=4",
     )
 )
 @user_errors
+@reports
 def analyse(
     name: Annotated[str, typer.Argument(help="A registered analysis.", show_default=False)],
     arguments: Analyzed = None,
-) -> None:
+) -> Mapping[str, Any] | None:
     """Run a registered analysis by its section name: consistency, hessian, landscape, or one a
     plugin registers (DMSTAB_PLUGINS)."""
     from dmstab.commands.analyse import main
 
-    main(name, arguments or [])
+    return main(name, arguments or [])
 
 
 def main() -> Any:

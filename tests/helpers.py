@@ -119,7 +119,7 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
     result = CliRunner().invoke(app, list(args))
     stderr = result.stderr
-    if result.exc_info is not None and not isinstance(result.exception, SystemExit):
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
         stderr += "".join(traceback.format_exception(*result.exc_info))
     return subprocess.CompletedProcess(["dmstab", *args], result.exit_code, result.stdout, stderr)
 

@@ -7,15 +7,17 @@ An analysis registers `main(arguments)` with `ANALYSES.register(section, main, c
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from dmstab.config import ANALYSES
 
-AnalysisMain = Callable[[Sequence[str]], None]
+# An analysis returns its summary (what `--json` prints), or None (a plugin's may).
+AnalysisMain = Callable[[Sequence[str]], Mapping[str, Any] | None]
 
 
-def main(name: str, arguments: Sequence[str]) -> None:
+def main(name: str, arguments: Sequence[str]) -> Mapping[str, Any] | None:
     """Run the analysis registered as `name` on `arguments` (a recipe or trained models, and
     overrides); an unknown name is one line listing the registered ones."""
     run: AnalysisMain = ANALYSES.get(name, "analysis").implementation
-    run(arguments)
+    return run(arguments)

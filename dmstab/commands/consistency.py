@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
 
 from dmstab.analysis.consistency import (
     ConsistencyConfig,
@@ -32,7 +31,7 @@ from dmstab.commands.published_group import published_subjects, require_publishe
 from dmstab.commands.study import AnalysisRun, open_analysis
 from dmstab.commands.subjects import Subject, load_subject, parse_inputs, trained_subject
 from dmstab.config import ANALYSES, Recipe, SampleConfig, apply_overrides, from_written, to_written
-from dmstab.console import SampleProgress, TextTable, TrainProgress, console, rich_table
+from dmstab.console import SampleProgress, TextTable, TrainProgress, console, result_table
 from dmstab.data.latents import require_vae
 from dmstab.devices import pick_device
 from dmstab.errors import DmstabError
@@ -297,8 +296,9 @@ def _log(
     save_figure(run.tracker, figure, f"{prefix}/grid.png")
 
 
-def main(arguments: Sequence[str]) -> None:
-    """A recipe's group (trained or reused) or two or more trained models, scored by Eq. 1."""
+def main(arguments: Sequence[str]) -> dict[str, Any]:
+    """A recipe's group (trained or reused) or two or more trained models, scored by Eq. 1;
+    the tables on stdout, the summary `--json` prints returned."""
     inputs = parse_inputs(arguments)
     if inputs.recipe is not None:
         members = [member for _, member in member_recipes(inputs.recipe)]
@@ -323,14 +323,19 @@ def main(arguments: Sequence[str]) -> None:
         for subject in subjects:
             require_vae(subject.recipe.data, device)
     report = consistency(subjects, device, SampleProgress("sample"))
-    stdout = Console()
     for table in summary_tables(report):
-        stdout.print(rich_table(table))
+        result_table(table)
     if sampler_note(subjects):
         console.print(f"  note    {sampler_note(subjects)}")
     console.print(f"[green]done[/] consistency of {len(subjects)} models")
     console.print(f"  run     {report.run_id}   (images and scores: {report.directory})")
     console.print(f"  browse  {browse_hint(subjects[0].recipe.tracking.uri)}")
+    return {
+        "run_id": report.run_id,
+        "directory": str(report.directory),
+        "labels": report.labels,
+        "scores": {scored.name: scored.result.score for scored in report.scores},
+    }
 
 
 ANALYSES.register(

@@ -67,6 +67,7 @@ class Reconstructed:
     sigma_rel: float
     path: Path
     profile_error: float
+    run_id: str  # the ema-reconstruct run that logged it
 
 
 def parse_sigma_rel_range(text: str) -> list[float]:
@@ -143,6 +144,7 @@ def reconstruct_ema(
     tags["dmstab.sigma_rels"] = ",".join(f"{s:g}" for s in plan.sigma_rels)
     tags["dmstab.step"] = str(plan.step)
     tracker = MlflowTracker.start(recipe, kind="ema-reconstruct", extra_tags=tags)
+    assert tracker.run_id is not None
     results: list[Reconstructed] = []
     with tracked_run(tracker):
         tracker.log_text(plan.describe(), "coefficients.txt")
@@ -166,7 +168,7 @@ def reconstruct_ema(
             )
             tracker.log_metrics({f"profile_error/sigma_{sigma_rel:.4f}": float(error)}, plan.step)
             tracker.log_artifact(path, "checkpoints")
-            results.append(Reconstructed(sigma_rel, path, float(error)))
+            results.append(Reconstructed(sigma_rel, path, float(error), tracker.run_id))
     return plan, results
 
 
@@ -180,8 +182,10 @@ def main(
     snapshots: Path | None,
     out: Path | None,
     dry_run: bool,
-) -> None:
-    """Reconstruct every requested EMA length (σrel, γ or a start:stop:step range of σrel)."""
+) -> dict[str, Any]:
+    """Reconstruct every requested EMA length (σrel, γ or a start:stop:step range of σrel).
+    stdout: the checkpoints' paths, one a line (the plan with `dry_run`); returned: the
+    summary `--json` prints."""
     sigmas = [*sigma_rels, *(gamma_to_sigma_rel(g) for g in gammas)]
     sigmas += parse_sigma_rel_range(sigma_rel_range) if sigma_rel_range else []
     if not sigmas:
@@ -190,11 +194,27 @@ def main(
         check_sigma_rel(sigma)
     directory = find_snapshots(run, snapshots, None)
     if dry_run:
-        result(make_plan(directory, sigmas, at).describe())
-        return
+        plan = make_plan(directory, sigmas, at)
+        result(plan.describe())
+        return {
+            "dry_run": True,
+            "step": plan.step,
+            "sigma_rels": plan.sigma_rels,
+            "profile_errors": [float(error) for error in plan.profile_errors],
+        }
     plan, results = reconstruct_ema(directory, sigmas, at=at, out_dir=out)
     console.print(f"[green]done[/] {len(results)} reconstruction(s) at step {plan.step}")
     for item in results:
         console.print(
             f"  σrel {item.sigma_rel:.4f}  {item.path}  (profile error {item.profile_error:.1e})"
         )
+    for item in results:
+        result(str(item.path))
+    return {
+        "run_id": results[0].run_id if results else None,
+        "step": plan.step,
+        "checkpoints": [
+            {"sigma_rel": r.sigma_rel, "path": str(r.path), "profile_error": r.profile_error}
+            for r in results
+        ],
+    }

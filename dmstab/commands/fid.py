@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -252,8 +253,9 @@ def main(
     batch_size: int,
     experiment: str,
     parent: str | None,
-) -> None:
-    """Score `images` against `ref` and print FID (KID, IS) on stdout."""
+) -> dict[str, Any] | None:
+    """Score `images` against `ref` and print FID (KID, IS) on stdout; returned: the summary
+    `--json` prints (None on torchrun ranks other than 0)."""
     scored = score(
         images,
         ref,
@@ -269,7 +271,7 @@ def main(
         callback=SampleProgress("sample"),
     )
     if scored is None:  # a torchrun rank other than 0: rank 0 reports
-        return
+        return None
     outcome, cache = scored
     if cache is not None:
         console.print(f"  reference statistics cached at {cache}")
@@ -279,3 +281,11 @@ def main(
         f"FID {outcome.fid:.4f}{kid_text}{is_text}  ({outcome.num_images} images, "
         f"run {outcome.run_id})"
     )
+    return {
+        "run_id": outcome.run_id,
+        "fid": outcome.fid,
+        "kid": outcome.kid,
+        "is": outcome.inception_score,
+        "num_images": outcome.num_images,
+        "reference_cache": None if cache is None else str(cache),
+    }

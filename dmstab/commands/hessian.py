@@ -132,8 +132,9 @@ def _log(
     save_figure(run.tracker, figure, "hessian/density.png")
 
 
-def main(arguments: Sequence[str]) -> None:
-    """The Hessian spectrum of the one model the arguments name."""
+def main(arguments: Sequence[str]) -> dict[str, Any]:
+    """The Hessian spectrum of the one model the arguments name; the summary `--json` prints
+    returned."""
     subjects = subjects_from_arguments(arguments)
     if len(subjects) != 1:
         raise DmstabError(f"dmstab hessian reads one model; got {len(subjects)}")
@@ -149,6 +150,20 @@ def main(arguments: Sequence[str]) -> None:
         )
     console.print(f"  run     {result.run_id}   (arrays: {result.directory})")
     console.print(f"  browse  {browse_hint(subject.recipe.tracking.uri)}")
+    return {
+        "run_id": result.run_id,
+        "directory": str(result.directory),
+        "model": subject.label,
+        "step": subject.step,
+        "spectra": {
+            name: {
+                "top": [float(value) for value in item.top],
+                "trace": float(item.trace.mean),
+                "variance": float(item.density.variance()),
+            }
+            for name, item in result.spectra.items()
+        },
+    }
 
 
 ANALYSES.register(HessianConfig.section, main, config=HessianConfig, check=check_hessian)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -121,9 +122,9 @@ def _log_grid(run: AnalysisRun, grid: LandscapeGrid, filename: str) -> Path:
     return path
 
 
-def main(arguments: Sequence[str]) -> None:
+def main(arguments: Sequence[str]) -> dict[str, Any]:
     """A 2D surface around one model, or the 1D loss between two checkpoints (given, or kept by
-    the run at `landscape.interpolate`)."""
+    the run at `landscape.interpolate`); the summary `--json` prints returned."""
     subjects = subjects_from_arguments(arguments)
     if len(subjects) > 2:
         raise DmstabError(
@@ -143,6 +144,12 @@ def main(arguments: Sequence[str]) -> None:
     console.print(f"  run     {result.run_id}")
     console.print(f"  arrays  {result.path}")
     console.print(f"  browse  {browse_hint(last.recipe.tracking.uri)}")
+    return {
+        "run_id": result.run_id,
+        "kind": kind,
+        "arrays": str(result.path),
+        "losses": list(result.grid.values),
+    }
 
 
 ANALYSES.register(LandscapeConfig.section, main, config=LandscapeConfig, check=check_landscape)

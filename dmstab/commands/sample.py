@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dmstab.atomic import require_writable_directory
 from dmstab.checkpoint import load_checkpoint
 from dmstab.config import Recipe
-from dmstab.console import SampleProgress, console
+from dmstab.console import SampleProgress, console, result
 from dmstab.devices import pick_device
 from dmstab.distributed import init_distributed, rank_device
 from dmstab.errors import DmstabError
@@ -99,15 +100,23 @@ def _check_writable(recipe: Recipe, out_dir: Path | None) -> None:
 
 def main(
     source: str | None, overrides: Sequence[str], *, experiment: str | None, out: Path | None
-) -> None:
-    """`dmstab sample [SOURCE] [OVERRIDES]`: a first argument with '=' is an override."""
+) -> dict[str, Any] | None:
+    """`dmstab sample [SOURCE] [OVERRIDES]`: a first argument with '=' is an override. stdout:
+    the .npz of the images (what `dmstab fid` scores); returned: the summary `--json` prints."""
     if source is not None and "=" in source:
         overrides, source = [source, *overrides], None
-    result = sample(
+    made = sample(
         source, overrides, experiment=experiment, out_dir=out, callback=SampleProgress("sample")
     )
-    if result is None:  # a torchrun rank other than 0: rank 0 reports
-        return
-    console.print(f"[green]done[/] {result.count} images, run {result.run_id}")
-    console.print(f"  images  {result.npz}")
-    console.print(f"  grid    {result.grid}")
+    if made is None:  # a torchrun rank other than 0: rank 0 reports
+        return None
+    console.print(f"[green]done[/] {made.count} images, run {made.run_id}")
+    console.print(f"  images  {made.npz}")
+    console.print(f"  grid    {made.grid}")
+    result(str(made.npz))
+    return {
+        "run_id": made.run_id,
+        "images": str(made.npz),
+        "grid": str(made.grid),
+        "count": made.count,
+    }

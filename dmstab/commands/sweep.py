@@ -46,7 +46,7 @@ from dmstab.tracking import (
 )
 
 if TYPE_CHECKING:
-    from dmstab.train.loop import Progress
+    from dmstab.train.loop import Progress, StartedRun
 
 SWEEP_KEYS = ("points", "grid")
 SWEEP_ARTIFACT = "sweep.yaml"  # the parent run's: the base recipe and its `sweep:` section
@@ -262,6 +262,7 @@ def run_sweep(
     progress: Callable[[], Progress] | None = None,
     on_sample: Callable[[int, int], None] | None = None,
     on_child: Callable[[int, int, str, Action], None] | None = None,
+    on_run: Callable[[StartedRun], None] | None = None,
 ) -> SweepResult:
     """Train every child under one parent run, one after the other.
 
@@ -269,7 +270,8 @@ def run_sweep(
     a run id continues that parent. Finished children are skipped, an unfinished child resumes
     from its checkpoint. The parent ends FINISHED once every child has; a child's failure or
     Ctrl-C marks it FAILED or KILLED and propagates. `progress` makes one bar per child;
-    `on_child(index, total, label, action)` is told before each child.
+    `on_child(index, total, label, action)` is told before each child, `on_run` of each
+    child's run as soon as it exists.
     """
     if launched_by_torchrun():
         raise DmstabError(
@@ -293,7 +295,7 @@ def run_sweep(
             action = _action(previous)
             if on_child is not None:
                 on_child(index, total, child.label, action)
-            run_id = _train_child(child, previous, parent_id, progress, on_sample)
+            run_id = _train_child(child, previous, parent_id, progress, on_sample, on_run)
             done.append(ChildRun(child.label, run_id, action))
             tracker.log_metrics({"sweep/children_finished": index}, index)
             tracker.flush()
@@ -373,6 +375,7 @@ def _train_child(
     parent_id: str,
     progress: Callable[[], Progress] | None,
     on_sample: Callable[[int, int], None] | None,
+    on_run: Callable[[StartedRun], None] | None,
 ) -> str:
     """The child's run id, after training it (or at once when it had finished)."""
     if previous is not None and previous.status == "FINISHED":
@@ -385,5 +388,6 @@ def _train_child(
         progress=progress() if progress is not None else None,
         on_sample=on_sample,
         parent_run_id=parent_id,
+        on_run=on_run,
     )
     return result.run_id

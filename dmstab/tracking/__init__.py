@@ -8,6 +8,7 @@ from dmstab.tracking.client import (
     check_store_writable,
     is_remote,
     resolve_uri,
+    run_page,
 )
 from dmstab.tracking.runs import (
     RunRecord,
@@ -54,6 +55,7 @@ __all__ = [
     "resolve_uri",
     "run_directory",
     "run_info",
+    "run_page",
     "run_record",
     "save_figure",
     "sync",

@@ -233,6 +233,16 @@ def ensure_experiment(client: Any, name: str, note: str = "") -> str:
 # ---------------------------------------------------------------- finding earlier runs
 
 
+def run_page(recipe_uri: str | None, experiment_id: str | None, run_id: str) -> str:
+    """The run's page in the MLflow UI: on the tracking server, or where `mlflow ui` serves a
+    local store (`browse_hint` says how to start it)."""
+    uri = resolve_uri(recipe_uri)
+    base = uri.rstrip("/") if is_remote(uri) else "http://127.0.0.1:5000"
+    if experiment_id is None:  # a spooled run: the server gives it an id when it is synced
+        return base
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def browse_hint(recipe_uri: str | None) -> str:
     """Where to look at a run: the tracking server itself, or `mlflow ui` on a local store."""
     uri = resolve_uri(recipe_uri)

@@ -153,7 +153,9 @@ class MlflowTracker:
     ) -> None:
         self._client = client
         self.run_id: str | None = run_id
-        self._uri = uri
+        self.run_name: str | None = None  # MLflow's name for the run; None while spooled
+        self.experiment_id: str | None = None
+        self.uri = uri
         self._flush_every = flush_every
         self._buffer: list[list[Any]] = []
         self._last_flushed_step = 0
@@ -240,6 +242,8 @@ class MlflowTracker:
             ) from None
         tracker = cls(client, run_id, flush_every, uri=resolved, spool_root=spool_root)
         tracker._complete_setup(params, texts)
+        info = client.get_run(run_id).info
+        tracker.run_name, tracker.experiment_id = info.run_name, info.experiment_id
         tracker.set_tags({TAG_COMMAND + ".resume": " ".join(["dmstab", *sys.argv[1:]])})
         return tracker
 
@@ -294,6 +298,7 @@ class MlflowTracker:
         except Exception as exc:  # any backend failure at start is a user-facing setup problem
             raise DmstabError(f"cannot open MLflow store {resolved}: {first_line(exc)}") from None
         tracker = cls(client, run.info.run_id, flush_every, uri=resolved, spool_root=spool_root)
+        tracker.run_name, tracker.experiment_id = run.info.run_name, experiment_id
         log_params(client, run.info.run_id, params)
         return tracker
 
@@ -339,7 +344,7 @@ class MlflowTracker:
 
     def _start_spooling(self, exc: ServerUnreachable) -> None:
         assert self.run_id is not None
-        self._spool.create({"uri": self._uri, "run_id": self.run_id, "server_run_id": self.run_id})
+        self._spool.create({"uri": self.uri, "run_id": self.run_id, "server_run_id": self.run_id})
         self._next_retry = time.monotonic() + RETRY_INTERVAL_S
         reason = str(exc).partition(";")[0]
         _log.warning(
@@ -361,7 +366,7 @@ class MlflowTracker:
         self._spool.remove()
         created = f", created as run {server_id}" if offline else ""
         _log.warning(
-            f"MLflow server {self._uri} answers again: {sent} spooled records of run "
+            f"MLflow server {self.uri} answers again: {sent} spooled records of run "
             f"{self.run_id} uploaded{created}"
         )
         self.run_id = server_id
@@ -423,7 +428,7 @@ class MlflowTracker:
             if self.spooling:
                 where = self._spool.directory
                 _log.warning(
-                    f"warning: MLflow server {self._uri} is unreachable: run {self.run_id} is kept "
+                    f"warning: MLflow server {self.uri} is unreachable: run {self.run_id} is kept "
                     f"in {where}; upload it with: dmstab sync {where}"
                 )
 

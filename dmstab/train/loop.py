@@ -42,6 +42,7 @@ from dmstab.config import (
     result_dict,
     to_yaml,
 )
+from dmstab.console import working
 from dmstab.devices import pick_device
 from dmstab.diffusion.objectives import (
     DDPMObjective,
@@ -64,6 +65,7 @@ from dmstab.tracking import (
     Tracker,
     check_store_writable,
     find_resumable_run,
+    resolve_uri,
     run_info,
     save_figure,
     tracked_run,
@@ -84,6 +86,19 @@ class Progress(Protocol):
 
 
 @dataclass(frozen=True)
+class StartedRun:
+    """The MLflow run a training logs to, as soon as it exists (rank 0)."""
+
+    run_id: str
+    run_name: str | None  # None while spooled for an unreachable server
+    experiment: str
+    experiment_id: str | None
+    tracking_uri: str
+    run_dir: Path
+    resumed: bool
+
+
+@dataclass(frozen=True)
 class TrainResult:
     run_id: str
     run_dir: Path
@@ -91,6 +106,8 @@ class TrainResult:
     checkpoint: Path
     samples: Path | None
     is_main: bool = True  # False on torchrun ranks other than 0
+    final_loss: float | None = None  # the mean loss of the last logged window of this process
+    run: StartedRun | None = None  # rank 0's run
 
 
 def _resolve_resume(recipe: Recipe, resume: str | None) -> str | None:
@@ -236,24 +253,30 @@ def train(
     progress: Progress | None = None,
     on_sample: Callable[[int, int], None] | None = None,
     parent_run_id: str | None = None,
+    on_run: Callable[[StartedRun], None] | None = None,
 ) -> TrainResult:
     """Run (or resume) a training run, a child of `parent_run_id` when given; all to MLflow.
+    `on_run` is told of the run as soon as it exists.
 
     Under `torchrun` every rank calls this; rank 0 opens the MLflow run and writes the files,
-    the others get a NullTracker and no progress or sample callbacks.
+    the others get a NullTracker and no progress, sample or run callbacks.
     """
     device = pick_device(recipe.train.device)
     context = init_distributed(device.type)
     device = rank_device(device, context)
     if not context.is_main:
-        progress, on_sample = None, None
+        progress, on_sample, on_run = None, None, None
     context.from_main(lambda: check_writable(recipe))
     resumed = context.broadcast_object(context.from_main(lambda: _resolve_resume(recipe, resume)))
     resume_run_id = resumed if isinstance(resumed, str) else None
+    if context.is_main:  # a spinner on a terminal until the run exists
+        working(f"{recipe.name}: building the data and the model")
     trainer = build_trainer(recipe, device, context)  # bad settings fail before a run exists
     evaluator = build_evaluator(
         recipe, num_classes=trainer.dataset.num_classes, device=device, context=context
     )
+    if context.is_main:
+        working(f"{recipe.name}: opening the MLflow store {resolve_uri(recipe.tracking.uri)}")
     started = context.from_main(
         lambda: MlflowTracker.start(
             recipe, kind="train", resume_run_id=resume_run_id, parent_run_id=parent_run_id
@@ -265,6 +288,19 @@ def train(
     with tracked_run(tracker), ctrl_c_ends_on_rank_zero(context):
         run_dir = (Path(recipe.train.out_dir) / run_id).resolve()
         checkpoint = run_dir / CHECKPOINT_NAME
+        run = None
+        if started is not None:
+            run = StartedRun(
+                run_id,
+                started.run_name,
+                recipe.tracking.experiment,
+                started.experiment_id,
+                started.uri,
+                run_dir,
+                resumed=resume_run_id is not None,
+            )
+            if on_run is not None:
+                on_run(run)
         if context.is_main:  # also on resume: a kill -9 may have cut a new run's setup short
             _set_up_run_dir(run_dir, recipe, tracker)
         if resume_run_id is not None:
@@ -274,8 +310,12 @@ def train(
             _load(trainer, checkpoint)
         # Constants of the run: tags (`dmstab.parameters`), not a metric's one-point chart.
         tracker.set_tags({f"dmstab.{k}": str(n) for k, n in trainer.parameter_counts().items()})
-        samples = _run_steps(trainer, tracker, run_id, checkpoint, progress, on_sample, evaluator)
-    return TrainResult(run_id, run_dir, trainer.step, checkpoint, samples, context.is_main)
+        samples, loss = _run_steps(
+            trainer, tracker, run_id, checkpoint, progress, on_sample, evaluator
+        )
+    return TrainResult(
+        run_id, run_dir, trainer.step, checkpoint, samples, context.is_main, loss, run
+    )
 
 
 def _run_steps(
@@ -286,7 +326,8 @@ def _run_steps(
     progress: Progress | None,
     on_sample: Callable[[int, int], None] | None,
     evaluator: Evaluator | None,
-) -> Path | None:
+) -> tuple[Path | None, float | None]:
+    """The steps left, then the final samples: their grid and the last logged mean loss."""
     cfg = trainer.recipe.train
     total = cfg.total_steps
     run_dir = checkpoint.parent
@@ -294,6 +335,7 @@ def _run_steps(
         progress.start(total, trainer.step)
     window: dict[str, float] = {}
     window_steps, window_start = 0, time.perf_counter()
+    last_loss: float | None = None
     magnitudes = _magnitude_monitor(trainer, tracker)
     try:
         while trainer.step < total:
@@ -322,6 +364,7 @@ def _run_steps(
                 metrics["kimg"] = step * cfg.batch_size / 1000
                 metrics.update(trainer.objective_metrics(step))
                 tracker.log_metrics(metrics, step)
+                last_loss = float(metrics["loss"])
                 if progress:
                     progress.advance(step, metrics["loss"], metrics["images_per_s"])
                 window.clear()
@@ -351,4 +394,4 @@ def _run_steps(
         save_figure(tracker, magnitudes.figure(), MAGNITUDES_ARTIFACT)
     samples = _sample_and_log(trainer, tracker, run_dir, on_sample)
     tracker.log_artifact(checkpoint, "checkpoints")
-    return samples
+    return samples, last_loss
