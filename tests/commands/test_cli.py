@@ -121,6 +121,8 @@ def test_missing_recipe_and_checkpoint_exit_2(isolated_workdir: Path, dmstab: Ru
 def test_train_then_sample_with_fixed_seeds(isolated_workdir: Path, dmstab: Runner) -> None:
     trained = dmstab("train", str(RECIPES / "quickstart.yaml"), *TINY)
     assert trained.returncode == 0, trained.stderr
+    train_run = store().search_runs([store().get_experiment_by_name("tests").experiment_id])[0]
+    assert trained.stdout == f"{train_run.info.run_id}\n", "RUN=$(dmstab train …)"
 
     first = dmstab("sample", "sample.seed=3", "sample.num_images=6", "--out", "a")
     second = dmstab(

@@ -18,10 +18,10 @@ HESSIAN = [
     "hessian.batch_size=4",
     "hessian.timesteps=[5]",
     "hessian.top_k=2",
-    "hessian.max_iterations=30",
-    "hessian.trace_samples=3",
+    "hessian.max_iterations=10",
+    "hessian.trace_samples=2",
     "hessian.slq_runs=1",
-    "hessian.lanczos_steps=6",
+    "hessian.lanczos_steps=4",
 ]
 PROGRESS_LINE = re.compile(
     r"^train (\d+)/12 \(\d+%\)  loss (\d+\.\d{4})  \d+ img/s  elapsed \S+  eta \S+$"
@@ -38,54 +38,47 @@ def one_json_object(result: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     return parsed
 
 
-def test_train_off_a_terminal_prints_progress_lines_the_run_and_a_summary(
-    dmstab: Runner,
-) -> None:
-    result = dmstab("train", str(QUICKSTART), *TINY, "--progress-every", "0")
-    assert result.returncode == 0, result.stderr
-    run_id = result.stdout.strip()  # RUN=$(dmstab train …)
-    logged = store().get_run(run_id)
-    lines = result.stderr.splitlines()
-    assert lines[0].startswith("run ") and run_id in lines[0] and "mlflow.db" in lines[0]
-    assert lines[1].split() == ["run", "dir", str(Path("runs", run_id).resolve())]
-    progress = [match for line in lines if (match := PROGRESS_LINE.match(line))]
-    assert [int(match[1]) for match in progress] == list(range(1, 13)), result.stderr
-    losses = store().get_metric_history(run_id, "loss")
-    final = max(losses, key=lambda metric: metric.step).value
-    assert float(progress[-1][2]) == pytest.approx(final, abs=5e-5)
-    assert f"{run_id}: step 12, loss {final:.4f}, " in result.stderr
-    page = f"http://127.0.0.1:5000/#/experiments/{logged.info.experiment_id}/runs/{run_id}"
-    assert f"run page    {page}   (after: mlflow ui)" in result.stderr
-
-
-def test_json_train_then_sample_and_fid_and_quiet(
-    dmstab: Runner, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("DMSTAB_PROGRESS_EVERY", "3600")  # the first logged step's line only
-    trained = dmstab("train", str(QUICKSTART), *TINY, "--json")
+@pytest.mark.slow
+def test_train_off_a_terminal_and_json_then_sample_fid_and_quiet(dmstab: Runner) -> None:
+    trained = dmstab("train", str(QUICKSTART), *TINY, "--json", "--progress-every", "0")
     summary = one_json_object(trained)
-    run = store().get_run(summary["run_id"])
+    run_id = summary["run_id"]
+    run = store().get_run(run_id)
     assert run.data.tags["dmstab.kind"] == "train" and summary["step"] == 12
     assert summary["run_name"] == run.info.run_name
     assert summary["experiment_id"] == run.info.experiment_id
     assert Path(summary["checkpoint"]).is_file() and Path(summary["run_dir"]).is_dir()
-    losses = store().get_metric_history(summary["run_id"], "loss")
-    assert summary["final_loss"] == max(losses, key=lambda metric: metric.step).value
     assert summary["wall_time_s"] > 0
-    assert [line for line in trained.stderr.splitlines() if PROGRESS_LINE.match(line)] == [
-        line for line in trained.stderr.splitlines() if line.startswith("train 1/12 ")
+    losses = store().get_metric_history(run_id, "loss")
+    final = max(losses, key=lambda metric: metric.step).value
+    assert summary["final_loss"] == final
+
+    lines = trained.stderr.splitlines()  # the human lines: the run as soon as it exists, …
+    assert lines[0].startswith("run ") and run_id in lines[0] and "mlflow.db" in lines[0]
+    assert lines[1].split() == ["run", "dir", str(Path("runs", run_id).resolve())]
+    progress = [match for line in lines if (match := PROGRESS_LINE.match(line))]
+    assert [int(match[1]) for match in progress] == list(range(1, 13)), trained.stderr
+    assert float(progress[-1][2]) == pytest.approx(final, abs=5e-5)
+    assert f"{run_id}: step 12, loss {final:.4f}, " in trained.stderr  # … and the summary
+    page = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    assert summary["run_page"] == page
+    assert f"run page    {page}   (after: mlflow ui)" in trained.stderr
+
+    with pytest.MonkeyPatch.context() as patch:  # an hour apart: the first line only
+        patch.setenv("DMSTAB_PROGRESS_EVERY", "3600")
+        sampled = dmstab("sample", run_id, "sample.num_images=8", "sample.steps=50", "--json")
+    made = one_json_object(sampled)
+    assert store().get_run(made["run_id"]).data.tags["dmstab.kind"] == "sample"
+    assert made["count"] == 8 and Path(made["images"]).is_file()
+    assert [line for line in sampled.stderr.splitlines() if "step " in line] == [
+        "sample: batch 1, step 1/50"
     ]
-    assert summary["run_id"] in trained.stderr  # the human lines went to stderr
 
-    sampled = one_json_object(dmstab("sample", summary["run_id"], "sample.num_images=8", "--json"))
-    assert store().get_run(sampled["run_id"]).data.tags["dmstab.kind"] == "sample"
-    assert sampled["count"] == 8 and Path(sampled["images"]).is_file()
-
-    quiet = dmstab("sample", summary["run_id"], "sample.num_images=2", "--out", "q", "-q")
+    quiet = dmstab("sample", run_id, "sample.num_images=2", "--out", "q", "-q")
     assert quiet.returncode == 0 and quiet.stderr == ""
     assert quiet.stdout == f"{next(Path('q').glob('*.npz'))}\n"
 
-    images = sampled["images"]
+    images = made["images"]
     scored = dmstab("fid", images, "--ref", images, "--features", "random_conv", "--json")
     score = one_json_object(scored)
     assert store().get_run(score["run_id"]).data.metrics["fid"] == score["fid"]
@@ -99,6 +92,7 @@ def test_json_of_ema_reconstruct(tiny_edm: CachedRun, dmstab: Runner) -> None:
     assert checkpoint["sigma_rel"] == 0.13 and Path(checkpoint["path"]).is_file()
 
 
+@pytest.mark.slow
 def test_json_of_the_analyses(tiny_dm: CachedRun, dmstab: Runner) -> None:
     checkpoint = str(tiny_dm.checkpoint)
     hessian = one_json_object(dmstab("hessian", checkpoint, *HESSIAN, "--json"))
