@@ -56,8 +56,8 @@ def _main(
         "torchrun --nproc_per_node 4 -m dmstab train recipes/edm2_mini.yaml",
     )
 )
-@user_errors
 @reports
+@user_errors
 def train(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)],
     overrides: Overrides = None,
@@ -87,8 +87,8 @@ def train(
         "dmstab sample runs/RUN_ID/checkpoint.pt sample.sampler=ddim sample.steps=50",
     )
 )
-@user_errors
 @reports
+@user_errors
 def sample(
     source: Annotated[
         str | None,
@@ -150,8 +150,8 @@ def import_(
         "dmstab ema-reconstruct --sigma-rel 0.13 --dry-run  # coefficients and profile error",
     ),
 )
-@user_errors
 @reports
+@user_errors
 def ema_reconstruct(
     sigma_rel: Annotated[
         list[float] | None,
@@ -211,8 +211,8 @@ def ema_reconstruct(
         "dmstab fid a.npz --ref b.npz --kid --inception-weights ~/inception-2015-12-05.pt",
     )
 )
-@user_errors
 @reports
+@user_errors
 def fid(
     images: Annotated[
         str,
@@ -422,8 +422,8 @@ def _analysis_verb(name: str, summary: str, *lines: str) -> None:
     """`dmstab NAME ARGS…`, the same as `dmstab analyse NAME ARGS…`."""
 
     @app.command(name, help=summary, epilog=examples(*lines))
-    @user_errors
     @reports
+    @user_errors
     def verb(arguments: Analyzed = None) -> Mapping[str, Any] | None:
         from dmstab.commands.analyse import main
 
@@ -460,8 +460,8 @@ _analysis_verb(
         "DMSTAB_PLUGINS=mylab.probes dmstab analyse probe RUN_ID probe.layers=4",
     )
 )
-@user_errors
 @reports
+@user_errors
 def analyse(
     name: Annotated[str, typer.Argument(help="A registered analysis.", show_default=False)],
     arguments: Analyzed = None,

@@ -82,7 +82,8 @@ def reports(
     command: Callable[..., Mapping[str, Any] | None],
 ) -> Callable[..., None]:
     """`command` with `--json`, `--quiet` and `--progress-every`. The command returns its summary
-    (None on torchrun ranks other than 0); with `--json` it is stdout's one JSON object."""
+    (None on torchrun ranks other than 0); with `--json` it is stdout's one JSON object. Put it
+    above `user_errors`, so the spinner runs while that imports the commands (and PyTorch)."""
 
     @functools.wraps(command)
     def wrapper(
