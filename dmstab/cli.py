@@ -114,13 +114,14 @@ def sample(
 
 @app.command(
     "import",
-    epilog=_examples(
+    epilog=examples(
         "dmstab import 128x128_diffusion.pt          # a released file: its flags are known",
         "dmstab import model.pt data.resolution=32 model.num_heads=4 model.attention_order=legacy "
         "model.dropout=0.1 diffusion.schedule=cosine diffusion.steps=4000",
         "dmstab import 64x64_diffusion.pt --out models/adm64.pt",
     ),
 )
+@reports
 @user_errors
 def import_(
     file: Annotated[Path, typer.Argument(help="The published checkpoint.", show_default=False)],
@@ -133,12 +134,12 @@ def import_(
         Path | None,
         typer.Option(help="Also write the dmstab checkpoint here.", show_default=False),
     ] = None,
-) -> None:
-    """Import a checkpoint released with a paper (improved-/guided-diffusion .pt): a dmstab
-    checkpoint and an MLflow run that `sample`, `fid` and the analyses read by its run id."""
+) -> Mapping[str, Any] | None:
+    """Import a checkpoint released with a paper (improved-/guided-diffusion .pt, U-ViT .pth,
+    EDM2 .pkl): a dmstab checkpoint and an MLflow run that every command reads by its run id."""
     from dmstab.commands.import_model import main
 
-    main(file, overrides or [], format_name=format_name, out=out)
+    return main(file, overrides or [], format_name=format_name, out=out)
 
 
 @app.command(

@@ -22,7 +22,7 @@ from dmstab import __version__
 from dmstab.atomic import require_writable_directory, write_atomically
 from dmstab.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from dmstab.config import Recipe, apply_overrides, from_written, parse_override, to_dict, to_yaml
-from dmstab.console import console
+from dmstab.console import console, result
 from dmstab.errors import DmstabError
 from dmstab.models import build_model
 from dmstab.published import FORMATS, ImportedModel, PublishedFormat, published_format
@@ -176,12 +176,21 @@ def _checkpoint_state(
 
 def main(
     path: Path, overrides: Sequence[str], *, format_name: str | None, out: Path | None
-) -> None:
-    """`dmstab import FILE [OVERRIDES] [--format NAME] [--out PATH]`."""
-    result = import_checkpoint(path, overrides, format_name=format_name, out=out)
-    console.print(f"[green]done[/] imported {path.name} as run {result.run_id}")
-    console.print(f"  checkpoint  {result.checkpoint}")
-    if result.copy is not None:
-        console.print(f"  copy        {result.copy}")
-    console.print(f"  sha256      {result.sha256}")
-    console.print(f"  sample      dmstab sample {result.run_id}")
+) -> dict[str, Any]:
+    """`dmstab import FILE [OVERRIDES] [--format NAME] [--out PATH]`: the run id on stdout, the
+    rest on stderr; returns what `--json` prints."""
+    imported = import_checkpoint(path, overrides, format_name=format_name, out=out)
+    console.print(f"[green]done[/] imported {path.name} as run {imported.run_id}")
+    console.print(f"  checkpoint  {imported.checkpoint}", highlight=False)
+    if imported.copy is not None:
+        console.print(f"  copy        {imported.copy}", highlight=False)
+    console.print(f"  sha256      {imported.sha256}")
+    console.print(f"  sample      dmstab sample {imported.run_id}")
+    result(imported.run_id)
+    return {
+        "run_id": imported.run_id,
+        "checkpoint": str(imported.checkpoint),
+        "copy": None if imported.copy is None else str(imported.copy),
+        "sha256": imported.sha256,
+        "recipe": imported.recipe.name,
+    }
