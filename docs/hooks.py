@@ -2,6 +2,8 @@
 
 - `recipe-reference.md`, rendered by gen_reference.py from the recipe schema;
 - `<!-- recipe-papers -->` becomes the table of bundled recipes with a `paper:` block;
+- `<!-- published-models -->` becomes the table of released checkpoints `dmstab import` knows
+  (gen_published.py);
 - `<!-- dmstab-help COMMAND -->` in a page becomes `dmstab COMMAND --help`, as the installed
   command line prints it (`<!-- dmstab-help -->`: `dmstab --help`).
 
@@ -20,6 +22,7 @@ os.environ["TERMINAL_WIDTH"] = "100"  # typer reads it when first imported: help
 os.environ["NO_COLOR"] = "1"
 sys.path.insert(0, str(Path(__file__).parent))
 
+import gen_published
 import gen_reference
 from mkdocs.structure.files import File, Files
 from typer.testing import CliRunner
@@ -47,4 +50,7 @@ def command_help(command: str) -> str:
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str:
     if "<!-- recipe-papers -->" in markdown:
         markdown = markdown.replace("<!-- recipe-papers -->", gen_reference.paper_table())
+    if "<!-- published-models -->" in markdown:
+        table = gen_published.published_table()
+        markdown = markdown.replace("<!-- published-models -->", table)
     return HELP_MARKER.sub(lambda match: command_help(match.group(1)), markdown)
