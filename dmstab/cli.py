@@ -10,7 +10,7 @@ import typer
 
 from dmstab import __version__
 from dmstab.cli_errors import OneLineUsageErrors, user_errors
-from dmstab.cli_options import Analyzed, Features, Overrides, examples, reports
+from dmstab.cli_options import Analyzed, Features, OptionalFeatures, Overrides, examples, reports
 
 app = typer.Typer(
     name="dmstab",
@@ -282,51 +282,71 @@ def fid(
         "dmstab fid-sweep runs/RUN_ID/reconstructed --ref recipes/edm2_mini.yaml "
         "--features random_conv --num-images 1000",
         "dmstab fid-sweep DIR --ref stats.npz --guidance 1.0 --guidance 1.4 --guide guide.pt",
+        "dmstab fid-sweep recipes/edm2_img512_released_guidance.yaml   # EDM2's released files",
     ),
 )
+@reports
 @user_errors
 def fid_sweep(
-    ref: Annotated[
-        Path,
-        typer.Option(help="Reference: statistics .npz, images, or a recipe.", show_default=False),
-    ],
     checkpoints: Annotated[
-        list[Path] | None,
+        list[str] | None,
         typer.Argument(
             help="ema-reconstruct outputs (files or folders; default: the latest training "
-            "run's reconstructed/).",
+            "run's reconstructed/), or a recipe with a fid_sweep: section of released files, "
+            "and its overrides section.key=value.",
             show_default=False,
         ),
     ] = None,
-    num_images: Annotated[int, typer.Option(help="Images per checkpoint and guidance.")] = 50_000,
+    ref: Annotated[
+        Path | None,
+        typer.Option(help="Reference: statistics .npz, images or a recipe (or eval.reference)."),
+    ] = None,
+    num_images: Annotated[
+        int | None,
+        typer.Option(
+            help="Images per checkpoint and guidance [default: 50000, or fid_sweep.num_images].",
+            show_default=False,
+        ),
+    ] = None,
     guidance: Annotated[
         list[float] | None,
         typer.Option(
-            help="Guidance strength(s) w (EDM2 Fig. 6); default 1 (none).", show_default=False
+            help="Guidance strength(s) w (EDM2 Fig. 6); default 1 (none), or fid_sweep.guidance.",
+            show_default=False,
         ),
     ] = None,
     guide: Annotated[
         str | None,
-        typer.Option(help="Guide for w != 1: self (classifier-free) or a checkpoint / run id."),
+        typer.Option(help="Guide for w != 1: self, a checkpoint / run id (or fid_sweep.guide)."),
     ] = None,
-    features: Features = "inception",
-    mode: Annotated[str, typer.Option(help="clean-fid mode.")] = "clean",
+    features: OptionalFeatures = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(help="clean-fid mode [default: clean, or eval.mode].", show_default=False),
+    ] = None,
     inception_weights: Annotated[
         str | None, typer.Option(help="Local Inception weights (else $DMSTAB_INCEPTION_WEIGHTS).")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per feature batch.")] = 250,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Images per feature batch [default: 250, or eval.batch_size].", show_default=False
+        ),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(
-            help="Where the CSV and figure go (default: beside the checkpoints).",
+            help="Where the CSV and figure go (default: beside the checkpoints; for a recipe, "
+            "analyses/fid-sweep/RECIPE_NAME).",
             show_default=False,
         ),
     ] = None,
-) -> None:
-    """FID against EMA length σrel (EDM2 Fig. 5a; per guidance strength, Fig. 6)."""
+) -> Mapping[str, Any] | None:
+    """FID against EMA length σrel (EDM2 Fig. 5a; per guidance strength, Fig. 6), of
+    reconstructed checkpoints or of the released files a recipe names."""
     from dmstab.commands.fid_sweep import main
 
-    main(
+    return main(
         ref,
         checkpoints or [],
         num_images=num_images,

@@ -16,11 +16,15 @@ Overrides = Annotated[
     list[str] | None,
     typer.Argument(help="Recipe overrides `section.key=value` (YAML-typed).", show_default=False),
 ]
-Features = Annotated[
-    str,
+FEATURES_HELP = (
+    "FID feature network: inception; random_conv (a seeded proxy for toy data); or "
+    "classifier (a small CNN trained on the synthetic shapes; synthetic data only, no IS)."
+)
+Features = Annotated[str, typer.Option(help=FEATURES_HELP)]
+OptionalFeatures = Annotated[  # where a recipe may give it (its eval.features)
+    str | None,
     typer.Option(
-        help="FID feature network: inception; random_conv (a seeded proxy for toy data); or "
-        "classifier (a small CNN trained on the synthetic shapes; synthetic data only, no IS)."
+        help=f"{FEATURES_HELP} [default: inception, or eval.features]", show_default=False
     ),
 ]
 Analyzed = Annotated[

@@ -27,7 +27,11 @@ from dmstab.analysis.consistency import (
     consistency_score,
 )
 from dmstab.atomic import write_atomically
-from dmstab.commands.published_group import published_subjects, require_published_files
+from dmstab.commands.published_group import (
+    published_entries,
+    published_subjects,
+    require_downloaded,
+)
 from dmstab.commands.study import AnalysisRun, open_analysis
 from dmstab.commands.subjects import Subject, load_subject, parse_inputs, trained_subject
 from dmstab.config import ANALYSES, Recipe, SampleConfig, apply_overrides, from_written, to_written
@@ -302,7 +306,7 @@ def main(arguments: Sequence[str]) -> dict[str, Any]:
     inputs = parse_inputs(arguments)
     if inputs.recipe is not None:
         members = [member for _, member in member_recipes(inputs.recipe)]
-        require_published_files(inputs.recipe)  # a missing download: before any training
+        require_downloaded(published_entries(inputs.recipe))  # before any training
         device = pick_device(inputs.recipe.train.device)
         for member in members:  # a group of latent models needs the VAE: before any training
             require_vae(member.data, device)

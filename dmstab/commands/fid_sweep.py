@@ -3,26 +3,102 @@
 Scores every checkpoint an `ema-reconstruct` sweep wrote (each carries its σrel) with the
 same sampler seed and the same reference, so the curve isolates the EMA length; the
 optimum of each curve is marked.
+
+A recipe's `fid_sweep:` section does the same over released models: EDM2's post-hoc
+reconstructions (each named with its σrel) and the guide they are sampled with (EDM2 Sec. 5:
+an unconditional XS model), imported once each (dmstab.commands.published_group) and scored
+against `eval.reference` at every guidance strength. A missing file is one line naming where
+to download it, before anything is imported or computed.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 from dmstab.analysis.scoring import FeaturePipeline, Reference, image_metrics, load_reference
 from dmstab.atomic import require_writable_directory
 from dmstab.checkpoint import load_checkpoint
 from dmstab.commands.fid import check_fid_outputs, check_scoring, sampled_images
-from dmstab.config import EvalConfig
+from dmstab.commands.published_group import (
+    import_entries,
+    imported_checkpoint,
+    require_downloaded,
+    split_entry,
+)
+from dmstab.commands.subjects import ANALYSES_DIR, parse_inputs
+from dmstab.config import ANALYSES, AnalysisSection, EvalConfig, Recipe
 from dmstab.console import SampleProgress, console, result
 from dmstab.devices import pick_device
 from dmstab.errors import DmstabError
 from dmstab.plots import fid_figure
+from dmstab.published.edm2_releases import named_sigma_rel
 from dmstab.tracking import TAG_PARENT, MlflowTracker, save_figure, tracked_run
 from dmstab.train.evaluate import feature_pipeline
 from dmstab.train.restore import find_checkpoint
+
+RECIPE_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(frozen=True)
+class FidSweepConfig(AnalysisSection):
+    """`fid_sweep:` (EDM2 Fig. 6 on released models, `dmstab fid-sweep RECIPE`): the FID of
+    each released network in `published` at each guidance strength w in `guidance`, guided by
+    `guide` (D = D_guide + w·(D − D_guide), EDM2 Sec. 5), against `eval.reference` with
+    `eval.features` and `eval.mode`. Each file is imported once; a later run reuses the import.
+    """
+
+    section: ClassVar[str] = "fid_sweep"
+
+    published: tuple[str, ...] = ()
+    """released networks, at least 2, one string each: the file's path, whose name gives its
+    EMA length (`models/edm2-img512-s-2147483-0.130.pkl`: σrel 0.130), and any settings
+    `dmstab import` needs"""
+    guide: str | None = None
+    """the released guide for w ≠ 1, its path and settings
+    (`models/edm2-img512-xs-uncond-2147483-0.025.pkl`)"""
+    guidance: tuple[float, ...] = (1.0,)
+    """guidance strengths w to score every network at (1: none)"""
+    num_images: int = 50_000
+    """images per network and guidance strength"""
+
+
+def check_fid_sweep(recipe: Recipe) -> None:
+    """What a sweep over released files needs, checked when the recipe loads."""
+    section = recipe.analysis(FidSweepConfig)
+    if len(section.published) < 2:
+        raise DmstabError(
+            f"fid_sweep.published lists {len(section.published)} file(s); a sweep needs at least 2"
+        )
+    lengths: dict[float, str] = {}
+    for entry in section.published:
+        name = split_entry(entry, "fid_sweep.published")[0].name
+        sigma_rel = named_sigma_rel(name)
+        if sigma_rel is None:
+            raise DmstabError(
+                f"fid_sweep.published entry {entry!r}: its name gives no EMA length; EDM2's "
+                "files end in -<σrel>.pkl (edm2-img512-s-2147483-0.130.pkl)"
+            )
+        if sigma_rel in lengths:
+            raise DmstabError(
+                f"fid_sweep.published: {lengths[sigma_rel]} and {name} have the same σrel "
+                f"{sigma_rel:g}; a curve has one network per EMA length"
+            )
+        lengths[sigma_rel] = name
+    if not section.guidance or not all(math.isfinite(w) for w in section.guidance):
+        raise DmstabError(f"fid_sweep.guidance is {list(section.guidance)}; give finite strengths")
+    if any(w != 1.0 for w in section.guidance) and section.guide is None:
+        raise DmstabError("fid_sweep.guidance other than 1 needs fid_sweep.guide: a guide file")
+    if section.num_images < 2:
+        raise DmstabError(f"fid_sweep.num_images is {section.num_images}; must be at least 2")
+    if recipe.eval.reference is None:
+        raise DmstabError(
+            "fid_sweep needs eval.reference: the statistics or images to score against"
+        )
 
 
 @dataclass(frozen=True)
@@ -48,7 +124,10 @@ def reconstructed_checkpoints(paths: Sequence[Path]) -> list[tuple[float, Path]]
     for file in files:
         sigma_rel = load_checkpoint(file).get("sigma_rel")
         if not isinstance(sigma_rel, float):
-            raise DmstabError(f"{file} carries no σrel: give outputs of dmstab ema-reconstruct")
+            raise DmstabError(
+                f"{file} carries no σrel: give outputs of dmstab ema-reconstruct (or EDM2's "
+                "released files, imported)"
+            )
         found.append((sigma_rel, file))
     if len(found) < 2:
         raise DmstabError(f"a sweep needs at least 2 reconstructed checkpoints, found {len(found)}")
@@ -131,6 +210,7 @@ def run_fid_sweep(
     guide: str | None = None,
     out_dir: Path | None = None,
     experiment: str = "fid",
+    uri: str | None = None,
     callback: Callable[[int, int], None] | None = None,
 ) -> FidSweepResult:
     """Score a sweep and log it (kind `fid-sweep`, child of the training run): the points as
@@ -160,10 +240,11 @@ def run_fid_sweep(
         "features": pipeline.key,
         "num_images": str(num_images),
         "checkpoints": str(out_dir.resolve()),
+        **({"guide": guide} if guide is not None else {}),
     }
     tags = {TAG_PARENT: str(train_run)} if train_run else {}
     tracker = MlflowTracker.create(
-        experiment=experiment, kind="fid-sweep", params=params, tags=tags
+        experiment=experiment, kind="fid-sweep", params=params, tags=tags, uri=uri
     )
     assert tracker.run_id is not None
     with tracked_run(tracker):
@@ -179,28 +260,111 @@ def run_fid_sweep(
     return FidSweepResult(points, tracker.run_id, figure, table)
 
 
+def _report(sweep: FidSweepResult) -> dict[str, Any]:
+    """Each point on stdout, the optima and where the results are on stderr; the summary."""
+    for point in sweep.points:
+        result(f"σrel {point.sigma_rel:.4f}  guidance {point.guidance:g}  FID {point.fid:.4f}")
+    for strength, best in sorted(best_points(sweep.points).items()):
+        console.print(
+            f"[green]best[/] guidance {strength:g}: FID {best.fid:.4f} at σrel {best.sigma_rel:.4f}"
+        )
+    console.print(f"  figure {sweep.figure}\n  table  {sweep.table}\n  run    {sweep.run_id}")
+    return {
+        "run_id": sweep.run_id,
+        "table": str(sweep.table),
+        "figure": str(sweep.figure),
+        "points": [
+            {"sigma_rel": p.sigma_rel, "guidance": p.guidance, "fid": p.fid} for p in sweep.points
+        ],
+    }
+
+
+def sweep_released(arguments: Sequence[str], out: Path | None = None) -> dict[str, Any]:
+    """`dmstab fid-sweep RECIPE [OVERRIDES]` (and `dmstab analyse fid_sweep`): the recipe's
+    released files imported (or their imports reused) and swept; the CSV and figure go to
+    `out`, else analyses/fid-sweep/RECIPE_NAME."""
+    recipe = parse_inputs(arguments).recipe
+    if recipe is None:
+        raise DmstabError("give a recipe with a fid_sweep: section (and its overrides)")
+    section = recipe.analysis(FidSweepConfig)
+    if not section.published:
+        raise DmstabError(f"recipe {recipe.name} has no fid_sweep: section listing released files")
+    models = import_entries(section.published, recipe, "fid_sweep.published")
+    guides = import_entries([section.guide] if section.guide else [], recipe, "fid_sweep.guide")
+    require_downloaded([*models, *guides])  # a missing download: before anything else
+    reference, scoring = Path(str(recipe.eval.reference)), recipe.eval
+    check_fid_outputs(reference)
+    out_dir = out or ANALYSES_DIR / "fid-sweep" / recipe.name
+    require_writable_directory(out_dir, "the sweep's output folder")
+    check_scoring(reference, scoring.features, scoring.mode, scoring.inception_weights)
+    pipeline = feature_pipeline(scoring, pick_device(recipe.train.device))
+    uri = recipe.tracking.uri
+    checkpoints = [imported_checkpoint(path, settings, uri) for path, settings in models]
+    guide = [str(imported_checkpoint(path, settings, uri)) for path, settings in guides]
+    sweep = run_fid_sweep(
+        checkpoints,
+        reference,
+        pipeline,
+        num_images=section.num_images,
+        guidances=section.guidance,
+        guide=guide[0] if guide else None,
+        out_dir=out_dir,
+        experiment=recipe.tracking.experiment,
+        uri=uri,
+        callback=SampleProgress("sample"),
+    )
+    return _report(sweep)
+
+
+def _as_overrides(options: dict[str, Any]) -> list[str]:
+    """The command-line options given beside a recipe, as the overrides of its keys."""
+    return [
+        f"{key}={json.dumps(value) if isinstance(value, list) else value}"
+        for key, value in options.items()
+        if value is not None and value != []
+    ]
+
+
 def main(
-    ref: Path,
-    checkpoints: Sequence[Path],
+    ref: Path | None,
+    arguments: Sequence[str],
     *,
-    num_images: int,
+    num_images: int | None,
     guidances: Sequence[float],
     guide: str | None,
-    features: str,
-    mode: str,
+    features: str | None,
+    mode: str | None,
     inception_weights: str | None,
-    batch_size: int,
+    batch_size: int | None,
     out: Path | None,
-) -> None:
-    """FID of each reconstructed checkpoint (default: the latest run's) per guidance strength."""
+) -> dict[str, Any]:
+    """FID of each reconstructed checkpoint (default: the latest run's) per guidance strength;
+    or, given a recipe, of its released files (the options given override its keys)."""
+    if any(Path(argument).suffix in RECIPE_SUFFIXES for argument in arguments):
+        options = {
+            "eval.reference": ref,
+            "eval.features": features,
+            "eval.mode": mode,
+            "eval.inception_weights": inception_weights,
+            "eval.batch_size": batch_size,
+            "fid_sweep.num_images": num_images,
+            "fid_sweep.guidance": list(guidances),
+            "fid_sweep.guide": guide,
+        }
+        return sweep_released([*arguments, *_as_overrides(options)], out)
+    if ref is None:
+        raise DmstabError("give --ref: the statistics or images to score against (or a recipe)")
+    features, mode = features or "inception", mode or "clean"
     config = EvalConfig(
         features=features,  # type: ignore[arg-type]  # feature_pipeline names the allowed ones
         mode=mode,  # type: ignore[arg-type]
         inception_weights=inception_weights,
-        batch_size=batch_size,
+        batch_size=EvalConfig.batch_size if batch_size is None else batch_size,
     )
     check_fid_outputs(ref)  # the inputs in fid's order, before anything is computed
-    paths = list(checkpoints) or [find_checkpoint(None, None, None).parent / "reconstructed"]
+    paths = [Path(a) for a in arguments] or [
+        find_checkpoint(None, None, None).parent / "reconstructed"
+    ]
     folder = _output_folder(reconstructed_checkpoints(paths), out)
     require_writable_directory(folder, "the sweep's output folder")
     check_scoring(ref, features, mode, inception_weights)
@@ -210,16 +374,15 @@ def main(
         paths,
         ref,
         pipeline,
-        num_images=num_images,
+        num_images=EvalConfig.num_images if num_images is None else num_images,
         guidances=guidances or [1.0],
         guide=guide,
         out_dir=out,
         callback=SampleProgress("sample"),
     )
-    for point in sweep.points:
-        result(f"σrel {point.sigma_rel:.4f}  guidance {point.guidance:g}  FID {point.fid:.4f}")
-    for strength, best in sorted(best_points(sweep.points).items()):
-        console.print(
-            f"[green]best[/] guidance {strength:g}: FID {best.fid:.4f} at σrel {best.sigma_rel:.4f}"
-        )
-    console.print(f"  figure {sweep.figure}\n  table  {sweep.table}\n  run    {sweep.run_id}")
+    return _report(sweep)
+
+
+ANALYSES.register(
+    FidSweepConfig.section, sweep_released, config=FidSweepConfig, check=check_fid_sweep
+)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dmstab import __version__
+from dmstab.analysis.ema_profiles import sigma_rel_to_gamma
 from dmstab.atomic import require_writable_directory, write_atomically
 from dmstab.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from dmstab.config import Recipe, apply_overrides, from_written, parse_override, to_dict, to_yaml
@@ -161,8 +162,16 @@ def _checkpoint_state(
 ) -> dict[str, Any]:
     """What a training checkpoint holds that the commands reading one use: the weights as both
     the raw and the EMA model (a released file is one set of weights), the recipe, the classes,
-    step 0 (dmstab trained it no steps), the run; and where it came from."""
+    step 0 (dmstab trained it no steps), the run; and where it came from. A file that is a
+    post-hoc EMA of known length (EDM2's) carries σrel and γ as `ema-reconstruct`'s outputs do."""
+    sigma_rel = imported.sigma_rel
+    ema_length = (
+        {}
+        if sigma_rel is None
+        else {"sigma_rel": sigma_rel, "gamma": sigma_rel_to_gamma(sigma_rel)}
+    )
     return {
+        **ema_length,
         "model": weights,
         "ema": {"shadow": weights, "updates": 0},
         "step": 0,

@@ -28,27 +28,41 @@ from dmstab.train.restore import stored_recipe
 TAG_IMPORT_KEY = "dmstab.import.key"  # the source file's SHA-256 and the import settings
 
 
-def published_entries(recipe: Recipe) -> list[tuple[Path, list[str]]]:
-    """(file, import settings) for each `consistency.published` entry, split as a shell would;
-    the recipe's tracking store and experiment go with each import."""
-    entries = []
+def import_entries(
+    entries: Sequence[str], recipe: Recipe, key: str
+) -> list[tuple[Path, list[str]]]:
+    """(file, import settings) of each of the recipe's released files (`key` lists them: the
+    file's path and the settings `dmstab import` needs, split as a shell would); the recipe's
+    tracking store and experiment go with each import."""
     tracking = [
         f"tracking.experiment={recipe.tracking.experiment}",
         *([f"tracking.uri={recipe.tracking.uri}"] if recipe.tracking.uri else []),
     ]
-    for entry in recipe.analysis(ConsistencyConfig).published:
-        try:
-            path, *settings = shlex.split(entry)
-        except ValueError as error:
-            raise DmstabError(f"consistency.published entry {entry!r}: {error}") from None
-        entries.append((Path(path).expanduser(), [*settings, *tracking]))
-    return entries
+    return [
+        (path, [*settings, *tracking])
+        for path, settings in (split_entry(entry, key) for entry in entries)
+    ]
 
 
-def require_published_files(recipe: Recipe) -> None:
-    """Each released file the recipe names is there; else one line naming the first missing
-    one and, for a file dmstab knows, where to download it."""
-    for path, _ in published_entries(recipe):
+def split_entry(entry: str, key: str) -> tuple[Path, list[str]]:
+    """A released-file entry (`"models/tiny.pt data.resolution=16"`) as its path and settings."""
+    try:
+        path, *settings = shlex.split(entry)
+    except ValueError as error:
+        raise DmstabError(f"{key} entry {entry!r}: {error}") from None
+    return Path(path).expanduser(), settings
+
+
+def published_entries(recipe: Recipe) -> list[tuple[Path, list[str]]]:
+    """(file, import settings) for each `consistency.published` entry."""
+    published = recipe.analysis(ConsistencyConfig).published
+    return import_entries(published, recipe, "consistency.published")
+
+
+def require_downloaded(imports: Sequence[tuple[Path, list[str]]]) -> None:
+    """Each released file is there; else one line naming the first missing one and, for a
+    file dmstab knows, where to download it."""
+    for path, _ in imports:
         if path.is_file():
             continue
         known = known_file(path)
@@ -69,7 +83,7 @@ def import_key(sha256: str, settings: Sequence[str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _imported_checkpoint(path: Path, settings: list[str], uri: str | None) -> Path:
+def imported_checkpoint(path: Path, settings: list[str], uri: str | None) -> Path:
     """The checkpoint of an earlier finished import of `path` with `settings`, or a new one."""
     key = import_key(sha256_of(path), settings)
     for run in find_runs({TAG_KIND: KIND, TAG_IMPORT_KEY: key}, uri=uri):
@@ -92,9 +106,10 @@ def _member(checkpoint: Path, group: Recipe, label: str) -> Subject:
 
 def published_subjects(recipe: Recipe) -> list[Subject]:
     """Each `consistency.published` model, imported (or reused), as a group member."""
-    require_published_files(recipe)
+    entries = published_entries(recipe)
+    require_downloaded(entries)
     subjects = []
-    for path, import_settings in published_entries(recipe):
-        checkpoint = _imported_checkpoint(path, import_settings, recipe.tracking.uri)
+    for path, import_settings in entries:
+        checkpoint = imported_checkpoint(path, import_settings, recipe.tracking.uri)
         subjects.append(_member(checkpoint, recipe, path.stem))
     return subjects

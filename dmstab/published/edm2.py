@@ -9,7 +9,9 @@ dmstab's parameter names, after checking them, block by block, against the netwo
 builds (on the meta device, so no memory is spent): every name and shape, each block's
 resampling, flavour and attention heads, and the stored balances and clipping.
 
-The pickle holds every setting of the network, so nothing needs to be given. A guide (EDM2
+The pickle holds every setting of the network, so nothing needs to be given. Its name gives
+the post-hoc EMA length (`edm2-img512-xs-2147483-0.135.pkl`: σrel 0.135), which the imported
+checkpoint carries as `ema-reconstruct`'s outputs do, so `dmstab fid-sweep` scores it. A guide (EDM2
 Sec. 5, or autoguidance) is a pickle of its own: import it too, and set `sample.guide` to its
 checkpoint and `sample.guidance` to w on the main network (`edm2_releases` lists the pairs).
 """
@@ -30,7 +32,7 @@ from dmstab.data.latents import FINAL_MEAN, FINAL_STD, RAW_MEAN, RAW_STD, VAE_NA
 from dmstab.errors import DmstabError
 from dmstab.models import build_model
 from dmstab.models.edm2_unet import SWITCHES, EDM2Block, EDM2UNet
-from dmstab.published.edm2_releases import known_files
+from dmstab.published.edm2_releases import known_files, named_sigma_rel
 from dmstab.published.format import ImportedModel, PublishedFormat, register_format
 from dmstab.published.safe_pickle import PickledObject, read_edm2_pickle
 from dmstab.reading import not_a
@@ -347,7 +349,7 @@ def read_edm2(path: Path, given: Mapping[str, Any]) -> ImportedModel:
     known = next((file for file in KNOWN_FILES if file.name == path.name), None)
     inferred = _flat({key: tree[key] for key in ("data", "model", "diffusion")})
     del inferred["data.root"]  # a placeholder, not read from the file
-    return ImportedModel(tree, weights, label_dim, inferred, known)
+    return ImportedModel(tree, weights, label_dim, inferred, known, named_sigma_rel(path.name))
 
 
 register_format(

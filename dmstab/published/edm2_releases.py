@@ -11,8 +11,10 @@ checkpoint> sample.guidance=<w>` on the main one.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
+from dmstab.config import SIGMA_REL_MAX
 from dmstab.published.format import KnownFile
 
 URL_ROOT = "https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions"
@@ -23,6 +25,16 @@ AUTOGUIDANCE_PAPER = (
     "Karras et al., Guiding a Diffusion Model with a Bad Version of Itself, NeurIPS 2024"
 )
 METRIC_NAMES = {"fid": "FID", "dino": "FD_DINOv2"}
+NAMED_SIGMA_REL = re.compile(r"-(\d+\.\d+)\.pkl$")  # `...-0.135.pkl`
+
+
+def named_sigma_rel(name: str) -> float | None:
+    """The EMA length σrel a pickle's name gives: the released reconstructions end in
+    `-<σrel>.pkl`, as do the power-EMA snapshots edm2's training writes
+    (`network-snapshot-<kimg>-<σrel>.pkl`); None for a name without one in (0, 1/√12]."""
+    match = NAMED_SIGMA_REL.search(name)
+    sigma_rel = float(match.group(1)) if match else None
+    return sigma_rel if sigma_rel is not None and 0 < sigma_rel <= SIGMA_REL_MAX else None
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,9 @@ class ImportedModel:
     `recipe`: a recipe tree (as a recipe YAML holds it) with the network, data and diffusion
     settings; `weights`: the state dict of the network that tree builds, under its names, in
     float32; `num_classes`: 0 for an unconditional network; `inferred`: the architecture
-    settings read from the file (flat `a.b` keys), which the import run logs.
+    settings read from the file (flat `a.b` keys), which the import run logs; `sigma_rel`: the
+    post-hoc EMA length σrel the weights are (EDM2 Sec. 3), where the file tells it, which the
+    checkpoint carries as `ema-reconstruct`'s outputs do (so `fid-sweep` scores it).
     """
 
     recipe: dict[str, Any]
@@ -46,6 +48,7 @@ class ImportedModel:
     num_classes: int
     inferred: dict[str, Any] = field(default_factory=dict)
     known: KnownFile | None = None
+    sigma_rel: float | None = None
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ def test_help_shows_examples(command: list[str], dmstab: Runner) -> None:
         (["--verbose"], "error: No such option: --verbose (Possible options: --version); see"),
         (["train", "--dryrun"], "error: No such option: --dryrun"),
         (["fid", "--ref", "a.npz"], "error: Missing argument 'images'; see 'dmstab fid --help'"),
-        (["fid-sweep"], "error: Missing option '--ref'; see 'dmstab fid-sweep --help'"),
+        (["fid-sweep", "--num-images", "many"], "error: Invalid value for '--num-images': "),
         (["sample", "--out"], "error: Option '--out' requires an argument; see 'dmstab sample"),
         (
             ["ema-reconstruct", "--sigma-rel", "0.1.3"],

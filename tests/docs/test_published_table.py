@@ -1,7 +1,7 @@
 """The docs' table of released checkpoints (docs/gen_published.py) against the format registry
 and the bundled recipes: every known file is listed once with its download address, and every
-file a recipe lists under `consistency.published` is one dmstab knows and the table links to
-that recipe."""
+file a recipe lists under `consistency.published` or `fid_sweep` is one dmstab knows and the
+table links to that recipe."""
 
 from __future__ import annotations
 
@@ -37,10 +37,13 @@ def test_every_published_file_a_recipe_names_is_known_and_linked_to_the_recipe()
     named = 0
     for path in sorted(RECIPES.glob("*.yaml")):
         tree = yaml.safe_load(path.read_text()) or {}
-        for entry in (tree.get("consistency") or {}).get("published", []):
+        sweep = tree.get("fid_sweep") or {}
+        entries = [*(tree.get("consistency") or {}).get("published", [])]
+        entries += [*sweep.get("published", []), *([sweep["guide"]] if sweep.get("guide") else [])]
+        for entry in entries:
             known = known_file(Path(entry.split()[0]))
             assert known is not None, f"{path.name}: {entry} is not a file dmstab knows"
             (row,) = [line for line in table if f"[`{known.name}`]" in line]
             assert f"`{path.name}`" in row
             named += 1
-    assert named >= 6  # Fig. 1b/1c and the two Table 1 rows
+    assert named >= 13  # Fig. 1b/1c, the two Table 1 rows and EDM2 Fig. 6's seven files

@@ -134,7 +134,7 @@ USAGE = [
     Mistake("a misspelt command", ("trian", "x.yaml"), "No such command 'trian'"),
     Mistake("an unknown option", ("train", QUICKSTART, "--dryrun"), "No such option: --dryrun"),
     Mistake("fid without its images", ("fid", "--ref", "stats.npz"), "Missing argument 'images'"),
-    Mistake("fid-sweep without --ref", ("fid-sweep",), "Missing option '--ref'"),
+    Mistake("fid-sweep without --ref", ("fid-sweep",), "give --ref"),
     Mistake(
         "a count that is no number",
         ("fid", "a.npz", "--ref", "b.npz", "--num-images", "1k"),
