@@ -36,7 +36,7 @@ from dmstab.config import (
     Recipe,
     load_tree,
 )
-from dmstab.config.registry import Registry
+from dmstab.config.registry import Component, Registry
 from dmstab.config.schema import ModelConfig
 
 PAGE = "recipe-reference.md"  # the generated page, relative to docs/
@@ -165,6 +165,16 @@ def _doc(cls: type) -> str:
     return "" if doc.startswith(f"{cls.__name__}(") else inspect.cleandoc(doc)
 
 
+def built_in(component: Component) -> bool:
+    """Registered by dmstab itself, not by a plugin (whose keys this page does not list)."""
+    owner = component.config or component.implementation
+    return getattr(owner, "__module__", "").startswith("dmstab.")
+
+
+def built_in_names(registry: Registry) -> list[str]:
+    return sorted(c.name for c in registry if built_in(c))
+
+
 def sections() -> list[Section]:
     """The reference, top to bottom: the recipe's own sections in schema order, `model` and
     one section per registered network after `model`, then the registered analyses."""
@@ -184,7 +194,7 @@ def sections() -> list[Section]:
         out.append(Section(f.name, _doc(cls), tuple(rows(cls, f.name))))
         if f.name == "model":
             out += network_sections()
-    for component in ANALYSES:
+    for component in filter(built_in, ANALYSES):
         assert component.config is not None
         cls = component.config
         out.append(Section(component.name, _doc(cls), tuple(rows(cls, component.name))))
@@ -195,7 +205,7 @@ def network_sections() -> list[Section]:
     """`model.name: NAME` for each registered network: the keys it adds to `ModelConfig`'s."""
     common = frozenset(f.name for f in dataclasses.fields(ModelConfig))
     out = []
-    for component in sorted(MODELS, key=lambda c: c.name):
+    for component in sorted(filter(built_in, MODELS), key=lambda c: c.name):
         assert component.config is not None
         cls = component.config
         text = _doc(cls)
@@ -242,7 +252,9 @@ def render() -> str:
         "| key | built-in names |",
         "| --- | --- |",
     ]
-    lines += [f"| `{r.key}` | {', '.join(f'`{n}`' for n in r.names())} |" for r in REGISTRIES]
+    lines += [
+        f"| `{r.key}` | {', '.join(f'`{n}`' for n in built_in_names(r))} |" for r in REGISTRIES
+    ]
     lines += [
         "",
         "A plugin (`DMSTAB_PLUGINS`) adds names of its own; its network's or analysis's keys",
