@@ -10,6 +10,7 @@ and {run_dir} (its paths).
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,11 @@ def pickled_code(path: Path) -> None:
     """A .pt whose pickle runs `touch pwned` when loaded: weights-only loading must refuse it,
     and the working directory's digest would show the new file if it ran."""
     torch.save({"model": _Payload()}, path)
+
+
+def plain_pickled_code(path: Path) -> None:
+    """A plain pickle (as EDM2's network pickles are) that runs `touch pwned` when loaded."""
+    path.write_bytes(pickle.dumps({"ema": _Payload()}))
 
 
 class _Payload:
@@ -754,6 +760,46 @@ ANALYSES = [
     ),
 ]
 
+IMPORT = [
+    Mistake("import a file that is not there", ("import", "model.pt"), "not found: model.pt"),
+    Mistake(
+        "import a garbage .pt",
+        ("import", "model.pt", "data.resolution=16"),
+        "corrupt or truncated",
+        files={"model.pt": garbage},
+    ),
+    Mistake(
+        "import a .pt holding pickled code",
+        ("import", "model.pt", "data.resolution=16"),
+        "refused",
+        files={"model.pt": pickled_code},
+    ),
+    Mistake(
+        "import a .pkl holding pickled code",
+        ("import", "network.pkl"),
+        "refused",
+        files={"network.pkl": plain_pickled_code},
+    ),
+    Mistake(
+        "import a .pth holding pickled code",
+        ("import", "uvit.pth", "model.num_heads=2"),
+        "refused",
+        files={"uvit.pth": pickled_code},
+    ),
+    Mistake(
+        "import a file of an unknown format",
+        ("import", "weights.bin"),
+        "pass --format",
+        files={"weights.bin": garbage},
+    ),
+    Mistake(
+        "import with an unknown --format",
+        ("import", "model.pt", "--format", "onnx"),
+        "unknown --format 'onnx'",
+        files={"model.pt": garbage},
+    ),
+]
+
 CATALOGUE = [
     *USAGE,
     *RECIPE_FILES,
@@ -765,4 +811,5 @@ CATALOGUE = [
     *FID_SWEEP,
     *REPORT_AND_SYNC,
     *ANALYSES,
+    *IMPORT,
 ]
