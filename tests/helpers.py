@@ -132,6 +132,16 @@ def one_line_error(result: subprocess.CompletedProcess[str], exit_code: int = 2)
     return lines[0]
 
 
+def failure_line(result: subprocess.CompletedProcess[str], exit_code: int = 1) -> str:
+    """The `error:` line a run that started and then failed ends with (after its run and
+    progress lines): the last line of stderr, the only `error:` line, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == exit_code, (result.returncode, result.stderr[-2000:])
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert errors == lines[-1:] and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return lines[-1]
+
+
 # --------------------------------------------------------------- tiny runs trained once a session
 
 

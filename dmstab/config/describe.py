@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dmstab.config.schema import Recipe
 
 SEPARATOR = "·"
+NAMED_OVERRIDES = 3  # a name shows this many overrides, then how many more there are
 # Overrides that do not change what a run computes, left out of its name.
 _UNNAMED_PREFIXES = ("tracking.", "train.seed=", "train.device=", "train.out_dir=", "name=")
 
@@ -27,17 +28,21 @@ def method(recipe: Recipe) -> str:
 
 
 def run_name(recipe: Recipe, overrides: Sequence[str] = (), kind: str = "train") -> str:
-    """`recipe·method·key=value…·sSEED` for a training run (the overrides by their last key
-    part); `recipe·kind` for any other run."""
+    """`recipe·method·key=value…·sSEED` for a training run (the first overrides by their last
+    key part, then `+N` for the rest); `recipe·kind` for any other run."""
     if kind != "train":
         return SEPARATOR.join([recipe.name, kind])
     parts = [recipe.name]
     if method(recipe) not in recipe.name:
         parts.append(method(recipe))
+    named = []
     for override in overrides:
         if not override.startswith(_UNNAMED_PREFIXES):
             key, _, value = override.partition("=")
-            parts.append(f"{key.rpartition('.')[2]}={value}")
+            named.append(f"{key.rpartition('.')[2]}={value}")
+    parts += named[:NAMED_OVERRIDES]
+    if len(named) > NAMED_OVERRIDES:
+        parts.append(f"+{len(named) - NAMED_OVERRIDES}")
     parts.append(f"s{recipe.train.seed}")
     return SEPARATOR.join(parts)
 

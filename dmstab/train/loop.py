@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -212,11 +212,13 @@ def _set_up_run_dir(run_dir: Path, recipe: Recipe, tracker: Tracker) -> None:
     tracker.set_tags({TAG_RUN_DIR: str(run_dir)})
 
 
-def _load(trainer: LoopTrainer, checkpoint: Path) -> None:
-    """Every rank loads rank 0's checkpoint, when rank 0 sees one (a shared filesystem)."""
+def _read_resume_state(trainer: LoopTrainer, checkpoint: Path) -> dict[str, Any] | None:
+    """The checkpoint every rank resumes from (rank 0's, when rank 0 sees one: a shared
+    filesystem), read and matched to the recipe before the run reopens, so a damaged one is
+    one line and no run output."""
     context = trainer.context
     if not context.broadcast_object(checkpoint.is_file()):
-        return
+        return None
     if not checkpoint.is_file():
         raise DmstabError(
             f"rank {context.rank} cannot read {checkpoint}, which rank 0 resumes from; "
@@ -225,7 +227,7 @@ def _load(trainer: LoopTrainer, checkpoint: Path) -> None:
     state = load_checkpoint(checkpoint)
     if result_dict(from_mapping(state["recipe"])) != result_dict(trainer.recipe):
         raise DmstabError(f"checkpoint {checkpoint} belongs to a different recipe")
-    trainer.load_state_dict(state)
+    return state
 
 
 def _magnitude_monitor(trainer: LoopTrainer, tracker: Tracker) -> MagnitudeMonitor | None:
@@ -275,6 +277,10 @@ def train(
     evaluator = build_evaluator(
         recipe, num_classes=trainer.dataset.num_classes, device=device, context=context
     )
+    resume_state = None
+    if resume_run_id is not None:
+        resumed_dir = (Path(recipe.train.out_dir) / resume_run_id).resolve()
+        resume_state = _read_resume_state(trainer, resumed_dir / CHECKPOINT_NAME)
     if context.is_main:
         working(f"{recipe.name}: opening the MLflow store {resolve_uri(recipe.tracking.uri)}")
     started = context.from_main(
@@ -307,7 +313,8 @@ def train(
             if context.is_main:  # a kill -9 mid-write leaves a partial temporary file behind
                 for directory in (run_dir, run_dir / SNAPSHOT_DIR, run_dir / KEPT_DIR):
                     remove_interrupted_writes(directory)
-            _load(trainer, checkpoint)
+            if resume_state is not None:
+                trainer.load_state_dict(resume_state)
         # Constants of the run: tags (`dmstab.parameters`), not a metric's one-point chart.
         tracker.set_tags({f"dmstab.{k}": str(n) for k, n in trainer.parameter_counts().items()})
         samples, loss = _run_steps(

@@ -25,7 +25,7 @@ from dmstab.config import load_recipe
 from dmstab.errors import DmstabError
 from dmstab.train.loop import train
 from dmstab.train.power_ema import PowerEMA
-from tests.helpers import RECIPES, TINY, cli, one_line_error, store
+from tests.helpers import RECIPES, TINY, cli, failure_line, store
 
 from . import counts
 from .conftest import InterruptAt, dmstab, only_run
@@ -56,7 +56,7 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one_then_resumes() -> None
         "train", str(RECIPES / "quickstart.yaml"), *RECIPE, "--resume", "auto",
         preexec_fn=_limit_file_size,
     )  # fmt: skip
-    line = one_line_error(full)
+    line = failure_line(full, exit_code=2)
     assert f"cannot write {checkpoint.resolve()}: File too large" in line
     assert "the previous checkpoint.pt is intact" in line
     losses = int(checkpoint.read_bytes() != before) + len(_temporaries(Path("runs")))
@@ -131,7 +131,7 @@ def test_a_really_full_filesystem_keeps_the_previous_checkpoint(tmp_path: Path) 
     with _small_tmpfs(tmp_path / "disk", 20) as disk:
         recipe = [*RECIPE, f"train.out_dir={disk / 'runs'}"]
         full = dmstab("train", str(RECIPES / "quickstart.yaml"), *recipe)
-        line = one_line_error(full)
+        line = failure_line(full, exit_code=2)
         [checkpoint] = (disk / "runs").glob("*/checkpoint.pt")
         assert f"cannot write {checkpoint}: No space left on device" in line
         assert "the previous checkpoint.pt is intact" in line

@@ -14,7 +14,7 @@ from dmstab.analysis.ema_profiles import list_snapshots, load_snapshot
 from dmstab.checkpoint import load_checkpoint
 from dmstab.config import load_recipe
 from dmstab.train.loop import SNAPSHOT_DIR, train
-from tests.helpers import MINI, RECIPES, TINY, cli, one_line_error, store
+from tests.helpers import MINI, RECIPES, TINY, cli, failure_line, store
 
 from . import counts
 from .conftest import EDM_EVERY_WRITE, only_run
@@ -53,7 +53,7 @@ def _failed_step(line: str) -> int:
 
 
 def test_nonfinite_stop_exits_1_and_keeps_the_last_good_checkpoint(one_thread: None) -> None:
-    line = one_line_error(cli("train", str(QUICKSTART), *BASE, *BLOW_UP), exit_code=1)
+    line = failure_line(cli("train", str(QUICKSTART), *BASE, *BLOW_UP), exit_code=1)
     assert "loss is not finite at step" in line and "last good checkpoint" in line
     step = _failed_step(line)
     [checkpoint] = Path("runs").glob("*/checkpoint.pt")
@@ -66,7 +66,7 @@ def test_nonfinite_stop_exits_1_and_keeps_the_last_good_checkpoint(one_thread: N
 
 def test_nonfinite_skip_stops_after_max_skipped_consecutive_skips(one_thread: None) -> None:
     skip = [*BLOW_UP, "train.nonfinite=skip", "train.max_skipped=3"]
-    line = one_line_error(cli("train", str(QUICKSTART), *BASE, *skip), exit_code=1)
+    line = failure_line(cli("train", str(QUICKSTART), *BASE, *skip), exit_code=1)
     assert "3 consecutive steps skipped (train.max_skipped)" in line
     stopped = _failed_step(line)
     history = store().get_metric_history(only_run().info.run_id, "train/skipped")
@@ -101,7 +101,7 @@ def test_spike_policy_stop_exits_1_at_the_same_spike(one_thread: None) -> None:
     history = store().get_metric_history(skipped.run_id, "train/skipped")
     spike = min(m.step for m in history)
     stop = [*SPIKES, "train.spike_policy=stop"]
-    line = one_line_error(cli("train", str(QUICKSTART), *BASE, *stop), exit_code=1)
+    line = failure_line(cli("train", str(QUICKSTART), *BASE, *stop), exit_code=1)
     counts.record(trials=1, faults=1)
     assert f"loss spike at step {spike}" in line and "last good checkpoint" in line
 
