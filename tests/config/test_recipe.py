@@ -39,6 +39,21 @@ def test_every_recipe_resolves(path: Path, tmp_path: Path) -> None:
     assert load_recipe_from_text(to_yaml(recipe), tmp_path, path.stem) == recipe
 
 
+@pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.stem)
+def test_every_diffusion_recipe_stores_two_power_emas_for_ema_reconstruct(path: Path) -> None:
+    """EDM2 Sec. 3.2: σrel 0.05 and 0.10, snapshots often enough that a full run keeps between
+    8 and 256 (the paper's count) per EMA, so that `dmstab ema-reconstruct` works on every
+    diffusion run without overrides. GANs have no power EMA."""
+    recipe = load_recipe(path)
+    e, tr = recipe.ema, recipe.train
+    if recipe.model.adversarial:
+        assert e.power_sigma_rels == ()
+        return
+    assert e.power_sigma_rels == (0.05, 0.10)
+    per_ema = tr.total_steps * tr.batch_size // e.snapshot_every
+    assert 8 <= per_ema <= 256, per_ema
+
+
 def load_recipe_from_text(text: str, directory: Path, stem: str) -> Recipe:
     """The recipe written out as `stem`.yaml in `directory` (the test's own, never recipes/)."""
     target = directory / f"{stem}.yaml"
