@@ -93,7 +93,8 @@ def sample(
     source: Annotated[
         str | None,
         typer.Argument(
-            help="Training run id or checkpoint path (default: latest training run).",
+            help="Training run id or checkpoint path (default: the checkpoint of the latest run "
+            "that wrote one, training or ema-reconstruct).",
             show_default=False,
         ),
     ] = None,
@@ -205,6 +206,7 @@ def ema_reconstruct(
 
 @app.command(
     epilog=examples(
+        "dmstab fid   # the latest run's checkpoint, as its recipe's eval: block says",
         "dmstab fid samples/RUN/ddpm250_seed0.npz --ref recipes/cifar10_baseline.yaml",
         "dmstab fid RUN_ID --ref recipes/cifar10_baseline.yaml --kid --is   # samples 50k",
         "dmstab fid runs/RUN/reconstructed/phema_step0000004000_sigma0.1300.pt --ref ref.npz",
@@ -216,25 +218,40 @@ def ema_reconstruct(
 @user_errors
 def fid(
     images: Annotated[
-        str,
+        str | None,
         typer.Argument(
             help="Images to score: .npz (uint8 NHWC), folder, or a training run id or checkpoint "
-            "(.pt) to sample from with its recipe's sampler.",
+            "(.pt) to sample from with its recipe's sampler (default: the checkpoint of the "
+            "latest run that wrote one, training or ema-reconstruct).",
             show_default=False,
         ),
-    ],
+    ] = None,
     ref: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             help="Reference: statistics .npz (mu, sigma), images (.npz/folder), or a recipe "
-            "whose dataset's statistics are computed once and cached.",
+            "whose dataset's statistics are computed once and cached (default for a model: "
+            "its recipe's eval.reference, else its training set).",
             show_default=False,
         ),
-    ],
+    ] = None,
     mode: Annotated[
-        str, typer.Option(help="clean-fid mode: clean, legacy_pytorch or legacy_tensorflow.")
-    ] = "clean",
-    features: Features = "inception",
+        str | None,
+        typer.Option(
+            help="clean-fid mode: clean, legacy_pytorch or legacy_tensorflow (default: a "
+            "model's eval.mode, else clean).",
+            show_default=False,
+        ),
+    ] = None,
+    features: Annotated[
+        str | None,
+        typer.Option(
+            help="FID feature network: inception; random_conv (a seeded proxy for toy data); or "
+            "classifier (a small CNN trained on the synthetic shapes; synthetic data only, no "
+            "IS). Default: a model's eval.features, else inception.",
+            show_default=False,
+        ),
+    ] = None,
     inception_weights: Annotated[
         str | None,
         typer.Option(
@@ -244,8 +261,13 @@ def fid(
     with_kid: Annotated[bool, typer.Option("--kid", help="Also compute KID.")] = False,
     with_is: Annotated[bool, typer.Option("--is", help="Also compute Inception Score.")] = False,
     num_images: Annotated[
-        int, typer.Option(help="Images to sample from a run or checkpoint (papers: 50,000).")
-    ] = 50_000,
+        int | None,
+        typer.Option(
+            help="Images to sample from a run or checkpoint (default: its recipe's "
+            "eval.num_images, 50,000 as the papers unless the recipe says otherwise).",
+            show_default=False,
+        ),
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per Inception batch.")] = 250,
     experiment: Annotated[str, typer.Option(help="MLflow experiment of the score run.")] = "fid",
     parent: Annotated[

@@ -31,7 +31,10 @@ from dmstab.config import from_mapping
 from dmstab.console import console, result
 from dmstab.errors import DmstabError
 from dmstab.tracking import (
+    TAG_OUTPUT,
+    TAG_OUTPUT_COUNT,
     TAG_PARENT,
+    TAG_SIGMA_RELS,
     MlflowTracker,
     check_store_writable,
     latest_run,
@@ -141,7 +144,7 @@ def reconstruct_ema(
     for info in plan.snapshots:  # every file it combines readable before a run opens: mapped,
         load_snapshot(info.path, mmap=True)  # so a damaged one costs no reading of the rest
     tags = {TAG_PARENT: str(train_run)} if train_run else {}
-    tags["dmstab.sigma_rels"] = ",".join(f"{s:g}" for s in plan.sigma_rels)
+    tags[TAG_SIGMA_RELS] = ",".join(f"{s:g}" for s in plan.sigma_rels)
     tags["dmstab.step"] = str(plan.step)
     tracker = MlflowTracker.start(recipe, kind="ema-reconstruct", extra_tags=tags)
     assert tracker.run_id is not None
@@ -169,6 +172,8 @@ def reconstruct_ema(
             tracker.log_metrics({f"profile_error/sigma_{sigma_rel:.4f}": float(error)}, plan.step)
             tracker.log_artifact(path, "checkpoints")
             results.append(Reconstructed(sigma_rel, path, float(error), tracker.run_id))
+        written = results[0].path if len(results) == 1 else out_dir  # for `dmstab sample`
+        tracker.set_tags({TAG_OUTPUT: str(written.resolve()), TAG_OUTPUT_COUNT: str(len(results))})
     return plan, results
 
 

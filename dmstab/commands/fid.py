@@ -35,7 +35,7 @@ from dmstab.analysis.scoring import (
 )
 from dmstab.atomic import require_writable_directory
 from dmstab.checkpoint import load_checkpoint
-from dmstab.config import FeatureNetwork
+from dmstab.config import DataConfig, EvalConfig, FeatureNetwork, Recipe
 from dmstab.console import SampleProgress, console, result
 from dmstab.data.images import IMAGE_SUFFIXES, image_files, read_npz_images
 from dmstab.devices import pick_device
@@ -49,7 +49,13 @@ from dmstab.errors import DmstabError
 from dmstab.models.generate import generate_for_recipe
 from dmstab.reading import require_file
 from dmstab.tracking import TAG_PARENT, MlflowTracker, check_store_writable, tracked_run
-from dmstab.train.restore import find_checkpoint, load_guide, network_from_state, stored_recipe
+from dmstab.train.restore import (
+    find_checkpoint,
+    latest_checkpoint,
+    load_guide,
+    network_from_state,
+    stored_recipe,
+)
 
 
 def sampled_images(
@@ -128,25 +134,27 @@ def check_images(images: str) -> None:
     load_checkpoint(find_checkpoint(images, None, None), mmap=True)  # mapped: sampling reads it
 
 
-def check_scoring(reference: Path, features: str, mode: str, weights: str | None) -> None:
+def check_scoring(
+    reference: Path | DataConfig, features: str, mode: str, weights: str | None
+) -> None:
     """The reference is there and the feature network's weights are (Inception: a local file),
     checked before the network is built or any statistics are computed."""
-    if not reference.exists():
+    if isinstance(reference, Path) and not reference.exists():
         raise DmstabError(f"FID reference not found: {reference}")
     if features == "inception":
         inception_weights_path(mode, weights)
 
 
-def check_fid_outputs(reference: Path) -> None:
-    """What scoring writes: its MLflow run, and a recipe reference's cached statistics."""
+def check_fid_outputs(reference: Path | DataConfig) -> None:
+    """What scoring writes: its MLflow run, and a dataset reference's cached statistics."""
     check_store_writable(None)
-    if reference.suffix in (".yaml", ".yml"):
+    if isinstance(reference, DataConfig) or reference.suffix in (".yaml", ".yml"):
         require_writable_directory(stats_cache(), "the statistics cache")
 
 
 def _check_inputs(
     images: str,
-    reference: Path,
+    reference: Path | DataConfig,
     features: str,
     mode: str,
     weights: str | None,
@@ -168,7 +176,7 @@ def _feature_reference(
     weights: str | None,
     device: torch.device,
     batch_size: int,
-    reference: Path,
+    reference: Path | DataConfig,
     with_kid: bool,
 ) -> tuple[FeaturePipeline, Reference]:
     """The feature network and the reference's statistics (computed and cached for a recipe)."""
@@ -178,7 +186,7 @@ def _feature_reference(
 
 def score(
     images: str | Path,
-    reference: Path,
+    reference: Path | DataConfig,
     *,
     mode: str = "clean",
     features: FeatureNetwork = "inception",
@@ -219,10 +227,26 @@ def score(
     generated = pipeline.features(source)
     names = [name for name, wanted in (("fid", True), ("kid", with_kid), ("is", with_is)) if wanted]
     metrics = image_metrics(generated, ref, pipeline, names)
-    params |= {"reference": str(reference.resolve()), "mode": mode, "features": features}
+    params |= {"reference": _describe(reference), "mode": mode, "features": features}
     run_id = _log(params, metrics, len(generated), experiment, parent_run or sampled_run)
     result = Score(metrics["fid"], metrics.get("kid"), metrics.get("is"), len(generated), run_id)
     return result, ref.cache
+
+
+def _describe(reference: Path | DataConfig) -> str:
+    if isinstance(reference, Path):
+        return str(reference.resolve())
+    return f"{reference.name} training set ({reference.resolution}px)"
+
+
+def _model_recipe(images: str) -> Recipe | None:
+    """The training recipe of the model to sample, or None for images (a folder or an .npz)."""
+    path = Path(images)
+    if path.is_dir() or path.suffix == ".npz":
+        return None
+    check_images(images)
+    checkpoint = find_checkpoint(images, None, None)
+    return stored_recipe(load_checkpoint(checkpoint, mmap=True), checkpoint)
 
 
 def _log(
@@ -241,30 +265,51 @@ def _log(
 
 
 def main(
-    images: str,
-    ref: Path,
+    images: str | None,
+    ref: Path | None,
     *,
-    mode: str,
-    features: str,
+    mode: str | None,
+    features: str | None,
     inception_weights: str | None,
     with_kid: bool,
     with_is: bool,
-    num_images: int,
+    num_images: int | None,
     batch_size: int,
     experiment: str,
     parent: str | None,
 ) -> dict[str, Any] | None:
     """Score `images` against `ref` and print FID (KID, IS) on stdout; returned: the summary
-    `--json` prints (None on torchrun ranks other than 0)."""
+    `--json` prints (None on torchrun ranks other than 0).
+
+    A model (the latest run's checkpoint when `images` is None) is scored as its recipe's
+    `eval:` block says where an option is not given: reference (the training set when
+    `eval.reference` is null), feature network, mode, weights and number of images.
+    """
+    if images is None:
+        checkpoint, which = latest_checkpoint(None, None)
+        console.print(f"scoring {which}: {checkpoint}")
+        images = str(checkpoint)
+    recipe = _model_recipe(images) if None in (ref, mode, features, num_images) else None
+    if recipe is None and ref is None:
+        raise DmstabError(f"give --ref to score {images}: only a model's recipe names one")
+    ev = recipe.eval if recipe is not None else EvalConfig()
+    reference: Path | DataConfig
+    if ref is not None:
+        reference = ref
+    elif ev.reference:
+        reference = Path(ev.reference).expanduser()
+    else:
+        assert recipe is not None
+        reference = recipe.data
     scored = score(
         images,
-        ref,
-        mode=mode,
-        features=features,  # type: ignore[arg-type]  # checked by `score`
-        inception_weights=inception_weights,
+        reference,
+        mode=ev.mode if mode is None else mode,
+        features=ev.features if features is None else features,  # type: ignore[arg-type]  # checked by `score`
+        inception_weights=inception_weights or ev.inception_weights,
         with_kid=with_kid,
         with_is=with_is,
-        num_images=num_images,
+        num_images=ev.num_images if num_images is None else num_images,
         batch_size=batch_size,
         experiment=experiment,
         parent_run=parent,

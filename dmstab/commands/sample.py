@@ -27,7 +27,13 @@ from dmstab.tracking import (
     check_store_writable,
     tracked_run,
 )
-from dmstab.train.restore import find_checkpoint, load_guide, network_from_state, stored_recipe
+from dmstab.train.restore import (
+    find_checkpoint,
+    latest_checkpoint,
+    load_guide,
+    network_from_state,
+    stored_recipe,
+)
 
 SAMPLES_DIR = Path("samples")  # each run's images go to samples/RUN_ID unless --out says
 
@@ -105,6 +111,10 @@ def main(
     the .npz of the images (what `dmstab fid` scores); returned: the summary `--json` prints."""
     if source is not None and "=" in source:
         overrides, source = [source, *overrides], None
+    if source is None:
+        checkpoint, which = latest_checkpoint(experiment, None)
+        console.print(f"sampling {which}: {checkpoint}")
+        source = str(checkpoint)
     made = sample(
         source, overrides, experiment=experiment, out_dir=out, callback=SampleProgress("sample")
     )

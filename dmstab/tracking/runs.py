@@ -18,6 +18,7 @@ from dmstab.tracking.client import (
 from dmstab.tracking.tags import (
     TAG_FINGERPRINT,
     TAG_KIND,
+    TAG_OUTPUT,
     TAG_RUN_DIR,
 )
 
@@ -166,3 +167,39 @@ def latest_run(experiment: str | None, kind: str, uri: str | None = None) -> str
         max_results=1,
     )
     return str(runs[0].info.run_id) if runs else None
+
+
+def _newest(client: Any, ids: list[str], condition: str) -> Any | None:
+    runs = client.search_runs(
+        ids, filter_string=condition, order_by=["attributes.start_time DESC"], max_results=1
+    )
+    return runs[0] if runs else None
+
+
+def latest_checkpoint_run(experiment: str | None, uri: str | None = None) -> RunRecord | None:
+    """The run that wrote a checkpoint last: the latest training run, or a later finished
+    `ema-reconstruct` run (one experiment, or all when None).
+
+    A training run counts from when it ended (a resumed run writes after a reconstruction
+    of its earlier weights), or from its start while it has not ended (killed or running);
+    a reconstruction from when it ended.
+    """
+    client = _existing_store(uri)
+    if client is None:
+        return None
+    ids = _experiment_ids(client, experiment)
+    if not ids:
+        return None
+    trained = _newest(client, ids, f"tags.`{TAG_KIND}` = 'train'")
+    rebuilt = _newest(
+        client,
+        ids,
+        f"tags.`{TAG_KIND}` = 'ema-reconstruct' and attributes.status = 'FINISHED' "
+        f"and tags.`{TAG_OUTPUT}` != ''",
+    )
+    if trained is None or (
+        rebuilt is not None
+        and rebuilt.info.end_time > (trained.info.end_time or trained.info.start_time)
+    ):
+        trained = rebuilt
+    return _record(trained) if trained is not None else None

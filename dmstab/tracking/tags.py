@@ -32,3 +32,14 @@ TAG_SWEEP_FINGERPRINT = "dmstab.sweep_fingerprint"
 
 
 TAG_LOCAL_RUN_ID = "dmstab.local_run_id"  # an offline run's id before the server had it
+
+
+# What a run that writes checkpoints other than training's (ema-reconstruct) wrote: the one
+# checkpoint's path, or the folder of several, and how many (`dmstab sample` with no source).
+TAG_OUTPUT = "dmstab.output"
+
+
+TAG_OUTPUT_COUNT = "dmstab.output_count"
+
+
+TAG_SIGMA_RELS = "dmstab.sigma_rels"  # the EMA lengths an ema-reconstruct run wrote

@@ -15,7 +15,16 @@ from dmstab.diffusion.edm import Denoiser
 from dmstab.diffusion.sampling import unconditional
 from dmstab.errors import DmstabError
 from dmstab.models import build_model
-from dmstab.tracking import latest_run, resolve_uri, run_directory
+from dmstab.tracking import (
+    TAG_KIND,
+    TAG_OUTPUT,
+    TAG_OUTPUT_COUNT,
+    TAG_SIGMA_RELS,
+    latest_checkpoint_run,
+    latest_run,
+    resolve_uri,
+    run_directory,
+)
 
 SAMPLING_KEYS = ("sample.", "tracking.", "train.device=")
 
@@ -31,6 +40,26 @@ def find_checkpoint(source: str | None, experiment: str | None, uri: str | None)
         where = f"MLflow experiment '{experiment}'" if experiment else resolve_uri(uri)
         raise DmstabError(f"no training run in {where}; pass a run id or a checkpoint path")
     return run_directory(run_id, uri) / CHECKPOINT_NAME
+
+
+def latest_checkpoint(experiment: str | None, uri: str | None) -> tuple[Path, str]:
+    """The checkpoint of the run that wrote one last (training or `ema-reconstruct`), and
+    which run that is, in words: what `dmstab sample` and `dmstab fid` take by default."""
+    record = latest_checkpoint_run(experiment, uri)
+    if record is None:
+        where = f"MLflow experiment '{experiment}'" if experiment else resolve_uri(uri)
+        raise DmstabError(f"no training run in {where}; pass a run id or a checkpoint path")
+    if record.tags.get(TAG_KIND) == "train":
+        path = run_directory(record.run_id, uri) / CHECKPOINT_NAME
+        return path, f"the latest training run {record.run_id}"
+    output, count = record.tags[TAG_OUTPUT], int(record.tags.get(TAG_OUTPUT_COUNT, "0"))
+    if count != 1:
+        raise DmstabError(
+            f"the latest run {record.run_id} (ema-reconstruct) wrote {count} checkpoints in "
+            f"{output}; name one of them, or a training run id"
+        )
+    sigma_rels = record.tags.get(TAG_SIGMA_RELS, "?")
+    return Path(output), f"the latest run {record.run_id} (ema-reconstruct, σrel {sigma_rels})"
 
 
 def network_from_state(

@@ -32,7 +32,8 @@ class Mistake:
     shows: str  # a part of the one `error:` line
     files: Mapping[str, Writer] = field(default_factory=dict)  # names may hold placeholders
     env: Mapping[str, str] = field(default_factory=dict)
-    trained: str | None = None  # "dm" (quickstart) or "edm" (edm2_mini): a tiny run copied in
+    trained: str | None = None  # "dm" (quickstart), "dm-no-power" (its power EMAs off) or "edm"
+    # (edm2_mini): a tiny run copied in
     read_only: tuple[str, ...] = ()  # paths (files or folders; "." the working dir) made 0o555
     process: bool = False  # a real `python -m dmstab` child rather than the in-process runner
 
@@ -139,7 +140,8 @@ UVIT = "{recipes}/mini_uvit.yaml"
 USAGE = [
     Mistake("a misspelt command", ("trian", "x.yaml"), "No such command 'trian'"),
     Mistake("an unknown option", ("train", QUICKSTART, "--dryrun"), "No such option: --dryrun"),
-    Mistake("fid without its images", ("fid", "--ref", "stats.npz"), "Missing argument 'images'"),
+    Mistake("fid with no images and no store", ("fid", "--ref", "stats.npz"), "mlflow.db"),
+    Mistake("fid of images without --ref", ("fid", "a.npz"), "give --ref to score a.npz"),
     Mistake("fid-sweep without --ref", ("fid-sweep",), "give --ref"),
     Mistake(
         "a count that is no number",
@@ -480,10 +482,10 @@ EMA = [
         },
     ),
     Mistake(
-        "post-hoc EMA of a run without power EMAs",
+        "post-hoc EMA of a run trained with its power EMAs turned off",
         ("ema-reconstruct", "--sigma-rel", "0.1", "--run", "{run}"),
         "power",
-        trained="dm",
+        trained="dm-no-power",
     ),
     Mistake(
         "post-hoc EMA at a step never snapshotted",

@@ -23,7 +23,11 @@ from . import counts
 from .catalogue import CATALOGUE, Mistake
 from .conftest import dmstab
 
-TRAINED = {"dm": Training.of(QUICKSTART, TINY), "edm": Training.of(MINI, TINY_EDM)}
+TRAINED = {
+    "dm": Training.of(QUICKSTART, TINY),
+    "dm-no-power": Training.of(QUICKSTART, [*TINY, "ema.power_sigma_rels=[]"]),
+    "edm": Training.of(MINI, TINY_EDM),
+}
 # what the environment may hold that a mistake sets: each case starts without them
 VARIABLES = (
     "MLFLOW_TRACKING_URI",
