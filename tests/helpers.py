@@ -47,6 +47,8 @@ TINY = [
     "train.log_every=1",
     "train.precision=fp32",
     "sample.steps=5",
+    "sample.eta=0",  # deterministic DDIM, and `sample.sampler=ddpm` needs no more overrides
+    "eval.features=inception",  # the schema's default (the quickstart's is the classifier)
     "sample.num_images=4",
     "sample.batch_size=4",
     "tracking.flush_every=5",

@@ -107,3 +107,30 @@ def test_plan_and_sweep_errors(isolated_workdir: Path) -> None:
     empty.mkdir()
     with pytest.raises(DmstabError, match="no snapshots"):
         make_plan(empty, [0.1], None)
+
+
+def test_power_emas_only_observe_the_training(isolated_workdir: Path, one_thread: None) -> None:
+    """The quickstart's default power EMAs change no number of the training itself: the same
+    weights, classic EMA and optimiser state bit for bit as with `ema.power_sigma_rels=[]`."""
+    states = []
+    for index, power in enumerate(([], ["ema.power_sigma_rels=[]"])):
+        recipe = load_recipe(
+            RECIPES / "quickstart.yaml", [*TINY, *power, f"train.out_dir=r{index}"]
+        )
+        states.append(load_checkpoint(train(recipe).checkpoint))
+    with_power, without = states
+    assert with_power["power_ema"] is not None and without["power_ema"] is None
+    for part in ("model", "ema", "optimizer"):
+        flat = [torch.nn.utils.parameters_to_vector(_tensors(s[part])) for s in states]
+        assert torch.equal(flat[0], flat[1]), part
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    """Every floating tensor inside a checkpoint part, in a fixed order."""
+    if isinstance(value, torch.Tensor):
+        return [value.double().flatten()] if value.is_floating_point() else []
+    if isinstance(value, dict):
+        return [t for key in sorted(value, key=str) for t in _tensors(value[key])]
+    if isinstance(value, list | tuple):
+        return [t for item in value for t in _tensors(item)]
+    return []

@@ -122,7 +122,7 @@ def test_recipe_sections_reach_the_schedule_and_the_label() -> None:
         kept = schedule.respaced("ddim").timestep_map.tolist()
         assert kept == sorted(improved_diffusion_sections(1000, [10, 15, 20]))
         assert sampler_label(recipe, recipe.sample) == "ddim10-15-20"
-    plain = load_recipe(QUICKSTART, ["sample.steps=45", "sample.sampler=ddpm"])
+    plain = load_recipe(QUICKSTART, ["sample.steps=45", "sample.sampler=ddpm", "sample.eta=0"])
     assert plain.sample.sections == () and sampler_label(plain, plain.sample) == "ddpm45"
 
 

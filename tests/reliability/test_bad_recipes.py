@@ -113,7 +113,10 @@ BAD_OVERRIDES = [
         [QUICKSTART, "optim.ref_kimg=1"],
         "optim.ref_kimg/rampup_kimg belong to optim.schedule inverse_sqrt",
     ),
-    ([QUICKSTART, "eval.every=5", "eval.inception_weights=nowhere.pt"], "nowhere.pt"),
+    (
+        [QUICKSTART, "eval.every=5", "eval.features=inception", "eval.inception_weights=no.pt"],
+        "no.pt",
+    ),
     (
         [QUICKSTART, "eval.every=5", "eval.features=random_conv", "eval.reference=nothere.npz"],
         "nothere.npz",
