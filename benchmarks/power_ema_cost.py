@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
+from dmstab.analysis.ema_profiles import SNAPSHOT_DTYPES
 from dmstab.config import load_recipe
 from dmstab.devices import pick_device
-from dmstab.train.loop import SNAPSHOT_DTYPES
 from dmstab.train.trainer import Trainer
 
 WITHOUT = "ema.power_sigma_rels=[]"
