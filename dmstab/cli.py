@@ -10,7 +10,7 @@ import typer
 
 from dmstab import __version__
 from dmstab.cli_errors import OneLineUsageErrors, user_errors
-from dmstab.cli_options import Analyzed, Features, OptionalFeatures, Overrides, examples, reports
+from dmstab.cli_options import Analyzed, OptionalFeatures, Overrides, examples, reports
 
 app = typer.Typer(
     name="dmstab",
