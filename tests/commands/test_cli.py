@@ -26,7 +26,7 @@ def test_help_shows_examples(command: list[str], dmstab: Runner) -> None:
         (["trian"], "error: No such command 'trian'. Did you mean 'train'?; see 'dmstab --help'"),
         (["--verbose"], "error: No such option: --verbose (Possible options: --version); see"),
         (["train", "--dryrun"], "error: No such option: --dryrun"),
-        (["fid", "--num-images", "1k"], "error: Invalid value for '--num-images': '1k' is not"),
+        (["fid", "--num-images", "1k"], "error: Invalid value for '--num-images': "),
         (["fid-sweep", "--num-images", "many"], "error: Invalid value for '--num-images': "),
         (["sample", "--out"], "error: Option '--out' requires an argument; see 'dmstab sample"),
         (
