@@ -209,9 +209,12 @@ def first_line(exc: BaseException) -> str:
 
 
 # MLflow 3's UI opens an experiment in its GenAI view (traces, prompts) unless the experiment's
-# kind tag says it holds model training; dmstab's experiments do.
+# kind tag says it holds model training; dmstab's experiments do. The UI of MLflow 3.17 ignores
+# the tag (its GenAI / Model training toggle, GenAI unless clicked, decides), but honours the
+# page's `workflowType` query: run_page adds it (tests/tracking/test_mlflow_ui.py).
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
+TRAINING_VIEW = "workflowType=machine_learning"
 
 
 def ensure_experiment(client: Any, name: str, note: str = "") -> str:
@@ -234,13 +237,13 @@ def ensure_experiment(client: Any, name: str, note: str = "") -> str:
 
 
 def run_page(recipe_uri: str | None, experiment_id: str | None, run_id: str) -> str:
-    """The run's page in the MLflow UI: on the tracking server, or where `mlflow ui` serves a
-    local store (`browse_hint` says how to start it)."""
+    """The run's page in the MLflow UI, in its model-training view: on the tracking server, or
+    where `mlflow ui` serves a local store (`browse_hint` says how to start it)."""
     uri = resolve_uri(recipe_uri)
     base = uri.rstrip("/") if is_remote(uri) else "http://127.0.0.1:5000"
     if experiment_id is None:  # a spooled run: the server gives it an id when it is synced
         return base
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{TRAINING_VIEW}"
 
 
 def browse_hint(recipe_uri: str | None) -> str:

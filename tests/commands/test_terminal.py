@@ -60,7 +60,10 @@ def test_train_off_a_terminal_and_json_then_sample_fid_and_quiet(dmstab: Runner)
     assert [int(match[1]) for match in progress] == list(range(1, 13)), trained.stderr
     assert float(progress[-1][2]) == pytest.approx(final, abs=5e-5)
     assert f"{run_id}: step 12, loss {final:.4f}, " in trained.stderr  # … and the summary
-    page = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    page = (  # the run in the UI's model-training view, not its GenAI view
+        f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+        "?workflowType=machine_learning"
+    )
     assert summary["run_page"] == page
     assert f"run page    {page}   (after: mlflow ui)" in trained.stderr
 
