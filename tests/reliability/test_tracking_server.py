@@ -5,13 +5,8 @@ every metric step exactly once, the artifacts all there."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +18,7 @@ from dmstab.errors import DmstabError
 from dmstab.tracking import MlflowTracker, sync
 from dmstab.tracking.spool import SPOOL_DIRNAME, Spool, find_spools
 from tests.helpers import RECIPES, TINY, one_line_error, store
+from tests.mlflow_server import START_TIMEOUT_S, MlflowServer
 
 from . import counts
 from .conftest import dmstab, start_dmstab
@@ -31,81 +27,30 @@ RESTART_STEPS = 300  # 30-40 s of TINY training: longer than a server restart
 GONE_STEPS = 60  # a run that outlives its server only needs steps after the kill
 RECIPE = [*TINY, "train.checkpoint_every=100", "tracking.flush_every=2"]
 KEYS = ("loss", "mse", "lr", "kimg", "images_per_s")
-START_TIMEOUT_S = 180.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """`mlflow server` on 127.0.0.1 with a SQLite store and served artifacts, restartable on the
-    same port with the same store."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = _free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        command = [
-            *(sys.executable, "-m", "mlflow", "server"),
-            *("--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"),
-            *("--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts"),
-            *("--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"),
-        ]
-        log = open(self.root / "server.log", "ab")  # noqa: SIM115  # the server owns it
-        self._process = subprocess.Popen(
-            command, stdout=log, stderr=log, start_new_session=True, cwd=self.root
-        )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not self.answers():
-            assert self._process.poll() is None, (self.root / "server.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
-
-    def answers(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as reply:
-                return bool(reply.status == 200)
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        """SIGKILL to the server and its workers (its own process group); counted as a fault."""
-        assert self._process is not None
-        os.killpg(self._process.pid, signal.SIGKILL)
-        self._process.wait()
-        self._process = None
-        counts.record(faults=1)
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None
-
-    def client(self) -> MlflowClient:
-        return MlflowClient(self.uri)
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """One server for the module (it takes many seconds to start); tests kill and restart it."""
-    instance = Server(tmp_path_factory.mktemp("mlflow-server"))
+    instance = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
     yield instance
     if instance.running:
-        os.killpg(instance._process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+        instance.kill()
 
 
-def _up(server: Server) -> Server:
+def _kill(server: MlflowServer) -> None:
+    """SIGKILL to the server and its workers, counted as a fault."""
+    server.kill()
+    counts.record(faults=1)
+
+
+def _up(server: MlflowServer) -> MlflowServer:
     if not server.running:
         server.start()
     return server
 
 
-def _train(server: Server, steps: int) -> subprocess.Popen[str]:
+def _train(server: MlflowServer, steps: int) -> subprocess.Popen[str]:
     args = ["train", str(RECIPES / "quickstart.yaml"), *RECIPE, f"train.steps={steps}"]
     return start_dmstab(*args, f"tracking.uri={server.uri}")
 
@@ -153,12 +98,12 @@ def _finish(process: subprocess.Popen[str]) -> tuple[str, str]:
 
 
 @pytest.mark.slow
-def test_server_killed_and_restarted_mid_run(server: Server) -> None:
+def test_server_killed_and_restarted_mid_run(server: MlflowServer) -> None:
     client = _up(server).client()
     earlier = _run_ids(client)
     process = _train(server, RESTART_STEPS)
     run_id = _wait_for_metrics(client, earlier, 4)
-    server.kill()
+    _kill(server)
     time.sleep(3)
     server.start()  # same port, same store, same artifact root
     _, err = _finish(process)
@@ -169,12 +114,12 @@ def test_server_killed_and_restarted_mid_run(server: Server) -> None:
 
 
 @pytest.mark.slow
-def test_server_gone_until_the_end_then_sync(server: Server) -> None:
+def test_server_gone_until_the_end_then_sync(server: MlflowServer) -> None:
     client = _up(server).client()
     earlier = _run_ids(client)
     process = _train(server, GONE_STEPS)
     run_id = _wait_for_metrics(client, earlier, 4)
-    server.kill()
+    _kill(server)
     _, err = _finish(process)
     counts.record(trials=1)
     spool = Path("runs").resolve() / SPOOL_DIRNAME / run_id
@@ -191,9 +136,9 @@ def test_server_gone_until_the_end_then_sync(server: Server) -> None:
 
 
 @pytest.mark.slow
-def test_unreachable_at_start_then_offline_run_and_sync(server: Server) -> None:
+def test_unreachable_at_start_then_offline_run_and_sync(server: MlflowServer) -> None:
     if server.running:
-        server.kill()
+        _kill(server)
     refused = dmstab("train", str(RECIPES / "quickstart.yaml"), *TINY, f"tracking.uri={server.uri}")
     line = one_line_error(refused)
     assert server.uri in line and "unreachable" in line
