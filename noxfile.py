@@ -33,9 +33,10 @@ def _install(session: nox.Session, extra: str = "dev") -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The CPU test suite, on two pytest-xdist workers (tests marked `gpu` or `soak` skipped)."""
+    """The CPU test suite, on two pytest-xdist workers (tests marked `gpu`, `soak` or `browser`
+    skipped)."""
     _install(session)
-    session.run("pytest", "-m", "not gpu and not soak", *PARALLEL, *session.posargs)
+    session.run("pytest", "-m", "not gpu and not soak and not browser", *PARALLEL, *session.posargs)
 
 
 @nox.session
@@ -43,7 +44,12 @@ def quick(session: nox.Session) -> None:
     """The CPU suite without the tests marked `slow`, stopping at the first failure."""
     _install(session)
     session.run(
-        "pytest", "-m", "not gpu and not slow and not soak", "-x", *PARALLEL, *session.posargs
+        "pytest",
+        "-m",
+        "not gpu and not slow and not soak and not browser",
+        "-x",
+        *PARALLEL,
+        *session.posargs,
     )
 
 
@@ -68,6 +74,16 @@ def gpu(session: nox.Session) -> None:
     """Tests that need CUDA (run on a GPU machine)."""
     _install(session)
     session.run("pytest", "-m", "gpu", *session.posargs)
+
+
+@nox.session
+def browser(session: nox.Session) -> None:
+    """The MLflow UI in headless Chromium (tests marked `browser`): a tiny quickstart run served
+    by a real `mlflow server`, its pages checked and screenshotted. Needs Debian's browser and
+    driver (`apt-get install -y chromium chromium-driver`); skipped without them.
+    DMSTAB_SCREENSHOTS=docs/img copies the screenshots into the documentation."""
+    _install(session, "dev,browser")
+    session.run("pytest", "-m", "browser", *session.posargs, env={"OMP_NUM_THREADS": "1"})
 
 
 DOCS_CODE = ("docs/hooks.py", "docs/gen_reference.py", "docs/gen_published.py")
