@@ -36,12 +36,20 @@ def _imported_runs() -> int:
 
 
 @pytest.mark.parametrize(
-    "recipe", ["fig1c_imagenet512_uvit_published", "table1_imagenet512_uvit_published_consistency"]
+    ("recipe", "first", "source"),
+    [
+        ("fig1b_imagenet128_gd_published", "128x128_diffusion.pt", "openaipublic.blob"),
+        ("table1_imagenet128_gd_published_consistency", "128x128_diffusion.pt", "openaipublic"),
+        ("fig1c_imagenet512_uvit_published", "imagenet512_uvit_large.pth", "drive.google"),
+        ("table1_imagenet512_uvit_published_consistency", "imagenet512_uvit_large.pth", "drive"),
+    ],
 )
-def test_a_missing_download_is_one_line_naming_where_to_get_it(dmstab: Runner, recipe: str) -> None:
+def test_a_missing_download_is_one_line_naming_where_to_get_it(
+    dmstab: Runner, recipe: str, first: str, source: str
+) -> None:
     line = one_line_error(dmstab("consistency", str(RECIPES / f"{recipe}.yaml")))
-    assert "published model models/imagenet512_uvit_large.pth not found" in line
-    assert "https://drive.google.com/" in line and "Bao et al." in line
+    assert f"published model models/{first} not found: download it from https://" in line
+    assert source in line
     assert not Path("mlflow.db").exists() and not Path("runs").exists()
 
 
