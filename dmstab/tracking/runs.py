@@ -152,6 +152,13 @@ def run_directory(run_id: str, uri: str | None = None) -> Path:
     return Path(tags[TAG_RUN_DIR])
 
 
+def _newest(client: Any, ids: list[str], condition: str) -> Any | None:
+    runs = client.search_runs(
+        ids, filter_string=condition, order_by=["attributes.start_time DESC"], max_results=1
+    )
+    return runs[0] if runs else None
+
+
 def latest_run(experiment: str | None, kind: str, uri: str | None = None) -> str | None:
     """Most recent run of `kind` (e.g. 'train') in one experiment, or in all when None."""
     client = _existing_store(uri)
@@ -160,20 +167,8 @@ def latest_run(experiment: str | None, kind: str, uri: str | None = None) -> str
     ids = _experiment_ids(client, experiment)
     if not ids:
         return None
-    runs = client.search_runs(
-        ids,
-        filter_string=f"tags.`{TAG_KIND}` = '{kind}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return str(runs[0].info.run_id) if runs else None
-
-
-def _newest(client: Any, ids: list[str], condition: str) -> Any | None:
-    runs = client.search_runs(
-        ids, filter_string=condition, order_by=["attributes.start_time DESC"], max_results=1
-    )
-    return runs[0] if runs else None
+    run = _newest(client, ids, f"tags.`{TAG_KIND}` = '{kind}'")
+    return str(run.info.run_id) if run else None
 
 
 def latest_checkpoint_run(experiment: str | None, uri: str | None = None) -> RunRecord | None:
