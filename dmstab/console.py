@@ -245,3 +245,57 @@ class SampleProgress:
             console.print(
                 f"{self._label}: batch {self._batches + 1}, step {done}/{total}", highlight=False
             )
+
+
+class CountedProgress:
+    """A counted loop's `callback(done, total)` (feature batches, grid points, Hessian-vector
+    products, snapshots, sweep children): a bar with `label`, done/total, elapsed and ETA on a
+    terminal, else a plain line `LABEL done/total (pct)  elapsed  eta` every
+    `settings.progress_every` seconds and at the end. `bar=False` prints the lines on a terminal
+    too: for a loop whose items draw bars of their own (a sweep's children train), as rich
+    draws one live display at a time. A call with done = 0 (re)starts the clock, so one object
+    can follow several loops in turn."""
+
+    def __init__(self, label: str, *, bar: bool = True) -> None:
+        self._label = label
+        self._progress = Progress(
+            TextColumn(f"[bold]{escape(label)}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not (bar and live()),
+        )
+        self._task = self._progress.add_task(label, total=1)
+        self._every = _Every()
+        self._first: int | None = None  # `done` when the clock started; None before any call
+        self._started = time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._first is None or done == 0:
+            self._first, self._started = done, time.monotonic()
+            self._progress.reset(self._task, total=total, completed=done)
+        if self._progress.disable:
+            self._plain(done, total)
+            return
+        if not self._progress.live.is_started:
+            done_working()
+            self._progress.start()
+        self._progress.update(self._task, completed=done, total=total)
+        if done >= total:
+            self._progress.stop()
+
+    def _plain(self, done: int, total: int) -> None:
+        if not done or (done < total and not self._every.due()):
+            return
+        elapsed = time.monotonic() - self._started
+        rate = (done - (self._first or 0)) / max(elapsed, 1e-9)
+        eta = duration((total - done) / rate) if rate > 0 else "?"
+        console.print(
+            f"{self._label} {done}/{total} ({100 * done / max(total, 1):.0f}%)"
+            f"  elapsed {duration(elapsed)}  eta {eta}",
+            highlight=False,
+            markup=False,
+        )

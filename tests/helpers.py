@@ -7,6 +7,7 @@ Test modules import from here (never from another test module or a conftest).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -260,3 +261,17 @@ def relocate(run: CachedRun, target: Path) -> CachedRun:
         checkpoint=target / run.checkpoint,
         samples=None if run.samples is None else target / run.samples,
     )
+
+
+def progress_counts(stderr: str, label: str) -> list[tuple[int, int]]:
+    """(done, total) of each plain progress line of `label`, checking the line's whole form."""
+    line = re.compile(
+        rf"^{re.escape(label)} (\d+)/(\d+) \((\d+)%\)  elapsed \d+(s|m\d\ds|h\d\dm)  eta \S+$"
+    )
+    found = []
+    for text in stderr.splitlines():
+        if match := line.match(text):
+            done, total = int(match[1]), int(match[2])
+            assert int(match[3]) == round(100 * done / total), text
+            found.append((done, total))
+    return found

@@ -8,7 +8,8 @@ weights gives the reconstructed average.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import itertools
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import numpy.typing as npt
 import torch
 
 from dmstab.analysis.ema_profiles import load_snapshot
+from dmstab.analysis.progress import Progress, report
 from dmstab.errors import DmstabError
 
 FloatArray = npt.NDArray[np.float64]
@@ -91,12 +93,16 @@ def solve_coefficients(
 
 
 def reconstruct(
-    snapshot_paths: Sequence[Path], coefficients: FloatArray, batch: int
+    snapshot_paths: Sequence[Path],
+    coefficients: FloatArray,
+    batch: int,
+    progress: Progress | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield Σ_i coefficients[i, j]·snapshot_i for each column j, in order, in float32.
 
     Columns are done `batch` at a time with one pass over the snapshot files each, so
     memory holds about `batch` + 1 models. Integer buffers come from the last snapshot used.
+    `progress(done, total)` follows the snapshots combined, over all passes.
     """
     if coefficients.ndim != 2 or coefficients.shape[0] != len(snapshot_paths):
         raise ValueError(
@@ -106,11 +112,19 @@ def reconstruct(
         raise ValueError("every reconstructed output needs at least one nonzero coefficient")
     if batch < 1:
         raise DmstabError(f"reconstruction batch is {batch}; must be >= 1")
-    for start in range(0, coefficients.shape[1], batch):
-        yield from _combine(snapshot_paths, coefficients[:, start : start + batch])
+    blocks = [
+        coefficients[:, start : start + batch] for start in range(0, coefficients.shape[1], batch)
+    ]
+    total = sum(int(block.any(axis=1).sum()) for block in blocks)  # the snapshots each pass reads
+    combined = itertools.count(1)
+    report(progress, 0, total)
+    for block in blocks:
+        yield from _combine(snapshot_paths, block, lambda: report(progress, next(combined), total))
 
 
-def _combine(paths: Sequence[Path], columns: FloatArray) -> list[dict[str, torch.Tensor]]:
+def _combine(
+    paths: Sequence[Path], columns: FloatArray, combined: Callable[[], None]
+) -> list[dict[str, torch.Tensor]]:
     outputs: list[dict[str, torch.Tensor]] = []
     first: Path | None = None
     for path, row in zip(paths, columns, strict=True):
@@ -129,6 +143,7 @@ def _combine(paths: Sequence[Path], columns: FloatArray) -> list[dict[str, torch
                 else:
                     output[key].copy_(value)
         del weights  # free it before the next file is loaded: peak stays batch + 1 models
+        combined()
     return outputs
 
 

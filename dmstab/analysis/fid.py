@@ -9,16 +9,37 @@ as np.mean / np.cov, but float64 throughout.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 
 from dmstab.analysis.features import FeatureExtractor
 from dmstab.analysis.frechet import FeatureStats, frechet_distance
+from dmstab.analysis.progress import Progress, report
 from dmstab.errors import DmstabError
 
 DEFAULT_BATCH_SIZE = 250
 
+
+@dataclass(frozen=True)
+class CountedBatches:
+    """Image batches read lazily (files, a dataset), and how many images they hold in all."""
+
+    batches: Iterable[torch.Tensor]
+    count: int
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter(self.batches)
+
+
 ImageSource = torch.Tensor | Iterable[torch.Tensor]
+
+
+def image_count(images: ImageSource) -> int | None:
+    """How many images `images` holds, when known before reading them."""
+    if isinstance(images, torch.Tensor):
+        return images.shape[0]
+    return images.count if isinstance(images, CountedBatches) else None
 
 
 def _checked_images(images: torch.Tensor) -> torch.Tensor:
@@ -45,12 +66,19 @@ def compute_features(
     *,
     device: torch.device,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: Progress | None = None,
 ) -> torch.Tensor:
-    """(N, D) float64 features on `device`, in image order."""
-    features = [
-        extractor(batch.to(device, non_blocking=True)).to(torch.float64)
-        for batch in image_batches(images, batch_size)
-    ]
+    """(N, D) float64 features on `device`, in image order; `progress` follows the images when
+    their number is known beforehand (a tensor, `CountedBatches`)."""
+    total = image_count(images)
+    if total is None:
+        progress = None
+    report(progress, 0, total or 0)
+    features, done = [], 0
+    for batch in image_batches(images, batch_size):
+        features.append(extractor(batch.to(device, non_blocking=True)).to(torch.float64))
+        done += batch.shape[0]
+        report(progress, done, total or 0)
     if not features:
         raise DmstabError("FID got no images to score")
     return torch.cat(features)

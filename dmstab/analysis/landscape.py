@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from dmstab.analysis.hessian import Loss
+from dmstab.analysis.progress import Progress, report
 from dmstab.atomic import write_atomically
 from dmstab.diffusion.objectives import DDPMObjective, Draws, Objective
 from dmstab.errors import DmstabError
@@ -158,18 +159,22 @@ def interpolation_curve(
     state_b: Mapping[str, Tensor],
     alphas: npt.ArrayLike,
     loss_fns: Mapping[str, Loss],
+    progress: Progress | None = None,
 ) -> dict[str, np.ndarray]:
     """Every loss along θ(α) for each α (one load of θ(α) per α, then all losses): name →
-    float64 array over `alphas`. The model's own state is restored afterwards."""
+    float64 array over `alphas`. The model's own state is restored afterwards.
+    `progress(done, total)` runs after each α."""
     points = _axis(alphas, "alphas")
     _require_same_layout(model.state_dict(), state_a, "the model and the checkpoints")
     original = {name: value.detach().clone() for name, value in model.state_dict().items()}
     curves = {name: np.empty(len(points)) for name in loss_fns}
+    report(progress, 0, len(points))
     try:
         for index, alpha in enumerate(points):
             model.load_state_dict(interpolate(state_a, state_b, float(alpha)))
             for name, loss in loss_fns.items():
                 curves[name][index] = evaluate(loss, model)
+            report(progress, index + 1, len(points))
     finally:
         model.load_state_dict(original)
     return curves
@@ -244,21 +249,25 @@ def surface(
     directions: tuple[Direction, Direction],
     xs: npt.ArrayLike,
     ys: npt.ArrayLike,
+    progress: Progress | None = None,
 ) -> np.ndarray:
     """L(θ + x·d1 + y·d2) at every grid point: float64 values[i, j] at (xs[j], ys[i]) (the
     layout matplotlib's contour takes), one call of `loss_fn` per point. The trainable
-    parameters are restored bit for bit afterwards, also when `loss_fn` raises."""
+    parameters are restored bit for bit afterwards, also when `loss_fn` raises.
+    `progress(done, total)` runs after each grid point."""
     grid_x, grid_y = _axis(xs, "xs"), _axis(ys, "ys")
     params = trainable_parameters(model)
     for direction in directions:
         _require_same_layout(params, direction, "the model and the direction")
     origin = {name: p.detach().clone() for name, p in params.items()}
     values = np.empty((len(grid_y), len(grid_x)))
+    report(progress, 0, values.size)
     try:
         for i, y in enumerate(grid_y):
             for j, x in enumerate(grid_x):
                 _move(params, origin, directions, float(x), float(y))
                 values[i, j] = evaluate(loss_fn, model)
+                report(progress, i * len(grid_x) + j + 1, values.size)
     finally:
         _restore(params, origin)
     return values

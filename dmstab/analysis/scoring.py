@@ -22,8 +22,14 @@ from dmstab.analysis.features import (
     extractor_for,
     load_inception,
 )
-from dmstab.analysis.fid import ImageSource, compute_features, fid_from_stats
+from dmstab.analysis.fid import (
+    CountedBatches,
+    ImageSource,
+    compute_features,
+    fid_from_stats,
+)
 from dmstab.analysis.frechet import FeatureStats, inception_score, kid
+from dmstab.analysis.progress import Progress
 from dmstab.analysis.shape_classifier import ClassifierConfig, classifier_extractor, classifier_key
 from dmstab.config import FEATURE_NETWORKS, DataConfig, FeatureNetwork, Recipe, load_recipe
 from dmstab.data import build_dataset
@@ -51,9 +57,13 @@ class FeaturePipeline:
     key: str
     dataset: str | None = None
 
-    def features(self, images: ImageSource) -> torch.Tensor:
+    def features(self, images: ImageSource, progress: Progress | None = None) -> torch.Tensor:
         return compute_features(
-            images, self.extractor, device=self.device, batch_size=self.batch_size
+            images,
+            self.extractor,
+            device=self.device,
+            batch_size=self.batch_size,
+            progress=progress,
         )
 
     def inception_score(self, features: torch.Tensor) -> float:
@@ -112,11 +122,15 @@ def npz_images(path: Path) -> torch.Tensor:
     return nhwc_to_nchw(read_npz_images(path)[0])
 
 
-def folder_images(path: Path, batch_size: int) -> Iterator[torch.Tensor]:
+def folder_images(path: Path, batch_size: int) -> CountedBatches:
     """Every image file under `path` (recursively, sorted), at its own size, in batches."""
     files = image_files(path, recursive=True)
     if not files:
         raise DmstabError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {path}")
+    return CountedBatches(_read_batches(path, files, batch_size), len(files))
+
+
+def _read_batches(path: Path, files: list[Path], batch_size: int) -> Iterator[torch.Tensor]:
     for start in range(0, len(files), batch_size):
         arrays = [np.asarray(read_image(file)) for file in files[start : start + batch_size]]
         if len({a.shape for a in arrays}) > 1:
@@ -130,12 +144,16 @@ def _stats_file(path: Path) -> FeatureStats | None:
     return FeatureStats.load(path) if has_stats else None
 
 
-def dataset_images(data: DataConfig, batch_size: int) -> Iterator[torch.Tensor]:
+def dataset_images(data: DataConfig, batch_size: int) -> CountedBatches:
     """The dataset `data` describes, as uint8 (N, 3, H, W) batches in index order."""
     dataset = build_dataset(data)
-    for start in range(0, len(dataset), batch_size):
-        indices = torch.arange(start, min(start + batch_size, len(dataset)))
-        yield to_uint8(dataset.get_batch(indices)[0])
+
+    def batches() -> Iterator[torch.Tensor]:
+        for start in range(0, len(dataset), batch_size):
+            indices = torch.arange(start, min(start + batch_size, len(dataset)))
+            yield to_uint8(dataset.get_batch(indices)[0])
+
+    return CountedBatches(batches(), len(dataset))
 
 
 def stats_cache_file(data: DataConfig, key: str) -> Path:
@@ -148,7 +166,9 @@ def _from_features(features: torch.Tensor, keep: bool, cache: Path | None) -> Re
     return Reference(FeatureStats.from_features(features), features if keep else None, cache)
 
 
-def _dataset_reference(data: DataConfig, pipeline: FeaturePipeline, keep: bool) -> Reference:
+def _dataset_reference(
+    data: DataConfig, pipeline: FeaturePipeline, keep: bool, progress: Progress | None
+) -> Reference:
     """Statistics of a dataset, computed once and cached; its features only when `keep`."""
     if pipeline.dataset not in (None, data.name):
         raise DmstabError(
@@ -158,35 +178,41 @@ def _dataset_reference(data: DataConfig, pipeline: FeaturePipeline, keep: bool) 
     if cache.is_file() and not keep:
         return Reference(FeatureStats.load(cache), None, cache)
     reference = _from_features(
-        pipeline.features(dataset_images(data, pipeline.batch_size)), keep, cache
+        pipeline.features(dataset_images(data, pipeline.batch_size), progress), keep, cache
     )
     reference.stats.save(cache)
     return reference
 
 
 def load_reference(
-    reference: Path | DataConfig, pipeline: FeaturePipeline, *, with_features: bool = False
+    reference: Path | DataConfig,
+    pipeline: FeaturePipeline,
+    *,
+    with_features: bool = False,
+    progress: Progress | None = None,
 ) -> Reference:
     """Statistics of a stats file, images, a recipe's or a `DataConfig`'s dataset.
 
-    `with_features` keeps the reference features as well (KID compares feature sets).
+    `with_features` keeps the reference features as well (KID compares feature sets);
+    `progress(done, total)` follows the reference images through the network.
     """
     if isinstance(reference, DataConfig):
-        return _dataset_reference(reference, pipeline, with_features)
+        return _dataset_reference(reference, pipeline, with_features, progress)
     if not reference.exists():
         raise DmstabError(f"FID reference not found: {reference}")
     if reference.is_dir():
-        features = pipeline.features(folder_images(reference, pipeline.batch_size))
+        features = pipeline.features(folder_images(reference, pipeline.batch_size), progress)
         return _from_features(features, with_features, None)
     if reference.suffix == ".npz":
         stats = _stats_file(reference)
         if stats is None:
-            return _from_features(pipeline.features(npz_images(reference)), with_features, None)
+            features = pipeline.features(npz_images(reference), progress)
+            return _from_features(features, with_features, None)
         if with_features:
             raise DmstabError("KID needs reference images, not a statistics file")
         return Reference(stats, None, None)
     if reference.suffix in (".yaml", ".yml"):
-        return _dataset_reference(load_recipe(reference).data, pipeline, with_features)
+        return _dataset_reference(load_recipe(reference).data, pipeline, with_features, progress)
     raise DmstabError(f"FID reference {reference}: expected a folder, an .npz or a recipe .yaml")
 
 

@@ -5,6 +5,8 @@ stochastic Lanczos quadrature, whose mean is tr H / P and whose variance estimat
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -24,6 +26,7 @@ from dmstab.analysis.hessian import (
     spectral_density,
     top_eigenpairs,
 )
+from dmstab.analysis.progress import Progress, report
 from dmstab.config import AnalysisSection, Recipe
 from dmstab.errors import DmstabError
 
@@ -132,35 +135,73 @@ def hvp_method(setting: HvpMethod, model: nn.Module) -> Method:
     return "forward_over_reverse" if on_cuda else "double_backward"
 
 
-def spectrum(model: nn.Module, loss: Loss, config: HessianConfig) -> Spectrum:
+class CountedProducts:
+    """The Hessian operator, counting its products for `progress(done, total)`. The total is
+    the most products the three estimates may take (top-k Lanczos, Hutchinson, SLQ); an
+    estimate that stops early (converged, or an exhausted Krylov space) jumps to its end."""
+
+    def __init__(
+        self,
+        operator: Callable[[Tensor], Tensor],
+        size: int,
+        config: HessianConfig,
+        progress: Progress | None,
+    ) -> None:
+        self.operator, self.progress, self.done = operator, progress, 0
+        top_k = min(config.top_k, size) * min(config.max_iterations, size)
+        density = config.slq_runs * min(config.lanczos_steps, size)
+        self.ends = list(itertools.accumulate((top_k, config.trace_samples, density)))
+        report(progress, 0, self.ends[-1])
+
+    def __call__(self, vector: Tensor) -> Tensor:
+        product = self.operator(vector)
+        self.done += 1
+        report(self.progress, self.done, self.ends[-1])
+        return product
+
+    def finished(self, estimate: int) -> None:
+        """Estimate number `estimate` (0, 1, 2) is done: the count moves to its end."""
+        if self.done < self.ends[estimate]:
+            self.done = self.ends[estimate]
+            report(self.progress, self.done, self.ends[-1])
+
+
+def spectrum(
+    model: nn.Module, loss: Loss, config: HessianConfig, progress: Progress | None = None
+) -> Spectrum:
     """λ1..λk with their eigenvectors, Hutchinson trace and SLQ density of ∇²loss at the
     model's weights (the math attention kernel: CPU fused attention kernels have no
-    forward-over-reverse derivative)."""
-    operator = HessianOperator(model, loss, method=hvp_method(config.method, model))
+    forward-over-reverse derivative). `progress(done, total)` follows the Hessian-vector
+    products (`CountedProducts`)."""
+    hessian = HessianOperator(model, loss, method=hvp_method(config.method, model))
+    operator = CountedProducts(hessian, hessian.size, config, progress)
     generator = torch.Generator().manual_seed(config.seed)
     with sdpa_kernel(SDPBackend.MATH):
         top = top_eigenpairs(
             operator,
-            operator.size,
+            hessian.size,
             config.top_k,
             iterations=config.max_iterations,
             tol=config.tolerance,
             generator=generator,
         )
-        trace = hutchinson_trace(operator, operator.size, config.trace_samples, generator=generator)
+        operator.finished(0)
+        trace = hutchinson_trace(operator, hessian.size, config.trace_samples, generator=generator)
+        operator.finished(1)
         density = spectral_density(
             operator,
-            operator.size,
+            hessian.size,
             steps=config.lanczos_steps,
             runs=config.slq_runs,
             generator=generator,
         )
+        operator.finished(2)
     return Spectrum(
         top.values,
         top.vectors.to(torch.float32),
         trace,
         density,
         density.broadened(config.density_sigma_squared),
-        operator.size,
-        {name: tuple(shape) for name, shape in zip(operator.names, operator.shapes, strict=True)},
+        hessian.size,
+        {name: tuple(shape) for name, shape in zip(hessian.names, hessian.shapes, strict=True)},
     )

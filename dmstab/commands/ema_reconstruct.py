@@ -28,7 +28,7 @@ from dmstab.analysis.ema_reconstruct import reconstruct, solve_coefficients
 from dmstab.atomic import require_writable_directory
 from dmstab.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from dmstab.config import from_mapping
-from dmstab.console import console, result
+from dmstab.console import CountedProgress, console, result
 from dmstab.errors import DmstabError
 from dmstab.tracking import (
     TAG_OUTPUT,
@@ -151,7 +151,12 @@ def reconstruct_ema(
     results: list[Reconstructed] = []
     with tracked_run(tracker):
         tracker.log_text(plan.describe(), "coefficients.txt")
-        outputs = reconstruct([info.path for info in plan.snapshots], plan.coefficients, batch)
+        outputs = reconstruct(
+            [info.path for info in plan.snapshots],
+            plan.coefficients,
+            batch,
+            CountedProgress("ema-reconstruct snapshots"),
+        )
         for sigma_rel, error, weights in zip(
             plan.sigma_rels, plan.profile_errors, outputs, strict=True
         ):

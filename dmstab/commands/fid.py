@@ -20,6 +20,7 @@ import torch
 
 from dmstab.analysis.features import inception_weights_path
 from dmstab.analysis.fid import ImageSource
+from dmstab.analysis.progress import Progress
 from dmstab.analysis.scoring import (
     PAPER_NUM_IMAGES,
     FeaturePipeline,
@@ -36,7 +37,7 @@ from dmstab.analysis.scoring import (
 from dmstab.atomic import require_writable_directory
 from dmstab.checkpoint import load_checkpoint
 from dmstab.config import DataConfig, EvalConfig, FeatureNetwork, Recipe
-from dmstab.console import SampleProgress, console, result
+from dmstab.console import CountedProgress, SampleProgress, console, result
 from dmstab.data.images import IMAGE_SUFFIXES, image_files, read_npz_images
 from dmstab.devices import pick_device
 from dmstab.distributed import (
@@ -178,10 +179,11 @@ def _feature_reference(
     batch_size: int,
     reference: Path | DataConfig,
     with_kid: bool,
+    progress: Progress | None,
 ) -> tuple[FeaturePipeline, Reference]:
     """The feature network and the reference's statistics (computed and cached for a recipe)."""
     pipeline = network_pipeline(features, mode, weights, device, batch_size)
-    return pipeline, load_reference(reference, pipeline, with_features=with_kid)
+    return pipeline, load_reference(reference, pipeline, with_features=with_kid, progress=progress)
 
 
 def score(
@@ -199,8 +201,11 @@ def score(
     parent_run: str | None = None,
     device: torch.device | None = None,
     callback: Callable[[int, int], None] | None = None,
+    reference_progress: Progress | None = None,
+    features_progress: Progress | None = None,
 ) -> tuple[Score, Path | None] | None:
-    """FID of `images` (sampled first when a run or checkpoint) against `reference`.
+    """FID of `images` (sampled first when a run or checkpoint) against `reference`;
+    `callback` follows the sampling steps, the progresses the images through the network.
 
     Logged as a run of kind `fid`, a child of `parent_run` or of the sampled training run.
     Under `torchrun` the other ranks only help sample, and return None.
@@ -215,7 +220,14 @@ def score(
     )
     prepared = context.from_main(  # the other ranks wait here, and hear when it fails
         lambda: _feature_reference(
-            features, mode, inception_weights, device, batch_size, reference, with_kid
+            features,
+            mode,
+            inception_weights,
+            device,
+            batch_size,
+            reference,
+            with_kid,
+            reference_progress,
         )
     )
     source, params, sampled_run = _images_to_score(
@@ -224,7 +236,7 @@ def score(
     if prepared is None:  # a torchrun rank other than 0: it only helped sample
         return None
     pipeline, ref = prepared
-    generated = pipeline.features(source)
+    generated = pipeline.features(source, features_progress)
     names = [name for name, wanted in (("fid", True), ("kid", with_kid), ("is", with_is)) if wanted]
     metrics = image_metrics(generated, ref, pipeline, names)
     params |= {"reference": _describe(reference), "mode": mode, "features": features}
@@ -314,6 +326,8 @@ def main(
         experiment=experiment,
         parent_run=parent,
         callback=SampleProgress("sample"),
+        reference_progress=CountedProgress("reference features"),
+        features_progress=CountedProgress("features"),
     )
     if scored is None:  # a torchrun rank other than 0: rank 0 reports
         return None

@@ -25,7 +25,7 @@ from dmstab.atomic import write_atomically
 from dmstab.commands.study import AnalysisRun, analysis_losses, open_analysis
 from dmstab.commands.subjects import Subject, subjects_from_arguments
 from dmstab.config import ANALYSES
-from dmstab.console import console
+from dmstab.console import CountedProgress, console
 from dmstab.devices import pick_device
 from dmstab.errors import DmstabError
 from dmstab.plots import spectral_density_figure
@@ -101,7 +101,10 @@ def hessian(subject: Subject, device: torch.device) -> HessianResult:
     config = subject.recipe.analysis(HessianConfig)
     with open_analysis(subject, "hessian") as run:
         model, losses = analysis_losses(subject, device, config)
-        spectra = {name: spectrum(model, loss, config) for name, loss in losses.items()}
+        spectra = {
+            name: spectrum(model, loss, config, CountedProgress(f"hessian {name} products"))
+            for name, loss in losses.items()
+        }
         _log(run, spectra, subject, config)
     return HessianResult(run.run_id, spectra, run.directory)
 

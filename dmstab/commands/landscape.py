@@ -44,7 +44,7 @@ from dmstab.commands.study import (
 )
 from dmstab.commands.subjects import Subject, subjects_from_arguments
 from dmstab.config import ANALYSES
-from dmstab.console import console
+from dmstab.console import CountedProgress, console
 from dmstab.devices import pick_device
 from dmstab.errors import DmstabError
 from dmstab.plots import interpolation_figure, surface_figure
@@ -74,7 +74,10 @@ def loss_surface(subject: Subject, device: torch.device) -> LandscapeResult:
             random_direction(model, generator, norm=config.norm),
         )
         values = {
-            name: surface(model, loss, directions, axis, axis) for name, loss in losses.items()
+            name: surface(
+                model, loss, directions, axis, axis, CountedProgress(f"landscape {name} points")
+            )
+            for name, loss in losses.items()
         }
         metadata = {
             "checkpoint": str(subject.checkpoint),
@@ -99,7 +102,9 @@ def interpolation(start: Subject, end: Subject, device: torch.device) -> Landsca
     with open_analysis([start, end], "landscape") as run:
         model, losses = interpolation_losses(end, device, config)
         weights_a, weights_b = trained_weights(end), trained_weights(start)
-        curves = interpolation_curve(model, weights_a, weights_b, alphas, losses)
+        curves = interpolation_curve(
+            model, weights_a, weights_b, alphas, losses, CountedProgress("interpolation alphas")
+        )
         metadata = {
             "theta_b": str(start.checkpoint),
             "theta_a": str(end.checkpoint),

@@ -263,6 +263,7 @@ def run_sweep(
     on_sample: Callable[[int, int], None] | None = None,
     on_child: Callable[[int, int, str, Action], None] | None = None,
     on_run: Callable[[StartedRun], None] | None = None,
+    children_done: Callable[[int, int], None] | None = None,
 ) -> SweepResult:
     """Train every child under one parent run, one after the other.
 
@@ -271,7 +272,8 @@ def run_sweep(
     from its checkpoint. The parent ends FINISHED once every child has; a child's failure or
     Ctrl-C marks it FAILED or KILLED and propagates. `progress` makes one bar per child;
     `on_child(index, total, label, action)` is told before each child, `on_run` of each
-    child's run as soon as it exists.
+    child's run as soon as it exists, `children_done(done, total)` at the start and after
+    each child.
     """
     if launched_by_torchrun():
         raise DmstabError(
@@ -290,6 +292,8 @@ def run_sweep(
         tags = {TAG_KIND: "train", TAG_PARENT: parent_id}
         earlier = find_runs(tags, None, sweep.base.tracking.uri)
         tracker.log_metrics({"sweep/children_finished": 0}, 0)
+        if children_done is not None:
+            children_done(0, total)
         for index, child in enumerate(sweep.children, 1):
             previous = _previous_run(earlier, fingerprint(child.recipe))
             action = _action(previous)
@@ -299,6 +303,8 @@ def run_sweep(
             done.append(ChildRun(child.label, run_id, action))
             tracker.log_metrics({"sweep/children_finished": index}, index)
             tracker.flush()
+            if children_done is not None:
+                children_done(index, total)
     return SweepResult(parent_id, tuple(done))
 
 

@@ -11,6 +11,7 @@ from dmstab.commands.sweep import Sweep, load_sweep, run_sweep
 from dmstab.config import load_recipe, to_yaml
 from dmstab.config.describe import run_name
 from dmstab.console import (
+    CountedProgress,
     SampleProgress,
     TrainProgress,
     announce_child,
@@ -118,6 +119,7 @@ def _train_sweep(sweep: Sweep, *, dry_run: bool, resume: str | None) -> dict[str
         on_sample=SampleProgress("sample"),
         on_child=announce_child,
         on_run=announce_run,
+        children_done=CountedProgress("sweep children", bar=False),
     )
     console.print(
         f"[green]done[/] sweep {outcome.run_id}: {len(outcome.children)} children, "

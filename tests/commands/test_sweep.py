@@ -19,7 +19,7 @@ from dmstab.commands.sweep import load_sweep, run_sweep
 from dmstab.config import load_recipe
 from dmstab.errors import DmstabError
 from dmstab.tracking import TAG_KIND, TAG_PARENT, TAG_SWEEP_FINGERPRINT
-from tests.helpers import RECIPES, TINY, store
+from tests.helpers import RECIPES, TINY, progress_counts, store
 
 POINTS = """
 sweep:
@@ -144,10 +144,12 @@ def test_other_commands_refuse_a_sweep_file_and_dry_run_lists_the_children() -> 
 
 def test_cli_trains_every_child_under_one_parent(one_thread: None) -> None:
     path = _write("sweep:\n  grid:\n    train.seed: [0, 1]\n")
-    result = CliRunner().invoke(app, ["train", str(path), *TINY, "train.steps=2"])
+    every_child = ["--progress-every", "0"]
+    result = CliRunner().invoke(app, ["train", str(path), *TINY, "train.steps=2", *every_child])
     assert result.exit_code == 0, result.output
     assert "child 1/2 train.seed=0 (new)" in result.output
     assert "child 2/2 train.seed=1 (new)" in result.output
+    assert progress_counts(result.output, "sweep children") == [(1, 2), (2, 2)]
     parent_id = result.output.split("done sweep ")[1].split(":")[0]
     assert store().get_run(parent_id).info.status == "FINISHED"
     children = _children(parent_id)

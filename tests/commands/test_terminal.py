@@ -4,6 +4,7 @@ runner, as a pipe or a log file) a plain progress line every `--progress-every` 
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import subprocess
@@ -12,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import QUICKSTART, TINY, CachedRun, Runner, store
+from tests.helpers import QUICKSTART, TINY, CachedRun, Runner, progress_counts, store
 
 HESSIAN = [
     "hessian.batch_size=4",
@@ -98,19 +99,28 @@ def test_json_of_ema_reconstruct(tiny_edm: CachedRun, dmstab: Runner) -> None:
 @pytest.mark.slow
 def test_json_of_the_analyses(tiny_dm: CachedRun, dmstab: Runner) -> None:
     checkpoint = str(tiny_dm.checkpoint)
-    hessian = one_json_object(dmstab("hessian", checkpoint, *HESSIAN, "--json"))
+    every_item = ("--progress-every", "0")  # a plain line per counted item, the last at the end
+    hessian_call = dmstab("hessian", checkpoint, *HESSIAN, "--json", *every_item)
+    hessian = one_json_object(hessian_call)
     assert store().get_run(hessian["run_id"]).data.tags["dmstab.kind"] == "hessian"
     assert len(hessian["spectra"]["t=5"]["top"]) == 2
-    landscape = one_json_object(
-        dmstab(
-            "landscape",
-            checkpoint,
-            "landscape.points=3",
-            "landscape.batch_size=4",
-            "landscape.timesteps=[5]",
-            "--json",
-        )
+    products = progress_counts(hessian_call.stderr, "hessian t=5 products")
+    budget = 2 * 10 + 2 + 1 * 4  # at most: top-k Lanczos, Hutchinson, SLQ
+    assert products[0] == (1, budget) and products[-1] == (budget, budget), hessian_call.stderr
+    assert all(a[0] < b[0] for a, b in itertools.pairwise(products))
+    landscape_call = dmstab(
+        "landscape",
+        checkpoint,
+        "landscape.points=3",
+        "landscape.batch_size=4",
+        "landscape.timesteps=[5]",
+        "--json",
+        *every_item,
     )
+    landscape = one_json_object(landscape_call)
+    for loss in ("t=5", "mean"):  # a surface for each loss, 3 × 3 points
+        points = progress_counts(landscape_call.stderr, f"landscape {loss} points")
+        assert points == [(n, 9) for n in range(1, 10)], landscape_call.stderr
     assert store().get_run(landscape["run_id"]).data.tags["dmstab.kind"] == "landscape"
     assert Path(landscape["arrays"]).is_file() and landscape["kind"] == "surface"
     sampling = ["consistency.num_images=3", "sample.steps=4", "sample.batch_size=3"]
