@@ -10,11 +10,16 @@ import typer
 
 from dmstab import __version__, cli_scoring
 from dmstab.cli_errors import OneLineUsageErrors, user_errors
-from dmstab.cli_options import Analyzed, Overrides, examples, reports
+from dmstab.cli_options import Analyzed, App, Overrides, UntypedFlags, examples, reports
 
-app = typer.Typer(
+
+class Group(UntypedFlags, OneLineUsageErrors):
+    """`dmstab`: one-line usage errors, and no `<bool>` beside its flags in the help."""
+
+
+app = App(
     name="dmstab",
-    cls=OneLineUsageErrors,
+    cls=Group,
     help=(
         "Study and speed up diffusion-model training; every number goes to MLflow.\n\n"
         "Examples:\n\n"
@@ -107,7 +112,7 @@ def sample(
         Path | None, typer.Option(help="Output directory (default samples/RUN_ID).")
     ] = None,
 ) -> Mapping[str, Any] | None:
-    """Sample images (DDPM or DDIM, fixed seeds) and write an .npz and a PNG grid."""
+    """Sample images (DDPM, DDIM or Heun, fixed seeds) and write an .npz and a PNG grid."""
     from dmstab.commands.sample import main
 
     return main(source, overrides or [], experiment=experiment, out=out)
@@ -287,6 +292,59 @@ def sync(
     from dmstab.commands.sync import main
 
     main(spool, uri)
+
+
+@app.command(
+    epilog=examples(
+        "dmstab recipes",
+        "dmstab recipes --json | jq -r '.recipes[] | select(.reproduces != \"\") | .name'",
+    )
+)
+@reports
+@user_errors
+def recipes(
+    folder: Annotated[
+        Path | None,
+        typer.Argument(
+            help="A folder of recipes (default: the bundled recipes/).", show_default=False
+        ),
+    ] = None,
+) -> Mapping[str, Any] | None:
+    """The bundled recipes: what each is for and the paper table or figure it reproduces."""
+    from dmstab.commands.recipes import BUNDLED, main
+
+    return main(folder or BUNDLED)
+
+
+@app.command(
+    epilog=examples(
+        "dmstab runs                                  # the 20 latest runs in ./mlflow.db",
+        "dmstab runs --experiment tests --kind train --limit 5",
+        "MLFLOW_TRACKING_URI=http://mlflow.lab:5000 dmstab runs --json",
+    )
+)
+@reports
+@user_errors
+def runs(
+    experiment: Annotated[
+        str | None,
+        typer.Option(help="Only this MLflow experiment's runs.", show_default=False),
+    ] = None,
+    kind: Annotated[
+        str | None,
+        typer.Option(
+            help="Only runs of this kind: train, sweep, sample, fid, fid-sweep, "
+            "ema-reconstruct, report, imported, or an analysis (consistency, ...).",
+            show_default=False,
+        ),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="How many runs, newest first.")] = 20,
+) -> Mapping[str, Any] | None:
+    """Recent runs of the MLflow store (./mlflow.db or $MLFLOW_TRACKING_URI): kind, status,
+    last step, final loss and FID."""
+    from dmstab.commands.runs import main
+
+    return main(experiment=experiment, kind=kind, limit=limit)
 
 
 def _analysis_verb(name: str, summary: str, *lines: str) -> None:

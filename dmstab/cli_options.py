@@ -1,5 +1,6 @@
 """What the `dmstab` commands share on the command line: argument types, the examples epilog,
-and the output options (`--json`, `--quiet`, `--progress-every`) with their plumbing."""
+the output options (`--json`, `--quiet`, `--progress-every`) with their plumbing, and the help's
+usage line and option types as click writes them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
+from typer.models import CommandFunctionType
 
 Overrides = Annotated[
     list[str] | None,
@@ -115,3 +118,40 @@ def reports(
         **{p.name: p.annotation for p in _OUTPUT_OPTIONS},
     }
     return wrapper
+
+
+class UntypedFlags:
+    """A command (or the group) whose help shows no `<bool>` beside a flag: a flag takes no
+    value, so there is no type to show (typer 0.2x labels every option with its type)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params: list[Any] = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""  # typer's help shows an option's metavar in place of its type
+        return params
+
+
+class PlainHelpCommand(UntypedFlags, TyperCommand):
+    """A command whose usage line names its arguments as click does, `RECIPE
+    [OVERRIDES]...`, rather than typer's `{recipe} [overrides]...`."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name != "argument":
+                continue
+            name = (param.metavar or param.name).upper()
+            name = name if param.required else f"[{name}]"
+            pieces.append(name + ("..." if param.nargs != 1 else ""))
+        return pieces
+
+
+class App(typer.Typer):
+    """`typer.Typer` whose commands are `PlainHelpCommand`s unless they ask for another class."""
+
+    def command(
+        self, *args: Any, **kwargs: Any
+    ) -> Callable[[CommandFunctionType], CommandFunctionType]:
+        kwargs.setdefault("cls", PlainHelpCommand)
+        return super().command(*args, **kwargs)

@@ -147,9 +147,10 @@ def rich_table(table: TextTable) -> Table:
     return rendered
 
 
-def result_table(table: TextTable) -> None:
+def result_table(table: TextTable | Table) -> None:
     """A table of results on stdout (on stderr with `--json`)."""
-    (console if settings.json else Console(soft_wrap=True)).print(rich_table(table))
+    rendered = rich_table(table) if isinstance(table, TextTable) else table
+    (console if settings.json else Console(soft_wrap=True)).print(rendered)
 
 
 def error(message: str) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import dmstab.commands  # noqa: F401  (registers the built-in networks, samplers and analyses)
+from dmstab.commands.recipes import BUNDLED, bundled_recipes
 from dmstab.config import (
     ANALYSES,
     MODELS,
@@ -34,13 +35,11 @@ from dmstab.config import (
     TARGETS,
     TIMESTEP_SAMPLERS,
     Recipe,
-    load_tree,
 )
 from dmstab.config.registry import Component, Registry
 from dmstab.config.schema import ModelConfig
 
 PAGE = "recipe-reference.md"  # the generated page, relative to docs/
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
 @dataclass(frozen=True)
@@ -272,26 +271,25 @@ def render() -> str:
     return "\n".join(lines) + "\n"
 
 
-def paper_table(recipes: Path = RECIPES) -> str:
+def paper_table(recipes: Path = BUNDLED) -> str:
     """A markdown table of the bundled recipes that carry a `paper:` block: what each
     reproduces, the published values `dmstab report` compares against, and the data it reads
-    (its `base:` chain merged; sweeps included)."""
+    (`dmstab recipes`' listing: its `base:` chain merged; sweeps included)."""
     lines = [
         "| recipe | paper | table / figure | metric | published | data |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    for path in sorted(recipes.glob("*.yaml")):
-        tree = load_tree(path)
-        paper, data = tree.get("paper") or {}, tree.get("data") or {}
-        if not paper.get("table"):
+    for entry in bundled_recipes(recipes):
+        paper, data = entry.paper, entry.data
+        if not entry.reproduces:
             continue
         values = ", ".join(f"{k}: {v}" for k, v in (paper.get("values") or {}).items())
         where = data.get("name", "synthetic") + (f" `{data['root']}`" if data.get("root") else "")
-        sweep = " (sweep)" if "sweep" in tree else ""
+        sweep = " (sweep)" if entry.sweep else ""
         cells = [
-            f"`{path.name}`{sweep}",
+            f"`{entry.path.name}`{sweep}",
             paper.get("source", ""),
-            paper["table"],
+            entry.reproduces,
             f"`{paper['metric']}`" if paper.get("metric") else "",
             values,
             where,

@@ -11,6 +11,7 @@ from dmstab.tracking.client import (
     run_page,
 )
 from dmstab.tracking.runs import (
+    ListedRun,
     RunRecord,
     find_finished_run,
     find_resumable_run,
@@ -18,6 +19,7 @@ from dmstab.tracking.runs import (
     latest_checkpoint_run,
     latest_run,
     metric_history,
+    recent_runs,
     run_directory,
     run_info,
     run_record,
@@ -47,6 +49,7 @@ __all__ = [
     "TAG_RUN_DIR",
     "TAG_SIGMA_RELS",
     "TAG_SWEEP_FINGERPRINT",
+    "ListedRun",
     "MlflowTracker",
     "NullTracker",
     "RunRecord",
@@ -60,6 +63,7 @@ __all__ = [
     "latest_checkpoint_run",
     "latest_run",
     "metric_history",
+    "recent_runs",
     "resolve_uri",
     "run_directory",
     "run_info",

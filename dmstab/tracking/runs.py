@@ -1,10 +1,12 @@
-"""Finding runs: the resumable or finished run of a recipe, the latest run of a kind, a run's
-record, metric history and run directory."""
+"""Finding runs: the resumable or finished run of a recipe, the latest run of a kind, the
+latest runs of the store (`dmstab runs`), a run's record, metric history and run directory."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -198,3 +200,64 @@ def latest_checkpoint_run(experiment: str | None, uri: str | None = None) -> Run
     ):
         trained = rebuilt
     return _record(trained) if trained is not None else None
+
+
+@dataclass(frozen=True)
+class ListedRun:
+    """A run as `dmstab runs` lists it: its record, experiment, start and last training step."""
+
+    record: RunRecord
+    experiment: str
+    started: datetime | None  # UTC
+    last_step: int | None  # the highest step of its `loss` metric; None when it logged none
+
+
+_KIND = re.compile(r"[\w.-]+")
+
+
+def recent_runs(
+    experiment: str | None = None,
+    kind: str | None = None,
+    limit: int = 20,
+    uri: str | None = None,
+    step_metric: str = "loss",
+) -> list[ListedRun]:
+    """The `limit` latest runs of the store (of `kind` and in `experiment` when given), newest
+    first. A store, an experiment or a kind that is not there is a one-line error."""
+    resolved = resolve_uri(uri)
+    client = _existing_store(uri)
+    if client is None:
+        raise DmstabError(f"no MLflow store at {resolved}")
+    names = {str(e.experiment_id): str(e.name) for e in client.search_experiments()}
+    ids = _experiment_ids(client, experiment)
+    if experiment is not None and not ids:
+        raise DmstabError(
+            f"no MLflow experiment '{experiment}' in {resolved}; its experiments: "
+            + (", ".join(sorted(names.values())) or "none")
+        )
+    if kind is not None and not _KIND.fullmatch(kind):
+        raise DmstabError(f"run kind '{kind}' is not a word like train, sample or fid")
+    condition = f"tags.`{TAG_KIND}` = '{kind}'" if kind else ""
+    order = ["attributes.start_time DESC"]
+    runs = client.search_runs(ids, filter_string=condition, order_by=order, max_results=limit)
+    if kind is not None and not runs:
+        every = client.search_runs(ids, max_results=1000)
+        kinds = {r.data.tags[TAG_KIND] for r in every if TAG_KIND in r.data.tags}
+        raise DmstabError(
+            f"no run of kind '{kind}' in {resolved}"
+            + (f" ({experiment})" if experiment else "")
+            + f"; the kinds there: {', '.join(sorted(kinds)) or 'none'}"
+        )
+    listed = []
+    for run in runs:
+        history = client.get_metric_history(run.info.run_id, step_metric)
+        started = run.info.start_time
+        listed.append(
+            ListedRun(
+                record=_record(run),
+                experiment=names.get(str(run.info.experiment_id), str(run.info.experiment_id)),
+                started=datetime.fromtimestamp(started / 1000, UTC) if started else None,
+                last_step=max((m.step for m in history), default=None),
+            )
+        )
+    return listed

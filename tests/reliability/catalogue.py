@@ -802,6 +802,24 @@ IMPORT = [
     ),
 ]
 
+LISTING = [
+    Mistake("runs with no store", ("runs",), "no MLflow store at sqlite:///"),
+    Mistake("runs of no runs", ("runs", "--limit", "0"), "--limit"),
+    Mistake(
+        "runs of a kind that was never logged",
+        ("runs", "--kind", "trian"),
+        "no run of kind 'trian' in sqlite:///",
+        trained="dm",
+    ),
+    Mistake(
+        "runs of an experiment that does not exist",
+        ("runs", "--experiment", "nosuch"),
+        "no MLflow experiment 'nosuch'",
+        trained="dm",
+    ),
+    Mistake("recipes of a folder that does not exist", ("recipes", "nosuch"), "nosuch"),
+]
+
 CATALOGUE = [
     *USAGE,
     *RECIPE_FILES,
@@ -814,4 +832,5 @@ CATALOGUE = [
     *REPORT_AND_SYNC,
     *ANALYSES,
     *IMPORT,
+    *LISTING,
 ]
