@@ -58,13 +58,13 @@ def main(*, experiment: str | None, kind: str | None, limit: int) -> dict[str, A
     eval_keys = sorted({key for run in runs for key in _eval_metrics(run)})
     where = f"{experiment} in {uri}" if experiment else uri
     table = Table(title=f"{len(runs)} latest runs in {where}")
-    table.add_column("name")
+    table.add_column("name", overflow="fold", min_width=20)  # whole: names hold overrides
     table.add_column("run id", no_wrap=True)  # whole, to paste into other commands
     for column in ("kind", "status"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=True)
     for column in ("step", LOSS, *eval_keys):
         table.add_column(column, justify="right")
-    table.add_column("started (UTC)")
+    table.add_column("started (UTC)", no_wrap=True)
     for run in runs:
         table.add_row(*_row(run, eval_keys))
     result_table(table)

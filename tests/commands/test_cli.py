@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import typer
 
+from dmstab.cli import app
 from tests.helpers import RECIPES, TINY, Runner, store
 
 
@@ -157,3 +159,20 @@ def test_the_browse_hint_points_at_the_store_the_run_went_to(tmp_path: Path) -> 
     assert _browse_hint(None).startswith("mlflow ui   (")
     other = _browse_hint(f"sqlite:///{tmp_path}/other.db")
     assert other.startswith(f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/other.db")
+
+
+def test_help_names_arguments_as_click_does_and_gives_flags_no_type(
+    dmstab: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Usage lines read `RECIPE [OVERRIDES]...` (typer's own: `{recipe} [overrides]...`), and a
+    flag, which takes no value, has no `<bool>` beside it; in every command's help."""
+    monkeypatch.setenv("COLUMNS", "100")
+    commands = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    for arguments in [[], *([command] for command in commands)]:
+        result = dmstab(*arguments, "--help")
+        assert result.returncode == 0, result.stderr
+        (usage,) = [line for line in result.stdout.splitlines() if "Usage:" in line]
+        assert "<bool>" not in result.stdout and "{" not in usage, usage
+    usage = dmstab("train", "--help").stdout
+    assert "train [OPTIONS] RECIPE [OVERRIDES]..." in usage
+    assert "--dry-run " in usage and "Heun" in dmstab("sample", "--help").stdout
