@@ -297,9 +297,9 @@ def main(
     `eval:` block says where an option is not given: reference (the training set when
     `eval.reference` is null), feature network, mode, weights and number of images.
     """
+    which = None  # said once the inputs are accepted: a refusal stays one line
     if images is None:
         checkpoint, which = latest_checkpoint(None, None)
-        console.print(f"scoring {which}: {checkpoint}")
         images = str(checkpoint)
     recipe = _model_recipe(images) if None in (ref, mode, features, num_images) else None
     if recipe is None and ref is None:
@@ -332,6 +332,8 @@ def main(
     if scored is None:  # a torchrun rank other than 0: rank 0 reports
         return None
     outcome, cache = scored
+    if which is not None:
+        console.print(f"scored {which}: {images}", highlight=False)
     if cache is not None:
         console.print(f"  reference statistics cached at {cache}")
     kid_text = f"  KID {outcome.kid:.5f}" if outcome.kid is not None else ""

@@ -111,15 +111,17 @@ def main(
     the .npz of the images (what `dmstab fid` scores); returned: the summary `--json` prints."""
     if source is not None and "=" in source:
         overrides, source = [source, *overrides], None
+    which = None  # said once the inputs are accepted: a refusal stays one line
     if source is None:
         checkpoint, which = latest_checkpoint(experiment, None)
-        console.print(f"sampling {which}: {checkpoint}")
         source = str(checkpoint)
     made = sample(
         source, overrides, experiment=experiment, out_dir=out, callback=SampleProgress("sample")
     )
     if made is None:  # a torchrun rank other than 0: rank 0 reports
         return None
+    if which is not None:
+        console.print(f"sampled {which}: {source}", highlight=False)
     console.print(f"[green]done[/] {made.count} images, run {made.run_id}")
     console.print(f"  images  {made.npz}")
     console.print(f"  grid    {made.grid}")

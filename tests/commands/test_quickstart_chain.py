@@ -44,13 +44,13 @@ def test_quickstart_train_reconstruct_sample_fid_with_no_arguments(
     sampled = dmstab("sample")
     assert sampled.returncode == 0, sampled.stderr
     said = " ".join(sampled.stderr.split())  # rich wraps long lines
-    assert f"sampling the latest run {rebuilt} (ema-reconstruct, σrel 0.13)" in said
+    assert f"sampled the latest run {rebuilt} (ema-reconstruct, σrel 0.13)" in said
     sample_run = _run_of_kind("sample")
     assert sample_run.data.tags["dmstab.checkpoint"] == str(checkpoint.resolve())  # type: ignore[attr-defined]
 
     scored = dmstab("fid")
     assert scored.returncode == 0, scored.stderr
-    assert f"scoring the latest run {rebuilt}" in " ".join(scored.stderr.split())
+    assert f"scored the latest run {rebuilt}" in " ".join(scored.stderr.split())
     assert scored.stdout.startswith("FID ") and "(6 images," in scored.stdout
     fid_run = _run_of_kind("fid")
     params = fid_run.data.params  # type: ignore[attr-defined]
