@@ -30,6 +30,7 @@ from dmstab.tracking import (
     resolve_uri,
     run_record,
 )
+from dmstab.train.metric_names import MEASURED_NAMES, tracked_name
 
 Points = list[tuple[int, float]]  # (iteration, value), by iteration
 _ITERATION = re.compile(r"^(\d+(?:\.\d+)?)([kKmM]?)$")
@@ -70,8 +71,11 @@ def format_iteration(iteration: int) -> str:
 
 
 def metric_key(metric: str) -> str:
-    """The MLflow key of a metric: `eval:` logs fid, kid and is as eval/<name>."""
-    return f"eval/{metric}" if metric in get_args(EvalMetric) else metric
+    """The MLflow key of a metric: `eval:` logs fid, kid and is as eval/<name>, training logs
+    loss, mse, grad_norm, … as train/<name> and images_per_s as system/images_per_s."""
+    if metric in get_args(EvalMetric):
+        return f"eval/{metric}"
+    return tracked_name(metric) if metric in MEASURED_NAMES else metric
 
 
 def higher_is_better(key: str) -> bool:

@@ -10,6 +10,7 @@ from dmstab.tracking.client import (
     resolve_uri,
     run_page,
 )
+from dmstab.tracking.figures import log_figure_at_step, save_figure
 from dmstab.tracking.runs import (
     ListedRun,
     RunRecord,
@@ -26,6 +27,7 @@ from dmstab.tracking.runs import (
 )
 from dmstab.tracking.sync import sync
 from dmstab.tracking.tags import (
+    TAG_CHECKPOINT,
     TAG_FINGERPRINT,
     TAG_KIND,
     TAG_OUTPUT,
@@ -36,10 +38,11 @@ from dmstab.tracking.tags import (
     TAG_SIGMA_RELS,
     TAG_SWEEP_FINGERPRINT,
 )
-from dmstab.tracking.tracker import MlflowTracker, NullTracker, Tracker, save_figure, tracked_run
+from dmstab.tracking.tracker import MlflowTracker, NullTracker, Tracker, tracked_run
 
 __all__ = [
     "DEFAULT_TRACKING_URI",
+    "TAG_CHECKPOINT",
     "TAG_FINGERPRINT",
     "TAG_KIND",
     "TAG_OUTPUT",
@@ -62,6 +65,7 @@ __all__ = [
     "is_remote",
     "latest_checkpoint_run",
     "latest_run",
+    "log_figure_at_step",
     "metric_history",
     "recent_runs",
     "resolve_uri",

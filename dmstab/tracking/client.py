@@ -197,6 +197,19 @@ def log_metric_rows(
         server_steps[str(key)] = max(server_steps.get(str(key), -1), int(step))
 
 
+def log_stepped_image(
+    client: Any, run_id: str, path: Path, key: str, step: int, timestamp: int
+) -> None:
+    """The PNG at `path` as MLflow's image `key` at training step `step` (its image chart and
+    step slider in `mlflow ui`; stored under the run's `images/` artifacts)."""
+    from PIL import Image
+
+    uploads = client.uploads() if isinstance(client, FailFastClient) else client
+    with Image.open(path) as image:
+        image.load()
+        uploads.log_image(run_id, image, key=key, step=step, timestamp=timestamp, synchronous=True)
+
+
 def log_tags(client: Any, run_id: str, tags: Mapping[str, str]) -> None:
     from mlflow.entities import RunTag
 

@@ -1,10 +1,10 @@
 """A durable local spool of tracking records, kept while the MLflow server cannot be reached.
 
 One directory per run holds `meta.json` (the tracking URI and the run's ids), `records.jsonl`
-(one JSON record a line, appended in order and fsync'd), `files/` (copies of the artifacts logged
-while spooling) and `sent` (how many records the server already has). A line torn by a kill -9
-in mid-append is ignored on reading and cut off before the next append. Pure file IO: replaying
-the records to a server is `dmstab.tracking`'s job.
+(one JSON record a line, appended in order and fsync'd), `files/` (copies of the artifacts and
+stepped images logged while spooling) and `sent` (how many records the server already has). A
+line torn by a kill -9 in mid-append is ignored on reading and cut off before the next append.
+Pure file IO: replaying the records to a server is `dmstab.tracking`'s job.
 """
 
 from __future__ import annotations
@@ -77,15 +77,22 @@ class Spool:
 
     def add_file(self, source: Path, artifact_path: str | None) -> None:
         """Copy `source` into the spool (fsync'd), then record it as an artifact."""
+        file = self._copy(source)
+        self.append({"type": "artifact", "file": file, "artifact_path": artifact_path})
+
+    def add_image(self, source: Path, key: str, step: int, timestamp: int) -> None:
+        """Copy the image `source` into the spool, then record it as MLflow's image `key` at
+        `step` (replayed with `log_image`, so it keeps its step)."""
+        file = self._copy(source)
+        self.append(
+            {"type": "image", "file": file, "key": key, "step": step, "timestamp": timestamp}
+        )
+
+    def _copy(self, source: Path) -> str:
+        """A copy of `source` in the spool (fsync'd), for the next record: its relative path."""
         target = self.directory / _FILES / f"{self._count():06d}" / source.name
         write_atomically(target, lambda handle: _copy_into(source, handle))
-        self.append(
-            {
-                "type": "artifact",
-                "file": str(target.relative_to(self.directory)),
-                "artifact_path": artifact_path,
-            }
-        )
+        return str(target.relative_to(self.directory))
 
     def add_text(self, text: str, artifact_file: str) -> None:
         """A text artifact (`log_text`), spooled as a file under its directory."""
@@ -101,7 +108,7 @@ class Spool:
         )
 
     def file(self, record: Record) -> Path:
-        """The spooled copy an `artifact` record refers to."""
+        """The spooled copy an `artifact` or `image` record refers to."""
         return self.directory / str(record["file"])
 
     def records(self) -> list[Record]:

@@ -15,6 +15,7 @@ from dmstab.tracking.client import (
     last_logged_steps,
     log_metric_rows,
     log_params,
+    log_stepped_image,
     log_tags,
     open_client,
     resolve_uri,
@@ -71,6 +72,15 @@ def replay(client: Any, spool: Spool, server_steps: dict[str, int]) -> str:
         elif kind == "artifact":
             uploads = client.uploads() if isinstance(client, FailFastClient) else client
             uploads.log_artifact(server_id, str(spool.file(record)), record["artifact_path"])
+        elif kind == "image":
+            log_stepped_image(
+                client,
+                server_id,
+                spool.file(record),
+                str(record["key"]),
+                int(record["step"]),
+                int(record["timestamp"]),
+            )
         elif kind == "terminate":
             client.set_terminated(server_id, status=record["status"], end_time=record["end_time"])
         else:

@@ -22,6 +22,10 @@ TAG_KIND = "dmstab.kind"
 TAG_RUN_DIR = "dmstab.run_dir"
 
 
+# A training run's RUN_DIR/checkpoint.pt: kept there only (what --resume and every command read)
+TAG_CHECKPOINT = "dmstab.checkpoint"
+
+
 TAG_PARENT = "mlflow.parentRunId"
 
 

@@ -16,11 +16,11 @@ import platform
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,6 +37,7 @@ from dmstab.tracking.client import (
     last_logged_steps,
     log_metric_rows,
     log_params,
+    log_stepped_image,
     log_tags,
     open_client,
     resolve_uri,
@@ -72,6 +73,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
+    def log_image(self, path: Path, key: str, step: int) -> None: ...
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
     def flush(self) -> None: ...
     def finish(self, status: RunStatus) -> None: ...
@@ -89,6 +91,9 @@ class NullTracker:
         pass
 
     def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_image(self, path: Path, key: str, step: int) -> None:
         pass
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
@@ -404,6 +409,14 @@ class MlflowTracker:
             self._spool.add_text(text, artifact_file)
             self._retry()
 
+    def log_image(self, path: Path, key: str, step: int) -> None:
+        """The PNG at `path` as MLflow's image `key` at `step` (the UI's step slider)."""
+        now = int(time.time() * 1000)
+        send = partial(log_stepped_image, self._client, str(self.run_id), path, key, step, now)
+        if not self._server(send):
+            self._spool.add_image(path, key, step, now)
+            self._retry()
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         if not self._server(lambda: log_tags(self._client, str(self.run_id), tags)):
             self._spool.append({"type": "tags", "tags": dict(tags)})
@@ -461,15 +474,3 @@ def tracked_run(tracker: Tracker) -> Iterator[Tracker]:
             raise KeyboardInterrupt from None
         raise
     tracker.finish("FINISHED")
-
-
-def save_figure(tracker: Tracker, figure: Any, artifact_file: str) -> None:
-    """Log a matplotlib figure as a PNG artifact (kept under its directory), then close it."""
-    from matplotlib import pyplot as plt
-
-    directory, _, filename = artifact_file.rpartition("/")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / filename
-        figure.savefig(path, dpi=110, bbox_inches="tight")
-        tracker.log_artifact(path, directory or None)
-    plt.close(figure)

@@ -58,6 +58,7 @@ from dmstab.errors import DmstabError
 from dmstab.models.generate import generate_for_recipe, write_samples
 from dmstab.plots import timestep_histogram
 from dmstab.tracking import (
+    TAG_CHECKPOINT,
     TAG_FINGERPRINT,
     TAG_RUN_DIR,
     MlflowTracker,
@@ -65,6 +66,7 @@ from dmstab.tracking import (
     Tracker,
     check_store_writable,
     find_resumable_run,
+    log_figure_at_step,
     resolve_uri,
     run_info,
     save_figure,
@@ -74,9 +76,13 @@ from dmstab.train.common import LoopTrainer
 from dmstab.train.evaluate import Evaluator, build_evaluator
 from dmstab.train.loss_guard import TrainingDiverged
 from dmstab.train.magnitudes import MAGNITUDES_ARTIFACT, MagnitudeMonitor
+from dmstab.train.metric_names import MetricNames
 from dmstab.train.trainer import Trainer
 
 SNAPSHOT_DIR = "snapshots"
+# MLflow's stepped images (`mlflow ui`: an image chart with a step slider)
+SAMPLES_KEY = "samples"  # the sample grid every `train.sample_every` steps and at the end
+TIMESTEP_HISTOGRAM_KEY = "timesteps/histogram"  # every `timesteps.histogram_every` steps
 
 
 class Progress(Protocol):
@@ -144,7 +150,7 @@ def _log_timestep_histogram(objective: DDPMObjective, step: int, tracker: Tracke
     title = f"timesteps ({objective.sampler_name})"
     probabilities = objective.timesteps.probabilities(step)
     figure = timestep_histogram(objective.timestep_counts, probabilities, step, title)
-    save_figure(tracker, figure, f"timesteps/step_{step:08d}.png")
+    log_figure_at_step(tracker, figure, TIMESTEP_HISTOGRAM_KEY, step)
     objective.timestep_counts.zero_()
 
 
@@ -169,7 +175,7 @@ def _sample_and_log(
     if not trainer.context.is_main:
         return run_dir / "samples" / f"{stem}.png"
     npz, grid = write_samples(images, run_dir / "samples", stem)
-    tracker.log_artifact(grid, "samples")
+    tracker.log_image(grid, SAMPLES_KEY, trainer.step)
     tracker.log_artifact(npz, "samples")
     return grid
 
@@ -204,12 +210,13 @@ def _save(trainer: LoopTrainer, run_id: str, path: Path) -> None:
 
 
 def _set_up_run_dir(run_dir: Path, recipe: Recipe, tracker: Tracker) -> None:
-    """The run directory with its `recipe.yaml`, and the tag that points at it (idempotent)."""
+    """The run directory with its `recipe.yaml`, and the tags that point at it and at its
+    checkpoint, which is kept there only, not uploaded as an artifact (idempotent)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "recipe.yaml").is_file():
         text = to_yaml(recipe).encode()
         write_atomically(run_dir / "recipe.yaml", lambda handle: handle.write(text))
-    tracker.set_tags({TAG_RUN_DIR: str(run_dir)})
+    tracker.set_tags({TAG_RUN_DIR: str(run_dir), TAG_CHECKPOINT: str(run_dir / CHECKPOINT_NAME)})
 
 
 def _read_resume_state(trainer: LoopTrainer, checkpoint: Path) -> dict[str, Any] | None:
@@ -344,6 +351,7 @@ def _run_steps(
     window_steps, window_start = 0, time.perf_counter()
     last_loss: float | None = None
     magnitudes = _magnitude_monitor(trainer, tracker)
+    names = MetricNames(trainer.recipe)
     try:
         while trainer.step < total:
             try:
@@ -370,7 +378,10 @@ def _run_steps(
                 metrics["lr"] = trainer.optimizer.param_groups[0]["lr"]
                 metrics["kimg"] = step * cfg.batch_size / 1000
                 metrics.update(trainer.objective_metrics(step))
-                tracker.log_metrics(metrics, step)
+                tracked, constants = names.tracked(metrics)
+                tracker.log_metrics(tracked, step)
+                if constants:
+                    tracker.set_tags(constants)
                 last_loss = float(metrics["loss"])
                 if progress:
                     progress.advance(step, metrics["loss"], metrics["images_per_s"])
@@ -400,5 +411,4 @@ def _run_steps(
     if magnitudes is not None and magnitudes.history:
         save_figure(tracker, magnitudes.figure(), MAGNITUDES_ARTIFACT)
     samples = _sample_and_log(trainer, tracker, run_dir, on_sample)
-    tracker.log_artifact(checkpoint, "checkpoints")
     return samples, last_loss

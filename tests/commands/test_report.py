@@ -94,7 +94,10 @@ def test_iterations_are_read_and_written_as_the_paper_spells_them() -> None:
     ]
     with pytest.raises(DmstabError, match="10x"):
         parse_iteration("10x")
-    assert metric_key("fid") == "eval/fid" and metric_key("loss") == "loss"
+    assert metric_key("fid") == "eval/fid" and metric_key("loss") == "train/loss"
+    assert metric_key("images_per_s") == "system/images_per_s"
+    assert metric_key("timesteps/gamma") == "timesteps/gamma"
+    assert metric_key("consistency_psnr") == "consistency_psnr"
 
 
 def test_end_means_the_last_step_the_recipe_trains() -> None:
@@ -154,7 +157,7 @@ def test_recipe_reports_its_newest_run_that_logged_the_metric(
 ) -> None:
     _, clts = recipes
     with_fid = _train_run(clts, CLTS_FID)
-    _train_run(clts, {10: 0.5}, key="loss")  # newer, but no eval yet
+    _train_run(clts, {10: 0.5}, key="train/loss")  # newer, but no eval yet
     assert build_report([str(clts)]).methods[0].run.run_id == with_fid
 
 
@@ -286,11 +289,11 @@ def test_cli_prints_the_table_and_logs_the_report_run(
 
 def test_cli_shows_what_a_run_without_eval_has_logged(recipes: tuple[Path, Path]) -> None:
     _, clts = recipes
-    run_id = _train_run(clts, {1: 0.9, 2: 0.8}, key="loss")
+    run_id = _train_run(clts, {1: 0.9, 2: 0.8}, key="train/loss")
     result = CliRunner().invoke(app, ["report", run_id])
     assert result.exit_code == 0, result.output
     out = " ".join(result.stdout.split())  # rich wraps long captions
-    assert "eval/fid not logged yet" in out and "loss" in out
+    assert "eval/fid not logged yet" in out and "train/loss" in out
 
 
 def test_cli_errors_are_one_line_and_exit_2(recipes: tuple[Path, Path]) -> None:

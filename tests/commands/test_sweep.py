@@ -202,7 +202,7 @@ def test_ctrl_c_mid_sweep_then_resume_auto_trains_only_what_is_missing(one_threa
     first, second = _children(parent_id)
     assert (first.info.status, second.info.status) == ("FINISHED", "KILLED")
     assert first.data.tags["dmstab.recipe_name"] == "ablation/uniform"
-    first_losses = len(client.get_metric_history(first.info.run_id, "loss"))
+    first_losses = len(client.get_metric_history(first.info.run_id, "train/loss"))
 
     resumed = _StopAt()
     result = run_sweep(sweep, resume="auto", progress=resumed)
@@ -212,9 +212,9 @@ def test_ctrl_c_mid_sweep_then_resume_auto_trains_only_what_is_missing(one_threa
     after = _children(parent_id)
     assert [run.info.run_id for run in after[:2]] == [first.info.run_id, second.info.run_id]
     assert after[0].info.end_time == first.info.end_time
-    assert len(client.get_metric_history(first.info.run_id, "loss")) == first_losses
+    assert len(client.get_metric_history(first.info.run_id, "train/loss")) == first_losses
     for run in after[1:]:  # every step logged once, the resumed child's included
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
         assert sorted(steps) == list(range(1, 13))
     assert [run.info.status for run in after] == ["FINISHED"] * 3
     assert [run.data.tags[TAG_PARENT] for run in after] == [parent_id] * 3
@@ -275,6 +275,6 @@ def test_kill_9_mid_sweep_then_resume_auto_finishes_the_same_sweep(
     after = _children(parent_id)
     assert [run.info.run_id for run in after] == [first.info.run_id, second.info.run_id]
     assert [run.info.status for run in after] == ["FINISHED", "FINISHED"]
-    steps = [m.step for m in client.get_metric_history(second.info.run_id, "loss")]
+    steps = [m.step for m in client.get_metric_history(second.info.run_id, "train/loss")]
     assert sorted(steps) == list(range(1, 61))  # no step lost or logged twice
     assert client.get_run(parent_id).info.status == "FINISHED"

@@ -50,7 +50,7 @@ def test_train_off_a_terminal_and_json_then_sample_fid_and_quiet(dmstab: Runner)
     assert summary["experiment_id"] == run.info.experiment_id
     assert Path(summary["checkpoint"]).is_file() and Path(summary["run_dir"]).is_dir()
     assert summary["wall_time_s"] > 0
-    losses = store().get_metric_history(run_id, "loss")
+    losses = store().get_metric_history(run_id, "train/loss")
     final = max(losses, key=lambda metric: metric.step).value
     assert summary["final_loss"] == final
 

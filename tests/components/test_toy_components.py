@@ -79,7 +79,7 @@ def test_a_network_registered_outside_the_package_trains_samples_and_is_analysed
         "model.width": "6",
     }  # only the keys the toy network has
     assert int(tags["dmstab.parameters"]) == toy_network.parameter_count(channels=3, width=6)
-    assert np.isfinite(metrics["loss"])
+    assert np.isfinite(metrics["train/loss"])
 
     assert dmstab("sample").returncode == 0
     images = latest_samples()

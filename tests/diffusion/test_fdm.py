@@ -167,8 +167,9 @@ def test_tiny_fdm_training_run_warms_up_then_trains_unweighted() -> None:
     result = train(recipe)
     client: MlflowClient = store()
     assert client.get_run(result.run_id).info.status == "FINISHED"
-    history = {m.step: m.value for m in client.get_metric_history(result.run_id, "loss_weight")}
-    losses = [m.value for m in client.get_metric_history(result.run_id, "loss")]
+    weights = client.get_metric_history(result.run_id, "train/loss_weight")
+    history = {m.step: m.value for m in weights}
+    losses = [m.value for m in client.get_metric_history(result.run_id, "train/loss")]
     assert all(math.isfinite(v) for v in losses) and len(losses) == recipe.train.steps
     assert history[1] < 1.0  # cap 5 on SNR: the low-noise steps are down-weighted
     assert all(history[k] == 1.0 for k in range(7, recipe.train.steps + 1))

@@ -188,8 +188,11 @@ def test_dmstab_train_tracks_a_dcgan_and_sample_reads_it(dmstab: Runner) -> None
     assert result.returncode == 0, result.stderr
     client = store()
     (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
-    for key in ("loss", "loss_d", "loss_g", "d_real_logit", "d_fake_logit"):
+    logged = ("loss", "loss_d", "loss_g", "d_real_logit", "d_fake_logit", "kimg")
+    assert set(run.data.metrics) == {f"train/{key}" for key in logged} | {"system/images_per_s"}
+    for key in run.data.metrics:
         assert len(client.get_metric_history(run.info.run_id, key)) == 6, key
+    assert float(run.data.tags["dmstab.lr"]) == float(run.data.params["model.g_lr"])  # constant
     assert int(run.data.tags["dmstab.discriminator_parameters"]) > 0
     state = load_checkpoint(Path(run.data.tags["dmstab.run_dir"]) / "checkpoint.pt")
     assert {"model", "ema", "discriminator", "optimizer", "d_optimizer"} <= state.keys()

@@ -263,7 +263,7 @@ def metric_problems(run: StoredRun, reference: StoredRun) -> list[str]:
         got, want = run.history(key), reference.history(key)
         if [s for s, _ in got] != [s for s, _ in want]:
             problems.append(f"{key}: steps {[s for s, _ in got]} != {[s for s, _ in want]}")
-        elif key == "loss" and got != want:
+        elif key == "train/loss" and got != want:
             problems.append("loss values differ from the uninterrupted run")
     return problems
 

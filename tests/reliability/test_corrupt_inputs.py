@@ -105,7 +105,7 @@ def test_damaged_checkpoint_is_refused_by_resume_and_sample_then_resume_works() 
     assert finished.returncode == 0, finished.stderr[-2000:]
     counts.record(resumes=1)
     run_id = only_run().info.run_id
-    steps = sorted(m.step for m in store().get_metric_history(run_id, "loss"))
+    steps = sorted(m.step for m in store().get_metric_history(run_id, "train/loss"))
     assert steps == list(range(1, 9)), "the refused resumes lost or duplicated metric steps"
 
 

@@ -68,7 +68,7 @@ def test_full_disk_at_a_checkpoint_keeps_the_previous_one_then_resumes() -> None
     room = cli("train", str(RECIPES / "quickstart.yaml"), *RECIPE, "--resume", "auto")
     assert room.returncode == 0, room.stderr[-2000:]
     run = only_run()
-    steps = sorted(m.step for m in store().get_metric_history(run.info.run_id, "loss"))
+    steps = sorted(m.step for m in store().get_metric_history(run.info.run_id, "train/loss"))
     counts.record(resumes=2, losses=int(steps != list(range(1, 13))))
     assert run.info.status == "FINISHED" and steps == list(range(1, 13))
 
@@ -143,6 +143,6 @@ def test_a_really_full_filesystem_keeps_the_previous_checkpoint(tmp_path: Path) 
         room = dmstab("train", str(RECIPES / "quickstart.yaml"), *recipe, "--resume", "auto")
         assert room.returncode == 0, room.stderr[-2000:]
         run = only_run()
-        steps = sorted(m.step for m in store().get_metric_history(run.info.run_id, "loss"))
+        steps = sorted(m.step for m in store().get_metric_history(run.info.run_id, "train/loss"))
         counts.record(resumes=1, losses=int(steps != list(range(1, 13))))
         assert run.info.status == "FINISHED" and steps == list(range(1, 13))

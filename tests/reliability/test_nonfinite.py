@@ -87,7 +87,7 @@ def test_a_skipped_spike_changes_nothing_and_training_goes_on(one_thread: None) 
     history = client.get_metric_history(result.run_id, "train/skipped")
     assert history, "no loss spike in 30 steps: loosen SPIKES"
     spike = min(m.step for m in history)
-    losses = sorted(m.step for m in client.get_metric_history(result.run_id, "loss"))
+    losses = sorted(m.step for m in client.get_metric_history(result.run_id, "train/loss"))
     assert spike not in losses and losses[-1] == 30, "a skipped step is logged as skipped only"
     before, at = (_state_after(steps, *SPIKES, f"tracking.experiment=s{steps}") for steps in
                   (spike - 1, spike))  # fmt: skip

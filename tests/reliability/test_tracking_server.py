@@ -26,7 +26,7 @@ from .conftest import dmstab, start_dmstab
 RESTART_STEPS = 300  # 30-40 s of TINY training: longer than a server restart
 GONE_STEPS = 60  # a run that outlives its server only needs steps after the kill
 RECIPE = [*TINY, "train.checkpoint_every=100", "tracking.flush_every=2"]
-KEYS = ("loss", "mse", "lr", "kimg", "images_per_s")
+KEYS = ("train/loss", "train/grad_norm", "train/kimg", "system/images_per_s")
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def _wait_for_metrics(client: MlflowClient, earlier: set[str], minimum_step: int
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         for run_id in _run_ids(client) - earlier:
-            steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+            steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
             if steps and max(steps) >= minimum_step:
                 return run_id
         time.sleep(0.3)
@@ -84,11 +84,18 @@ def _check_complete(client: MlflowClient, run_id: str, steps: int) -> None:
     counts.record(losses=lost)
     assert int(run.data.tags["dmstab.parameters"]) > 0
     artifacts = {a.path for a in client.list_artifacts(run_id, "samples")}
-    assert {f"samples/step_{steps:08d}.png", f"samples/step_{steps:08d}.npz"} <= artifacts
-    assert [a.path for a in client.list_artifacts(run_id, "checkpoints")] == [
-        "checkpoints/checkpoint.pt"
-    ]
-    assert "recipe.yaml" in {a.path for a in client.list_artifacts(run_id)}
+    assert artifacts == {f"samples/step_{steps:08d}.npz"}
+    assert ("samples", steps) in _stepped_images(client, run_id)
+    # The checkpoint stays in the run directory (its tag says where), never uploaded
+    assert {a.path for a in client.list_artifacts(run_id)} == {"recipe.yaml", "samples", "images"}
+    assert run.data.tags["dmstab.checkpoint"].endswith(f"{run_id}/checkpoint.pt")
+
+
+def _stepped_images(client: MlflowClient, run_id: str) -> list[tuple[str, int]]:
+    """(key, step) of the run's `log_image` images, by step (KEY+step+STEP+timestamp+….png)."""
+    paths = [a.path.removeprefix("images/") for a in client.list_artifacts(run_id, "images")]
+    found = [(p.split("+")[0], int(p.split("+")[2])) for p in paths if p.endswith(".png")]
+    return sorted(found, key=lambda image: (image[1], image[0]))
 
 
 def _finish(process: subprocess.Popen[str]) -> tuple[str, str]:
@@ -160,12 +167,18 @@ def test_unreachable_at_start_then_offline_run_and_sync(server: MlflowServer) ->
         filter_string=f"tags.`dmstab.local_run_id` = '{local_id}'",
     )
     assert run.info.status == "FINISHED"
-    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
     assert steps == list(range(1, 13))
     assert (Path("runs") / run.info.run_id / "checkpoint.pt").is_file()  # linked to the run dir
     assert run.data.params["train.steps"] == "12"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"recipe.yaml", "samples", "checkpoints"} <= artifacts
+    assert artifacts == {"recipe.yaml", "samples", "images"}
+    # spooled as files, replayed with log_image: each image keeps its step
+    assert _stepped_images(client, run.info.run_id) == [
+        ("timesteps~histogram", 5),
+        ("timesteps~histogram", 10),
+        ("samples", 12),
+    ]
 
 
 # ---------------------------------------------------------------- the spool on its own

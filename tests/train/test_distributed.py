@@ -97,7 +97,7 @@ def _only_run(client: MlflowClient) -> str:
     return str(runs[0].info.run_id)
 
 
-def _logged_steps(client: MlflowClient, run_id: str, key: str = "loss") -> list[int]:
+def _logged_steps(client: MlflowClient, run_id: str, key: str = "train/loss") -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
@@ -110,7 +110,7 @@ def test_two_processes_train_the_weights_of_one(isolated_workdir: Path) -> None:
     assert _logged_steps(client, run_id) == list(range(1, 13))
     _assert_same_weights(isolated_workdir / "runs" / run_id / "checkpoint.pt", _reference())
     reference_run = client.search_runs([client.get_experiment_by_name("ref").experiment_id])[0]
-    for key in ("loss", "logvar"):
+    for key in ("train/loss", "train/logvar"):
         two = [m.value for m in sorted(client.get_metric_history(run_id, key), key=_step)]
         one = [
             m.value

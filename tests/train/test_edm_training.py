@@ -89,15 +89,16 @@ def test_training_counts_kimg_and_follows_the_inverse_sqrt_learning_rate() -> No
     result = train(load_recipe(MINI, TINY_EDM))
     assert result.step == 12
     client = store()
-    history = {m.step: m.value for m in client.get_metric_history(result.run_id, "lr")}
+    history = {m.step: m.value for m in client.get_metric_history(result.run_id, "train/lr")}
     assert sorted(history) == list(range(1, 13))
     for step, lr in history.items():
         images = (step - 1) * 8
         expected = 0.01 / math.sqrt(max(images / 32, 1)) * min(images / 16, 1)
         assert lr == pytest.approx(expected, rel=1e-9, abs=1e-12)
-    kimg = client.get_metric_history(result.run_id, "kimg")
+    kimg = client.get_metric_history(result.run_id, "train/kimg")
     assert max(m.value for m in kimg) == pytest.approx(0.096)
-    assert all(math.isfinite(m.value) for m in client.get_metric_history(result.run_id, "loss"))
+    losses = client.get_metric_history(result.run_id, "train/loss")
+    assert losses and all(math.isfinite(m.value) for m in losses)
 
 
 def test_heun_images_do_not_depend_on_the_batch_split() -> None:

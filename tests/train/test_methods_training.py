@@ -52,7 +52,7 @@ def test_each_method_trains_and_samples(overrides: list[str], metric: str) -> No
     result = train(_recipe("train.steps=3", *overrides))
     values = _history(result.run_id, metric)
     assert len(values) == 3 and all(map(torch.isfinite, torch.tensor(values)))
-    weights = _history(result.run_id, "loss_weight")
+    weights = _history(result.run_id, "train/loss_weight")
     # T = 8: the weights of both lie in (0, 1] and the cosine SNR makes them not all 1.
     assert len(weights) == 3 and all(0 < w <= 1 for w in weights) and min(weights) < 1
     assert result.samples is not None and result.samples.is_file()

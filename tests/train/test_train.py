@@ -47,14 +47,29 @@ def test_training_run_is_fully_tracked() -> None:
     assert run.data.params == run_params(recipe, "train")
     assert run.data.params.items() <= flatten(recipe).items()
     steps = list(range(1, recipe.train.steps + 1))
-    for key in ("loss", "mse", "images_per_s", "lr", "timesteps/gamma"):
+    # Unweighted ε-MSE at a constant lr: loss is the MSE (logged once), lr and the loss weight
+    # of 1 are tags, not flat series (dmstab.train.metric_names).
+    logged = {"train/loss", "train/grad_norm", "train/kimg", "system/images_per_s"}
+    assert set(run.data.metrics) == logged | {"timesteps/gamma"}
+    for key in logged:
         assert _history(client, result.run_id, key) == steps, key
+    assert run.data.tags["dmstab.lr"] == repr(recipe.optim.lr)
+    assert run.data.tags["dmstab.loss_weight"] == "1.0"
+    kimg = {m.step: m.value for m in client.get_metric_history(result.run_id, "train/kimg")}
+    assert kimg[12] == pytest.approx(12 * recipe.train.batch_size / 1000)
     gammas = {m.step: m.value for m in client.get_metric_history(result.run_id, "timesteps/gamma")}
     assert gammas[5] == pytest.approx(0.5) and gammas[12] == 1.0  # target_iteration=10
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"recipe.yaml", "samples", "checkpoints", "timesteps"} <= artifacts
+    assert artifacts == {"recipe.yaml", "samples", "images"}  # the checkpoint stays in the run dir
+    assert run.data.tags["dmstab.checkpoint"] == str(result.checkpoint)
     samples = {a.path for a in client.list_artifacts(result.run_id, "samples")}
-    assert any(p.endswith(".png") for p in samples) and any(p.endswith(".npz") for p in samples)
+    assert samples == {"samples/step_00000012.npz"}
+    # Stepped images (MLflow's `log_image`): KEY+step+STEP+timestamp+…png and its .webp preview
+    logged_images = client.list_artifacts(result.run_id, "images")
+    images = [a.path.removeprefix("images/") for a in logged_images]
+    stepped = sorted((p.split("+")[0], int(p.split("+")[2])) for p in images if p.endswith(".png"))
+    assert stepped == [("samples", 12), ("timesteps~histogram", 5), ("timesteps~histogram", 10)]
+    assert sum(p.endswith(".webp") for p in images) == 3
     state = load_checkpoint(result.checkpoint)
     assert state["step"] == recipe.train.steps and state["run_id"] == result.run_id
 
@@ -92,7 +107,7 @@ def test_kill_9_then_resume_auto_matches_an_uninterrupted_run(isolated_workdir: 
     assert len(runs) == 1, "resume must continue the same MLflow run"
     run_id = runs[0].info.run_id
     assert runs[0].info.status == "FINISHED"
-    steps = _history(client, run_id, "loss")
+    steps = _history(client, run_id, "train/loss")
     assert steps == list(range(1, 61)), f"killed at {killed_at}; resume said {out} {err}"
     resumed_weights = _final_weights(isolated_workdir / "runs" / run_id / "checkpoint.pt")
     reference_weights = _final_weights(reference.checkpoint)
