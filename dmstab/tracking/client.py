@@ -210,6 +210,18 @@ def log_stepped_image(
         uploads.log_image(run_id, image, key=key, step=step, timestamp=timestamp, synchronous=True)
 
 
+def logged_image_steps(client: Any, run_id: str) -> set[tuple[str, int]]:
+    """(key, step) of the stepped images the store holds for `run_id`, read from the names
+    `log_image` gives their files: `images/KEY+step+STEP+timestamp+…png`, `/` in KEY as `~`."""
+    found = set()
+    for artifact in client.list_artifacts(run_id, "images"):
+        name = artifact.path.rpartition("/")[2]
+        parts = name.split("+")
+        if name.endswith(".png") and len(parts) > 2 and parts[1] == "step":
+            found.add((parts[0].replace("~", "/"), int(parts[2])))
+    return found
+
+
 def log_tags(client: Any, run_id: str, tags: Mapping[str, str]) -> None:
     from mlflow.entities import RunTag
 

@@ -3,8 +3,8 @@
 Everything a command records goes through a `Tracker`: `MlflowTracker` on rank 0,
 `NullTracker` elsewhere (fluent MLflow calls from other ranks start stray runs).
 Metrics are buffered and sent with `log_batch` every `flush_every` steps and at
-exit, never one call per step. A resumed run skips metric steps it already holds,
-so a run killed between a flush and a checkpoint has no duplicated steps. Calls to a
+exit, never one call per step. A resumed run skips metric steps and stepped images it
+already holds, so a run killed between a flush and a checkpoint has no duplicated steps. Calls to a
 tracking server fail fast, and while it is away the run is spooled to local disk and
 replayed later (docs/tracking.md).
 """
@@ -39,6 +39,7 @@ from dmstab.tracking.client import (
     log_params,
     log_stepped_image,
     log_tags,
+    logged_image_steps,
     open_client,
     resolve_uri,
 )
@@ -172,6 +173,7 @@ class MlflowTracker:
             self._retry(force=True)  # a spool left by an earlier process of this run goes first
             self._server_steps = last_logged_steps(client, run_id)
         self._already_logged = dict(self._server_steps)
+        self._images_logged: set[tuple[str, int]] = set()  # of a reopened run, before it
 
     @classmethod
     def start(
@@ -246,6 +248,7 @@ class MlflowTracker:
                 f"cannot reopen run {run_id} in {resolved}: {first_line(exc)}"
             ) from None
         tracker = cls(client, run_id, flush_every, uri=resolved, spool_root=spool_root)
+        tracker._images_logged = logged_image_steps(client, run_id)
         tracker._complete_setup(params, texts)
         info = client.get_run(run_id).info
         tracker.run_name, tracker.experiment_id = info.run_name, info.experiment_id
@@ -410,7 +413,10 @@ class MlflowTracker:
             self._retry()
 
     def log_image(self, path: Path, key: str, step: int) -> None:
-        """The PNG at `path` as MLflow's image `key` at `step` (the UI's step slider)."""
+        """The PNG at `path` as MLflow's image `key` at `step` (the UI's step slider); skipped
+        when a reopened run already has it (logged before a kill, after the last checkpoint)."""
+        if (key, step) in self._images_logged:
+            return
         now = int(time.time() * 1000)
         send = partial(log_stepped_image, self._client, str(self.run_id), path, key, step, now)
         if not self._server(send):

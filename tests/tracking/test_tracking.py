@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from dmstab import __version__
 from dmstab.config import flatten, load_recipe, run_params
@@ -111,6 +112,34 @@ def test_resumed_run_skips_steps_it_already_has() -> None:
     assert _steps(client, first.run_id, "loss") == list(range(1, 9))
     assert _steps(client, first.run_id, "lr") == list(range(1, 9))
     assert find_resumable_run(recipe) is None
+
+
+def test_stepped_images_keep_their_step_and_a_resumed_run_logs_each_once(
+    tmp_path: Path,
+) -> None:
+    png = tmp_path / "grid.png"
+    Image.new("RGB", (8, 4), (255, 0, 0)).save(png)
+    recipe = _recipe()
+    first = MlflowTracker.start(recipe, kind="train")
+    first.log_image(png, "timesteps/histogram", 5)
+    first.log_image(png, "samples", 5)  # then the process dies before its checkpoint
+    second = MlflowTracker.start(recipe, kind="train", resume_run_id=first.run_id)
+    for step in (5, 10):
+        second.log_image(png, "samples", step)
+    second.finish("FINISHED")
+    client = store()
+    assert first.run_id is not None
+    names = [a.path for a in client.list_artifacts(first.run_id, "images")]
+    pngs = sorted(n.split("/")[1].split("+")[:3] for n in names if n.endswith(".png"))
+    assert pngs == [
+        ["samples", "step", "10"],
+        ["samples", "step", "5"],
+        ["timesteps~histogram", "step", "5"],
+    ]
+    assert len(names) == 6  # each with MLflow's compressed .webp preview
+    (shown,) = [n for n in names if n.startswith("images/samples+step+10+") and n.endswith("png")]
+    with Image.open(client.download_artifacts(first.run_id, shown)) as image:
+        assert image.size == (8, 4) and image.getpixel((0, 0)) == (255, 0, 0)
 
 
 def test_unreachable_store_is_a_one_line_error(isolated_workdir: Path) -> None:
