@@ -9,8 +9,9 @@ from rich.table import Table
 
 from dmstab.console import result_table
 from dmstab.tracking import TAG_KIND, ListedRun, recent_runs, resolve_uri
+from dmstab.train.metric_names import tracked_name
 
-LOSS = "loss"  # the training loss, logged every train.log_every steps
+LOSS = tracked_name("loss")  # train/loss, logged every train.log_every steps
 EVAL_PREFIX = "eval/"  # the eval: block's metrics (docs/tracking.md)
 
 

@@ -209,7 +209,7 @@ class ListedRun:
     record: RunRecord
     experiment: str
     started: datetime | None  # UTC
-    last_step: int | None  # the highest step of its `loss` metric; None when it logged none
+    last_step: int | None  # the highest step of its `step_metric`; None when it logged none
 
 
 _KIND = re.compile(r"[\w.-]+")
@@ -220,7 +220,7 @@ def recent_runs(
     kind: str | None = None,
     limit: int = 20,
     uri: str | None = None,
-    step_metric: str = "loss",
+    step_metric: str = "train/loss",
 ) -> list[ListedRun]:
     """The `limit` latest runs of the store (of `kind` and in `experiment` when given), newest
     first. A store, an experiment or a kind that is not there is a one-line error."""

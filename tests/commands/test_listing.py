@@ -51,7 +51,7 @@ def test_runs_lists_the_tiny_run_with_its_step_and_final_loss(
     dmstab: Runner, tiny_dm: CachedRun, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run = store().get_run(tiny_dm.run_id)
-    history = store().get_metric_history(tiny_dm.run_id, "loss")
+    history = store().get_metric_history(tiny_dm.run_id, "train/loss")
     final = max(history, key=lambda metric: metric.step)
     (listed,) = _json(dmstab("runs", "--json"))["runs"]
     assert listed["run_id"] == tiny_dm.run_id and listed["name"] == run.info.run_name

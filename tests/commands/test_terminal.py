@@ -86,7 +86,8 @@ def test_train_off_a_terminal_and_json_then_sample_fid_and_quiet(dmstab: Runner)
     scored = dmstab("fid", images, "--ref", images, "--features", "random_conv", "--json")
     score = one_json_object(scored)
     assert store().get_run(score["run_id"]).data.metrics["fid"] == score["fid"]
-    assert score["num_images"] == 8 and scored.stderr.startswith("FID ")
+    assert score["num_images"] == 8  # the score line on stderr, after the features' progress
+    assert scored.stderr.splitlines()[-1].startswith("FID ")
 
 
 def test_json_of_ema_reconstruct(tiny_edm: CachedRun, dmstab: Runner) -> None:
