@@ -147,10 +147,16 @@ def rich_table(table: TextTable) -> Table:
     return rendered
 
 
+PIPED_TABLE_WIDTH = 160  # columns of a table written to a pipe or a file
+
+
 def result_table(table: TextTable | Table) -> None:
     """A table of results on stdout (on stderr with `--json`)."""
     rendered = rich_table(table) if isinstance(table, TextTable) else table
-    (console if settings.json else Console(soft_wrap=True)).print(rendered)
+    stdout = Console(soft_wrap=True)
+    if not stdout.is_terminal:  # a pipe or a file: no terminal width to fit, keep every column
+        stdout = Console(soft_wrap=True, width=max(stdout.width, PIPED_TABLE_WIDTH))
+    (console if settings.json else stdout).print(rendered)
 
 
 def error(message: str) -> None:

@@ -269,7 +269,10 @@ def _log(
     parent_run: str | None,
 ) -> str:
     tags = {TAG_PARENT: parent_run} if parent_run else {}
-    tracker = MlflowTracker.create(experiment=experiment, kind="fid", params=params, tags=tags)
+    scored = Path(params.get("checkpoint") or params["images"]).name  # the .npz, .pt or run id
+    tracker = MlflowTracker.create(
+        experiment=experiment, kind="fid", params=params, tags=tags, run_name=f"fid·{scored}"
+    )
     assert tracker.run_id is not None
     with tracked_run(tracker):
         tracker.log_metrics({**metrics, "num_images": float(count)}, 0)

@@ -29,9 +29,11 @@ def method(recipe: Recipe) -> str:
 
 def run_name(recipe: Recipe, overrides: Sequence[str] = (), kind: str = "train") -> str:
     """`recipe·method·key=value…·sSEED` for a training run (the first overrides by their last
-    key part, then `+N` for the rest); `recipe·kind` for any other run."""
+    key part, then `+N` for the rest); for any other run, the name of the training run it reads
+    (its recipe's `tracking.run_name`, else the recipe's name) and its kind:
+    `quickstart·clts·s0·sample`."""
     if kind != "train":
-        return SEPARATOR.join([recipe.name, kind])
+        return SEPARATOR.join([recipe.tracking.run_name or recipe.name, kind])
     parts = [recipe.name]
     if method(recipe) not in recipe.name:
         parts.append(method(recipe))

@@ -214,7 +214,9 @@ class MlflowTracker:
             params=params,
             tags=tags,
             uri=recipe.tracking.uri,
-            run_name=recipe.tracking.run_name or run_name(recipe, kind=kind),
+            run_name=run_name(recipe, kind=kind)
+            if kind != "train"
+            else (recipe.tracking.run_name or run_name(recipe)),
             flush_every=recipe.tracking.flush_every,
             spool_root=spool_root,
             offline=recipe.tracking.offline,

@@ -54,6 +54,8 @@ def test_run_names_say_recipe_method_overrides_and_seed() -> None:
         run_name(uniform, ["timesteps.sampler=uniform"]) == "quickstart·uniform·sampler=uniform·s0"
     )
     assert run_name(quickstart, kind="hessian") == "quickstart·hessian"
+    trained = load_recipe(QUICKSTART, ["tracking.run_name=quickstart·clts·s0"])
+    assert run_name(trained, kind="sample") == "quickstart·clts·s0·sample"
     many = ["data.resolution=16", "model.channels=32", "optim.lr=1e-3", "train.steps=5"]
     assert run_name(quickstart, many) == "quickstart·clts·resolution=16·channels=32·lr=1e-3·+1·s0"
 
