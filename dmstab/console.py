@@ -21,6 +21,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -215,6 +216,16 @@ class TrainProgress:
         self._progress.stop()
 
 
+def _advance(progress: Progress, task: TaskID, done: int, total: int) -> None:
+    """Show a live bar at `done` of `total`: started at its first update, stopped at the end."""
+    if not progress.live.is_started:
+        done_working()
+        progress.start()
+    progress.update(task, completed=done, total=total)
+    if done >= total:
+        progress.stop()
+
+
 class SampleProgress:
     """Denoising steps of the current batch: a transient bar on a terminal, else a plain line
     every `settings.progress_every` seconds."""
@@ -238,12 +249,7 @@ class SampleProgress:
         if self._progress.disable:
             self._plain(done, total)
             return
-        if not self._progress.live.is_started:
-            done_working()
-            self._progress.start()
-        self._progress.update(self._task, completed=done, total=total)
-        if done >= total:
-            self._progress.stop()
+        _advance(self._progress, self._task, done, total)
 
     def _plain(self, done: int, total: int) -> None:
         if done >= total:
@@ -287,12 +293,7 @@ class CountedProgress:
         if self._progress.disable:
             self._plain(done, total)
             return
-        if not self._progress.live.is_started:
-            done_working()
-            self._progress.start()
-        self._progress.update(self._task, completed=done, total=total)
-        if done >= total:
-            self._progress.stop()
+        _advance(self._progress, self._task, done, total)
 
     def _plain(self, done: int, total: int) -> None:
         if not done or (done < total and not self._every.due()):

@@ -154,6 +154,16 @@ def run_directory(run_id: str, uri: str | None = None) -> Path:
     return Path(tags[TAG_RUN_DIR])
 
 
+def _store_and_experiments(experiment: str | None, uri: str | None) -> tuple[Any, list[str]] | None:
+    """The store's client and the ids of `experiment` (all when None); None when either is
+    not there."""
+    client = _existing_store(uri)
+    if client is None:
+        return None
+    ids = _experiment_ids(client, experiment)
+    return (client, ids) if ids else None
+
+
 def _newest(client: Any, ids: list[str], condition: str) -> Any | None:
     runs = client.search_runs(
         ids, filter_string=condition, order_by=["attributes.start_time DESC"], max_results=1
@@ -163,13 +173,10 @@ def _newest(client: Any, ids: list[str], condition: str) -> Any | None:
 
 def latest_run(experiment: str | None, kind: str, uri: str | None = None) -> str | None:
     """Most recent run of `kind` (e.g. 'train') in one experiment, or in all when None."""
-    client = _existing_store(uri)
-    if client is None:
+    found = _store_and_experiments(experiment, uri)
+    if found is None:
         return None
-    ids = _experiment_ids(client, experiment)
-    if not ids:
-        return None
-    run = _newest(client, ids, f"tags.`{TAG_KIND}` = '{kind}'")
+    run = _newest(*found, f"tags.`{TAG_KIND}` = '{kind}'")
     return str(run.info.run_id) if run else None
 
 
@@ -181,12 +188,10 @@ def latest_checkpoint_run(experiment: str | None, uri: str | None = None) -> Run
     of its earlier weights), or from its start while it has not ended (killed or running);
     a reconstruction from when it ended.
     """
-    client = _existing_store(uri)
-    if client is None:
+    found = _store_and_experiments(experiment, uri)
+    if found is None:
         return None
-    ids = _experiment_ids(client, experiment)
-    if not ids:
-        return None
+    client, ids = found
     trained = _newest(client, ids, f"tags.`{TAG_KIND}` = 'train'")
     rebuilt = _newest(
         client,
