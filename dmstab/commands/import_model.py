@@ -103,9 +103,11 @@ def import_checkpoint(
     format_name: str | None = None,
     out: Path | None = None,
     extra_tags: Mapping[str, str] | None = None,
+    sha256: str | None = None,
 ) -> ImportResult:
     """Read `path`, write it as a dmstab checkpoint in a new `imported` run's directory (and a
-    copy at `out`), and log the run (with `extra_tags` besides the source's)."""
+    copy at `out`), and log the run (with `extra_tags` besides the source's). `sha256`: the
+    file's digest when the caller has already read it (a released file may be gigabytes)."""
     published = format_for(path, format_name)
     require_file(path, SOURCE)
     known = next((k for k in published.known_files if k.name == path.name), None)
@@ -121,7 +123,7 @@ def import_checkpoint(
     imported = published.read(path, given)
     recipe = from_written(apply_overrides(imported.recipe, settings))
     weights = _loaded(imported, recipe, path)
-    sha256 = sha256_of(path)
+    sha256 = sha256 or sha256_of(path)
     tags = {
         "dmstab.import.format": published.name,
         "dmstab.import.source": str(path.resolve()),

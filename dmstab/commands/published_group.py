@@ -85,12 +85,14 @@ def import_key(sha256: str, settings: Sequence[str]) -> str:
 
 def imported_checkpoint(path: Path, settings: list[str], uri: str | None) -> Path:
     """The checkpoint of an earlier finished import of `path` with `settings`, or a new one."""
-    key = import_key(sha256_of(path), settings)
+    digest = sha256_of(path)
+    key = import_key(digest, settings)
     for run in find_runs({TAG_KIND: KIND, TAG_IMPORT_KEY: key}, uri=uri):
         checkpoint = run_directory(run.run_id, uri) / CHECKPOINT_NAME
         if run.status == "FINISHED" and checkpoint.is_file():
             return checkpoint
-    return import_checkpoint(path, settings, extra_tags={TAG_IMPORT_KEY: key}).checkpoint
+    imported = import_checkpoint(path, settings, extra_tags={TAG_IMPORT_KEY: key}, sha256=digest)
+    return imported.checkpoint
 
 
 def _member(checkpoint: Path, group: Recipe, label: str) -> Subject:
