@@ -143,6 +143,8 @@ def tracking_server(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Training throughput and memory (meant for a GPU; runs at toy size on CPU)."""
+    """dmstab against the reference approaches, side by side (benchmarks/run.py): CPU sizes by
+    default, about 10 minutes on 2 cores; `nox -s bench -- --full` for the papers' sizes on a GPU,
+    `-- --only NAME` for one. JSON per benchmark in bench-results/."""
     _install(session)
-    session.run("python", "benchmarks/train_throughput.py", *session.posargs)
+    session.run("python", "-m", "benchmarks.run", *session.posargs)
