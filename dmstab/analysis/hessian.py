@@ -18,6 +18,10 @@ double backward, and feed:
 
 Vectors are flat float64 tensors over all parameters (in `named_parameters` order), on the host:
 each product moves its direction to the model's device and the result back.
+
+Under `torchrun` each rank's `loss` is its share of a sharded batch (dmstab.analysis.fixed_batch)
+and the operator adds the ranks' products on the model's device (NCCL or gloo), so every rank
+holds the same H·v and runs the same iterations on the same vectors.
 """
 
 from __future__ import annotations
@@ -31,17 +35,27 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp
 
+from dmstab.distributed import SINGLE_PROCESS, DistributedContext
+
 Loss = Callable[[nn.Module], Tensor]  # the model -> a scalar loss on fixed data
 Method = Literal["forward_over_reverse", "double_backward"]
 
 
 class HessianOperator:
-    """v ↦ H·v for the Hessian of `loss(model)` with respect to the model's parameters."""
+    """v ↦ H·v for the Hessian of `loss(model)` with respect to the model's parameters; under
+    `context` the sum over ranks of each rank's H·v (its `loss` is its share of the batch)."""
 
-    def __init__(self, model: nn.Module, loss: Loss, method: Method = "forward_over_reverse"):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: Loss,
+        method: Method = "forward_over_reverse",
+        context: DistributedContext = SINGLE_PROCESS,
+    ):
         self.model = model
         self.loss = loss
         self.method = method
+        self.context = context
         self.names = [name for name, p in model.named_parameters() if p.requires_grad]
         params = dict(model.named_parameters())
         self.shapes = [params[name].shape for name in self.names]
@@ -67,6 +81,8 @@ class HessianOperator:
         else:
             product = self._double_backward(direction)
         flat = torch.cat([product[name].reshape(-1) for name in self.names])
+        if self.context.active:  # on the model's device: NCCL reduces CUDA tensors only
+            flat = self.context.all_reduce_sum(flat)
         return flat.to(vector.device, torch.float64)  # back beside the caller's vectors
 
     def _double_backward(self, direction: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -19,6 +19,10 @@ the model in eval mode and without gradients.
 
 Directions cover the trainable parameters (`requires_grad`) in `named_parameters` order, as the
 Hessian analysis does; buffers (EDM2's Fourier features) stay fixed.
+
+Under `torchrun` the points (α, or the grid's points in row order) are split over the ranks,
+each evaluating its contiguous share on the whole batch, and gathered in order on every rank:
+each value is the one a single process computes.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from dmstab.analysis.hessian import Loss
 from dmstab.analysis.progress import Progress, report
 from dmstab.atomic import write_atomically
 from dmstab.diffusion.objectives import DDPMObjective, Draws, Objective
+from dmstab.distributed import SINGLE_PROCESS, DistributedContext
 from dmstab.errors import DmstabError
 from dmstab.reading import not_a, read_npz
 
@@ -160,24 +165,36 @@ def interpolation_curve(
     alphas: npt.ArrayLike,
     loss_fns: Mapping[str, Loss],
     progress: Progress | None = None,
+    context: DistributedContext = SINGLE_PROCESS,
 ) -> dict[str, np.ndarray]:
     """Every loss along θ(α) for each α (one load of θ(α) per α, then all losses): name →
     float64 array over `alphas`. The model's own state is restored afterwards.
-    `progress(done, total)` runs after each α."""
+    `progress(done, total)` runs after each α of this rank's share (`context.shard`)."""
     points = _axis(alphas, "alphas")
     _require_same_layout(model.state_dict(), state_a, "the model and the checkpoints")
     original = {name: value.detach().clone() for name, value in model.state_dict().items()}
-    curves = {name: np.empty(len(points)) for name in loss_fns}
-    report(progress, 0, len(points))
+    share = context.shard(len(points))
+    values = np.empty((len(share), len(loss_fns)))  # this rank's αs × the losses
+    report(progress, 0, len(share))
     try:
-        for index, alpha in enumerate(points):
-            model.load_state_dict(interpolate(state_a, state_b, float(alpha)))
-            for name, loss in loss_fns.items():
-                curves[name][index] = evaluate(loss, model)
-            report(progress, index + 1, len(points))
+        for done, index in enumerate(share, start=1):
+            model.load_state_dict(interpolate(state_a, state_b, float(points[index])))
+            for column, loss in enumerate(loss_fns.values()):
+                values[done - 1, column] = evaluate(loss, model)
+            report(progress, done, len(share))
     finally:
         model.load_state_dict(original)
-    return curves
+    gathered = _gathered(values, context, model)
+    return {name: np.ascontiguousarray(gathered[:, column]) for column, name in enumerate(loss_fns)}
+
+
+def _gathered(values: np.ndarray, context: DistributedContext, model: nn.Module) -> np.ndarray:
+    """Every rank's rows of `values` in rank order (each rank holds a contiguous share), sent
+    from the model's device (NCCL gathers CUDA tensors only) in float64."""
+    if not context.active:
+        return values
+    device = next(model.parameters()).device
+    return context.all_gather_cat(torch.from_numpy(values).to(device)).cpu().numpy()
 
 
 def _require_same_layout(
@@ -250,27 +267,30 @@ def surface(
     xs: npt.ArrayLike,
     ys: npt.ArrayLike,
     progress: Progress | None = None,
+    context: DistributedContext = SINGLE_PROCESS,
 ) -> np.ndarray:
     """L(θ + x·d1 + y·d2) at every grid point: float64 values[i, j] at (xs[j], ys[i]) (the
     layout matplotlib's contour takes), one call of `loss_fn` per point. The trainable
     parameters are restored bit for bit afterwards, also when `loss_fn` raises.
-    `progress(done, total)` runs after each grid point."""
+    `progress(done, total)` runs after each grid point of this rank's share (`context.shard`
+    of the points in row order)."""
     grid_x, grid_y = _axis(xs, "xs"), _axis(ys, "ys")
     params = trainable_parameters(model)
     for direction in directions:
         _require_same_layout(params, direction, "the model and the direction")
     origin = {name: p.detach().clone() for name, p in params.items()}
-    values = np.empty((len(grid_y), len(grid_x)))
-    report(progress, 0, values.size)
+    share = context.shard(len(grid_y) * len(grid_x))
+    values = np.empty((len(share), 1))
+    report(progress, 0, len(share))
     try:
-        for i, y in enumerate(grid_y):
-            for j, x in enumerate(grid_x):
-                _move(params, origin, directions, float(x), float(y))
-                values[i, j] = evaluate(loss_fn, model)
-                report(progress, i * len(grid_x) + j + 1, values.size)
+        for done, point in enumerate(share, start=1):
+            i, j = divmod(point, len(grid_x))
+            _move(params, origin, directions, float(grid_x[j]), float(grid_y[i]))
+            values[done - 1, 0] = evaluate(loss_fn, model)
+            report(progress, done, len(share))
     finally:
         _restore(params, origin)
-    return values
+    return _gathered(values, context, model).reshape(len(grid_y), len(grid_x))
 
 
 def _move(

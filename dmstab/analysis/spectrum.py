@@ -28,6 +28,7 @@ from dmstab.analysis.hessian import (
 )
 from dmstab.analysis.progress import Progress, report
 from dmstab.config import AnalysisSection, Recipe
+from dmstab.distributed import SINGLE_PROCESS, DistributedContext
 from dmstab.errors import DmstabError
 
 HvpMethod = Literal["auto", "forward_over_reverse", "double_backward"]
@@ -167,13 +168,19 @@ class CountedProducts:
 
 
 def spectrum(
-    model: nn.Module, loss: Loss, config: HessianConfig, progress: Progress | None = None
+    model: nn.Module,
+    loss: Loss,
+    config: HessianConfig,
+    progress: Progress | None = None,
+    context: DistributedContext = SINGLE_PROCESS,
 ) -> Spectrum:
     """λ1..λk with their eigenvectors, Hutchinson trace and SLQ density of ∇²loss at the
     model's weights (the math attention kernel: CPU fused attention kernels have no
     forward-over-reverse derivative). `progress(done, total)` follows the Hessian-vector
-    products (`CountedProducts`)."""
-    hessian = HessianOperator(model, loss, method=hvp_method(config.method, model))
+    products (`CountedProducts`). Under `context`, `loss` is this rank's share of the batch
+    and every rank computes the same spectrum from the summed products."""
+    method = hvp_method(config.method, model)
+    hessian = HessianOperator(model, loss, method=method, context=context)
     operator = CountedProducts(hessian, hessian.size, config, progress)
     generator = torch.Generator().manual_seed(config.seed)
     with sdpa_kernel(SDPBackend.MATH):

@@ -5,6 +5,9 @@ Every model draws `consistency.num_images` images with ONE sampling configuratio
 of every model starts from the same x_T and gets the same per-step noise (a GAN: the same z).
 The group is scored once per sampler in `consistency.samplers` and, within each sampler, per
 prediction target for the members that share one (the paper credits ε-prediction near t → T).
+
+Under `torchrun` every rank samples its share of the seeds of every model (image i depends only
+on the seed and i, so the gathered images are one process's); rank 0 scores, logs and prints.
 """
 
 from __future__ import annotations
@@ -32,12 +35,18 @@ from dmstab.commands.published_group import (
     published_subjects,
     require_downloaded,
 )
-from dmstab.commands.study import AnalysisRun, open_analysis
-from dmstab.commands.subjects import Subject, load_subject, parse_inputs, trained_subject
+from dmstab.commands.study import AnalysisRun, join_ranks, open_ranked_analysis
+from dmstab.commands.subjects import (
+    Subject,
+    check_analysis_writable,
+    load_subject,
+    parse_inputs,
+    trained_subject,
+)
 from dmstab.config import ANALYSES, Recipe, SampleConfig, apply_overrides, from_written, to_written
 from dmstab.console import SampleProgress, TextTable, TrainProgress, console, result_table
 from dmstab.data.latents import require_vae
-from dmstab.devices import pick_device
+from dmstab.distributed import SINGLE_PROCESS, DistributedContext
 from dmstab.errors import DmstabError
 from dmstab.models.gan import gan_config
 from dmstab.models.generate import generate_for_recipe, sampler_label
@@ -146,8 +155,10 @@ def group_images(
     config: SampleConfig,
     device: torch.device,
     callback: Callable[[int, int], None] | None = None,
+    context: DistributedContext = SINGLE_PROCESS,
 ) -> torch.Tensor:
-    """uint8 images (N models, M seeds, C, H, W), every model sampled with `config`."""
+    """uint8 images (N models, M seeds, C, H, W), every model sampled with `config`; under
+    `context` each rank samples its share of the seeds and every rank gets all images."""
     images = []
     for subject in subjects:
         model = subject.network(device, use_ema=config.use_ema)
@@ -159,6 +170,7 @@ def group_images(
                 device=device,
                 callback=callback,
                 sample=config,
+                context=context,
             )
         )
     return torch.stack(images)
@@ -202,21 +214,41 @@ def consistency(
     subjects: Sequence[Subject],
     device: torch.device,
     callback: Callable[[int, int], None] | None = None,
-) -> ConsistencyReport:
-    """Sample every model with each shared configuration, score Eq. 1, log one MLflow run."""
+    context: DistributedContext = SINGLE_PROCESS,
+) -> ConsistencyReport | None:
+    """Sample every model with each shared configuration, score Eq. 1, log one MLflow run.
+    Under `context` the seeds are split over the ranks (every model's image i is made by the
+    same rank); rank 0 scores, logs and returns the report, the others None."""
     require_shared_noise(subjects)
+    context.decide_together(lambda: _check_inputs(subjects, context))
     labels = [subject.label for subject in subjects]
     scores = []
-    with open_analysis(subjects, "consistency") as run:
-        run.tracker.set_tags(_member_tags(subjects))
+    with open_ranked_analysis(subjects, "consistency", context) as run:
+        if run is not None:
+            run.tracker.set_tags(_member_tags(subjects))
         for config in sample_settings(subjects):
-            images = group_images(subjects, config, device, callback)
-            name = sampler_label(subjects[0].recipe, config)
-            scored = score_group(subjects, images, name)
-            _log(run, scored, images, labels, subjects[0].step)
-            scores.append(scored)
+            progress = callback if run is not None else None
+            images = group_images(subjects, config, device, progress, context)
+            if run is not None:  # rank 0 scores and logs
+                scored = score_group(subjects, images, sampler_label(subjects[0].recipe, config))
+                _log(run, scored, images, labels, subjects[0].step)
+                scores.append(scored)
+        if run is None:
+            return None
         run.tracker.log_metrics(_metrics(scores[0], "consistency"), 0)
     return ConsistencyReport(run.run_id, labels, scores, run.directory)
+
+
+def _check_inputs(subjects: Sequence[Subject], context: DistributedContext) -> None:
+    """Every rank samples at least one seed, and rank 0's outputs take files."""
+    count = subjects[0].recipe.analysis(ConsistencyConfig).num_images
+    if count < context.world_size:
+        raise DmstabError(
+            f"consistency.num_images={count} cannot be shared by {context.world_size} ranks; "
+            f"use at least {context.world_size} or fewer processes"
+        )
+    if context.is_main:
+        check_analysis_writable(subjects[0].recipe)
 
 
 def summary_tables(report: ConsistencyReport) -> list[TextTable]:
@@ -300,17 +332,24 @@ def _log(
     save_figure(run.tracker, figure, f"{prefix}/grid.png")
 
 
-def main(arguments: Sequence[str]) -> dict[str, Any]:
+def _published_members(recipe: Recipe, context: DistributedContext) -> list[Subject]:
+    """`published_subjects`, imported by rank 0 alone (the others wait, then find its import)."""
+    imported = context.from_main(lambda: published_subjects(recipe))
+    return imported if imported is not None else published_subjects(recipe)
+
+
+def main(arguments: Sequence[str]) -> dict[str, Any] | None:
     """A recipe's group (trained or reused) or two or more trained models, scored by Eq. 1;
-    the tables on stdout, the summary `--json` prints returned."""
+    the tables on stdout, the summary `--json` prints returned (None on torchrun's ranks other
+    than 0)."""
     inputs = parse_inputs(arguments)
     if inputs.recipe is not None:
         members = [member for _, member in member_recipes(inputs.recipe)]
         require_downloaded(published_entries(inputs.recipe))  # before any training
-        device = pick_device(inputs.recipe.train.device)
+        device, context = join_ranks(inputs.recipe)
         for member in members:  # a group of latent models needs the VAE: before any training
             require_vae(member.data, device)
-        published = published_subjects(inputs.recipe)
+        published = _published_members(inputs.recipe, context)
         for subject in published:
             require_vae(subject.recipe.data, device)
         trained = trained_group(
@@ -323,10 +362,12 @@ def main(arguments: Sequence[str]) -> dict[str, Any]:
                 "give a recipe with consistency.members, or at least two trained models"
             )
         subjects = [load_subject(source, inputs.overrides) for source in inputs.sources]
-        device = pick_device(subjects[0].recipe.train.device)
+        device, context = join_ranks(subjects[0].recipe)
         for subject in subjects:
             require_vae(subject.recipe.data, device)
-    report = consistency(subjects, device, SampleProgress("sample"))
+    report = consistency(subjects, device, SampleProgress("sample"), context)
+    if report is None:  # a torchrun rank other than 0: rank 0 reports
+        return None
     for table in summary_tables(report):
         result_table(table)
     if sampler_note(subjects):

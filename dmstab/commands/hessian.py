@@ -6,6 +6,9 @@ their eigenvectors by Lanczos with deflation, tr H by Hutchinson, and the eigenv
 stochastic Lanczos quadrature; its mean is tr H / P and its variance the SLQ estimate of
 (1/P)·tr H² − (tr H / P)². The density is also broadened on a grid as PyHessian does, the
 numbers the figure draws. Everything is logged to one MLflow run of kind "hessian".
+
+Under `torchrun` each rank takes its rows of the fixed batch and the Hessian-vector products
+are summed over the ranks; every rank runs the same iterations and rank 0 logs and prints.
 """
 
 from __future__ import annotations
@@ -19,14 +22,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmstab.analysis.fixed_batch import metric_name
+from dmstab.analysis.fixed_batch import check_shardable, metric_name
 from dmstab.analysis.spectrum import HessianConfig, Spectrum, check_hessian, spectrum
 from dmstab.atomic import write_atomically
-from dmstab.commands.study import AnalysisRun, analysis_losses, open_analysis
-from dmstab.commands.subjects import Subject, subjects_from_arguments
+from dmstab.commands.study import (
+    AnalysisRun,
+    analysis_losses,
+    join_ranks,
+    open_ranked_analysis,
+)
+from dmstab.commands.subjects import Subject, check_analysis_writable, subjects_from_arguments
 from dmstab.config import ANALYSES
 from dmstab.console import CountedProgress, console
-from dmstab.devices import pick_device
+from dmstab.distributed import SINGLE_PROCESS, DistributedContext
 from dmstab.errors import DmstabError
 from dmstab.plots import spectral_density_figure
 from dmstab.tracking import browse_hint, save_figure
@@ -96,17 +104,36 @@ class HessianResult:
     directory: Path
 
 
-def hessian(subject: Subject, device: torch.device) -> HessianResult:
-    """The spectra of `subject`'s fixed-batch losses, logged to a new MLflow run."""
+def hessian(
+    subject: Subject, device: torch.device, context: DistributedContext = SINGLE_PROCESS
+) -> HessianResult | None:
+    """The spectra of `subject`'s fixed-batch losses, logged to a new MLflow run. Under
+    `context` the batch is sharded over the ranks and their products summed; rank 0 logs and
+    returns the result, the others None."""
     config = subject.recipe.analysis(HessianConfig)
-    with open_analysis(subject, "hessian") as run:
-        model, losses = analysis_losses(subject, device, config)
+    context.decide_together(lambda: _check_inputs(subject, config, context))
+    with open_ranked_analysis(subject, "hessian", context) as run:
+        model, losses = analysis_losses(subject, device, config, context)
         spectra = {
-            name: spectrum(model, loss, config, CountedProgress(f"hessian {name} products"))
+            name: spectrum(model, loss, config, _progress(name, run), context)
             for name, loss in losses.items()
         }
+        if run is None:
+            return None
         _log(run, spectra, subject, config)
     return HessianResult(run.run_id, spectra, run.directory)
+
+
+def _check_inputs(subject: Subject, config: HessianConfig, context: DistributedContext) -> None:
+    """A batch every rank has rows of, and (rank 0's) outputs that take files."""
+    check_shardable("hessian", config.batch_size, context.world_size)
+    if context.is_main:
+        check_analysis_writable(subject.recipe)
+
+
+def _progress(name: str, run: AnalysisRun | None) -> CountedProgress | None:
+    """The products of loss `name`, counted on the rank that owns the run."""
+    return None if run is None else CountedProgress(f"hessian {name} products")
 
 
 def _log(
@@ -135,14 +162,16 @@ def _log(
     save_figure(run.tracker, figure, "hessian/density.png")
 
 
-def main(arguments: Sequence[str]) -> dict[str, Any]:
+def main(arguments: Sequence[str]) -> dict[str, Any] | None:
     """The Hessian spectrum of the one model the arguments name; the summary `--json` prints
-    returned."""
+    returned (None on torchrun's ranks other than 0)."""
     subjects = subjects_from_arguments(arguments)
     if len(subjects) != 1:
         raise DmstabError(f"dmstab hessian reads one model; got {len(subjects)}")
     subject = subjects[0]
-    result = hessian(subject, pick_device(subject.recipe.train.device))
+    result = hessian(subject, *join_ranks(subject.recipe))
+    if result is None:  # a torchrun rank other than 0: rank 0 reports
+        return None
     console.print(f"[green]done[/] Hessian of {subject.label} at step {subject.step}")
     for name, item in result.spectra.items():
         top = ", ".join(f"{value:.4g}" for value in item.top)

@@ -8,7 +8,9 @@ the line between two checkpoints (Fig. 3), on a fixed batch with fixed noise and
   checkpoint (the paper's epoch 10) and θa the later (epoch 100).
 
 Both use the trained (raw, not EMA) weights, every loss of `dmstab.analysis.fixed_batch`, and
-one MLflow run of kind "landscape" with the figures and the raw grids as `.npz`.
+one MLflow run of kind "landscape" with the figures and the raw grids as `.npz`. Under
+`torchrun` the grid points (or αs) are split over the ranks, each evaluating its own on the
+whole batch; rank 0 gathers them, logs and prints.
 """
 
 from __future__ import annotations
@@ -39,13 +41,14 @@ from dmstab.commands.study import (
     AnalysisRun,
     analysis_losses,
     interpolation_losses,
-    open_analysis,
+    join_ranks,
+    open_ranked_analysis,
     trained_weights,
 )
-from dmstab.commands.subjects import Subject, subjects_from_arguments
+from dmstab.commands.subjects import Subject, check_analysis_writable, subjects_from_arguments
 from dmstab.config import ANALYSES
 from dmstab.console import CountedProgress, console
-from dmstab.devices import pick_device
+from dmstab.distributed import SINGLE_PROCESS, DistributedContext
 from dmstab.errors import DmstabError
 from dmstab.plots import interpolation_figure, surface_figure
 from dmstab.tracking import browse_hint, save_figure
@@ -61,12 +64,16 @@ class LandscapeResult:
     path: Path
 
 
-def loss_surface(subject: Subject, device: torch.device) -> LandscapeResult:
+def loss_surface(
+    subject: Subject, device: torch.device, context: DistributedContext = SINGLE_PROCESS
+) -> LandscapeResult | None:
     """The 2D surface of every fixed-batch loss around `subject`, along filter- or
-    layer-normalised random directions (`landscape.norm`)."""
+    layer-normalised random directions (`landscape.norm`); under `context` the grid points
+    are split over the ranks and rank 0 logs and returns the result (the others None)."""
     config = subject.recipe.analysis(LandscapeConfig)
     axis = np.linspace(-config.span, config.span, config.points)
-    with open_analysis(subject, "landscape") as run:
+    context.decide_together(lambda: _check_outputs(subject, context))
+    with open_ranked_analysis(subject, "landscape", context) as run:
         model, losses = analysis_losses(subject, device, config)
         generator = torch.Generator().manual_seed(config.seed)
         directions = (
@@ -75,10 +82,12 @@ def loss_surface(subject: Subject, device: torch.device) -> LandscapeResult:
         )
         values = {
             name: surface(
-                model, loss, directions, axis, axis, CountedProgress(f"landscape {name} points")
+                model, loss, directions, axis, axis, _progress(f"{name} points", run), context
             )
             for name, loss in losses.items()
         }
+        if run is None:
+            return None
         metadata = {
             "checkpoint": str(subject.checkpoint),
             "step": subject.step,
@@ -95,16 +104,24 @@ def loss_surface(subject: Subject, device: torch.device) -> LandscapeResult:
     return LandscapeResult(run.run_id, grid, path)
 
 
-def interpolation(start: Subject, end: Subject, device: torch.device) -> LandscapeResult:
-    """Every fixed-batch loss along θ(α) = α·θa + (1 − α)·θb, θb = `start`, θa = `end`."""
+def interpolation(
+    start: Subject,
+    end: Subject,
+    device: torch.device,
+    context: DistributedContext = SINGLE_PROCESS,
+) -> LandscapeResult | None:
+    """Every fixed-batch loss along θ(α) = α·θa + (1 − α)·θb, θb = `start`, θa = `end`; under
+    `context` the αs are split over the ranks and rank 0 logs and returns the result."""
     config = end.recipe.analysis(LandscapeConfig)
     alphas = np.linspace(config.alpha_min, config.alpha_max, config.alphas)
-    with open_analysis([start, end], "landscape") as run:
+    context.decide_together(lambda: _check_outputs(end, context))
+    with open_ranked_analysis([start, end], "landscape", context) as run:
         model, losses = interpolation_losses(end, device, config)
         weights_a, weights_b = trained_weights(end), trained_weights(start)
-        curves = interpolation_curve(
-            model, weights_a, weights_b, alphas, losses, CountedProgress("interpolation alphas")
-        )
+        progress = _progress("interpolation alphas", run)
+        curves = interpolation_curve(model, weights_a, weights_b, alphas, losses, progress, context)
+        if run is None:
+            return None
         metadata = {
             "theta_b": str(start.checkpoint),
             "theta_a": str(end.checkpoint),
@@ -121,29 +138,43 @@ def interpolation(start: Subject, end: Subject, device: torch.device) -> Landsca
     return LandscapeResult(run.run_id, grid, path)
 
 
+def _check_outputs(subject: Subject, context: DistributedContext) -> None:
+    """Rank 0's outputs take files (the other ranks write none)."""
+    if context.is_main:
+        check_analysis_writable(subject.recipe)
+
+
+def _progress(what: str, run: AnalysisRun | None) -> CountedProgress | None:
+    """The points (or αs) of this rank's share, counted on the rank that owns the run."""
+    return None if run is None else CountedProgress(f"landscape {what}")
+
+
 def _log_grid(run: AnalysisRun, grid: LandscapeGrid, filename: str) -> Path:
     path = save_landscape(grid, run.directory / filename)
     run.tracker.log_artifact(path, "landscape")
     return path
 
 
-def main(arguments: Sequence[str]) -> dict[str, Any]:
+def main(arguments: Sequence[str]) -> dict[str, Any] | None:
     """A 2D surface around one model, or the 1D loss between two checkpoints (given, or kept by
-    the run at `landscape.interpolate`); the summary `--json` prints returned."""
+    the run at `landscape.interpolate`); the summary `--json` prints returned (None on
+    torchrun's ranks other than 0)."""
     subjects = subjects_from_arguments(arguments)
     if len(subjects) > 2:
         raise DmstabError(
             f"dmstab landscape reads one model or two checkpoints; got {len(subjects)}"
         )
     last = subjects[-1]
-    device = pick_device(last.recipe.train.device)
     steps = last.recipe.analysis(LandscapeConfig).interpolate
+    if len(subjects) == 1 and steps:
+        subjects = [last.kept(steps[0]), last.kept(steps[1])]
+    device, context = join_ranks(last.recipe)
     if len(subjects) == 2:
-        result = interpolation(subjects[0], subjects[1], device)
-    elif steps:
-        result = interpolation(last.kept(steps[0]), last.kept(steps[1]), device)
+        result = interpolation(subjects[0], subjects[1], device, context)
     else:
-        result = loss_surface(last, device)
+        result = loss_surface(last, device, context)
+    if result is None:  # a torchrun rank other than 0: rank 0 reports
+        return None
     kind = "surface" if result.grid.ys is not None else "interpolation"
     console.print(f"[green]done[/] loss {kind} of {last.label}: {', '.join(result.grid.values)}")
     console.print(f"  run     {result.run_id}")

@@ -1,10 +1,15 @@
 """What the analysis commands share: their MLflow run and local folder, and the trained
-network with its fixed-batch losses."""
+network with its fixed-batch losses.
+
+Under `torchrun` every rank runs the analysis and rank 0 alone owns the MLflow run and writes
+the files (`open_ranked_analysis`); the Hessian's fixed batch is sharded over the ranks
+(`analysis_losses` with a context).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -12,10 +17,23 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from dmstab.analysis.fixed_batch import FixedBatch, diffusion_losses, fixed_batch
+from dmstab.analysis.fixed_batch import (
+    FixedBatch,
+    ShareOfMean,
+    diffusion_losses,
+    fixed_batch,
+)
 from dmstab.analysis.hessian import Loss
 from dmstab.commands.subjects import ANALYSES_DIR, Subject, check_analysis_writable
 from dmstab.config import Recipe
+from dmstab.devices import pick_device
+from dmstab.distributed import (
+    SINGLE_PROCESS,
+    DistributedContext,
+    ctrl_c_ends_on_rank_zero,
+    init_distributed,
+    rank_device,
+)
 from dmstab.errors import DmstabError
 from dmstab.models.gan import (
     GanLosses,
@@ -69,14 +87,57 @@ def open_analysis(subjects: Subject | Sequence[Subject], kind: str) -> Iterator[
         yield AnalysisRun(tracker, tracker.run_id, directory)
 
 
+@contextmanager
+def open_ranked_analysis(
+    subjects: Subject | Sequence[Subject], kind: str, context: DistributedContext
+) -> Iterator[AnalysisRun | None]:
+    """`open_analysis` on rank 0 of `context`, None on the other ranks (they own no MLflow run
+    and write no file). A run that cannot be opened stops every rank (`from_main`); Ctrl-C
+    ends it as it ends training (`ctrl_c_ends_on_rank_zero`)."""
+    with ExitStack() as stack:
+        run = context.from_main(lambda: stack.enter_context(open_analysis(subjects, kind)))
+        with ctrl_c_ends_on_rank_zero(context):
+            yield run
+
+
+def join_ranks(recipe: Recipe) -> tuple[torch.device, DistributedContext]:
+    """The device this process analyses on and its place among `torchrun`'s ranks (one process
+    without torchrun): NCCL and GPU LOCAL_RANK on CUDA, gloo on the CPU."""
+    device = pick_device(recipe.train.device)
+    context = init_distributed(device.type)
+    return rank_device(device, context), context
+
+
 def analysis_losses(
-    subject: Subject, device: torch.device, settings: FixedBatchSettings
+    subject: Subject,
+    device: torch.device,
+    settings: FixedBatchSettings,
+    context: DistributedContext = SINGLE_PROCESS,
 ) -> tuple[nn.Module, dict[str, Loss]]:
     """The network whose weights the analysis moves, on `device`, and its fixed-batch losses:
     a DM's trained (raw, not EMA) network with the t-averaged and per-t losses, or a GAN's
-    `settings.network` with its own loss, the other network fixed."""
+    `settings.network` with its own loss, the other network fixed. Under `context` each
+    rank's losses are its share of the whole batch's (`ShareOfMean` over `context.shard`)."""
     recipe = subject.recipe
     batch = fixed_batch(recipe, settings.batch_size, settings.seed, device)
+    if len(batch) < context.world_size:  # a dataset smaller than the batch: fewer rows
+        raise DmstabError(
+            f"the fixed batch has {len(batch)} rows, fewer than the {context.world_size} ranks"
+        )
+    share = context.shard(len(batch))
+    model, losses = _mean_losses_over(subject, device, settings, batch, share)
+    return model, {name: ShareOfMean(loss, len(share), len(batch)) for name, loss in losses.items()}
+
+
+def _mean_losses_over(
+    subject: Subject,
+    device: torch.device,
+    settings: FixedBatchSettings,
+    batch: FixedBatch,
+    share: range,
+) -> tuple[nn.Module, dict[str, Loss]]:
+    """`analysis_losses` as means over the rows `share` of `batch`."""
+    recipe = subject.recipe
     if not is_gan(recipe):
         model = subject.network(device, use_ema=False)
         losses = diffusion_losses(
@@ -86,12 +147,13 @@ def analysis_losses(
             settings.timesteps,
             seed=settings.seed,
             step=subject.step,
+            share=share,
         )
         return model, losses
     if settings.timesteps:
         raise DmstabError("timesteps are for diffusion models; a GAN's loss has none")
     pair = _gan_pair(subject, device)
-    both = _gan_loss_function(subject.recipe, batch, settings.seed)
+    both = _gan_loss_function(subject.recipe, batch.rows(share), settings.seed, share.start)
     if settings.network == "generator":
         return pair.generator, {"generator": lambda g: both(g, pair.discriminator).generator}
     return pair.discriminator, {"discriminator": lambda d: both(pair.generator, d).discriminator}
@@ -140,11 +202,11 @@ def _gan_pair(subject: Subject, device: torch.device) -> GanPair:
 
 
 def _gan_loss_function(
-    recipe: Recipe, batch: FixedBatch, seed: int
+    recipe: Recipe, batch: FixedBatch, seed: int, first: int = 0
 ) -> Callable[[nn.Module, nn.Module], GanLosses]:
     """(generator, discriminator) → both GAN losses on the fixed real batch and the fixed z of
-    images 0…B−1 for `seed` (fakes get the real batch's labels)."""
-    z = seeded_latents(recipe, 0, batch.x0.shape[0], seed).to(batch.x0.device)
+    images first…first+B−1 for `seed` (fakes get the real batch's labels)."""
+    z = seeded_latents(recipe, first, len(batch), seed).to(batch.x0.device)
 
     def losses(generator: nn.Module, discriminator: nn.Module) -> GanLosses:
         return gan_losses(
