@@ -17,6 +17,7 @@ import json
 import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,7 @@ from dmstab.commands.published_group import (
     require_downloaded,
 )
 from dmstab.commands.study import AnalysisRun, join_ranks, open_ranked_analysis
-from dmstab.commands.subjects import (
-    Subject,
-    check_analysis_writable,
-    load_subject,
-    parse_inputs,
-    trained_subject,
-)
+from dmstab.commands.subjects import Subject, load_subject, parse_inputs, trained_subject
 from dmstab.config import ANALYSES, Recipe, SampleConfig, apply_overrides, from_written, to_written
 from dmstab.console import SampleProgress, TextTable, TrainProgress, console, result_table
 from dmstab.data.latents import require_vae
@@ -220,10 +215,10 @@ def consistency(
     Under `context` the seeds are split over the ranks (every model's image i is made by the
     same rank); rank 0 scores, logs and returns the report, the others None."""
     require_shared_noise(subjects)
-    context.decide_together(lambda: _check_inputs(subjects, context))
     labels = [subject.label for subject in subjects]
     scores = []
-    with open_ranked_analysis(subjects, "consistency", context) as run:
+    shareable = partial(_check_shareable, subjects, context.world_size)
+    with open_ranked_analysis(subjects, "consistency", context, shareable) as run:
         if run is not None:
             run.tracker.set_tags(_member_tags(subjects))
         for config in sample_settings(subjects):
@@ -239,16 +234,14 @@ def consistency(
     return ConsistencyReport(run.run_id, labels, scores, run.directory)
 
 
-def _check_inputs(subjects: Sequence[Subject], context: DistributedContext) -> None:
-    """Every rank samples at least one seed, and rank 0's outputs take files."""
+def _check_shareable(subjects: Sequence[Subject], ranks: int) -> None:
+    """Every one of `ranks` ranks samples at least one seed."""
     count = subjects[0].recipe.analysis(ConsistencyConfig).num_images
-    if count < context.world_size:
+    if count < ranks:
         raise DmstabError(
-            f"consistency.num_images={count} cannot be shared by {context.world_size} ranks; "
-            f"use at least {context.world_size} or fewer processes"
+            f"consistency.num_images={count} cannot be shared by {ranks} ranks; "
+            f"use at least {ranks} or fewer processes"
         )
-    if context.is_main:
-        check_analysis_writable(subjects[0].recipe)
 
 
 def summary_tables(report: ConsistencyReport) -> list[TextTable]:

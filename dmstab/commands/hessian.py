@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +29,13 @@ from dmstab.atomic import write_atomically
 from dmstab.commands.study import (
     AnalysisRun,
     analysis_losses,
+    counted_progress,
     join_ranks,
     open_ranked_analysis,
 )
-from dmstab.commands.subjects import Subject, check_analysis_writable, subjects_from_arguments
+from dmstab.commands.subjects import Subject, subjects_from_arguments
 from dmstab.config import ANALYSES
-from dmstab.console import CountedProgress, console
+from dmstab.console import console
 from dmstab.distributed import SINGLE_PROCESS, DistributedContext
 from dmstab.errors import DmstabError
 from dmstab.plots import spectral_density_figure
@@ -111,29 +113,19 @@ def hessian(
     `context` the batch is sharded over the ranks and their products summed; rank 0 logs and
     returns the result, the others None."""
     config = subject.recipe.analysis(HessianConfig)
-    context.decide_together(lambda: _check_inputs(subject, config, context))
-    with open_ranked_analysis(subject, "hessian", context) as run:
+    shareable = partial(check_shardable, "hessian", config.batch_size, context.world_size)
+    with open_ranked_analysis(subject, "hessian", context, shareable) as run:
         model, losses = analysis_losses(subject, device, config, context)
         spectra = {
-            name: spectrum(model, loss, config, _progress(name, run), context)
+            name: spectrum(
+                model, loss, config, counted_progress(f"hessian {name} products", run), context
+            )
             for name, loss in losses.items()
         }
         if run is None:
             return None
         _log(run, spectra, subject, config)
     return HessianResult(run.run_id, spectra, run.directory)
-
-
-def _check_inputs(subject: Subject, config: HessianConfig, context: DistributedContext) -> None:
-    """A batch every rank has rows of, and (rank 0's) outputs that take files."""
-    check_shardable("hessian", config.batch_size, context.world_size)
-    if context.is_main:
-        check_analysis_writable(subject.recipe)
-
-
-def _progress(name: str, run: AnalysisRun | None) -> CountedProgress | None:
-    """The products of loss `name`, counted on the rank that owns the run."""
-    return None if run is None else CountedProgress(f"hessian {name} products")
 
 
 def _log(

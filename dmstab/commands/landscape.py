@@ -40,14 +40,15 @@ from dmstab.analysis.landscape_metrics import (
 from dmstab.commands.study import (
     AnalysisRun,
     analysis_losses,
+    counted_progress,
     interpolation_losses,
     join_ranks,
     open_ranked_analysis,
     trained_weights,
 )
-from dmstab.commands.subjects import Subject, check_analysis_writable, subjects_from_arguments
+from dmstab.commands.subjects import Subject, subjects_from_arguments
 from dmstab.config import ANALYSES
-from dmstab.console import CountedProgress, console
+from dmstab.console import console
 from dmstab.distributed import SINGLE_PROCESS, DistributedContext
 from dmstab.errors import DmstabError
 from dmstab.plots import interpolation_figure, surface_figure
@@ -72,7 +73,6 @@ def loss_surface(
     are split over the ranks and rank 0 logs and returns the result (the others None)."""
     config = subject.recipe.analysis(LandscapeConfig)
     axis = np.linspace(-config.span, config.span, config.points)
-    context.decide_together(lambda: _check_outputs(subject, context))
     with open_ranked_analysis(subject, "landscape", context) as run:
         model, losses = analysis_losses(subject, device, config)
         generator = torch.Generator().manual_seed(config.seed)
@@ -82,7 +82,13 @@ def loss_surface(
         )
         values = {
             name: surface(
-                model, loss, directions, axis, axis, _progress(f"{name} points", run), context
+                model,
+                loss,
+                directions,
+                axis,
+                axis,
+                counted_progress(f"landscape {name} points", run),
+                context,
             )
             for name, loss in losses.items()
         }
@@ -114,11 +120,10 @@ def interpolation(
     `context` the αs are split over the ranks and rank 0 logs and returns the result."""
     config = end.recipe.analysis(LandscapeConfig)
     alphas = np.linspace(config.alpha_min, config.alpha_max, config.alphas)
-    context.decide_together(lambda: _check_outputs(end, context))
     with open_ranked_analysis([start, end], "landscape", context) as run:
         model, losses = interpolation_losses(end, device, config)
         weights_a, weights_b = trained_weights(end), trained_weights(start)
-        progress = _progress("interpolation alphas", run)
+        progress = counted_progress("interpolation alphas", run)
         curves = interpolation_curve(model, weights_a, weights_b, alphas, losses, progress, context)
         if run is None:
             return None
@@ -136,17 +141,6 @@ def interpolation(
         )
         path = _log_grid(run, grid, INTERPOLATION_FILE)
     return LandscapeResult(run.run_id, grid, path)
-
-
-def _check_outputs(subject: Subject, context: DistributedContext) -> None:
-    """Rank 0's outputs take files (the other ranks write none)."""
-    if context.is_main:
-        check_analysis_writable(subject.recipe)
-
-
-def _progress(what: str, run: AnalysisRun | None) -> CountedProgress | None:
-    """The points (or αs) of this rank's share, counted on the rank that owns the run."""
-    return None if run is None else CountedProgress(f"landscape {what}")
 
 
 def _log_grid(run: AnalysisRun, grid: LandscapeGrid, filename: str) -> Path:

@@ -26,6 +26,7 @@ from dmstab.analysis.fixed_batch import (
 from dmstab.analysis.hessian import Loss
 from dmstab.commands.subjects import ANALYSES_DIR, Subject, check_analysis_writable
 from dmstab.config import Recipe
+from dmstab.console import CountedProgress
 from dmstab.devices import pick_device
 from dmstab.distributed import (
     SINGLE_PROCESS,
@@ -89,15 +90,33 @@ def open_analysis(subjects: Subject | Sequence[Subject], kind: str) -> Iterator[
 
 @contextmanager
 def open_ranked_analysis(
-    subjects: Subject | Sequence[Subject], kind: str, context: DistributedContext
+    subjects: Subject | Sequence[Subject],
+    kind: str,
+    context: DistributedContext,
+    check: Callable[[], None] = lambda: None,
 ) -> Iterator[AnalysisRun | None]:
     """`open_analysis` on rank 0 of `context`, None on the other ranks (they own no MLflow run
-    and write no file). A run that cannot be opened stops every rank (`from_main`); Ctrl-C
-    ends it as it ends training (`ctrl_c_ends_on_rank_zero`)."""
+    and write no file). First every rank runs `check` (the analysis's own inputs) and rank 0
+    checks its outputs, and the ranks agree on the outcome (`decide_together`): a wrong input
+    is the same one line on every rank. A run that cannot be opened stops every rank
+    (`from_main`); Ctrl-C ends it as it ends training (`ctrl_c_ends_on_rank_zero`)."""
+    first = subjects if isinstance(subjects, Subject) else subjects[0]
+
+    def inputs() -> None:
+        check()
+        if context.is_main:
+            check_analysis_writable(first.recipe)
+
+    context.decide_together(inputs)
     with ExitStack() as stack:
         run = context.from_main(lambda: stack.enter_context(open_analysis(subjects, kind)))
         with ctrl_c_ends_on_rank_zero(context):
             yield run
+
+
+def counted_progress(label: str, run: AnalysisRun | None) -> CountedProgress | None:
+    """A progress line for `label` on the rank that owns the run (None on the others)."""
+    return None if run is None else CountedProgress(label)
 
 
 def join_ranks(recipe: Recipe) -> tuple[torch.device, DistributedContext]:
