@@ -17,12 +17,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from dmstab.analysis.fixed_batch import (
-    FixedBatch,
-    ShareOfMean,
-    diffusion_losses,
-    fixed_batch,
-)
+from dmstab.analysis.fixed_batch import FixedBatch, ShareOfMean, diffusion_losses, fixed_batch
 from dmstab.analysis.hessian import Loss
 from dmstab.commands.subjects import ANALYSES_DIR, Subject, check_analysis_writable
 from dmstab.config import Recipe
