@@ -5,7 +5,8 @@ The Hessian's fixed batch is sharded (3 rows: 2 and 1) and its products summed o
 so its spectrum equals one process's up to float summation order; the landscape's grid points
 (9: 5 and 4) and αs, and consistency's seeds (3: 2 and 1), are split over the ranks, so theirs
 are the very numbers one process computes. One `torchrun` runs the four analyses in a row (one
-launch, one process group), rank 0 alone logging one MLflow run each.
+launch, one process group), rank 0 alone logging one MLflow run each. A GAN's shares are
+checked in one process: the ranks' losses and gradients add up to the whole batch's.
 """
 
 from __future__ import annotations
@@ -19,8 +20,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from dmstab.analysis.spectrum import HessianConfig
 from dmstab.checkpoint import kept_checkpoint
+from dmstab.commands.study import analysis_losses
+from dmstab.commands.subjects import load_subject
+from dmstab.distributed import DistributedContext
 from dmstab.tracking import TAG_KIND
 from tests.helpers import RECIPES, TINY, CachedRun, Runner, Training, store
 
@@ -147,3 +153,32 @@ def test_two_ranks_analyse_to_the_single_process_numbers(
     np.testing.assert_array_equal(images[1], images[0])
     scores = [json.loads((directory / "scores.json").read_text()) for directory in directories]
     assert scores[1] == scores[0]
+
+
+def _loss_and_gradient(
+    model: torch.nn.Module, loss: Callable[[torch.nn.Module], torch.Tensor]
+) -> tuple[float, torch.Tensor]:
+    value = loss(model)
+    gradient = torch.autograd.grad(value, [p for p in model.parameters() if p.requires_grad])
+    return float(value), torch.cat([g.reshape(-1) for g in gradient])
+
+
+@pytest.mark.parametrize("network", ["generator", "discriminator"])
+def test_two_ranks_shares_of_a_gan_loss_add_up_to_the_whole_batch(
+    tiny_gan: CachedRun, network: str
+) -> None:
+    """5 real images and z split 3 and 2: each rank's loss is its rows' mean times their share
+    of the batch, so the two add up to the whole batch's loss, gradient for gradient."""
+    subject = load_subject(tiny_gan.run_id, ["hessian.batch_size=5", f"hessian.network={network}"])
+    settings = subject.recipe.analysis(HessianConfig)
+    cpu = torch.device("cpu")
+    model, losses = analysis_losses(subject, cpu, settings)
+    whole, whole_gradient = _loss_and_gradient(model, losses[network])
+    shares = []
+    for rank in range(2):  # the shares alone need no process group
+        model, losses = analysis_losses(subject, cpu, settings, DistributedContext(rank, 2, rank))
+        shares.append(_loss_and_gradient(model, losses[network]))
+    (first, first_gradient), (second, second_gradient) = shares
+    assert first != pytest.approx(second), "each rank its own rows"
+    assert first + second == pytest.approx(whole, rel=1e-6)
+    torch.testing.assert_close(first_gradient + second_gradient, whole_gradient)
