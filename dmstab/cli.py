@@ -59,6 +59,9 @@ def _main(
         "dmstab train recipes/cifar10_clts.yaml --dry-run",
         "dmstab train recipes/quickstart.yaml --resume auto",
         "torchrun --nproc_per_node 4 -m dmstab train recipes/edm2_mini.yaml",
+        "dmstab train recipes/ablation_clts_mu.yaml --launcher submitit --parallel 4 "
+        "--launcher-option slurm_partition=gpu --launcher-option gpus_per_node=4 "
+        "--launcher-option timeout_min=1440",
     )
 )
 @reports
@@ -78,11 +81,47 @@ def train(
             show_default=False,
         ),
     ] = None,
+    launcher: Annotated[
+        str | None,
+        typer.Option(
+            "--launcher",
+            help="`submitit`: each child of the sweep a submitit job (SLURM where `sbatch` is "
+            "found, else processes here), collected under the parent run "
+            "(default: the children train here, one after the other).",
+            show_default=False,
+        ),
+    ] = None,
+    parallel: Annotated[
+        int | None,
+        typer.Option(
+            "--parallel",
+            help="With --launcher submitit: children running at once (default: all).",
+            show_default=False,
+        ),
+    ] = None,
+    launcher_options: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--launcher-option",
+            help="With --launcher submitit: KEY=VALUE, one of submitit's parameters "
+            "(timeout_min, gpus_per_node, cpus_per_task, mem_gb, slurm_partition, "
+            "slurm_account, slurm_additional_parameters, ...) or cluster=slurm|local.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> Mapping[str, Any] | None:
     """Train a diffusion model from a recipe (every child of its `sweep:`), logging to MLflow."""
     from dmstab.commands.train import main
 
-    return main(recipe, overrides or [], dry_run=dry_run, resume=resume)
+    return main(
+        recipe,
+        overrides or [],
+        dry_run=dry_run,
+        resume=resume,
+        launcher=launcher,
+        parallel=parallel,
+        launcher_options=launcher_options or [],
+    )
 
 
 @app.command(

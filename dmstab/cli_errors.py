@@ -12,7 +12,7 @@ from typing import Any, ParamSpec, TypeVar, cast
 import typer
 from typer.core import TyperGroup
 
-from dmstab.errors import DmstabError
+from dmstab.errors import ChildrenFailed, DmstabError
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -73,8 +73,8 @@ def _message(exc: Exception) -> str:
 
 
 def user_errors(command: Callable[P, R]) -> Callable[P, R]:
-    """Bad input -> one line on stderr, exit 2; divergence -> one line, exit 1; under torchrun,
-    the process group is left however the command ends."""
+    """Bad input -> one line on stderr, exit 2; divergence or failed sweep children -> one line,
+    exit 1; under torchrun, the process group is left however the command ends."""
 
     @wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -88,7 +88,7 @@ def user_errors(command: Callable[P, R]) -> Callable[P, R]:
         except DmstabError as exc:
             error(str(exc))
             raise typer.Exit(2) from None
-        except TrainingDiverged as exc:
+        except (TrainingDiverged, ChildrenFailed) as exc:
             error(str(exc))
             raise typer.Exit(1) from None
         finally:  # leave a torchrun process group; none exists unless its module was imported

@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import yaml
 
@@ -250,6 +250,39 @@ class ChildRun:
 
 
 @dataclass(frozen=True)
+class PlannedChild:
+    """A child as the parent found it: its place in the sweep and its earlier run, if any."""
+
+    index: int  # 1-based, in the sweep's order
+    child: SweepChild
+    previous: RunRecord | None  # its finished run under the parent, else its newest unfinished
+
+    @property
+    def action(self) -> Action:
+        if self.previous is None:
+            return "new"
+        return "skipped" if self.previous.status == "FINISHED" else "resumed"
+
+    @property
+    def resume(self) -> str | None:
+        """The run to continue: the unfinished one (a finished child is not trained again)."""
+        return None if self.previous is None else self.previous.run_id
+
+
+OnChild = Callable[[int, int, str, Action], None]
+
+
+class Launcher(Protocol):
+    """Trains a sweep's children elsewhere (`dmstab.commands.launch`: submitit's executors),
+    yielding each one's ChildRun as it ends, skipped ones included, in any order. It calls
+    `on_child(index, total, label, action)` as it takes each child up."""
+
+    def __call__(
+        self, plan: Sequence[PlannedChild], parent_run_id: str, on_child: OnChild | None
+    ) -> Iterator[ChildRun]: ...
+
+
+@dataclass(frozen=True)
 class SweepResult:
     run_id: str  # the parent run
     children: tuple[ChildRun, ...]
@@ -259,13 +292,15 @@ def run_sweep(
     sweep: Sweep,
     *,
     resume: str | None = None,
+    launcher: Launcher | None = None,
     progress: Callable[[], Progress] | None = None,
     on_sample: Callable[[int, int], None] | None = None,
-    on_child: Callable[[int, int, str, Action], None] | None = None,
+    on_child: OnChild | None = None,
     on_run: Callable[[StartedRun], None] | None = None,
     children_done: Callable[[int, int], None] | None = None,
 ) -> SweepResult:
-    """Train every child under one parent run, one after the other.
+    """Train every child under one parent run: one after the other in this process, or through
+    `launcher` (then `progress`, `on_sample` and `on_run`, this process's, go unused).
 
     `resume`: `auto` continues the latest unfinished parent run of this sweep (else starts one),
     a run id continues that parent. Finished children are skipped, an unfinished child resumes
@@ -287,25 +322,28 @@ def run_sweep(
     tracker = _open_parent(sweep, _resolve_parent(sweep, resume))
     assert tracker.run_id is not None
     parent_id, total = tracker.run_id, len(sweep.children)
-    done: list[ChildRun] = []
+    done: dict[str, ChildRun] = {}
     with tracked_run(tracker):
         tags = {TAG_KIND: "train", TAG_PARENT: parent_id}
         earlier = find_runs(tags, None, sweep.base.tracking.uri)
+        plan = [
+            PlannedChild(index, child, _previous_run(earlier, fingerprint(child.recipe)))
+            for index, child in enumerate(sweep.children, 1)
+        ]
         tracker.log_metrics({"sweep/children_finished": 0}, 0)
         if children_done is not None:
             children_done(0, total)
-        for index, child in enumerate(sweep.children, 1):
-            previous = _previous_run(earlier, fingerprint(child.recipe))
-            action = _action(previous)
-            if on_child is not None:
-                on_child(index, total, child.label, action)
-            run_id = _train_child(child, previous, parent_id, progress, on_sample, on_run)
-            done.append(ChildRun(child.label, run_id, action))
-            tracker.log_metrics({"sweep/children_finished": index}, index)
+        if launcher is None:
+            ended = _train_in_process(plan, parent_id, on_child, progress, on_sample, on_run)
+        else:
+            ended = launcher(plan, parent_id, on_child)
+        for child_run in ended:
+            done[child_run.label] = child_run
+            tracker.log_metrics({"sweep/children_finished": len(done)}, len(done))
             tracker.flush()
             if children_done is not None:
-                children_done(index, total)
-    return SweepResult(parent_id, tuple(done))
+                children_done(len(done), total)
+    return SweepResult(parent_id, tuple(done[child.label] for child in sweep.children))
 
 
 def _resolve_parent(sweep: Sweep, resume: str | None) -> str | None:
@@ -369,31 +407,31 @@ def _previous_run(runs: Sequence[RunRecord], child_fingerprint: str) -> RunRecor
     return candidates[0] if candidates else None
 
 
-def _action(previous: RunRecord | None) -> Action:
-    if previous is None:
-        return "new"
-    return "skipped" if previous.status == "FINISHED" else "resumed"
-
-
-def _train_child(
-    child: SweepChild,
-    previous: RunRecord | None,
+def _train_in_process(
+    plan: Sequence[PlannedChild],
     parent_id: str,
+    on_child: OnChild | None,
     progress: Callable[[], Progress] | None,
     on_sample: Callable[[int, int], None] | None,
     on_run: Callable[[StartedRun], None] | None,
-) -> str:
-    """The child's run id, after training it (or at once when it had finished)."""
-    if previous is not None and previous.status == "FINISHED":
-        return previous.run_id
+) -> Iterator[ChildRun]:
+    """Each child in turn, here: trained (or at once when it had finished)."""
     from dmstab.train.loop import train
 
-    result = train(
-        child.recipe,
-        resume=previous.run_id if previous is not None else None,
-        progress=progress() if progress is not None else None,
-        on_sample=on_sample,
-        parent_run_id=parent_id,
-        on_run=on_run,
-    )
-    return result.run_id
+    for planned in plan:
+        label, action = planned.child.label, planned.action
+        if on_child is not None:
+            on_child(planned.index, len(plan), label, action)
+        if action == "skipped":
+            assert planned.previous is not None
+            yield ChildRun(label, planned.previous.run_id, action)
+            continue
+        result = train(
+            planned.child.recipe,
+            resume=planned.resume,
+            progress=progress() if progress is not None else None,
+            on_sample=on_sample,
+            parent_run_id=parent_id,
+            on_run=on_run,
+        )
+        yield ChildRun(label, result.run_id, action)

@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from dmstab.commands.sweep import Sweep, load_sweep, run_sweep
+from dmstab.commands.sweep import Launcher, Sweep, load_sweep, run_sweep
 from dmstab.config import load_recipe, to_yaml
 from dmstab.config.describe import run_name
 from dmstab.console import (
@@ -20,19 +20,42 @@ from dmstab.console import (
     result,
     wall_time,
 )
+from dmstab.errors import DmstabError
 from dmstab.tracking import browse_hint, is_remote, run_page
 from dmstab.train.loop import StartedRun, TrainResult, train
 
 
 def main(
-    recipe: Path, overrides: Sequence[str], *, dry_run: bool, resume: str | None
+    recipe: Path,
+    overrides: Sequence[str],
+    *,
+    dry_run: bool,
+    resume: str | None,
+    launcher: str | None = None,
+    parallel: int | None = None,
+    launcher_options: Sequence[str] = (),
 ) -> dict[str, Any] | None:
     """Train `recipe` with `overrides` (or print the resolved recipe with `dry_run`). stdout: the
     run id (a sweep's parent run id); the return value: the summary `--json` prints (None on
-    torchrun ranks other than 0)."""
+    torchrun ranks other than 0). `launcher` "submitit" trains a sweep's children as submitit
+    jobs (`parallel` at a time, `launcher_options` KEY=VALUE its parameters)."""
     sweep = load_sweep(recipe, overrides)
+    if launcher is None and (parallel is not None or launcher_options):
+        raise DmstabError("--parallel and --launcher-option need --launcher submitit")
+    if launcher is not None and launcher != "submitit":
+        raise DmstabError(
+            f"--launcher {launcher}: the one launcher is submitit (without --launcher a "
+            "sweep's children train here, one after the other)"
+        )
+    if launcher is not None and sweep is None:
+        raise DmstabError(
+            f"--launcher submitit runs the children of a sweep; {recipe} has no `sweep:` section"
+        )
     if sweep is not None:
-        return _train_sweep(sweep, dry_run=dry_run, resume=resume)
+        child_launcher = None  # options are checked on a dry run too
+        if launcher is not None:
+            child_launcher = _submitit_launcher(sweep, parallel, launcher_options)
+        return _train_sweep(sweep, dry_run=dry_run, resume=resume, launcher=child_launcher)
     resolved = load_recipe(recipe, overrides)
     if dry_run:
         text = to_yaml(resolved)
@@ -106,7 +129,23 @@ def _print_summary(trained: TrainResult, summary: dict[str, Any]) -> None:
         console.print(f"  samples     {trained.samples}", highlight=False)
 
 
-def _train_sweep(sweep: Sweep, *, dry_run: bool, resume: str | None) -> dict[str, Any] | None:
+def _submitit_launcher(sweep: Sweep, parallel: int | None, options: Sequence[str]) -> Launcher:
+    """submitit's launcher for `sweep`, its options checked; a one-line error without submitit."""
+    try:
+        from dmstab.commands.launch import SubmititLauncher, parse_settings
+    except ImportError as exc:
+        if exc.name != "submitit":
+            raise
+        raise DmstabError(
+            "--launcher submitit needs submitit: pip install 'dmstab[cluster]'"
+        ) from None
+    settings = parse_settings(options, parallel)
+    return SubmititLauncher(settings, Path(sweep.base.train.out_dir) / "submitit", announce_run)
+
+
+def _train_sweep(
+    sweep: Sweep, *, dry_run: bool, resume: str | None, launcher: Launcher | None
+) -> dict[str, Any] | None:
     if dry_run:
         text = to_yaml(sweep.base)
         result(text, end="")
@@ -115,6 +154,7 @@ def _train_sweep(sweep: Sweep, *, dry_run: bool, resume: str | None) -> dict[str
     outcome = run_sweep(
         sweep,
         resume=resume,
+        launcher=launcher,
         progress=TrainProgress,
         on_sample=SampleProgress("sample"),
         on_child=announce_child,
