@@ -28,6 +28,8 @@ from dmstab.errors import ChildrenFailed, DmstabError
 from dmstab.train.loop import StartedRun
 
 CLUSTER_KEY = "cluster"  # picks submitit's executor; every other option is one of its parameters
+# given to the executor when it is made, not to update_parameters: requeues after a time-out
+CONSTRUCTOR_KEYS = ("slurm_max_num_timeout", "local_max_num_timeout")
 DEFAULT_TIMEOUT_MIN = 24 * 60  # submitit's own defaults (5 min on SLURM, 2 locally) end a training
 POLL_S = {"local": 0.5, "debug": 0.0}  # how often the parent looks at its jobs; SLURM: below
 SLURM_POLL_S = 30.0
@@ -72,9 +74,11 @@ def parse_settings(options: Sequence[str], parallel: int | None) -> LauncherSett
 
 def _executor(settings: LauncherSettings, folder: Path) -> submitit.AutoExecutor:
     """submitit's executor for `settings`, its logs and pickles in `folder`."""
+    made = {k: v for k, v in settings.parameters.items() if k in CONSTRUCTOR_KEYS}
+    updated = {k: v for k, v in settings.parameters.items() if k not in CONSTRUCTOR_KEYS}
     try:
-        executor = submitit.AutoExecutor(folder, cluster=settings.cluster)
-        executor.update_parameters(**settings.parameters)
+        executor = submitit.AutoExecutor(folder, cluster=settings.cluster, **made)
+        executor.update_parameters(**updated)
         if executor.cluster == "slurm" and settings.parallel is not None:
             executor.update_parameters(slurm_array_parallelism=settings.parallel)
     except (AssertionError, NameError, RuntimeError, TypeError, ValueError) as exc:

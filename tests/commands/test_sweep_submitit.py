@@ -115,6 +115,28 @@ def test_local_jobs_two_at_a_time_a_killed_child_resumes_a_preempted_one_requeue
     assert store().get_run(parent_id).info.status == "FINISHED"
 
 
+@pytest.mark.slow
+def test_a_child_of_two_tasks_is_one_run_of_two_ranks() -> None:
+    """tasks_per_node=2: submitit starts two processes, which the child joins into one process
+    group (gloo on CPU) through the variables torchrun would set: one MLflow run, not two."""
+    path = Path("one.yaml")
+    path.write_text(SWEEP.replace("[0, 1, 2]", "[0]"))
+    two = ["--launcher", "submitit", "--launcher-option", "cluster=local"]
+    result = cli(
+        "train", str(path), *TINY, "train.steps=4", *two, "--launcher-option", "tasks_per_node=2"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    parent_id = result.stdout.strip()
+    (child,) = _children(parent_id).values()
+    assert child.info.status == "FINISHED"
+    assert _steps(child.info.run_id) == [1, 2, 3, 4]
+    (job,) = {log.name.split("_")[0] for log in Path("runs/submitit", parent_id).glob("*_log.err")}
+    logs = sorted(Path("runs/submitit", parent_id).glob(f"{job}_*_log.out"))
+    assert [log.name for log in logs] == [f"{job}_0_log.out", f"{job}_1_log.out"]
+    for log in logs:
+        assert "global_rank=" in log.read_text() and "Job completed successfully" in log.read_text()
+
+
 def test_launcher_mistakes_are_one_line_errors_before_any_run() -> None:
     path = _sweep_file()
     cases = [
@@ -135,7 +157,9 @@ def test_launcher_mistakes_are_one_line_errors_before_any_run() -> None:
         assert message in one_line_error(cli("train", str(path), *TINY, *options))
     plain = cli("train", str(RECIPES / "quickstart.yaml"), "--launcher", "submitit")
     assert "has no `sweep:` section" in one_line_error(plain)
-    dry = cli("train", str(path), *LOCAL, "--launcher-option", "mem_gb=4", "--dry-run")
+    more = ["mem_gb=4", "slurm_max_num_timeout=20", "slurm_additional_parameters={constraint: a}"]
+    options = [arg for option in more for arg in ("--launcher-option", option)]
+    dry = cli("train", str(path), *LOCAL, *options, "--dry-run")
     assert dry.returncode == 0 and "sweep seeds: 3 children" in dry.stdout
     assert not Path("mlflow.db").exists() and not Path("runs").exists()
 
