@@ -1,7 +1,8 @@
 """`dmstab train SWEEP --launcher submitit`: the children as submitit jobs on this machine
 (submitit's local executor, the path SLURM jobs take), two at a time; one child killed with
-SIGKILL and resumed by `--resume auto`, one preempted (SIGUSR2, SLURM's warning signal) and
-requeued by submitit itself; option mistakes and a missing submitit as one-line errors."""
+SIGKILL and resumed by `--resume auto` on two ranks, one preempted (SIGUSR2, SLURM's warning
+signal) and requeued by submitit itself; option mistakes and a missing submitit as one-line
+errors."""
 
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ def _steps(run_id: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_local_jobs_two_at_a_time_a_killed_child_resumes_a_preempted_one_requeues(
+def test_local_jobs_two_at_a_time_killed_child_resumes_on_two_ranks_preempted_one_requeues(
     isolated_workdir: Path,
 ) -> None:
     path = _sweep_file()
@@ -99,7 +100,13 @@ def test_local_jobs_two_at_a_time_a_killed_child_resumes_a_preempted_one_requeue
     (third,) = set(first) - {killed, preempted}
     assert first[third].info.status == "FINISHED"
 
-    resumed = cli("train", str(path), *TINY, *LOCAL, "--resume", "auto")
+    logs = Path("runs/submitit", parent_id)
+    assert not list(logs.glob("*_1_log.out"))  # one task per job so far
+    # Resumed on two ranks (tasks_per_node=2: submitit starts two processes, which the child joins
+    # into one process group, gloo on CPU, through the variables torchrun would set); were they
+    # not joined, each would train the run alone and log every step twice.
+    two_ranks = ["--launcher-option", "tasks_per_node=2"]
+    resumed = cli("train", str(path), *TINY, *LOCAL, *two_ranks, "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stdout.strip() == parent_id
     announced = [line for line in resumed.stderr.splitlines() if line.startswith("child ")]
@@ -113,28 +120,12 @@ def test_local_jobs_two_at_a_time_a_killed_child_resumes_a_preempted_one_requeue
         assert after[run_id].info.end_time == first[run_id].info.end_time
     assert _steps(killed) == list(range(1, STEPS + 1))  # from its checkpoint: no step twice
     assert store().get_run(parent_id).info.status == "FINISHED"
-
-
-@pytest.mark.slow
-def test_a_child_of_two_tasks_is_one_run_of_two_ranks() -> None:
-    """tasks_per_node=2: submitit starts two processes, which the child joins into one process
-    group (gloo on CPU) through the variables torchrun would set: one MLflow run, not two."""
-    path = Path("one.yaml")
-    path.write_text(SWEEP.replace("[0, 1, 2]", "[0]"))
-    two = ["--launcher", "submitit", "--launcher-option", "cluster=local"]
-    result = cli(
-        "train", str(path), *TINY, "train.steps=4", *two, "--launcher-option", "tasks_per_node=2"
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    parent_id = result.stdout.strip()
-    (child,) = _children(parent_id).values()
-    assert child.info.status == "FINISHED"
-    assert _steps(child.info.run_id) == [1, 2, 3, 4]
-    (job,) = {log.name.split("_")[0] for log in Path("runs/submitit", parent_id).glob("*_log.err")}
-    logs = sorted(Path("runs/submitit", parent_id).glob(f"{job}_*_log.out"))
-    assert [log.name for log in logs] == [f"{job}_0_log.out", f"{job}_1_log.out"]
-    for log in logs:
-        assert "global_rank=" in log.read_text() and "Job completed successfully" in log.read_text()
+    (rank_1,) = logs.glob("*_1_log.out")
+    job = rank_1.name.split("_")[0]
+    assert killed in (logs / f"{job}_0_log.err").read_text()
+    for rank in (0, 1):
+        out = (logs / f"{job}_{rank}_log.out").read_text()
+        assert f"global_rank={rank}(2)" in out and "Job completed successfully" in out
 
 
 def test_launcher_mistakes_are_one_line_errors_before_any_run() -> None:
