@@ -24,8 +24,9 @@ import yaml
 
 from dmstab.commands.sweep import ChildRun, OnChild, PlannedChild
 from dmstab.config import Recipe
+from dmstab.console import TrainProgress, console
 from dmstab.errors import ChildrenFailed, DmstabError
-from dmstab.train.loop import StartedRun
+from dmstab.train.loop import StartedRun, train
 
 CLUSTER_KEY = "cluster"  # picks submitit's executor; every other option is one of its parameters
 # given to the executor when it is made, not to update_parameters: requeues after a time-out
@@ -107,9 +108,6 @@ class ChildJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> str | None:
         """The child's run id (None on ranks other than 0)."""
-        from dmstab.console import TrainProgress
-        from dmstab.train.loop import train
-
         if submitit.JobEnvironment().num_tasks > 1:  # each task one rank, on GPU LOCAL_RANK
             submitit.helpers.TorchDistributedEnvironment().export(
                 set_cuda_visible_devices=False, overwrite=True
@@ -145,8 +143,6 @@ class SubmititLauncher:
     def __call__(
         self, plan: Sequence[PlannedChild], parent_run_id: str, on_child: OnChild | None
     ) -> Iterator[ChildRun]:
-        from dmstab.console import console
-
         folder = (self.root / parent_run_id).resolve()
         executor = _executor(self.settings, folder)
         cluster = executor.cluster

@@ -3,8 +3,9 @@
 A recipe's `sweep:` section lists `points` (named sets of `section.key: value`) and a `grid`
 (`section.key: [values]`). The children are every point with every cell of the grid, each the
 recipe without `sweep:` and with those keys set exactly as command-line overrides set them, all
-validated when the file is loaded. `run_sweep` trains them one after the other; resumed, it skips
-the children that finished and continues the unfinished one from its checkpoint.
+validated when the file is loaded. `run_sweep` trains them one after the other, or hands them to
+a launcher (`dmstab.commands.launch`: submitit jobs); resumed, it skips the children that
+finished and continues the unfinished ones from their checkpoints.
 """
 
 from __future__ import annotations
@@ -305,7 +306,8 @@ def run_sweep(
     `resume`: `auto` continues the latest unfinished parent run of this sweep (else starts one),
     a run id continues that parent. Finished children are skipped, an unfinished child resumes
     from its checkpoint. The parent ends FINISHED once every child has; a child's failure or
-    Ctrl-C marks it FAILED or KILLED and propagates. `progress` makes one bar per child;
+    Ctrl-C marks it FAILED or KILLED and propagates (through a launcher: ChildrenFailed once
+    the other children have ended). `progress` makes one bar per child;
     `on_child(index, total, label, action)` is told before each child, `on_run` of each
     child's run as soon as it exists, `children_done(done, total)` at the start and after
     each child.
