@@ -19,8 +19,6 @@ from mlflow.entities import Run
 from dmstab.tracking import TAG_PARENT
 from tests.helpers import RECIPES, TINY, cli, failure_line, one_line_error, store
 
-pytest.importorskip("submitit")
-
 SWEEP = f"base: {RECIPES / 'quickstart.yaml'}\nsweep:\n  grid:\n    train.seed: [0, 1, 2]\n"
 LOCAL = ["--launcher", "submitit", "--parallel", "2", "--launcher-option", "cluster=local"]
 STEPS = 12  # TINY: checkpoints at steps 4, 8 and 12
