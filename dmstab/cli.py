@@ -405,13 +405,37 @@ _analysis_verb(
     "dmstab consistency RUN_A RUN_B RUN_C consistency.num_images=32",
     "dmstab consistency a.pt b.pt consistency.samplers=[ddpm,ddim] sample.steps=100",
 )
-_analysis_verb(
-    "hessian",
-    "Hessian of the loss on a fixed batch: top eigenvalues, trace, density (AAAI Fig. 4).",
-    "dmstab hessian recipes/mini_fig4_hessian_dm.yaml     # trains it first if needed",
-    "dmstab hessian RUN_ID hessian.top_k=5 hessian.timesteps=[10,500]",
-    "dmstab hessian runs/RUN_ID/checkpoint.pt hessian.method=double_backward",
+
+
+@app.command(
+    epilog=examples(
+        "dmstab hessian recipes/mini_fig4_hessian_dm.yaml     # trains it first if needed",
+        "dmstab hessian RUN_ID hessian.top_k=5 hessian.timesteps=[10,500]",
+        "dmstab hessian runs/RUN_ID/checkpoint.pt hessian.method=double_backward",
+        "dmstab hessian recipes/fig4_hessian_cifar10_dm.yaml --dry-run   # memory estimate",
+    )
 )
+@reports
+@user_errors
+def hessian(
+    arguments: Analyzed = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Print the memory estimate and exit: trains and computes nothing."
+        ),
+    ] = False,
+) -> Mapping[str, Any] | None:
+    """Hessian of the loss on a fixed batch: top eigenvalues, trace, density (AAAI Fig. 4)."""
+    if dry_run:
+        from dmstab.commands.hessian import memory_plan
+
+        return memory_plan(arguments or [])
+    from dmstab.commands.analyse import main
+
+    return main("hessian", arguments or [])
+
+
 _analysis_verb(
     "landscape",
     "Loss surface around a model (AAAI Fig. 2) or the loss between two checkpoints (Fig. 3).",

@@ -16,8 +16,11 @@ double backward, and feed:
   squared first components of the Ritz vectors their weights. On a grid, the nodes are
   broadened by Gaussians as PyHessian does (`SpectralDensity.broadened`).
 
-Vectors are flat float64 tensors over all parameters (in `named_parameters` order), on the host:
-each product moves its direction to the model's device and the result back.
+Vectors are flat tensors over all parameters (in `named_parameters` order) in a `VectorSpace`:
+for a model, its parameters' device and dtype (float32 for a float32 model), so products never
+leave the device. A Lanczos basis is one preallocated (steps, P) tensor; every inner product
+(α, β, the reorthogonalisation coefficients) is summed in float64, chunk by chunk, so a float32
+basis loses only float32 rounding of the vectors themselves (docs/performance.md).
 
 Under `torchrun` each rank's `loss` is its share of a sharded batch (dmstab.analysis.fixed_batch)
 and the operator adds the ranks' products on the model's device (NCCL or gloo), so every rank
@@ -40,6 +43,64 @@ from dmstab.distributed import SINGLE_PROCESS, DistributedContext
 Loss = Callable[[nn.Module], Tensor]  # the model -> a scalar loss on fixed data
 Method = Literal["forward_over_reverse", "double_backward"]
 
+# float64 scratch per chunk of a (rows, P) × P product: 2**22 elements, 32 MiB.
+SCRATCH_ELEMENTS = 1 << 22
+HOST = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class VectorSpace:
+    """Where flat parameter vectors live and their precision. Random vectors are drawn on the
+    host from the caller's generator in float64 (the same numbers on every device) and moved
+    once per Lanczos run or Hutchinson probe, never per product."""
+
+    dtype: torch.dtype = torch.float64
+    device: torch.device = HOST
+
+    def empty(self, rows: int, size: int) -> Tensor:
+        return torch.empty(rows, size, dtype=self.dtype, device=self.device)
+
+    def normal(self, size: int, generator: torch.Generator) -> Tensor:
+        drawn = torch.randn(size, generator=generator, dtype=torch.float64)
+        return drawn.to(self.device, self.dtype)
+
+    def rademacher(self, size: int, generator: torch.Generator) -> Tensor:
+        # int8 draws consume the generator as float64 ones do: the same ±1, an eighth the bytes.
+        bits = torch.randint(0, 2, (size,), generator=generator, dtype=torch.int8)
+        return bits.to(self.device, self.dtype) * 2 - 1
+
+
+def inner_products(rows: Tensor, vector: Tensor) -> Tensor:
+    """rows @ vector as float64, each dot product summed in float64: float32 rows are widened
+    one chunk of columns at a time (`SCRATCH_ELEMENTS` of scratch), so no (rows, P) float64
+    copy is ever made."""
+    if rows.dtype == torch.float64 and vector.dtype == torch.float64:
+        return rows @ vector
+    count, size = rows.shape
+    width = max(1, SCRATCH_ELEMENTS // max(count, 1))
+    total = torch.zeros(count, dtype=torch.float64, device=rows.device)
+    for start in range(0, size, width):
+        chunk = slice(start, start + width)
+        total += rows[:, chunk].double() @ vector[chunk].double()
+    return total
+
+
+def dot(first: Tensor, second: Tensor) -> float:
+    """first · second, summed in float64."""
+    return float(inner_products(first[None], second)[0])
+
+
+def _unit(vector: Tensor) -> Tensor:
+    return vector / math.sqrt(dot(vector, vector))
+
+
+def _project_out(rows: Tensor, vector: Tensor) -> Tensor:
+    """vector − RᵀR·vector for orthonormal rows R: the component orthogonal to them (classical
+    Gram–Schmidt with float64 coefficients)."""
+    if len(rows) == 0:
+        return vector
+    return vector - rows.T @ inner_products(rows, vector).to(vector.dtype)
+
 
 class HessianOperator:
     """v ↦ H·v for the Hessian of `loss(model)` with respect to the model's parameters; under
@@ -61,6 +122,13 @@ class HessianOperator:
         self.shapes = [params[name].shape for name in self.names]
         self.point = {name: params[name].detach() for name in self.names}
         self.size = sum(math.prod(shape) for shape in self.shapes)
+        first = self.point[self.names[0]]
+        dtype = torch.float32
+        for value in self.point.values():
+            dtype = torch.promote_types(dtype, value.dtype)
+        # The vectors: the parameters' device, their dtype but at least float32 (bf16 weights
+        # would make the Lanczos basis useless).
+        self.space = VectorSpace(dtype, first.device)
 
     def _unflatten(self, vector: Tensor) -> dict[str, Tensor]:
         pieces = torch.split(vector, [math.prod(shape) for shape in self.shapes])
@@ -74,6 +142,8 @@ class HessianOperator:
         return self.loss(_Bound(self.model, params))
 
     def __call__(self, vector: Tensor) -> Tensor:
+        """H·vector, returned on the vector's device in its dtype: no copy when the vector is in
+        `space` (a host vector for a CUDA model makes one round trip)."""
         direction = self._unflatten(vector)
         if self.method == "forward_over_reverse":
             gradient = grad(self._loss_at)
@@ -83,7 +153,7 @@ class HessianOperator:
         flat = torch.cat([product[name].reshape(-1) for name in self.names])
         if self.context.active:  # on the model's device: NCCL reduces CUDA tensors only
             flat = self.context.all_reduce_sum(flat)
-        return flat.to(vector.device, torch.float64)  # back beside the caller's vectors
+        return flat.to(vector.device, vector.dtype)  # back beside the caller's vectors
 
     def _double_backward(self, direction: Mapping[str, Tensor]) -> dict[str, Tensor]:
         params = {name: value.clone().requires_grad_(True) for name, value in self.point.items()}
@@ -108,10 +178,6 @@ class _Bound(nn.Module):
         return functional_call(self.inner, self.params, args, kwargs)
 
 
-def _unit(vector: Tensor) -> Tensor:
-    return vector / float(vector.norm())
-
-
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value
 class Eigenpairs:
     """Eigenvalues of largest magnitude, largest first, and their unit eigenvectors (rows)."""
@@ -128,37 +194,43 @@ def top_eigenpairs(
     iterations: int = 100,
     tol: float = 1e-3,
     generator: torch.Generator,
+    space: VectorSpace = VectorSpace(),
 ) -> Eigenpairs:
     """The k eigenpairs of largest magnitude, largest first: for each, at most `iterations`
     Lanczos steps on H with the eigenvectors already found projected out (deflation), until the
     largest-magnitude Ritz pair's residual is below `tol`·|θ|. The vectors are the unit Ritz
-    vectors, each orthogonal to those found before it (up to rounding)."""
+    vectors (in `space`), each orthogonal to those found before it (up to rounding)."""
+    count = min(k, size)
+    found = space.empty(count, size)  # row j: the j-th eigenvector found
     eigenvalues: list[float] = []
-    eigenvectors: list[Tensor] = []
+    for j in range(count):
+        start = space.normal(size, generator)
+        steps = min(iterations, size - j)
+        value, found[j] = _deflated_top_pair(operator, found[:j], start, steps, tol)
+        eigenvalues.append(value)
+    order = sorted(range(count), key=lambda i: abs(eigenvalues[i]), reverse=True)
+    return Eigenpairs([eigenvalues[i] for i in order], found[order])
 
-    def project_out(v: Tensor) -> Tensor:  # deflation: the complement of the vectors found
-        for u in eigenvectors:
-            v = v - (u @ v) * u
-        return v
+
+def _deflated_top_pair(
+    operator: Callable[[Tensor], Tensor], found: Tensor, start: Tensor, steps: int, tol: float
+) -> tuple[float, Tensor]:
+    """The largest-magnitude Ritz pair of at most `steps` Lanczos steps on H restricted to the
+    complement of `found`'s rows. Its basis lives only in this call, so one basis exists at a
+    time (`dmstab.analysis.hessian_memory`)."""
 
     def deflated(v: Tensor) -> Tensor:
-        return project_out(operator(project_out(v)))
+        return _project_out(found, operator(_project_out(found, v)))
 
-    for _ in range(min(k, size)):
-        start = project_out(torch.randn(size, generator=generator, dtype=torch.float64))
-        krylov = _Lanczos(deflated, start)
-        for _ in range(min(iterations, size - len(eigenvectors))):
-            krylov.step()
-            values, vectors = krylov.ritz()
-            top = int(values.abs().argmax())
-            if krylov.residual(vectors[:, top]) <= tol * abs(float(values[top])):
-                break
-        eigenvalues.append(float(values[top]))
-        eigenvectors.append(_unit(krylov.ritz_vector(vectors[:, top])))
-    order = sorted(range(len(eigenvalues)), key=lambda i: abs(eigenvalues[i]), reverse=True)
-    return Eigenpairs(
-        [eigenvalues[i] for i in order], torch.stack([eigenvectors[i] for i in order])
-    )
+    krylov = _Lanczos(deflated, _project_out(found, start), steps)
+    del start  # q_1 is in the basis: one vector less while the run lasts
+    for _ in range(steps):
+        krylov.step()
+        values, vectors = krylov.ritz()
+        top = int(values.abs().argmax())
+        if krylov.residual(vectors[:, top]) <= tol * abs(float(values[top])):
+            break
+    return float(values[top]), _unit(krylov.ritz_vector(vectors[:, top]))
 
 
 @dataclass(frozen=True)
@@ -169,15 +241,20 @@ class TraceEstimate:
 
 
 def hutchinson_trace(
-    operator: Callable[[Tensor], Tensor], size: int, samples: int, *, generator: torch.Generator
+    operator: Callable[[Tensor], Tensor],
+    size: int,
+    samples: int,
+    *,
+    generator: torch.Generator,
+    space: VectorSpace = VectorSpace(),
 ) -> TraceEstimate:
     """tr H ≈ mean of zᵀHz over Rademacher z (Hutchinson 1989), with its standard error."""
     if samples < 2:
         raise ValueError("Hutchinson's estimate needs at least 2 samples for its error")
     values = []
     for _ in range(samples):
-        z = torch.randint(0, 2, (size,), generator=generator, dtype=torch.float64) * 2 - 1
-        values.append(float(z @ operator(z)))
+        z = space.rademacher(size, generator)
+        values.append(dot(z, operator(z)))
     estimates = torch.tensor(values, dtype=torch.float64)
     return TraceEstimate(
         float(estimates.mean()), float(estimates.std() / math.sqrt(samples)), samples
@@ -240,28 +317,35 @@ class BroadenedDensity:
 
 class _Lanczos:
     """Lanczos iterations with full reorthogonalisation, one step at a time: an orthonormal
-    Krylov basis q_1..q_m and the tridiagonal T = QᵀHQ with diagonal α and off-diagonal β."""
+    Krylov basis q_1..q_m, preallocated as one (capacity, P) tensor in the start vector's dtype
+    and device, and the tridiagonal T = QᵀHQ with diagonal α and off-diagonal β (float64)."""
 
-    def __init__(self, operator: Callable[[Tensor], Tensor], start: Tensor) -> None:
+    def __init__(self, operator: Callable[[Tensor], Tensor], start: Tensor, capacity: int) -> None:
         self.operator = operator
-        self.basis = [_unit(start)]
+        self.basis = start.new_empty((capacity, start.numel()))
+        self.basis[0] = _unit(start)
+        self.filled = 1  # rows of `basis` holding q_1..q_filled
         self.alphas: list[float] = []
         self.betas: list[float] = []  # β_j couples q_j and q_{j+1}; the last one is the residual's
         self.exhausted = False  # the Krylov space is invariant: T's eigenvalues are exact
 
     def step(self) -> None:
+        """One product H·q_j, its α_j, β_j and (while there is room) q_{j+1}."""
+        assert len(self.alphas) < self.filled, "the basis holds `capacity` steps"
         q = self.basis[len(self.alphas)]
         w = self.operator(q)
-        self.alphas.append(float(q @ w))
-        stacked = torch.stack(self.basis)
-        w = w - stacked.T @ (stacked @ w)  # full reorthogonalisation (twice is enough)
-        w = w - stacked.T @ (stacked @ w)
-        beta = float(w.norm())
+        self.alphas.append(dot(q, w))
+        used = self.basis[: self.filled]
+        w = _project_out(used, _project_out(used, w))  # full reorthogonalisation, twice is enough
+        beta = math.sqrt(dot(w, w))
         self.betas.append(beta)
-        if beta < 1e-12:
+        # An invariant subspace leaves w as rounding noise of the basis's dtype relative to T.
+        scale = max(max(abs(a) for a in self.alphas), max(self.betas))
+        if beta <= 100 * torch.finfo(w.dtype).eps * scale:
             self.exhausted = True
-        else:
-            self.basis.append(w / beta)
+        elif self.filled < len(self.basis):
+            torch.div(w, beta, out=self.basis[self.filled])
+            self.filled += 1
 
     def ritz(self) -> tuple[Tensor, Tensor]:
         """T's eigenvalues (ascending) and eigenvectors."""
@@ -278,7 +362,8 @@ class _Lanczos:
         return 0.0 if self.exhausted else self.betas[-1] * abs(float(y[-1]))
 
     def ritz_vector(self, y: Tensor) -> Tensor:
-        return torch.stack(self.basis[: len(y)]).T @ y
+        """Q·y, in the basis's dtype and device."""
+        return self.basis[: len(y)].T @ y.to(self.basis.device, self.basis.dtype)
 
 
 def lanczos(
@@ -286,7 +371,7 @@ def lanczos(
 ) -> tuple[Tensor, Tensor]:
     """The eigen-decomposition (Ritz values, Ritz vectors) of the tridiagonal T of at most
     `steps` Lanczos iterations from `start`, with full reorthogonalisation."""
-    krylov = _Lanczos(operator, start)
+    krylov = _Lanczos(operator, start, steps)
     for _ in range(steps):
         krylov.step()
         if krylov.exhausted:  # an invariant subspace: T is exact and smaller
@@ -301,13 +386,13 @@ def spectral_density(
     steps: int = 80,
     runs: int = 1,
     generator: torch.Generator,
+    space: VectorSpace = VectorSpace(),
 ) -> SpectralDensity:
     """SLQ: `runs` Lanczos runs of min(`steps`, size) steps from random unit vectors."""
     steps = min(steps, size)
     nodes, weights = [], []
     for _ in range(runs):
-        start = torch.randn(size, generator=generator, dtype=torch.float64)
-        values, vectors = lanczos(operator, start, steps)
+        values, vectors = lanczos(operator, space.normal(size, generator), steps)
         padded = torch.zeros(steps, dtype=torch.float64)
         padded_weights = torch.zeros(steps, dtype=torch.float64)
         padded[: len(values)] = values

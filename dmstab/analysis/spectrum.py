@@ -183,6 +183,7 @@ def spectrum(
     hessian = HessianOperator(model, loss, method=method, context=context)
     operator = CountedProducts(hessian, hessian.size, config, progress)
     generator = torch.Generator().manual_seed(config.seed)
+    space = hessian.space
     with sdpa_kernel(SDPBackend.MATH):
         top = top_eigenpairs(
             operator,
@@ -191,9 +192,15 @@ def spectrum(
             iterations=config.max_iterations,
             tol=config.tolerance,
             generator=generator,
+            space=space,
         )
+        # To the host at once: the SLQ basis gets the device (dmstab.analysis.hessian_memory).
+        top_values, eigenvectors = top.values, top.vectors.to("cpu", torch.float32)
+        del top
         operator.finished(0)
-        trace = hutchinson_trace(operator, hessian.size, config.trace_samples, generator=generator)
+        trace = hutchinson_trace(
+            operator, hessian.size, config.trace_samples, generator=generator, space=space
+        )
         operator.finished(1)
         density = spectral_density(
             operator,
@@ -201,11 +208,12 @@ def spectrum(
             steps=config.lanczos_steps,
             runs=config.slq_runs,
             generator=generator,
+            space=space,
         )
         operator.finished(2)
     return Spectrum(
-        top.values,
-        top.vectors.to(torch.float32),
+        top_values,
+        eigenvectors,
         trace,
         density,
         density.broadened(config.density_sigma_squared),

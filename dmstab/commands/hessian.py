@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from dmstab.analysis.fixed_batch import check_shardable, metric_name
+from dmstab.analysis.hessian_memory import HessianMemory, gigabytes, hessian_memory
 from dmstab.analysis.spectrum import HessianConfig, Spectrum, check_hessian, spectrum
 from dmstab.atomic import write_atomically
 from dmstab.commands.study import (
@@ -33,11 +34,19 @@ from dmstab.commands.study import (
     join_ranks,
     open_ranked_analysis,
 )
-from dmstab.commands.subjects import Subject, subjects_from_arguments
-from dmstab.config import ANALYSES
-from dmstab.console import console
+from dmstab.commands.subjects import (
+    Subject,
+    load_subject,
+    parse_inputs,
+    subjects_from_arguments,
+)
+from dmstab.config import ANALYSES, Recipe
+from dmstab.console import console, result
+from dmstab.data import build_dataset
 from dmstab.distributed import SINGLE_PROCESS, DistributedContext
 from dmstab.errors import DmstabError
+from dmstab.models import build_model
+from dmstab.models.gan import build_discriminator, is_gan
 from dmstab.plots import spectral_density_figure
 from dmstab.tracking import browse_hint, save_figure
 
@@ -188,6 +197,56 @@ def main(arguments: Sequence[str]) -> dict[str, Any] | None:
             for name, item in result.spectra.items()
         },
     }
+
+
+def memory_plan(arguments: Sequence[str]) -> dict[str, Any]:
+    """`dmstab hessian … --dry-run`: the memory estimate of the analysis the arguments ask for
+    (dmstab.analysis.hessian_memory), from the networks built on the meta device. Trains,
+    computes and writes nothing; a run id or checkpoint is read for its recipe and classes."""
+    inputs = parse_inputs(arguments, will_write=False)
+    if inputs.recipe is not None:
+        recipe = inputs.recipe
+        classes = build_dataset(recipe.data).num_classes if recipe.model.class_cond else 0
+        label = recipe.name
+    else:
+        if len(inputs.sources) > 1:
+            raise DmstabError(f"dmstab hessian reads one model; got {len(inputs.sources)}")
+        subject = load_subject(inputs.sources[0] if inputs.sources else None, inputs.overrides)
+        recipe, classes, label = subject.recipe, subject.num_classes, subject.label
+    config = recipe.analysis(HessianConfig)
+    memory = _estimate(recipe, classes, config)
+    result(
+        f"hessian memory estimate for {label}: P = {memory.parameters:,} parameters, "
+        f"{_losses(recipe)} losses, one at a time"
+    )
+    for line in memory.lines():
+        result(line)
+    return {
+        "dry_run": True,
+        "parameters": memory.parameters,
+        "basis_rows": memory.basis_rows,
+        "device_bytes": memory.device,
+        "host_bytes": memory.host,
+        "device": gigabytes(memory.device),
+    }
+
+
+def _losses(recipe: Recipe) -> int:
+    """How many spectra a run computes: the t-averaged loss and one per timestep (a GAN: one)."""
+    return 1 if is_gan(recipe) else 1 + len(recipe.analysis(HessianConfig).timesteps)
+
+
+def _estimate(recipe: Recipe, classes: int, config: HessianConfig) -> HessianMemory:
+    """The estimate for the network the analysis moves (a GAN's other one held fixed)."""
+    with torch.device("meta"):  # shapes only: a 52.5M-parameter UNet in milliseconds
+        model = build_model(recipe, classes)
+        if not is_gan(recipe):
+            return hessian_memory(config, model, losses=_losses(recipe))
+        discriminator = build_discriminator(recipe, classes)
+    moving, fixed = (
+        (model, discriminator) if config.network == "generator" else (discriminator, model)
+    )
+    return hessian_memory(config, moving, (fixed,), losses=1)
 
 
 ANALYSES.register(HessianConfig.section, main, config=HessianConfig, check=check_hessian)

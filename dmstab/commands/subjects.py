@@ -132,8 +132,10 @@ class AnalysisInputs:
     overrides: tuple[str, ...]
 
 
-def parse_inputs(arguments: Sequence[str]) -> AnalysisInputs:
-    """Arguments with '=' are overrides; a .yaml/.yml file is a recipe; the rest are models."""
+def parse_inputs(arguments: Sequence[str], *, will_write: bool = True) -> AnalysisInputs:
+    """Arguments with '=' are overrides; a .yaml/.yml file is a recipe; the rest are models.
+    `will_write`: refuse a recipe whose store or analyses folder cannot take files (a dry run
+    writes nothing)."""
     overrides = tuple(a for a in arguments if "=" in a)
     sources = tuple(a for a in arguments if "=" not in a)
     recipes = [s for s in sources if Path(s).suffix in (".yaml", ".yml")]
@@ -144,7 +146,8 @@ def parse_inputs(arguments: Sequence[str]) -> AnalysisInputs:
             f"give one recipe or trained models (run ids, checkpoints), not {' and '.join(sources)}"
         )
     recipe = load_recipe(recipes[0], overrides)
-    check_analysis_writable(recipe)  # the recipe's training checks its own train.out_dir
+    if will_write:
+        check_analysis_writable(recipe)  # the recipe's training checks its own train.out_dir
     return AnalysisInputs(recipe, (), overrides)
 
 

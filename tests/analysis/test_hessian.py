@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from dmstab.analysis.hessian import (
     HessianOperator,
     SpectralDensity,
+    VectorSpace,
     hutchinson_trace,
     spectral_density,
     top_eigenpairs,
@@ -63,7 +64,9 @@ def test_both_hessian_vector_products_equal_the_explicit_hessian_times_v() -> No
 
 
 @pytest.mark.gpu
-def test_a_model_on_cuda_takes_and_returns_host_vectors() -> None:
+def test_a_model_on_cuda_keeps_its_vectors_on_cuda() -> None:
+    """The operator's vector space is the model's device; its vectors never leave it, and a
+    host vector comes back to the host."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     model, x, y = _problem()
@@ -75,9 +78,11 @@ def test_a_model_on_cuda_takes_and_returns_host_vectors() -> None:
     )
     for method in ("forward_over_reverse", "double_backward"):
         operator = HessianOperator(model, lambda m: ((m(x) - y) ** 2).mean(), method)  # type: ignore[arg-type]
-        product = operator(v)
-        assert product.device.type == "cpu"
-        torch.testing.assert_close(product, hessian @ v, rtol=1e-10, atol=1e-12)
+        assert operator.space == VectorSpace(torch.float64, x.device)
+        on_device = operator(v.to(cuda))
+        assert on_device.device.type == "cuda"
+        torch.testing.assert_close(on_device.cpu(), hessian @ v, rtol=1e-10, atol=1e-12)
+        assert operator(v).device.type == "cpu"
 
 
 def test_top_three_eigenvalues_match_eigvalsh() -> None:
@@ -120,6 +125,58 @@ def test_top_eigenvalues_keep_repeated_and_opposite_signed_eigenvalues() -> None
         atol=1e-6,
         rtol=0,
     )
+
+
+def test_a_float32_basis_finds_the_same_eigenpairs_to_float32_rounding() -> None:
+    """The problem above with float32 vectors and float32 products (a float32 model's): the
+    basis is float32, the inner products float64, and the eigenpairs hold the float64 test's
+    tolerances (float32 rounding of ‖H‖ = 9 is below 1e-6)."""
+    generator = torch.Generator().manual_seed(5)
+    d = torch.cat(
+        [
+            torch.tensor([-9.0, 8.9, 3.0, 3.0, 3.0], dtype=torch.float64),
+            torch.rand(295, generator=generator, dtype=torch.float64) * 4 - 2,
+        ]
+    )
+    q, _ = torch.linalg.qr(torch.randn(300, 300, generator=generator, dtype=torch.float64))
+    matrix = (q @ torch.diag(d) @ q.T).float()
+    space = VectorSpace(torch.float32)
+    found = top_eigenpairs(lambda v: matrix @ v, 300, 5, generator=generator, space=space)
+    assert found.values == pytest.approx([-9.0, 8.9, 3.0, 3.0, 3.0], rel=1e-6)
+    assert found.vectors.dtype == torch.float32
+    vectors = found.vectors.double()
+    torch.testing.assert_close(
+        vectors @ vectors.T, torch.eye(5, dtype=torch.float64), atol=1e-6, rtol=0
+    )
+    for i in range(2):
+        assert abs(float(vectors[i] @ q[:, i])) == pytest.approx(1.0, abs=1e-6)
+    triple = q[:, 2:5]
+    torch.testing.assert_close(
+        triple.T @ vectors[2:].T @ vectors[2:] @ triple,
+        torch.eye(3, dtype=torch.float64),
+        atol=1e-6,
+        rtol=0,
+    )
+
+
+def test_float32_slq_nodes_are_the_eigenvalues_to_float32_rounding() -> None:
+    """Full-length SLQ of the MLP's Hessian in float32: each run's nodes are its eigenvalues
+    to float32 rounding of ‖H‖ (the float64 test asks 1e-8, beyond float32's 6e-8 epsilon)."""
+    hessian = _explicit_hessian()
+    exact = torch.linalg.eigvalsh(hessian)
+    size = hessian.shape[0]
+    single = hessian.float()
+    density = spectral_density(
+        lambda v: single @ v,
+        size,
+        steps=size,
+        runs=20,
+        generator=torch.Generator().manual_seed(4),
+        space=VectorSpace(torch.float32),
+    )
+    torch.testing.assert_close(density.weights.sum(dim=1), torch.ones(20, dtype=torch.float64))
+    scale = float(exact.abs().max())
+    torch.testing.assert_close(density.nodes[0], exact, rtol=0, atol=1e-5 * scale)
 
 
 def test_hutchinson_trace_is_within_its_standard_error_of_the_exact_trace() -> None:
