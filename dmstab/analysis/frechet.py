@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from dmstab.atomic import write_atomically
 from dmstab.errors import DmstabError
 from dmstab.reading import read_npz
 
@@ -63,13 +64,12 @@ class FeatureStats:
         return cls(mu.cpu().numpy(), sigma.cpu().numpy(), int(values.shape[0]))
 
     def save(self, path: Path) -> Path:
-        """Write `mu`, `sigma` (and `num_images` when known) to an uncompressed `.npz`."""
+        """Write `mu`, `sigma` (and `num_images` when known) to an uncompressed `.npz`,
+        atomically: a failed or killed write leaves the file that was there."""
         arrays: dict[str, Any] = {"mu": self.mu, "sigma": self.sigma}
         if self.num_images is not None:
             arrays["num_images"] = np.int64(self.num_images)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as file:
-            np.savez(file, **arrays)
+        write_atomically(path, lambda handle: np.savez(handle, **arrays))
         return path
 
     @classmethod

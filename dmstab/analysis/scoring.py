@@ -31,12 +31,13 @@ from dmstab.analysis.fid import (
 from dmstab.analysis.frechet import FeatureStats, inception_score, kid
 from dmstab.analysis.progress import Progress
 from dmstab.analysis.shape_classifier import ClassifierConfig, classifier_extractor, classifier_key
+from dmstab.atomic import write_atomically
 from dmstab.config import FEATURE_NETWORKS, DataConfig, FeatureNetwork, Recipe, load_recipe
 from dmstab.data import build_dataset
 from dmstab.data.images import IMAGE_SUFFIXES, image_files, nhwc_to_nchw, read_npz_images
 from dmstab.errors import DmstabError
 from dmstab.plots import to_uint8
-from dmstab.reading import npz_names, read_image
+from dmstab.reading import not_a, npz_names, read_image
 
 PAPER_NUM_IMAGES = 50_000  # both papers score 50k generated images
 
@@ -162,6 +163,32 @@ def stats_cache_file(data: DataConfig, key: str) -> Path:
     return stats_cache() / f"{data.name}-{data.resolution}-{key}-{digest}.npz"
 
 
+def features_cache_file(stats_file: Path) -> Path:
+    """Where the features behind the cached statistics `stats_file` are kept (for KID)."""
+    return stats_file.with_suffix(".features.npy")
+
+
+def save_features(features: torch.Tensor, path: Path) -> Path:
+    """(N, D) features as a `.npy`, written atomically: float32 when that loses nothing (the
+    networks' own precision), else float64."""
+    array = features.cpu().numpy()
+    narrow = array.astype(np.float32)
+    kept = narrow if np.array_equal(narrow, array) else array
+    write_atomically(path, lambda handle: np.save(handle, kept, allow_pickle=False))
+    return path
+
+
+def load_features(path: Path, device: torch.device) -> torch.Tensor:
+    """Features `save_features` wrote, as float64 on `device` (no pickled object is loaded)."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise not_a(path, "features cache", str(error).splitlines()[0]) from None
+    if array.ndim != 2:
+        raise not_a(path, "features cache", f"shape {array.shape}, not (N, D)")
+    return torch.from_numpy(array).to(device, torch.float64)
+
+
 def _from_features(features: torch.Tensor, keep: bool, cache: Path | None) -> Reference:
     return Reference(FeatureStats.from_features(features), features if keep else None, cache)
 
@@ -169,18 +196,25 @@ def _from_features(features: torch.Tensor, keep: bool, cache: Path | None) -> Re
 def _dataset_reference(
     data: DataConfig, pipeline: FeaturePipeline, keep: bool, progress: Progress | None
 ) -> Reference:
-    """Statistics of a dataset, computed once and cached; its features only when `keep`."""
+    """Statistics of a dataset, computed once and cached; with `keep` its features too, cached
+    beside them (`features_cache_file`), so KID featurises the dataset once."""
     if pipeline.dataset not in (None, data.name):
         raise DmstabError(
             f"{pipeline.key} features score {pipeline.dataset} data only, not {data.name}"
         )
     cache = stats_cache_file(data, pipeline.key)
+    features_cache = features_cache_file(cache)
     if cache.is_file() and not keep:
         return Reference(FeatureStats.load(cache), None, cache)
+    if cache.is_file() and features_cache.is_file():
+        features = load_features(features_cache, pipeline.device)
+        return Reference(FeatureStats.load(cache), features, cache)
     reference = _from_features(
         pipeline.features(dataset_images(data, pipeline.batch_size), progress), keep, cache
     )
     reference.stats.save(cache)
+    if reference.features is not None:
+        save_features(reference.features, features_cache)
     return reference
 
 

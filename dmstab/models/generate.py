@@ -7,7 +7,7 @@ generates a contiguous share of the indices, so the gathered images equal one pr
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -99,7 +99,7 @@ def _batch_sampler(
 
 
 @torch.no_grad()
-def generate_for_recipe(
+def generated_batches(
     model: nn.Module,
     recipe: Recipe,
     *,
@@ -110,18 +110,16 @@ def generate_for_recipe(
     guide: Denoiser | None = None,
     preview_latents_without_vae: bool = False,
     context: DistributedContext = SINGLE_PROCESS,
-    gather: bool = True,
-) -> torch.Tensor:
-    """`sample.num_images` uint8 images (N, 3, H, W) on the CPU from `model` trained with `recipe`.
+) -> Iterator[torch.Tensor]:
+    """This rank's share of `sample.num_images` uint8 images (n, 3, H, W) from `model` trained
+    with `recipe`, one batch of at most `sample.batch_size` at a time, on `device` (scoring
+    feeds them to the feature network where they were made).
 
     `sample` replaces `recipe.sample` (evaluation draws its own count). `guide` is the guide
     denoiser when `sample.guide` names a checkpoint; `guide: self` uses `model` without labels.
     Latents are decoded with the SD VAE; without one this fails before sampling, unless
-    `preview_latents_without_vae` asks for `latent_preview` pictures instead.
-
-    Under `context` every rank samples `context.shard(num_images)` in batches of at most
-    `sample.batch_size` and, with `gather`, every rank returns all images in index order;
-    without it, only its own share.
+    `preview_latents_without_vae` asks for `latent_preview` pictures instead. Under `context`
+    every rank samples `context.shard(num_images)`.
     """
     cfg = sample or recipe.sample
     if cfg.num_images < context.world_size:
@@ -141,7 +139,6 @@ def generate_for_recipe(
     sample_batch = _batch_sampler(model, recipe, cfg, num_classes, guide_denoiser, device, callback)
     was_training = model.training
     model.eval()
-    batches = []
     try:
         for first in range(share.start, share.stop, cfg.batch_size):
             count = min(cfg.batch_size, share.stop - first)
@@ -150,11 +147,38 @@ def generate_for_recipe(
             x = sample_batch(noise, labels)
             if decode is not None:
                 x = decode(x)
-            batches.append(to_uint8(x).cpu())
+            yield to_uint8(x)
     finally:
         model.train(was_training)
-    images = torch.cat(batches)
-    return gather_rows(images, device, context) if gather else images
+
+
+def generate_for_recipe(
+    model: nn.Module,
+    recipe: Recipe,
+    *,
+    dataset_classes: int,
+    device: torch.device,
+    callback: Callable[[int, int], None] | None = None,
+    sample: SampleConfig | None = None,
+    guide: Denoiser | None = None,
+    preview_latents_without_vae: bool = False,
+    context: DistributedContext = SINGLE_PROCESS,
+) -> torch.Tensor:
+    """`sample.num_images` uint8 images (N, 3, H, W) on the CPU, `generated_batches` of every
+    rank gathered in index order on each."""
+    batches = generated_batches(
+        model,
+        recipe,
+        dataset_classes=dataset_classes,
+        device=device,
+        callback=callback,
+        sample=sample,
+        guide=guide,
+        preview_latents_without_vae=preview_latents_without_vae,
+        context=context,
+    )
+    images = torch.cat([batch.cpu() for batch in batches])
+    return gather_rows(images, device, context)
 
 
 def gather_rows(

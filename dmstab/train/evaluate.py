@@ -3,7 +3,8 @@
 The feature network and the reference statistics are resolved when the Evaluator is built,
 before training starts, so missing Inception weights or a bad reference stop a run at once.
 Each evaluation generates `eval.num_images` with the recipe's sampler and the same seed, so
-the curve over steps compares the same noise; images stay in memory (no PNG round trip).
+the curve over steps compares the same noise; each batch of images goes from the sampler to
+the feature network on the device (no PNG, no host round trip), and only features are kept.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dmstab.analysis.scoring import (
 from dmstab.config import EvalConfig, Recipe
 from dmstab.distributed import SINGLE_PROCESS, DistributedContext
 from dmstab.errors import DmstabError
-from dmstab.models.generate import gather_rows, generate_for_recipe
+from dmstab.models.generate import gather_rows, generated_batches
 from dmstab.train.restore import load_guide
 
 METRIC_PREFIX = "eval/"
@@ -87,7 +88,7 @@ class Evaluator:
         Under torchrun (call it on every rank) each rank samples and featurises its share of
         the images; rank 0 scores the gathered features and every rank returns its numbers.
         """
-        images = generate_for_recipe(
+        images = generated_batches(  # each batch goes from the sampler to the network on device
             model,
             self.recipe,
             dataset_classes=self.num_classes,
@@ -95,7 +96,6 @@ class Evaluator:
             sample=self.sample,
             guide=self.guide,
             context=self.context,
-            gather=False,
         )
         context = self.context
         features = gather_rows(self.pipeline.features(images), self.device, context)
