@@ -10,8 +10,8 @@ The spectrum (dmstab.analysis.spectrum.spectrum) holds, on the model's device, a
 - `WORK_VECTORS` vectors of P: inside a Hessian-vector product the deflated direction, the
   parameters' copy (double backward) or nothing (forward-over-reverse), the gradient, its
   derivative and the flattened product; around it the temporaries of the reorthogonalisation,
-- the float64 scratch of the inner products (`SCRATCH_ELEMENTS` widened basis entries and as
-  many vector entries at most),
+- the float64 scratch of the inner products: a chunk of the basis widened to float64 and the
+  vector's chunk, each at most `SCRATCH_ELEMENTS` entries (fewer on the CPU),
 - the model's parameters and buffers (a GAN's two networks).
 
 So the vector part peaks at (max(min(I, P) + min(k, P), min(S, P)) + 5)·P·b bytes for
@@ -94,7 +94,7 @@ def hessian_memory(
         basis_rows=rows,
         basis=rows * size * entry,
         work=WORK_VECTORS * size * entry,
-        scratch=2 * SCRATCH_ELEMENTS * 8,
+        scratch=8 * (min(SCRATCH_ELEMENTS, rows * size) + min(SCRATCH_ELEMENTS, size)),
         model=sum(t.numel() * t.element_size() for t in held),
         host=losses * k * size * EIGENVECTOR_BYTES + size * 8,
     )

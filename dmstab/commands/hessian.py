@@ -217,7 +217,7 @@ def memory_plan(arguments: Sequence[str]) -> dict[str, Any]:
     memory = _estimate(recipe, classes, config)
     result(
         f"hessian memory estimate for {label}: P = {memory.parameters:,} parameters, "
-        f"{_losses(recipe)} losses, one at a time"
+        f"{_losses(recipe)} loss(es), one at a time"
     )
     for line in memory.lines():
         result(line)
