@@ -73,13 +73,12 @@ def main() -> None:
     loss = losses.get(MEAN_LOSS) or next(iter(losses.values()))
     parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.recipe}: {parameters:,} parameters, batch {args.batch}, device {device}")
-    vector = torch.randn(
-        parameters, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
-    )
     with sdpa_kernel(SDPBackend.MATH):
         methods: tuple[Method, ...] = ("forward_over_reverse", "double_backward")
         for method in methods:
             operator = HessianOperator(model, loss, method=method)
+            # in the operator's vector space, as dmstab hessian: on the device, no round trip
+            vector = operator.space.normal(parameters, torch.Generator().manual_seed(0))
             seconds = _seconds_per_call(functools.partial(operator, vector), args.repeats, device)
             print(f"  HVP {method:<22} {seconds * 1000:8.1f} ms")
     seconds = _seconds_per_call(lambda: evaluate(loss, model), args.repeats, device)
