@@ -66,10 +66,10 @@ class HessianMemory:
             ("device total (activations not included)", "", self.device),
             ("host: every loss's eigenvectors", "", self.host),
         ]
-        return [f"  {name:<40} {size:>16} {gigabytes(count):>10}" for name, size, count in parts]
+        return [f"  {name:<40} {size:>16} {_gigabytes(count):>10}" for name, size, count in parts]
 
 
-def gigabytes(count: int) -> str:
+def _gigabytes(count: int) -> str:
     return f"{count / 1e9:.2f} GB"
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from dmstab.analysis.fixed_batch import check_shardable, metric_name
-from dmstab.analysis.hessian_memory import HessianMemory, gigabytes, hessian_memory
+from dmstab.analysis.hessian_memory import HessianMemory, hessian_memory
 from dmstab.analysis.spectrum import HessianConfig, Spectrum, check_hessian, spectrum
 from dmstab.atomic import write_atomically
 from dmstab.commands.study import (
@@ -227,7 +227,6 @@ def memory_plan(arguments: Sequence[str]) -> dict[str, Any]:
         "basis_rows": memory.basis_rows,
         "device_bytes": memory.device,
         "host_bytes": memory.host,
-        "device": gigabytes(memory.device),
     }
 
 
