@@ -61,6 +61,22 @@ def _hvp(
     return list(torch.autograd.grad(dot, params))
 
 
+def test_hessian_dry_run_of_a_checkpoint_counts_its_trainable_parameters(
+    trained: CachedRun, dmstab: Runner
+) -> None:
+    """The estimate of the checkpoint's network: its trainable parameters as the analysis
+    builds it, 30 + 2 basis rows in float32, and no analysis run or folder."""
+    result = dmstab("hessian", str(trained.checkpoint), *HESSIAN, "--dry-run", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    subject = load_subject(str(trained.checkpoint))
+    network = subject.network(torch.device("cpu"), use_ema=False)
+    parameters = sum(p.numel() for p in network.parameters() if p.requires_grad)
+    assert plan["parameters"] == parameters and plan["basis_rows"] == 30 + 2
+    assert plan["device_bytes"] > 32 * parameters * 4
+    assert not Path("analyses").exists()
+
+
 @pytest.mark.slow
 def test_hessian_by_checkpoint_logs_a_spectrum_above_every_rayleigh_quotient(
     trained: CachedRun, dmstab: Runner
