@@ -141,8 +141,11 @@ class HessianOperator:
         }
 
     def _loss_at(self, params: Mapping[str, Tensor]) -> Tensor:
-        # functional_call swaps the parameters in for one call, so `loss` sees the same model.
-        return self.loss(_Bound(self.model, params))
+        # functional_call swaps the parameters in for one call, so `loss` sees the model itself,
+        # methods and type included (the EDM objective calls the denoiser's `logvar`).
+        named = {f"model.{name}": value for name, value in params.items()}
+        loss: Tensor = functional_call(_LossOf(self.model, self.loss), named, ())
+        return loss
 
     def __call__(self, vector: Tensor) -> Tensor:
         """H·vector, returned on the vector's device in its dtype: no copy when the vector is in
@@ -169,16 +172,17 @@ class HessianOperator:
         return dict(zip(self.names, second, strict=True))
 
 
-class _Bound(nn.Module):
-    """`model` evaluated with `params` in place of its own (torch.func.functional_call)."""
+class _LossOf(nn.Module):
+    """`loss(model)` as a module, so that torch.func.functional_call can evaluate it with other
+    values in place of the model's parameters."""
 
-    def __init__(self, model: nn.Module, params: Mapping[str, Tensor]) -> None:
+    def __init__(self, model: nn.Module, loss: Loss) -> None:
         super().__init__()
-        self.inner = model
-        self.params = dict(params)
+        self.model = model
+        self.loss = loss
 
-    def forward(self, *args: object, **kwargs: object) -> object:
-        return functional_call(self.inner, self.params, args, kwargs)
+    def forward(self) -> Tensor:
+        return self.loss(self.model)
 
 
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value

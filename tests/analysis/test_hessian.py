@@ -4,6 +4,7 @@ and the broadened density against PyHessian's closed form."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,8 @@ from dmstab.analysis.hessian import (
     top_eigenpairs,
 )
 from dmstab.analysis.spectrum import HessianConfig, spectrum
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _problem() -> tuple[nn.Module, Tensor, Tensor]:
@@ -279,3 +282,32 @@ def test_broadened_density_averages_runs_over_their_mean_extent_and_skips_paddin
     ) / 2
     expected = mean / (mean.sum() * (grid[1] - grid[0]))
     np.testing.assert_allclose(density.density.numpy(), expected, rtol=1e-10)
+
+
+def test_hessian_of_an_edm2_loss_equals_double_backward_on_the_model_itself() -> None:
+    """The EDM objective reads the denoiser's own methods (`logvar`), so the operator must
+    evaluate the loss on the model itself with other parameter values, not on a wrapper."""
+    from dmstab.commands.study import analysis_losses
+    from dmstab.commands.subjects import Subject
+    from dmstab.config import load_recipe
+    from dmstab.data import build_dataset
+    from dmstab.models import build_model
+
+    overrides = ["model.channels=8", "model.channel_mult=[1]", "model.edm2.channels_per_head=8"]
+    overrides += ["data.resolution=8"]
+    recipe = load_recipe(ROOT / "recipes" / "edm2_mini.yaml", [*overrides, "hessian.batch_size=2"])
+    classes = build_dataset(recipe.data).num_classes
+    torch.manual_seed(0)
+    state: dict[str, object] = {"model": build_model(recipe, classes).state_dict(), "step": 0}
+    state["num_classes"] = classes
+    subject = Subject(checkpoint=ROOT, state=state, recipe=recipe, label="edm2")
+    model, losses = analysis_losses(subject, torch.device("cpu"), recipe.analysis(HessianConfig))
+    loss = next(iter(losses.values()))
+    operator = HessianOperator(model, loss, method="double_backward")
+    v = torch.randn(operator.size, generator=torch.Generator().manual_seed(1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    first = torch.autograd.grad(loss(model), params, create_graph=True)
+    pieces = torch.split(v, [p.numel() for p in params])
+    dot = sum((g * piece.view_as(g)).sum() for g, piece in zip(first, pieces, strict=True))
+    expected = torch.cat([h.flatten() for h in torch.autograd.grad(dot, params)])
+    assert torch.allclose(operator(v), expected, rtol=1e-4, atol=1e-6)
