@@ -148,16 +148,18 @@ def test_a_float32_basis_finds_the_same_eigenpairs_to_float32_rounding() -> None
     assert found.values == pytest.approx([-9.0, 8.9, 3.0, 3.0, 3.0], rel=1e-6)
     assert found.vectors.dtype == torch.float32
     vectors = found.vectors.double()
+    # Unit vectors stored in float32 are unit only to float32 rounding summed over their 300
+    # entries (up to about 2e-6, depending on the threads' summation order): 4e-6 here.
     torch.testing.assert_close(
-        vectors @ vectors.T, torch.eye(5, dtype=torch.float64), atol=1e-6, rtol=0
+        vectors @ vectors.T, torch.eye(5, dtype=torch.float64), atol=4e-6, rtol=0
     )
     for i in range(2):
-        assert abs(float(vectors[i] @ q[:, i])) == pytest.approx(1.0, abs=1e-6)
+        assert abs(float(vectors[i] @ q[:, i])) == pytest.approx(1.0, abs=4e-6)
     triple = q[:, 2:5]
     torch.testing.assert_close(
         triple.T @ vectors[2:].T @ vectors[2:] @ triple,
         torch.eye(3, dtype=torch.float64),
-        atol=1e-6,
+        atol=4e-6,
         rtol=0,
     )
 
