@@ -239,6 +239,11 @@ class TrainConfig:
     """`auto`, `cpu` or `cuda`"""
     precision: Precision = "bf16"
     """`bf16` autocast or `fp32`"""
+    compile: bool | Literal["auto"] = "auto"
+    """`torch.compile` the training forward (`auto`: on CUDA)"""
+    fused: bool | Literal["auto"] = "auto"
+    """fused Adam kernel, the same formula rounded otherwise (`auto`: on CUDA; off keeps CPU runs
+    bit for bit as before)"""
     log_every: int = 10
     """metric window (steps)"""
     checkpoint_every: int = 5000

@@ -112,6 +112,8 @@ def _flat(tree: dict[str, Any]) -> dict[str, str]:
 # How a run executes, not what it computes: a run may resume with other values of these.
 EXECUTION_KEYS = (
     "train.device",
+    "train.compile",
+    "train.fused",
     "train.micro_batch_size",
     "train.keep_checkpoints",
     "tracking.offline",

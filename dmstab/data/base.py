@@ -1,4 +1,6 @@
-"""The dataset interface the training loop draws batches from, and its in-memory form."""
+"""The dataset interface the training loop draws batches from, its in-memory form, and how a
+batch reaches the training device: a small in-memory dataset moves there once (`resident`),
+other batches travel from pinned memory without waiting (`upload`)."""
 
 from typing import Protocol, runtime_checkable
 
@@ -51,5 +53,31 @@ class InMemoryDataset:
         return int(self.images.shape[0])
 
     def get_batch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 images in [-1, 1], shape (B, 3, H, W), and int64 labels (B,)."""
+        """float32 images in [-1, 1], shape (B, 3, H, W), and int64 labels (B,), on the device
+        the dataset is held on."""
+        indices = upload(indices, self.images.device)
         return uint8_to_model_range(self.images[indices]), self.labels[indices]
+
+
+RESIDENT_BYTES = 2 << 30  # in-memory datasets up to 2 GiB (CIFAR-10: 150 MiB) move to the GPU
+
+
+def resident(dataset: ImageDataset, device: torch.device) -> ImageDataset:
+    """`dataset`, held on the CUDA `device` when it is an in-memory one of RESIDENT_BYTES or
+    less: batches are then gathered there (the same pixels and order as on the host)."""
+    if device.type != "cuda" or not isinstance(dataset, InMemoryDataset):
+        return dataset
+    if dataset.images.numel() > RESIDENT_BYTES:
+        return dataset
+    dataset.images, dataset.labels = dataset.images.to(device), dataset.labels.to(device)
+    return dataset
+
+
+def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device` without waiting for the device: a CPU tensor bound for CUDA goes
+    through pinned memory, non-blocking (no stream synchronisation)."""
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)

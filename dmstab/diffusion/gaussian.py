@@ -33,7 +33,7 @@ def gather_per_sample(
     values: Tensor, t: Tensor, ndim: int, dtype: torch.dtype = torch.float32
 ) -> Tensor:
     """values[t] as `dtype` on t's device, shaped (B, 1, …, 1) to broadcast over ndim dims."""
-    picked = values.to(t.device)[t].to(dtype)
+    picked = values.to(t.device, non_blocking=True)[t].to(dtype)
     return picked.reshape(-1, *([1] * (ndim - 1)))
 
 
@@ -171,7 +171,7 @@ class GaussianDiffusion:
 
     def model_time(self, t: Tensor) -> Tensor:
         """The time the model sees: original index · 1000 / original T (rescale_timesteps)."""
-        original = self.timestep_map.to(t.device)[t]
+        original = self.timestep_map.to(t.device, non_blocking=True)[t]
         return original.to(torch.float32) * (1000.0 / self.original_num_timesteps)
 
     def model_input(self, x_t: Tensor, t: Tensor) -> Tensor:

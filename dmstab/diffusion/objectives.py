@@ -53,8 +53,9 @@ class Objective(Protocol):
         """Per-sample terms (B,) of rows with these draws; "loss" is the one to minimise."""
         ...
 
-    def learn(self, draws: Draws, terms: dict[str, Tensor]) -> None:
-        """Feed back the terms of the whole batch `draws` was made for."""
+    def learn(self, draws: Draws, terms: dict[str, Tensor], accept: Tensor | None = None) -> None:
+        """Feed back the terms of the whole batch `draws` was made for, where the boolean tensor
+        `accept` is True (a step the loss guard let through)."""
         ...
 
     def metrics(self, step: int) -> dict[str, float]:
@@ -104,10 +105,11 @@ class DDPMObjective:
         terms["loss_weight"] = loss_weight
         return terms
 
-    def learn(self, draws: Draws, terms: dict[str, Tensor]) -> None:
+    def learn(self, draws: Draws, terms: dict[str, Tensor], accept: Tensor | None = None) -> None:
         # As improved-diffusion: the sampler learns from the per-sample loss before its own
         # importance weights (here: after the loss weighting, i.e. the objective minimised).
-        self.timesteps.update(draws["t"], terms.get(LOSS_BEFORE_IMPORTANCE, terms["loss"]).detach())
+        losses = terms.get(LOSS_BEFORE_IMPORTANCE, terms["loss"]).detach()
+        self.timesteps.update(draws["t"], losses, accept)
 
     def metrics(self, step: int) -> dict[str, float]:
         return self.timesteps.metrics(step)
@@ -160,7 +162,7 @@ class EDMObjective:
             terms["logvar"] = logvar.detach()
         return terms
 
-    def learn(self, draws: Draws, terms: dict[str, Tensor]) -> None:
+    def learn(self, draws: Draws, terms: dict[str, Tensor], accept: Tensor | None = None) -> None:
         return None
 
     def metrics(self, step: int) -> dict[str, float]:

@@ -6,7 +6,6 @@ weights; the objective multiplies the losses by the weights when they are not No
 importance sampler learns from the losses it is fed (`update`) and has state to checkpoint.
 """
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import Protocol
@@ -32,8 +31,9 @@ class TimestepSampler(Protocol):
         """Values worth logging at this iteration."""
         ...
 
-    def update(self, t: Tensor, losses: Tensor) -> None:
-        """Feed back the per-sample losses of timesteps t (no-op unless loss-aware)."""
+    def update(self, t: Tensor, losses: Tensor, accept: Tensor | None = None) -> None:
+        """Feed back the per-sample losses of timesteps t (no-op unless loss-aware), unless the
+        boolean tensor `accept` is False (a step the loss guard skipped)."""
         ...
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -71,7 +71,7 @@ class ScheduledSampler(ABC):
     def metrics(self, iteration: int) -> dict[str, float]:
         return {}
 
-    def update(self, t: Tensor, losses: Tensor) -> None:
+    def update(self, t: Tensor, losses: Tensor, accept: Tensor | None = None) -> None:
         return None
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -207,13 +207,16 @@ class LossSecondMomentSampler:
         return bool((self.loss_counts == self.loss_history.shape[1]).all())
 
     def probabilities(self, iteration: int) -> Tensor:
+        """On the CPU: the draws come from a CPU generator (the one host read of a step that
+        trains with this sampler, docs/performance.md)."""
         _check_iteration(iteration)
         T = self.num_timesteps
-        if not self.warmed_up():
-            return torch.full((T,), 1.0 / T, dtype=torch.float64)
+        warmed_up = (self.loss_counts == self.loss_history.shape[1]).all()
         root_mean_square = self.loss_history.pow(2).mean(dim=1).sqrt()
         p = root_mean_square / root_mean_square.sum()
-        return p * (1.0 - self.uniform_prob) + self.uniform_prob / T
+        uniform = torch.full((T,), 1.0 / T, dtype=torch.float64, device=p.device)
+        mixed = p * (1.0 - self.uniform_prob) + self.uniform_prob / T
+        return torch.where(warmed_up, mixed, uniform).cpu()
 
     def sample(
         self, batch_size: int, iteration: int, generator: torch.Generator
@@ -223,29 +226,45 @@ class LossSecondMomentSampler:
         weights = 1.0 / (self.num_timesteps * probabilities[t])
         return t, weights.to(torch.float32)
 
-    def update(self, t: Tensor, losses: Tensor) -> None:
-        """Append each sample's loss to its timestep's history, dropping the oldest when full.
+    def update(self, t: Tensor, losses: Tensor, accept: Tensor | None = None) -> None:
+        """Append each sample's loss to its timestep's history, in batch order, dropping the
+        oldest when full; nothing when the boolean tensor `accept` is False (a skipped step).
 
-        Non-finite losses are not recorded (the training loop reports the divergence).
+        Non-finite losses are not recorded (the training loop reports the divergence). Runs as
+        tensor operations on the losses' device (the history moves there), never on the host.
         """
-        full = self.loss_history.shape[1]
-        pairs = zip(t.tolist(), losses.detach().to("cpu", torch.float64).tolist(), strict=True)
-        for step, loss in pairs:
-            if not math.isfinite(loss):
-                continue
-            count = int(self.loss_counts[step])
-            if count == full:
-                self.loss_history[step] = self.loss_history[step].roll(-1)
-                self.loss_history[step, -1] = loss
-            else:
-                self.loss_history[step, count] = loss
-                self.loss_counts[step] = count + 1
+        device, (T, full) = losses.device, self.loss_history.shape
+        history, counts = self.loss_history.to(device), self.loss_counts.to(device)
+        t = t.to(device, non_blocking=True)
+        losses = losses.detach().to(torch.float64)
+        valid = torch.isfinite(losses) if accept is None else torch.isfinite(losses) & accept
+        # The k-th new loss of timestep s (batch order, valid ones only) is its rank k.
+        keyed = torch.where(valid, t, T)  # invalid samples sort last, into a spare bucket T
+        order = torch.sort(keyed, stable=True).indices
+        new = torch.bincount(keyed, minlength=T + 1)
+        first = torch.cumsum(new, 0) - new
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(len(order), device=device) - first[keyed[order]]
+        # History + new losses, keeping the last `full`: old entries shift left by `drop`.
+        new = new[:T]
+        drop = torch.clamp(counts + new - full, min=0)
+        slots = torch.arange(full, device=device)
+        shifted = history.gather(1, torch.clamp(slots + drop[:, None], max=full - 1))
+        history = torch.where(slots < (counts - drop)[:, None], shifted, history)
+        position = counts[t.clamp(max=T - 1)] + rank - drop[t.clamp(max=T - 1)]
+        kept = valid & (position >= 0)  # more new losses than `full`: the earliest fall out
+        spare = torch.cat([history, torch.zeros(1, full, dtype=history.dtype, device=device)])
+        rows = torch.where(kept, t, T)
+        spare[rows, torch.where(kept, position, 0)] = torch.where(kept, losses, 0.0)
+        self.loss_history = spare[:T]
+        self.loss_counts = torch.clamp(counts + new, max=full)
 
     def metrics(self, iteration: int) -> dict[str, float]:
         return {"timesteps/warmed_up": float(self.warmed_up())}
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {"loss_history": self.loss_history.clone(), "loss_counts": self.loss_counts.clone()}
+        history, counts = self.loss_history.cpu().clone(), self.loss_counts.cpu().clone()
+        return {"loss_history": history, "loss_counts": counts}
 
     def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
         history, counts = state.get("loss_history"), state.get("loss_counts")

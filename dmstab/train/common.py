@@ -124,6 +124,11 @@ class EpochOrder:
         return out
 
 
+def switched_on(setting: bool | str, device: torch.device) -> bool:
+    """A `train.compile` / `train.fused` value: `auto` means on CUDA."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
 def autocast(device: torch.device, precision: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 

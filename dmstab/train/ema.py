@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from dmstab.errors import DmstabError
 
@@ -18,24 +18,35 @@ class EMA:
     def __init__(self, model: nn.Module, rate: float, warmup: bool) -> None:
         self.rate = rate
         self.warmup = warmup
-        self.updates = 0
         self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+        device = next(iter(self.shadow.values())).device
+        self._updates = torch.zeros((), dtype=torch.long, device=device)  # applied updates
 
-    def current_rate(self) -> float:
+    @property
+    def updates(self) -> int:
+        """Updates applied so far (a host read)."""
+        return int(self._updates)
+
+    def current_rate(self) -> Tensor:
+        """r for the next update, as a float64 tensor on the device."""
         if not self.warmup:
-            return self.rate
-        return min(self.rate, (1 + self.updates) / (10 + self.updates))
+            return torch.tensor(self.rate, dtype=torch.float64, device=self._updates.device)
+        n = self._updates.to(torch.float64)
+        return torch.clamp((1 + n) / (10 + n), max=self.rate)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        rate = self.current_rate()
-        for key, value in model.state_dict().items():
-            shadow = self.shadow[key]
-            if value.dtype.is_floating_point:
-                shadow.lerp_(value.detach().float(), 1.0 - rate)
-            else:
-                shadow.copy_(value)
-        self.updates += 1
+    def update(self, model: nn.Module, accept: Tensor) -> None:
+        """Fold in the weights where the boolean tensor `accept` is True (a step the loss guard
+        let through); else change nothing. Decided on the device, never read on the host."""
+        # (1 − r) rounded to float32 as a Python float would be; 0 masks the update.
+        weight = torch.where(accept, 1.0 - self.current_rate(), 0.0).to(torch.float32)
+        state = model.state_dict()
+        floating = [k for k, v in state.items() if v.dtype.is_floating_point]
+        current = [state[k].detach().float() for k in floating]
+        torch._foreach_lerp_([self.shadow[k] for k in floating], current, [weight] * len(floating))
+        for key in state.keys() - set(floating):
+            self.shadow[key].copy_(torch.where(accept, state[key], self.shadow[key]))
+        self._updates += accept
 
     def state_dict(self) -> dict[str, object]:
         return {"shadow": self.shadow, "updates": self.updates}
@@ -47,4 +58,4 @@ class EMA:
         if shadow.keys() != self.shadow.keys():
             raise DmstabError("checkpoint's EMA weights do not fit this recipe's model")
         self.shadow = shadow
-        self.updates = updates
+        self._updates.fill_(updates)

@@ -122,9 +122,11 @@ class GanTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_g.backward()  # type: ignore[no-untyped-call]
         self.optimizer.step()
-        self.ema.update(self.model)
         total = (loss_d + loss_g).detach()
-        self.guard.accept(self.step, float(total))  # a non-finite loss stops the run
+        self.ema.update(self.model, torch.ones((), dtype=torch.bool, device=self.device))
+        # Judged after the updates (GAN recipes allow only `train.nonfinite: stop`): a
+        # non-finite loss stops the run at the loop's next host point, before anything is saved.
+        self.guard.judge(self.step, total)
         return {
             "loss": total,
             "loss_d": loss_d.detach(),

@@ -16,6 +16,7 @@ A GAN recipe (AAAI Table 1's baselines) runs through the same loop with a `GanTr
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,6 +78,7 @@ from dmstab.train.evaluate import Evaluator, build_evaluator
 from dmstab.train.loss_guard import TrainingDiverged
 from dmstab.train.magnitudes import MAGNITUDES_ARTIFACT, MagnitudeMonitor
 from dmstab.train.metric_names import MetricNames
+from dmstab.train.metric_window import MetricWindow
 from dmstab.train.trainer import Trainer
 
 SNAPSHOT_DIR = "snapshots"
@@ -207,6 +209,17 @@ def _save(trainer: LoopTrainer, run_id: str, path: Path) -> None:
     if trainer.context.is_main:
         save_checkpoint(trainer.state_dict(run_id), path)
     trainer.context.barrier()
+
+
+def _read_guard(trainer: LoopTrainer, tracker: Tracker, checkpoint: Path) -> None:
+    """A host point: log the steps the loss guard skipped since the last one, and end the run
+    if a step stopped it (the loss guard's verdict, the same on every rank)."""
+    for step, total in trainer.guard.read_skipped():
+        tracker.log_metrics({"train/skipped": 1.0, "train/skipped_total": total}, step)
+    try:
+        trainer.guard.raise_if_stopped()
+    except TrainingDiverged as exc:
+        raise TrainingDiverged(f"{exc}; last good checkpoint: {checkpoint}") from None
 
 
 def _set_up_run_dir(run_dir: Path, recipe: Recipe, tracker: Tracker) -> None:
@@ -347,34 +360,39 @@ def _run_steps(
     run_dir = checkpoint.parent
     if progress:
         progress.start(total, trainer.step)
-    window: dict[str, float] = {}
-    window_steps, window_start = 0, time.perf_counter()
+    window = MetricWindow()
     last_loss: float | None = None
     magnitudes = _magnitude_monitor(trainer, tracker)
     names = MetricNames(trainer.recipe)
+    objective, main = trainer.ddpm_objective(), trainer.context.is_main
+    every_histogram = trainer.recipe.timesteps.histogram_every
     try:
         while trainer.step < total:
-            try:
-                scalars = trainer.train_step()
-            except TrainingDiverged as exc:  # the loss guard's verdict, taken by every rank
-                raise TrainingDiverged(f"{exc}; last good checkpoint: {checkpoint}") from None
+            scalars = trainer.train_step()
             step = trainer.step
-            if trainer.guard.skipping:
-                skipped = {"train/skipped": 1.0, "train/skipped_total": trainer.guard.total_skipped}
-                tracker.log_metrics(skipped, step)
-            else:
-                window_steps += 1
-                for key, value in scalars.items():
-                    window[key] = window.get(key, 0.0) + float(value)
-            if window_steps and (step % cfg.log_every == 0 or step == total):
-                metrics = {k: v / window_steps for k, v in window.items()}
-                if not all(map(torch.isfinite, torch.tensor(list(metrics.values())))):
+            window.add(scalars, trainer.guard.last_accept)
+            log_due = step % cfg.log_every == 0 or step == total
+            # Host points, the same on every rank: the guard's verdicts are read here only.
+            magnitudes_due = bool(cfg.magnitudes_every) and step % cfg.magnitudes_every == 0
+            histogram_due = objective is not None and every_histogram
+            histogram_due = bool(histogram_due) and step % every_histogram == 0
+            snapshot_due = _snapshot_due(trainer, step)
+            checkpoint_due = step % cfg.checkpoint_every == 0 or step == total
+            kept_due = step in cfg.keep_checkpoints
+            evaluation_due = evaluator is not None and evaluator.due(step)
+            sample_due = bool(cfg.sample_every) and step % cfg.sample_every == 0 and step != total
+            due = (magnitudes_due, histogram_due, snapshot_due, checkpoint_due, kept_due)
+            if log_due or evaluation_due or sample_due or any(due):
+                _read_guard(trainer, tracker, checkpoint)
+            steps, metrics = window.read() if log_due else (0, {})
+            if steps:
+                if not all(map(math.isfinite, metrics.values())):
                     raise TrainingDiverged(
                         f"loss is not finite at step {step} (loss={metrics['loss']}); "
                         f"last good checkpoint: {checkpoint}"
                     )
-                elapsed = time.perf_counter() - window_start
-                metrics["images_per_s"] = window_steps * cfg.batch_size / max(elapsed, 1e-9)
+                elapsed = time.perf_counter() - window.started
+                metrics["images_per_s"] = steps * cfg.batch_size / max(elapsed, 1e-9)
                 metrics["lr"] = trainer.optimizer.param_groups[0]["lr"]
                 metrics["kimg"] = step * cfg.batch_size / 1000
                 metrics.update(trainer.objective_metrics(step))
@@ -386,24 +404,21 @@ def _run_steps(
                 if progress:
                     progress.advance(step, metrics["loss"], metrics["images_per_s"])
                 window.clear()
-                window_steps, window_start = 0, time.perf_counter()
-            if magnitudes is not None and step % cfg.magnitudes_every == 0:
+            if magnitudes is not None and magnitudes_due:
                 tracker.log_metrics(magnitudes.measure(step), step)
-            every = trainer.recipe.timesteps.histogram_every
-            objective, main = trainer.ddpm_objective(), trainer.context.is_main
-            if objective is not None and main and every and step % every == 0:
+            if objective is not None and main and histogram_due:
                 _log_timestep_histogram(objective, step, tracker)
-            if _snapshot_due(trainer, step) and trainer.context.is_main:
+            if snapshot_due and main:
                 _save_snapshots(trainer, run_dir)
-            if step % cfg.checkpoint_every == 0 or step == total:
+            if checkpoint_due:
                 tracker.flush()
                 _save(trainer, run_id, checkpoint)
-            if step in cfg.keep_checkpoints:
+            if kept_due:
                 _save(trainer, run_id, kept_checkpoint(run_dir, step))
-            if evaluator is not None and evaluator.due(step):
+            if evaluator is not None and evaluation_due:
                 model = trainer.ema_model() if trainer.recipe.eval.use_ema else trainer.model
                 tracker.log_metrics(evaluator.evaluate(model), step)
-            if cfg.sample_every and step % cfg.sample_every == 0 and step != total:
+            if sample_due:
                 _sample_and_log(trainer, tracker, run_dir, on_sample)
     finally:
         if progress:

@@ -3,17 +3,48 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from dmstab.config import OptimConfig
 from dmstab.train.lr_schedules import edm2_learning_rate
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Adam or AdamW with the recipe's betas (AAAI paper: β1 0.8, β2 0.999)."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool) -> torch.optim.Optimizer:
+    """Adam or AdamW with the recipe's betas (AAAI paper: β1 0.8, β2 0.999); `fused`: torch's
+    one-kernel update (same formula, other float rounding), which can skip a step on the
+    device (`masked_step`)."""
     params = [p for p in model.parameters() if p.requires_grad]
     kind = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return kind(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return kind(
+        params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=fused or None
+    )
+
+
+@torch.no_grad()
+def masked_step(optimizer: torch.optim.Optimizer, accept: Tensor) -> None:
+    """`optimizer.step()` where the boolean tensor `accept` is True; else leave the parameters
+    and the optimiser state exactly as they were, without reading `accept` on the host.
+
+    A fused Adam takes `found_inf` as GradScaler passes it: the kernel skips the update and
+    the step count is rolled back on the device. Otherwise the step runs and `torch.where`
+    restores the parameters and state saved before it (bit for bit either way).
+    """
+    if all(group.get("fused") for group in optimizer.param_groups):
+        optimizer.found_inf = (~accept).to(torch.float32)  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf  # type: ignore[attr-defined]
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    before = [(p.clone(), {k: v.clone() for k, v in optimizer.state[p].items()}) for p in params]
+    optimizer.step()
+    for param, (old_param, old_state) in zip(params, before, strict=True):
+        pairs = [(param, old_param)]  # state Adam creates in this step was zeros (step 0) before
+        state = optimizer.state[param].items()
+        pairs += [(value, old_state.get(key, torch.zeros_like(value))) for key, value in state]
+        for new, old in pairs:
+            new.copy_(torch.where(accept.to(new.device), new, old))
 
 
 def learning_rate(cfg: OptimConfig, step: int, batch_size: int) -> float:

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dmstab.config import (
     Recipe,
 )
-from dmstab.data import ImageDataset, build_dataset
+from dmstab.data import ImageDataset, build_dataset, resident, upload
 from dmstab.diffusion.objectives import (
     DDPMObjective,
     Draws,
@@ -38,10 +38,11 @@ from dmstab.train.common import (
     ema_copy,
     load_common_state,
     step_seed,
+    switched_on,
 )
 from dmstab.train.ema import EMA
 from dmstab.train.loss_guard import LossGuard
-from dmstab.train.optim import build_optimizer, learning_rate
+from dmstab.train.optim import build_optimizer, learning_rate, masked_step
 from dmstab.train.power_ema import PowerEMA
 
 
@@ -80,18 +81,24 @@ class Trainer:
         self.device = device
         self.context = context
         self.split = split_batch(recipe.train.batch_size, recipe.train.micro_batch_size, context)
-        self.dataset: ImageDataset = build_dataset(recipe.data)
+        self.dataset: ImageDataset = resident(build_dataset(recipe.data), device)
         if recipe.model.class_cond and self.dataset.num_classes < 1:
             raise DmstabError("model.class_cond is true but the dataset has no labels")
         torch.manual_seed(recipe.train.seed)
         self.model: nn.Module = build_model(recipe, self.dataset.num_classes).to(device)
+        if device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in self.model.modules()):
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.objective = build_objective(recipe, self.dataset.num_classes)
         self.row_losses: nn.Module = _RowLosses(self.model, self.objective)
+        if switched_on(recipe.train.compile, device):  # the training forward; `model` stays eager
+            self.row_losses.compile()
         if context.active:  # gradients averaged over ranks in backward
             ids = [device.index] if device.type == "cuda" else None
             self.row_losses = DistributedDataParallel(self.row_losses, device_ids=ids)
         self.guard = LossGuard(recipe.train)
-        self.optimizer = build_optimizer(self.model, recipe.optim)
+        self.optimizer = build_optimizer(
+            self.model, recipe.optim, switched_on(recipe.train.fused, device)
+        )
         self.ema = EMA(self.model, recipe.ema.rate, recipe.ema.warmup)
         sigma_rels = recipe.ema.power_sigma_rels
         self.power_ema = PowerEMA(self.model, sigma_rels) if sigma_rels else None
@@ -115,8 +122,11 @@ class Trainer:
             raise DmstabError(f"checkpoint's objective state does not fit: {exc}") from None
 
     def train_step(self) -> dict[str, torch.Tensor]:
-        """One optimiser step, or a skipped one (`self.guard.skipping`, see LossGuard); returns
-        the global batch's mean terms, detached (still on the device)."""
+        """One optimiser step, or a skipped one (`self.guard.last_accept`, see LossGuard);
+        returns the global batch's mean terms and gradient norm, detached, on the device.
+
+        Nothing here waits for the device: the guard's verdict is a tensor that masks the
+        optimiser, EMA and sampler updates (docs/performance.md)."""
         self.step += 1
         recipe = self.recipe
         seed = step_seed(recipe.train.seed, self.step)
@@ -128,14 +138,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         terms = self._accumulate_gradients(batch)
         out = {key: value.mean() for key, value in terms.items()}
-        if self.guard.accept(self.step, float(out["loss"])):  # same verdict on every rank
-            self.objective.learn(batch.global_draws, terms)
-            clip = recipe.optim.grad_clip if recipe.optim.grad_clip is not None else float("inf")
-            out["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), clip).detach()
-            self.optimizer.step()
-            self.ema.update(self.model)
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
+        accept = self.guard.judge(self.step, out["loss"])  # same verdict on every rank
+        self.objective.learn(batch.global_draws, terms, accept)
+        clip = recipe.optim.grad_clip if recipe.optim.grad_clip is not None else float("inf")
+        out["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), clip).detach()
+        masked_step(self.optimizer, accept)
+        self.ema.update(self.model, accept)
         if self.power_ema is not None:  # its profile (EDM2 Eq. 2) counts every step, skipped too
             self.power_ema.update(self.model, self.step)
         return out
@@ -146,16 +154,19 @@ class Trainer:
         generator = torch.Generator().manual_seed(seed)
         indices = self.order.batch(self.step, recipe.train.batch_size)
         x0, labels = self.dataset.get_batch(indices[rows.start : rows.stop])
+        x0, labels = upload(x0, device), upload(labels, device)
         if recipe.data.hflip:
             flip = (torch.rand(len(indices), generator=generator) < 0.5)[rows.start : rows.stop]
+            flip = upload(flip, device)
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         noise_generator = torch.Generator(device=device).manual_seed(seed)
         shape = (len(indices), *x0.shape[1:])
         noise = torch.randn(shape, generator=noise_generator, device=device)
-        global_draws = self.objective.draw(len(indices), self.step, generator)
+        drawn = self.objective.draw(len(indices), self.step, generator)
+        global_draws = {key: upload(value, device) for key, value in drawn.items()}
         return _RankBatch(
-            x0=x0.to(device, non_blocking=True),
-            labels=labels.to(device) if recipe.model.class_cond else None,
+            x0=x0,
+            labels=labels if recipe.model.class_cond else None,
             noise=noise[rows.start : rows.stop],
             draws=take_rows(global_draws, rows),
             global_draws=global_draws,
