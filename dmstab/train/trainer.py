@@ -87,7 +87,7 @@ class Trainer:
         torch.manual_seed(recipe.train.seed)
         self.model: nn.Module = build_model(recipe, self.dataset.num_classes).to(device)
         if device.type == "cuda" and any(isinstance(m, nn.Conv2d) for m in self.model.modules()):
-            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            self.model.to(memory_format=torch.channels_last)
         self.objective = build_objective(recipe, self.dataset.num_classes)
         self.row_losses: nn.Module = _RowLosses(self.model, self.objective)
         if switched_on(recipe.train.compile, device):  # the training forward; `model` stays eager

@@ -2,10 +2,13 @@
 chi-square tests; the loss-second-moment importance sampler against its closed form and an
 unbiasedness Monte-Carlo test."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from scipy import stats
+from torch import Tensor
 
 from dmstab.diffusion.timesteps import (
     CLTSSampler,
@@ -250,3 +253,44 @@ def test_scheduled_samplers_have_no_state_and_ignore_losses(sampler: TimestepSam
     sampler.load_state_dict({})
     with pytest.raises(ValueError, match="has no state"):
         sampler.load_state_dict({"loss_counts": torch.zeros(T)})
+
+
+def _append_one_by_one(history: Tensor, counts: Tensor, t: Tensor, losses: Tensor) -> None:
+    """improved-diffusion's update, a loop over the samples: the reference for the vectorised
+    one (finite losses only, each appended to its timestep's history, the oldest dropped)."""
+    full = history.shape[1]
+    for step, loss in zip(t.tolist(), losses.to(torch.float64).tolist(), strict=True):
+        if not math.isfinite(loss):
+            continue
+        count = int(counts[step])
+        if count == full:
+            history[step] = history[step].roll(-1)
+            history[step, -1] = loss
+        else:
+            history[step, count] = loss
+            counts[step] = count + 1
+
+
+@pytest.mark.parametrize(("num_timesteps", "history"), [(5, 3), (7, 1), (3, 4), (40, 10)])
+def test_the_vectorised_history_update_matches_a_loop_over_samples(
+    num_timesteps: int, history: int
+) -> None:
+    """Random batches (repeated timesteps, more repeats than the history, NaN/inf losses) and
+    skipped steps (`accept` False: no change)."""
+    generator = torch.Generator().manual_seed(0)
+    sampler = LossSecondMomentSampler(num_timesteps, history)
+    expected = torch.zeros(num_timesteps, history, dtype=torch.float64)
+    counts = torch.zeros(num_timesteps, dtype=torch.long)
+    for _ in range(40):
+        batch = int(torch.randint(1, 3 * history + 4, (1,), generator=generator))
+        t = torch.randint(0, num_timesteps, (batch,), generator=generator)
+        losses = torch.randn(batch, generator=generator)
+        losses[torch.rand(batch, generator=generator) < 0.1] = math.nan
+        losses[torch.rand(batch, generator=generator) < 0.05] = math.inf
+        accept = bool(torch.rand(1, generator=generator) < 0.8)
+        sampler.update(t, losses, torch.tensor(accept))
+        if accept:
+            _append_one_by_one(expected, counts, t, losses)
+        assert torch.equal(sampler.loss_history, expected)
+        assert torch.equal(sampler.loss_counts, counts)
+    assert sampler.warmed_up() == bool((counts == history).all())
