@@ -27,19 +27,20 @@ class EMA:
         """Updates applied so far (a host read)."""
         return int(self._updates)
 
-    def current_rate(self) -> Tensor:
-        """r for the next update, as a float64 tensor on the device."""
+    def _weight(self, accept: Tensor) -> Tensor:
+        """The lerp weight 1 − r as float32 (rounded from float64, as a Python float would be),
+        0 where `accept` is False; built on the device from scalars (no host-to-device copy)."""
         if not self.warmup:
-            return torch.tensor(self.rate, dtype=torch.float64, device=self._updates.device)
+            return torch.where(accept, 1.0 - self.rate, 0.0).to(torch.float32)
         n = self._updates.to(torch.float64)
-        return torch.clamp((1 + n) / (10 + n), max=self.rate)
+        rate = torch.clamp((1 + n) / (10 + n), max=self.rate)
+        return torch.where(accept, 1.0 - rate, 0.0).to(torch.float32)
 
     @torch.no_grad()
     def update(self, model: nn.Module, accept: Tensor) -> None:
         """Fold in the weights where the boolean tensor `accept` is True (a step the loss guard
         let through); else change nothing. Decided on the device, never read on the host."""
-        # (1 − r) rounded to float32 as a Python float would be; 0 masks the update.
-        weight = torch.where(accept, 1.0 - self.current_rate(), 0.0).to(torch.float32)
+        weight = self._weight(accept)
         state = model.state_dict()
         floating = [k for k, v in state.items() if v.dtype.is_floating_point]
         current = [state[k].detach().float() for k in floating]

@@ -71,6 +71,7 @@ class GanTrainer:
             self.discriminator.parameters(), lr=g.d_lr, betas=g.betas
         )
         self.ema = EMA(self.model, recipe.ema.rate, recipe.ema.warmup)
+        self._every_step = torch.ones((), dtype=torch.bool, device=device)  # EMA: no skips
         self.guard = LossGuard(recipe.train)
         self.order = EpochOrder(len(self.dataset), recipe.train.seed)
         self.step = 0
@@ -123,7 +124,7 @@ class GanTrainer:
         loss_g.backward()  # type: ignore[no-untyped-call]
         self.optimizer.step()
         total = (loss_d + loss_g).detach()
-        self.ema.update(self.model, torch.ones((), dtype=torch.bool, device=self.device))
+        self.ema.update(self.model, self._every_step)
         # Judged after the updates (GAN recipes allow only `train.nonfinite: stop`): a
         # non-finite loss stops the run at the loop's next host point, before anything is saved.
         self.guard.judge(self.step, total)

@@ -92,7 +92,7 @@ class LossGuard:
         self._position = (self._position + accept) % max(self.window_size, 1)
         self._filled = torch.clamp(self._filled + accept, max=self.window_size)
         self.last_accept = accept
-        self._pending.append((step, skip, self._total.clone()))
+        self._pending.append((step, skip & ~too_many, self._total.clone()))  # a stop: not logged
         return accept
 
     def raise_if_stopped(self) -> None:

@@ -70,7 +70,7 @@ def probe_batch(recipe: Recipe, dataset: ImageDataset, device: torch.device) -> 
     size = min(recipe.train.batch_size, PROBE_MAX_IMAGES, len(dataset))
     generator = torch.Generator().manual_seed(recipe.train.seed)
     indices = torch.randperm(len(dataset), generator=generator)[:size]
-    x0, labels = dataset.get_batch(indices)
+    x0, labels = (part.cpu() for part in dataset.get_batch(indices))  # a GPU-resident dataset
     noise = torch.randn(x0.shape, generator=generator)
     conditional = recipe.model.class_cond
     if recipe.diffusion.formulation == "edm":

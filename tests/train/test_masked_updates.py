@@ -63,7 +63,7 @@ def test_the_masked_ema_equals_a_plain_loop_over_the_accepted_steps(
         with torch.no_grad():
             for parameter in model.parameters():
                 parameter.add_(torch.randn_like(parameter))
-            model.get_buffer("1.num_batches_tracked").fill_(step)  # an integer buffer: copied when accepted
+            model.get_buffer("1.num_batches_tracked").fill_(step)  # integer: copied if accepted
         ema.update(model, torch.tensor(accept))
         if accept:  # improved-diffusion's update with the warm-up rate of `applied` updates
             r = min(rate, (1 + applied) / (10 + applied)) if warmup else rate
