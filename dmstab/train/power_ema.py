@@ -52,6 +52,7 @@ class PowerEMA:
         state = model.state_dict()
         self.shadows = [{k: _float32_copy(v) for k, v in state.items()} for _ in self.sigma_rels]
         self._floating_keys = [k for k, v in state.items() if v.is_floating_point()]
+        self._other_keys = [k for k, v in state.items() if not v.is_floating_point()]
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
@@ -66,9 +67,8 @@ class PowerEMA:
         for gamma, shadow in zip(self.gammas, self.shadows, strict=True):
             averaged = [shadow[k] for k in self._floating_keys]
             torch._foreach_lerp_(averaged, current, 1.0 - power_beta(step, gamma))
-            for key, value in state.items():
-                if not value.is_floating_point():
-                    shadow[key].copy_(value)
+            for key in self._other_keys:  # integer buffers (step counters): the latest value
+                shadow[key].copy_(state[key])
         self.step = step
 
     def snapshot(self, index: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
