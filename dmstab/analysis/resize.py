@@ -4,14 +4,17 @@ clean-fid's `clean` mode resizes each channel of a uint8 image to 299x299 as a f
 image (mode "F") with PIL's bicubic filter, then clips to [0, 255]
 (`make_resizer("PIL", False, "bicubic", (299, 299))`). PIL resamples separably, the width
 first, with float64 coefficients and float64 sums, storing each pass as float32. Here each
-pass is one float64 matmul with PIL's coefficient matrix, rounded to float32 like PIL's
-intermediate, so the result matches PIL's up to float64 summation order.
+pass is float64 matrix products with PIL's coefficient matrix (band by band, skipping its zero
+weights), rounded to float32 like PIL's intermediate, so the result matches PIL's up to float64
+summation order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
@@ -53,20 +56,87 @@ def pil_bicubic_matrix(in_size: int, out_size: int) -> torch.Tensor:
     return weights / weights.sum(dim=1, keepdim=True)
 
 
-def _resampling_matrix(in_size: int, out_size: int, device: torch.device) -> torch.Tensor:
-    return pil_bicubic_matrix(in_size, out_size).to(device)
+ROWS_PER_BAND = 16  # output pixels per matrix product of a pass (see `_bands`)
+CPU_BLOCK_BYTES = 2**18  # a band's float64 block on a CPU: within a core's L2 cache
+
+
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value
+class _Band:
+    """Output pixels [start, stop) of a pass and the only input pixels [low, high) they read,
+    with their (stop - start, high - low) block of the resampling matrix."""
+
+    start: int
+    stop: int
+    low: int
+    high: int
+    weights: torch.Tensor
+
+
+@functools.lru_cache(maxsize=16)
+def _bands(in_size: int, out_size: int, device: torch.device) -> tuple[_Band, ...]:
+    """PIL's resampling matrix cut into bands of `ROWS_PER_BAND` rows, each with the columns
+    its taps reach. A bicubic tap reaches 2 input pixels (2·scale when shrinking) either side,
+    so a band of 16 output rows upsampling 32 -> 299 reads 6 of the 32 input rows: the products
+    skip only zero weights, and each output sums the same nonzero float64 terms as a dense one."""
+    matrix = pil_bicubic_matrix(in_size, out_size)
+    bands = []
+    for start in range(0, out_size, ROWS_PER_BAND):
+        stop = min(start + ROWS_PER_BAND, out_size)
+        reached = (matrix[start:stop] != 0).any(dim=0).nonzero().flatten()
+        low, high = int(reached[0]), int(reached[-1]) + 1
+        weights = matrix[start:stop, low:high].to(device)
+        bands.append(_Band(start, stop, low, high, weights))
+    return tuple(bands)
 
 
 def resize_clean(images: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
-    """clean-fid's `clean` resize: (N, C, H, W) on [0, 255] -> float32 (N, C, size, size)."""
-    height, width = images.shape[-2:]
-    pixels = images.to(torch.float64)
-    across = _resampling_matrix(width, size, images.device)
-    down = _resampling_matrix(height, size, images.device)
-    # Width pass first, stored as float32, then the height pass (PIL's ImagingResampleInner).
-    widened = (pixels @ across.T).to(torch.float32)
-    resized = (down @ widened.to(torch.float64)).to(torch.float32)
-    return resized.clamp(0.0, 255.0)
+    """clean-fid's `clean` resize: (N, C, H, W) on [0, 255] -> float32 (N, C, size, size).
+
+    Each pass resamples the leading axis of a (pixels, everything else) float64 matrix, one band
+    of output pixels at a time: a few small matrix products, no dense matrix of mostly zero
+    weights, and no float64 copy of the output. On a CPU the images go through a few at a time on
+    one thread, so that a band's float64 block stays in the core's cache; a GPU takes them all."""
+    count, channels = images.shape[:2]
+    resized = torch.empty((count, channels, size, size), dtype=torch.float32, device=images.device)
+    if images.device.type != "cpu":
+        _resize_into(resized, images)
+        return resized
+    per_chunk = max(1, CPU_BLOCK_BYTES // (ROWS_PER_BAND * channels * size * 8))
+    with _one_thread():
+        for start in range(0, count, per_chunk):
+            _resize_into(resized[start : start + per_chunk], images[start : start + per_chunk])
+    return resized
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """Thousands of products of microseconds each: handing each to a thread pool costs more than
+    the product (hundreds of times more on a loaded machine, whose other thread is elsewhere)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _resize_into(resized: torch.Tensor, images: torch.Tensor) -> None:
+    count, channels, height, width = images.shape
+    size = resized.shape[-1]
+    # Width pass first, stored as float32 (PIL's ImagingResampleHorizontal_32bpc).
+    columns = images.permute(3, 0, 1, 2).reshape(width, -1).to(torch.float64)
+    widened = torch.empty((size, columns.shape[1]), dtype=torch.float64, device=images.device)
+    for band in _bands(width, size, images.device):
+        torch.mm(band.weights, columns[band.low : band.high], out=widened[band.start : band.stop])
+    # (size, N, C, H) -> (H, N, C, size): the rows lead for the height pass.
+    rows = widened.to(torch.float32).view(size, count, channels, height).permute(3, 1, 2, 0)
+    rows = rows.to(torch.float64, memory_format=torch.contiguous_format).view(height, -1)
+    for band in _bands(height, size, images.device):
+        block = (band.weights @ rows[band.low : band.high]).clamp_(0.0, 255.0)
+        # Clamping before rounding to float32 is the same: rounding is monotone, 0 and 255 exact.
+        resized[:, :, band.start : band.stop].copy_(
+            block.view(-1, count, channels, size).permute(1, 2, 0, 3)
+        )
 
 
 def resize_legacy_pytorch(images: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:

@@ -187,6 +187,22 @@ def test_clean_resize_matches_pil_when_shrinking_and_at_299(height: int, width: 
     assert np.abs(resize_clean(images).permute(0, 2, 3, 1).numpy() - expected).max() <= 1e-3
 
 
+@pytest.mark.parametrize(("count", "height", "width"), [(9, 32, 32), (2, 40, 17), (1, 512, 300)])
+def test_banded_resize_is_the_dense_product_with_pils_matrices(
+    count: int, height: int, width: int
+) -> None:
+    """The band-by-band products skip only zero weights: the same float32 values as one dense
+    float64 product per pass with PIL's full coefficient matrices (width, then height)."""
+    generator = torch.Generator().manual_seed(count)
+    images = torch.randint(
+        0, 256, (count, 3, height, width), generator=generator, dtype=torch.uint8
+    )
+    across, down = pil_bicubic_matrix(width, 299), pil_bicubic_matrix(height, 299)
+    widened = (images.to(torch.float64) @ across.T).to(torch.float32)
+    dense = (down @ widened.to(torch.float64)).to(torch.float32).clamp(0.0, 255.0)
+    assert torch.equal(resize_clean(images), dense)
+
+
 def test_pil_bicubic_weights_sum_to_one_and_are_the_identity_at_equal_size() -> None:
     for in_size, out_size in [(32, 299), (512, 299), (7, 5)]:
         rows = pil_bicubic_matrix(in_size, out_size).sum(dim=1)
