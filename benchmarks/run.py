@@ -24,6 +24,9 @@ from benchmarks.harness import Comparison, Size, environment
 
 # name -> module under benchmarks/, in the order they run (issue 17's list).
 BENCHMARKS = {
+    "hessian": "benchmarks.hessian",
+    "landscape": "benchmarks.landscape",
+    "fid": "benchmarks.fid",
     "frechet": "benchmarks.frechet",
 }
 

@@ -3,18 +3,28 @@ the JSON record is complete, and the sides agree where the benchmark checks that
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
 import pytest
 import torch
+from torch import nn
 
+from benchmarks.harness import Comparison
+from benchmarks.hessian import lanczos_top_eigenvalue, power_iteration_top_eigenvalue
 from benchmarks.run import BENCHMARKS, run_benchmark, table, write_results
+
+
+@functools.cache
+def at_toy_size(name: str) -> tuple[Comparison, ...]:
+    """Each benchmark run once at toy size for all the tests that read it."""
+    return tuple(run_benchmark(name, "toy", torch.device("cpu")))
 
 
 @pytest.mark.parametrize("name", sorted(BENCHMARKS))
 def test_benchmark_runs_at_toy_size(name: str, tmp_path) -> None:
-    comparisons = run_benchmark(name, "toy", torch.device("cpu"))
+    comparisons = list(at_toy_size(name))
     assert comparisons
     path = write_results(name, comparisons, tmp_path, seconds=1.0)
     record = json.loads(path.read_text())
@@ -31,5 +41,57 @@ def test_benchmark_runs_at_toy_size(name: str, tmp_path) -> None:
 
 def test_frechet_sides_agree_at_toy_size() -> None:
     """Both routes compute the same distance (the benchmark reports their difference)."""
-    (comparison,) = run_benchmark("frechet", "toy", torch.device("cpu"))
+    (comparison,) = at_toy_size("frechet")
     assert comparison.checks["relative_difference"] < 1e-6
+
+
+class _Quadratic(nn.Module):
+    """½ θᵀAθ: its Hessian is A wherever θ is."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        super().__init__()
+        self.matrix = matrix
+        self.theta = nn.Parameter(torch.ones(len(matrix), dtype=torch.float64))
+
+    def forward(self) -> torch.Tensor:
+        return 0.5 * self.theta @ self.matrix @ self.theta
+
+
+def test_power_iteration_and_lanczos_find_a_known_top_eigenvalue() -> None:
+    """Both sides of the Hessian benchmark find λ1 of a Hessian with a known spectrum: −7 is the
+    largest in magnitude, ahead of 5 (PyHessian's iteration takes magnitudes, as top_eigenpairs)."""
+    spectrum = torch.tensor([-7.0, 5.0, 3.0, 1.0, 0.5, -0.25, 0.1, 0.0], dtype=torch.float64)
+    rotation, _ = torch.linalg.qr(
+        torch.randn(8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    )
+    model = _Quadratic(rotation @ torch.diag(spectrum) @ rotation.T)
+    start = torch.ones(8, dtype=torch.float64) / math.sqrt(8)
+    power, power_steps = power_iteration_top_eigenvalue(
+        model, lambda m: m(), start, iterations=500, tol=1e-12
+    )
+    lanczos, lanczos_steps = lanczos_top_eigenvalue(
+        model, lambda m: m(), "double_backward", iterations=8, tol=1e-10
+    )
+    assert power == pytest.approx(-7.0, rel=1e-6) and lanczos == pytest.approx(-7.0, rel=1e-9)
+    assert lanczos_steps <= 8 < power_steps
+
+
+def test_hessian_sides_report_their_eigenvalues_and_products() -> None:
+    for comparison in at_toy_size("hessian"):
+        checks = comparison.checks
+        assert checks["dmstab_products"] > 0 and 0 < checks["reference_products"] <= 4
+        assert math.isfinite(checks["dmstab_lambda1"]) and checks["dmstab_lambda1"] != 0
+
+
+def test_landscape_sides_compute_identical_values() -> None:
+    """dmstab's in-place moves and the reference's rebuilt weights, reloaded batch and redrawn
+    noise give the same loss at every grid point, bit for bit."""
+    for comparison in at_toy_size("landscape"):
+        assert comparison.checks["identical"] and comparison.checks["max_abs_difference"] == 0.0
+
+
+def test_fid_pipelines_agree_and_resizes_match() -> None:
+    pipelines, resize = at_toy_size("fid")
+    assert pipelines.checks["relative_difference"] < 1e-3
+    assert pipelines.checks["dmstab"] > 0
+    assert resize.checks["max_abs_difference"] <= 1e-3
