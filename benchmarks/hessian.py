@@ -50,7 +50,8 @@ SIZES: dict[Size, tuple[str, tuple[str, ...], int, int, int, int]] = {
 
 def _start(size: int) -> Tensor:
     """The power iteration's unit starting vector: the float64 Gaussian over all parameters that
-    `top_eigenpairs` draws first from its generator seeded with START_SEED."""
+    `top_eigenpairs` draws first from its generator seeded with START_SEED (`VectorSpace.normal`
+    draws on the host in float64, then moves it into the operator's space)."""
     generator = torch.Generator().manual_seed(START_SEED)
     start = torch.randn(size, generator=generator, dtype=torch.float64)
     unit: Tensor = start / start.norm()
@@ -96,8 +97,14 @@ def lanczos_top_eigenvalue(
         return operator(vector)
 
     generator = torch.Generator().manual_seed(START_SEED)
-    pairs = top_eigenpairs(
-        counted, operator.size, 1, iterations=iterations, tol=tol, generator=generator
+    pairs = top_eigenpairs(  # in the operator's vector space, as `dmstab hessian` runs it
+        counted,
+        operator.size,
+        1,
+        iterations=iterations,
+        tol=tol,
+        generator=generator,
+        space=operator.space,
     )
     return pairs.values[0], products
 
