@@ -10,10 +10,16 @@ written as JSON and shown as a table by `benchmarks/run.py`.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import ctypes
+import ctypes.util
 import datetime as dt
+import gc
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -111,6 +117,32 @@ def _peak_rss() -> int | None:
     return None
 
 
+def _resident() -> int | None:
+    """The process's resident memory now (VmRSS), in bytes."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def resident_growth(run: Callable[[], object]) -> tuple[object, int | None]:
+    """`run()`'s result and how far its peak resident memory rose above the memory held before
+    it (Linux; None elsewhere). Freed heap memory is first handed back to the system (glibc's
+    `malloc_trim`), so that memory `run` allocates shows as growth instead of reusing pages an
+    earlier call left behind."""
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc:
+        with contextlib.suppress(AttributeError, OSError):
+            ctypes.CDLL(libc).malloc_trim(0)
+    before = _resident()
+    _reset_peaks(torch.device("cpu"))
+    result = run()
+    peak = _peak_rss()
+    return result, None if before is None or peak is None else peak - before
+
+
 def peak_tflops(device: torch.device) -> float | None:
     """The device's dense bf16 peak, when it is a GPU this table knows."""
     if device.type != "cuda":
@@ -125,40 +157,61 @@ def describe_device(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+class SideTimer:
+    """Times one side's calls and its peak memory over them: `begin()` before a call, `end()`
+    after it. `measure` uses one per side; a benchmark whose side is driven from elsewhere (the
+    training loop calling back, say) calls them itself, around the work it can see."""
+
+    def __init__(self, name: str, device: torch.device, flops: float | None = None) -> None:
+        self.name = name
+        self.device = device
+        self.flops = flops
+        self.seconds: list[float] = []
+        self.peak_rss: int | None = None
+        self.peak_cuda: int | None = None
+        self._start = 0.0
+
+    def begin(self) -> None:
+        synchronize(self.device)
+        _reset_peaks(self.device)
+        self._start = time.perf_counter()
+
+    def end(self, *, calls: int = 1, record: bool = True) -> None:
+        """Close the timed stretch, which did `calls` units of work (its time per unit is
+        recorded); `record=False` for a warm-up stretch."""
+        synchronize(self.device)
+        elapsed = time.perf_counter() - self._start
+        if not record:
+            return
+        self.seconds.append(elapsed / calls)
+        peak = _peak_rss()
+        if peak is not None:
+            self.peak_rss = max(self.peak_rss or 0, peak)
+        if self.device.type == "cuda":
+            cuda = torch.cuda.max_memory_allocated(self.device)
+            self.peak_cuda = max(self.peak_cuda or 0, cuda)
+
+    def result(self) -> SideResult:
+        result = SideResult(self.name, self.seconds, self.peak_rss, self.peak_cuda, self.flops)
+        peak = peak_tflops(self.device)
+        if peak is not None and self.flops is not None:
+            result.mfu = self.flops / result.median / (peak * 1e12)
+        return result
+
+
 def measure(
     sides: Sequence[Side], *, device: torch.device, warmup: int, repeats: int
 ) -> list[SideResult]:
     """Each side `warmup` untimed then `repeats` timed calls, interleaved and alternating in
     order; per side, its call times and the peak memory over its own calls."""
-    seconds: dict[str, list[float]] = {side.name: [] for side in sides}
-    rss: dict[str, int | None] = {side.name: None for side in sides}
-    cuda: dict[str, int | None] = {side.name: None for side in sides}
+    timers = {side.name: SideTimer(side.name, device, side.flops) for side in sides}
     for round_ in range(warmup + repeats):
         order = sides if round_ % 2 == 0 else list(reversed(sides))
         for side in order:
-            synchronize(device)
-            _reset_peaks(device)
-            start = time.perf_counter()
+            timers[side.name].begin()
             side.run()
-            synchronize(device)
-            elapsed = time.perf_counter() - start
-            if round_ < warmup:
-                continue
-            seconds[side.name].append(elapsed)
-            peak = _peak_rss()
-            if peak is not None:
-                rss[side.name] = max(rss[side.name] or 0, peak)
-            if device.type == "cuda":
-                cuda[side.name] = max(cuda[side.name] or 0, torch.cuda.max_memory_allocated(device))
-    peak = peak_tflops(device)
-    results = []
-    for side in sides:
-        name = side.name
-        result = SideResult(name, seconds[name], rss[name], cuda[name], side.flops)
-        if peak is not None and side.flops is not None:
-            result.mfu = side.flops / result.median / (peak * 1e12)
-        results.append(result)
-    return results
+            timers[side.name].end(record=round_ >= warmup)
+    return [timers[side.name].result() for side in sides]
 
 
 def environment() -> dict[str, str]:
@@ -171,6 +224,37 @@ def environment() -> dict[str, str]:
         "cuda": torch.version.cuda or "none",
         "threads": str(torch.get_num_threads()),
     }
+
+
+_EMPTY_STORE: list[Path] = []  # an empty MLflow SQLite store of this process, made once
+
+
+def empty_store(folder: Path) -> str:
+    """The URI of a new, empty MLflow SQLite store in `folder`. Making its tables takes MLflow
+    seconds (schema migrations), so they are made once per process and the file is copied."""
+    if not _EMPTY_STORE:
+        from dmstab.tracking.client import open_client
+
+        made = Path(tempfile.mkdtemp(prefix="dmstab-bench-store-")) / "mlflow.db"
+        atexit.register(shutil.rmtree, made.parent, True)
+        open_client(f"sqlite:///{made}").search_experiments()
+        _EMPTY_STORE.append(made)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_EMPTY_STORE[0], folder / "mlflow.db")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+@torch.no_grad()
+def wake(network: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give a fresh network's all-zero parameters (ADM's zero-initialised output convolution,
+    EDM2's output gain) small random values, in place: its output then depends on its input,
+    time and labels, so that two computations agreeing on it is a test that can fail."""
+    generator = torch.Generator().manual_seed(seed)
+    for parameter in network.parameters():
+        if not parameter.any():
+            noise = torch.randn(parameter.shape, generator=generator) * 0.05
+            parameter.copy_(noise.to(parameter.device, parameter.dtype))
+    return network
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:

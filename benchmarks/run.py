@@ -24,10 +24,14 @@ from benchmarks.harness import Comparison, Size, environment
 
 # name -> module under benchmarks/, in the order they run (issue 17's list).
 BENCHMARKS = {
+    "train_step": "benchmarks.train_step",
+    "sampling": "benchmarks.sampling",
     "hessian": "benchmarks.hessian",
     "landscape": "benchmarks.landscape",
     "fid": "benchmarks.fid",
     "frechet": "benchmarks.frechet",
+    "ema_reconstruct": "benchmarks.ema_reconstruct",
+    "mlflow": "benchmarks.mlflow_cost",
 }
 
 

@@ -11,9 +11,13 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.ema_reconstruct import RECIPES
 from benchmarks.harness import Comparison
 from benchmarks.hessian import lanczos_top_eigenvalue, power_iteration_top_eigenvalue
 from benchmarks.run import BENCHMARKS, run_benchmark, table, write_results
+from benchmarks.sampling import TOLERANCE
+from dmstab.config import load_recipe
+from dmstab.models import build_model
 
 
 @functools.cache
@@ -95,3 +99,43 @@ def test_fid_pipelines_agree_and_resizes_match() -> None:
     assert pipelines.checks["relative_difference"] < 1e-3
     assert pipelines.checks["dmstab"] > 0
     assert resize.checks["max_abs_difference"] <= 1e-3
+
+
+def test_train_step_bare_loop_minimises_dmstabs_objective() -> None:
+    """The hand-written loss equals dmstab's objective on the same draws, so the bare loop
+    times the same work; both sides timed the same number of steps."""
+    (comparison,) = at_toy_size("train_step")
+    assert comparison.checks["bare_loss_relative_difference"] < 1e-6
+    dmstab, bare = comparison.sides
+    assert len(dmstab.seconds) == len(bare.seconds) == 4
+
+
+def test_sampling_bare_loops_equal_dmstabs_samplers() -> None:
+    """DDPM, DDIM and Heun written out by hand give dmstab's samples from the same noise."""
+    comparisons = at_toy_size("sampling")
+    assert [c.config["sampler"] for c in comparisons] == ["ddpm", "ddim", "heun"]
+    for comparison in comparisons:
+        assert comparison.checks["relative_difference"] <= TOLERANCE
+
+
+def test_ema_reconstruct_streams_within_batch_plus_two_models() -> None:
+    """The streamed reconstruction equals the one from all snapshots loaded at once, and its
+    peak memory stays within (batch + 2) float32 models of the network, counted here from its
+    parameters; loading everything at once exceeds that bound, so the measurement can see it."""
+    (comparison,) = at_toy_size("ema_reconstruct")
+    config, checks = comparison.config, comparison.checks
+    recipe = load_recipe(RECIPES / config["recipe"], config["overrides"])
+    network = build_model(recipe, 10)
+    one_model = 4 * sum(value.numel() for value in network.state_dict().values())
+    bound = (config["batch"] + 2) * one_model
+    assert checks["relative_difference"] <= 1e-6
+    assert checks["dmstab_peak_models"] * config["model_bytes"] <= bound
+    assert checks["all_at_once_peak_models"] * config["model_bytes"] > bound
+    assert config["snapshots"] > config["batch"] + 2
+
+
+def test_mlflow_cost_logs_the_loops_metric_set() -> None:
+    """The logging side sends what a quickstart window logs, under the loop's MLflow names."""
+    (comparison,) = at_toy_size("mlflow")
+    names = comparison.checks["metric_names"]
+    assert {"train/loss", "train/grad_norm", "system/images_per_s", "timesteps/gamma"} <= set(names)
