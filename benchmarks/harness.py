@@ -107,23 +107,17 @@ def _reset_peaks(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def _peak_rss() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _resident() -> int | None:
-    """The process's resident memory now (VmRSS), in bytes."""
+def _status_bytes(field: str) -> int | None:
+    """A memory figure of this process from /proc/self/status (Linux), in bytes."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     return None
+
+
+def _peak_rss() -> int | None:
+    return _status_bytes("VmHWM")  # the peak since the last `_reset_peaks`
 
 
 def resident_growth(run: Callable[[], object]) -> tuple[object, int | None]:
@@ -136,7 +130,7 @@ def resident_growth(run: Callable[[], object]) -> tuple[object, int | None]:
     if libc:
         with contextlib.suppress(AttributeError, OSError):
             ctypes.CDLL(libc).malloc_trim(0)
-    before = _resident()
+    before = _status_bytes("VmRSS")
     _reset_peaks(torch.device("cpu"))
     result = run()
     peak = _peak_rss()

@@ -4,7 +4,7 @@ optimiser and precision.
 dmstab's side is `dmstab.train.loop.train` itself, as `dmstab train` runs it: seeded data
 draws, the recipe's timestep sampler (CLTS for the quickstart), the loss guard, the EMA and the
 power EMAs with their snapshots, metrics logged to a real MLflow SQLite store in a temporary
-folder, and a progress display. The loop calls `Progress.advance` every `train.log_every` steps;
+folder. The loop calls `Progress.advance` every `train.log_every` steps;
 `_Alternating` is that progress: it times the stretch between two calls (that many real steps
 with their logging) and, inside each call, runs as many steps of the bare loop and times those.
 So the two sides alternate in one process, on the same machine state.
@@ -14,6 +14,10 @@ same dataset tensor, a uniform timestep (a log-normal σ for EDM), the loss writ
 Eq. 4's ε-MSE or EDM2's Eq. 21 with learned uncertainty), backward, Adam. Its network starts
 from the same weights, its Adam has the recipe's lr and betas, it runs under the same autocast.
 Before timing, the bare loss is checked against dmstab's objective on the same draws.
+
+Both sides are reported per step (img/s = batch / median); on a GPU, MFU from torch's count of
+the bare step's FLOPs. The checks add the mean ratio (the median hides a step that flushes
+metrics or writes a snapshot) and the time of one power-EMA update, alone.
 
 Target (issue 17): dmstab's step at most 1.05× the bare one, tracking on.
 """
@@ -39,6 +43,7 @@ from dmstab.diffusion.objectives import build_objective
 from dmstab.models import build_model, count_parameters
 from dmstab.train.common import autocast
 from dmstab.train.loop import train
+from dmstab.train.power_ema import PowerEMA
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -241,6 +246,20 @@ class _Alternating:
         return None
 
 
+def power_ema_update_seconds(
+    model: nn.Module, sigma_rels: tuple[float, ...], device: torch.device, updates: int = 20
+) -> float:
+    """Median time of one update of the recipe's power EMAs (EDM2 Eq. 2, every step): what
+    they add to dmstab's step."""
+    power_ema = PowerEMA(model, sigma_rels)
+    timer = SideTimer("power EMA update", device)
+    for step in range(1, updates + 1):
+        timer.begin()
+        power_ema.update(model, step)
+        timer.end()
+    return timer.result().median
+
+
 def compare(setup: Setup, device: torch.device) -> Comparison:
     with tempfile.TemporaryDirectory() as folder:
         steps = setup.warmup + setup.windows
@@ -283,6 +302,12 @@ def compare(setup: Setup, device: torch.device) -> Comparison:
     )
     dmstab_mean, bare_mean = (sum(s.seconds) / len(s.seconds) for s in comparison.sides)
     comparison.checks["mean_ratio"] = dmstab_mean / bare_mean
+    if recipe.ema.power_sigma_rels:
+        update = power_ema_update_seconds(bare.model, recipe.ema.power_sigma_rels, device)
+        comparison.checks["power_ema_update_s"] = update
+        comparison.checks["power_ema_update_fraction"] = (
+            update / comparison.side(comparison.baseline).median
+        )
     comparison.met = comparison.ratio <= 1.05
     return comparison
 
