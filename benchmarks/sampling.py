@@ -200,7 +200,7 @@ def compare(setup: Setup, device: torch.device) -> Comparison:
             "network_evaluations": 2 * cfg.steps - 1 if edm else cfg.steps,
         },
         device=describe_device(device),
-        sides=measure(sides, device=device, warmup=1, repeats=setup.repeats),
+        sides=measure(sides, device=device, warmup=0, repeats=setup.repeats),  # warmed by the check
         subject=sides[0].name,
         baseline=sides[1].name,
         target="≤ 1.05× bare, equal to 1e-4",
