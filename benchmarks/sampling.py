@@ -76,9 +76,9 @@ SIZES: dict[Size, list[Setup]] = {
         Setup("edm2_mini.yaml", (*_TOY_EDM, "sample.steps=4"), 2, 2),
     ],
     "cpu": [
-        Setup("quickstart.yaml", ("sample.sampler=ddpm", "sample.steps=50", "sample.eta=0"), 16, 5),
-        Setup("quickstart.yaml", (), 16, 5),  # DDIM, 50 steps, η = 1
-        Setup("edm2_mini.yaml", ("sample.steps=16",), 16, 5),  # Heun, NFE 31
+        Setup("quickstart.yaml", ("sample.sampler=ddpm", "sample.steps=50", "sample.eta=0"), 8, 4),
+        Setup("quickstart.yaml", (), 8, 4),  # DDIM, 50 steps, η = 1
+        Setup("edm2_mini.yaml", ("sample.steps=16",), 8, 4),  # Heun, NFE 31
     ],
     # The ID network without its learned-Σ half: the bare loops use the fixed variance.
     "full": [
