@@ -132,6 +132,10 @@ class HessianOperator:
         # The vectors: the parameters' device, their dtype but at least float32 (bf16 weights
         # would make the Lanczos basis useless).
         self.space = VectorSpace(dtype, first.device)
+        # Double backward's kept graph: the parameters' copies it differentiates with respect to
+        # and the loss's gradient at them, built by the first product (`_double_backward`).
+        self._leaves: list[Tensor] = []
+        self._gradient: tuple[Tensor, ...] | None = None
 
     def _unflatten(self, vector: Tensor) -> dict[str, Tensor]:
         pieces = torch.split(vector, [math.prod(shape) for shape in self.shapes])
@@ -162,13 +166,27 @@ class HessianOperator:
         return flat.to(vector.device, vector.dtype)  # back beside the caller's vectors
 
     def _double_backward(self, direction: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        params = {name: value.clone().requires_grad_(True) for name, value in self.point.items()}
-        loss = self._loss_at(params)
-        first = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-        dot = torch.stack(
-            [(g * direction[name]).sum() for g, name in zip(first, self.names, strict=True)]
-        ).sum()
-        second = torch.autograd.grad(dot, list(params.values()))
+        """H·direction as the vector-Jacobian product of the gradient g = ∇L(θ): since H = ∂g/∂θ
+        is symmetric, (∂g/∂θ)ᵀ·v = H·v. The gradient's graph (one forward and one backward with
+        create_graph) is built at the operator's point on the first product and kept, so each
+        product is one backward through it, as PyHessian does; it lives as long as the operator."""
+        if self._gradient is None:
+            self._leaves = [self.point[name].clone().requires_grad_(True) for name in self.names]
+            loss = self._loss_at(dict(zip(self.names, self._leaves, strict=True)))
+            self._gradient = torch.autograd.grad(loss, self._leaves, create_graph=True)
+        # A gradient entry that does not depend on θ (a loss linear in it) has no graph and adds
+        # nothing to the product.
+        pairs = [
+            (g, direction[name])
+            for g, name in zip(self._gradient, self.names, strict=True)
+            if g.requires_grad
+        ]
+        second = torch.autograd.grad(
+            [g for g, _ in pairs],
+            self._leaves,
+            grad_outputs=[v for _, v in pairs],
+            retain_graph=True,
+        )
         return dict(zip(self.names, second, strict=True))
 
 

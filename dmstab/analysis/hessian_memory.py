@@ -16,8 +16,12 @@ The spectrum (dmstab.analysis.spectrum.spectrum) holds, on the model's device, a
 
 So the vector part peaks at (max(min(I, P) + min(k, P), min(S, P)) + 5)·P·b bytes for
 I = max_iterations, S = lanczos_steps, k = top_k and b bytes per entry. Not included: the
-activations one Hessian-vector product keeps (a forward pass's, their tangents and the backward
-pass's; they grow with hessian.batch_size), the CUDA context and the allocator's cache.
+activations of a Hessian-vector product (they grow with hessian.batch_size), the CUDA context
+and the allocator's cache. Forward-over-reverse keeps a forward pass's activations, their
+tangents and the backward pass's during each product. Double backward builds the gradient's
+graph once (a forward pass's activations and those of the first backward with create_graph,
+about what one such product held before) at the first product and keeps it, between products
+too, until the spectrum ends; each product adds the second backward's temporaries.
 
 On the host: every loss's eigenvectors until they are saved (losses·k·P·4 bytes) and one
 float64 random vector being drawn (P·8 bytes).
