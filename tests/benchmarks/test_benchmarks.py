@@ -24,7 +24,7 @@ from benchmarks.hessian import (
     within,
 )
 from benchmarks.run import BENCHMARKS, run_benchmark, table, write_results
-from benchmarks.sampling import TOLERANCE
+from benchmarks.sampling import TOLERANCE as SAMPLING_TOLERANCE
 from dmstab.config import load_recipe
 from dmstab.models import build_model
 
@@ -139,7 +139,7 @@ def test_sampling_bare_loops_equal_dmstabs_samplers() -> None:
     comparisons = at_toy_size("sampling")
     assert [c.config["sampler"] for c in comparisons] == ["ddpm", "ddim", "heun"]
     for comparison in comparisons:
-        assert comparison.checks["relative_difference"] <= TOLERANCE
+        assert comparison.checks["relative_difference"] <= SAMPLING_TOLERANCE
 
 
 def test_ema_reconstruct_streams_within_batch_plus_two_models() -> None:
@@ -163,3 +163,17 @@ def test_mlflow_cost_logs_the_loops_metric_set() -> None:
     (comparison,) = at_toy_size("mlflow")
     names = comparison.checks["metric_names"]
     assert {"train/loss", "train/grad_norm", "system/images_per_s", "timesteps/gamma"} <= set(names)
+
+
+def test_report_tabulates_written_results_in_markdown(tmp_path) -> None:
+    """The Markdown table for docs/performance.md: one row per comparison, with its ratio, from
+    the JSON files `benchmarks.run` writes."""
+    from benchmarks.report import markdown
+
+    comparisons = list(at_toy_size("frechet"))
+    write_results("frechet", comparisons, tmp_path, seconds=2.0)
+    text = markdown(tmp_path)
+    (row,) = [line for line in text.splitlines() if line.startswith(f"| {comparisons[0].title}")]
+    assert f"| {comparisons[0].ratio:.3f} |" in row
+    assert ("| met |" in row) == bool(comparisons[0].met)
+    assert "- `frechet`:" in text and torch.__version__ in text
