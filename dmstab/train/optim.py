@@ -44,7 +44,19 @@ def masked_step(optimizer: torch.optim.Optimizer, accept: Tensor) -> None:
         state = optimizer.state[param].items()
         pairs += [(value, old_state.get(key, torch.zeros_like(value))) for key, value in state]
         for new, old in pairs:
-            new.copy_(torch.where(accept.to(new.device), new, old))
+            torch.where(accept.to(new.device), new, old, out=new)
+
+
+@torch.no_grad()
+def gradient_norm(model: nn.Module, clip: float | None) -> Tensor:
+    """The L2 norm of all gradients as one vector (`clip_grad_norm_`'s value, bit for bit), the
+    gradients scaled down to norm `clip` where it is exceeded. Without a clip `clip_grad_norm_`
+    would still multiply every gradient by 1.0, one small op per tensor (on the CPU, ~1 ms a
+    step for the quickstart's 149 tensors); `get_total_norm` (torch >= 2.6) skips that."""
+    params = list(model.parameters())
+    if clip is not None or not hasattr(nn.utils, "get_total_norm"):
+        return nn.utils.clip_grad_norm_(params, float("inf") if clip is None else clip).detach()
+    return nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
 
 
 def learning_rate(cfg: OptimConfig, step: int, batch_size: int) -> float:

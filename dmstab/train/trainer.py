@@ -42,7 +42,7 @@ from dmstab.train.common import (
 )
 from dmstab.train.ema import EMA
 from dmstab.train.loss_guard import LossGuard
-from dmstab.train.optim import build_optimizer, learning_rate, masked_step
+from dmstab.train.optim import build_optimizer, gradient_norm, learning_rate, masked_step
 from dmstab.train.power_ema import PowerEMA
 
 
@@ -140,8 +140,7 @@ class Trainer:
         out = {key: value.mean() for key, value in terms.items()}
         accept = self.guard.judge(self.step, out["loss"])  # same verdict on every rank
         self.objective.learn(batch.global_draws, terms, accept)
-        clip = recipe.optim.grad_clip if recipe.optim.grad_clip is not None else float("inf")
-        out["grad_norm"] = nn.utils.clip_grad_norm_(self.model.parameters(), clip).detach()
+        out["grad_norm"] = gradient_norm(self.model, recipe.optim.grad_clip)
         masked_step(self.optimizer, accept)
         self.ema.update(self.model, accept)
         if self.power_ema is not None:  # its profile (EDM2 Eq. 2) counts every step, skipped too

@@ -10,7 +10,7 @@ from torch import nn
 
 from dmstab.config import OptimConfig
 from dmstab.train.ema import EMA
-from dmstab.train.optim import build_optimizer, masked_step
+from dmstab.train.optim import build_optimizer, gradient_norm, masked_step
 
 VERDICTS = [True, False, True, False, False, True, True]
 FIRST_SKIPPED = [False, True, True]  # skipped before Adam has any state
@@ -76,3 +76,19 @@ def test_the_masked_ema_equals_a_plain_loop_over_the_accepted_steps(
     assert ema.updates == applied
     for key, value in expected.items():
         assert torch.equal(ema.shadow[key], value), key
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_gradient_norm_is_clip_grad_norms_value_with_the_same_clipping(clip: float | None) -> None:
+    """`gradient_norm` skips clip_grad_norm_'s multiply by 1.0 when there is no clip: the same
+    norm and gradients, bit for bit (and with a clip, the same scaled gradients)."""
+    ours, theirs = _model(), _model()
+    for model in (ours, theirs):
+        for p, g in zip(model.parameters(), _gradients(model, 1)[0], strict=True):
+            p.grad = g
+    norm = gradient_norm(ours, clip)
+    max_norm = float("inf") if clip is None else clip
+    assert torch.equal(norm, nn.utils.clip_grad_norm_(theirs.parameters(), max_norm))
+    assert clip is None or norm > clip  # the clip case really scales
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)
