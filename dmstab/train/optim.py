@@ -26,8 +26,10 @@ def masked_step(optimizer: torch.optim.Optimizer, accept: Tensor) -> None:
     and the optimiser state exactly as they were, without reading `accept` on the host.
 
     A fused Adam takes `found_inf` as GradScaler passes it: the kernel skips the update and
-    the step count is rolled back on the device. Otherwise the step runs and `torch.where`
-    restores the parameters and state saved before it (bit for bit either way).
+    the step count is rolled back on the device. On the CPU, where reading `accept` waits for
+    nothing, the step runs only when it is True. Otherwise the step runs and `torch.where`
+    restores the parameters and state saved before it (bit for bit either way); on the CPU
+    that backup and restore cost as much as the step itself.
     """
     if all(group.get("fused") for group in optimizer.param_groups):
         optimizer.found_inf = (~accept).to(torch.float32)  # type: ignore[attr-defined]
@@ -36,6 +38,17 @@ def masked_step(optimizer: torch.optim.Optimizer, accept: Tensor) -> None:
         finally:
             del optimizer.found_inf  # type: ignore[attr-defined]
         return
+    if accept.device.type == "cpu":  # no device to wait for: the host reads it for free
+        if bool(accept):
+            optimizer.step()
+        return
+    step_and_restore(optimizer, accept)
+
+
+@torch.no_grad()
+def step_and_restore(optimizer: torch.optim.Optimizer, accept: Tensor) -> None:
+    """`masked_step` of an unfused optimiser on a GPU: the step, then parameters and state put
+    back by `torch.where` where `accept` is False."""
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     before = [(p.clone(), {k: v.clone() for k, v in optimizer.state[p].items()}) for p in params]
     optimizer.step()

@@ -10,7 +10,7 @@ from torch import nn
 
 from dmstab.config import OptimConfig
 from dmstab.train.ema import EMA
-from dmstab.train.optim import build_optimizer, gradient_norm, masked_step
+from dmstab.train.optim import build_optimizer, gradient_norm, masked_step, step_and_restore
 
 VERDICTS = [True, False, True, False, False, True, True]
 FIRST_SKIPPED = [False, True, True]  # skipped before Adam has any state
@@ -29,9 +29,13 @@ def _gradients(model: nn.Module, steps: int) -> list[list[torch.Tensor]]:
     ]
 
 
-@pytest.mark.parametrize("fused", [False, True])
+# (fused, the unfused GPU path run on the CPU): found_inf, the CPU's host read, the restore.
+PATHS = [(True, False), (False, False), (False, True)]
+
+
+@pytest.mark.parametrize(("fused", "restore"), PATHS)
 @pytest.mark.parametrize("verdicts", [VERDICTS, FIRST_SKIPPED])
-def test_a_masked_step_is_exactly_no_step(fused: bool, verdicts: list[bool]) -> None:
+def test_a_masked_step_is_exactly_no_step(fused: bool, restore: bool, verdicts: list[bool]) -> None:
     config = OptimConfig(name="adamw", lr=0.1, weight_decay=0.01)
     masked, reference = _model(), _model()
     masked_opt = build_optimizer(masked, config, fused)
@@ -39,7 +43,7 @@ def test_a_masked_step_is_exactly_no_step(fused: bool, verdicts: list[bool]) -> 
     for accept, grads in zip(verdicts, _gradients(masked, len(verdicts)), strict=True):
         for p, g in zip(masked.parameters(), grads, strict=True):
             p.grad = g.clone() if accept else torch.full_like(g, float("nan"))
-        masked_step(masked_opt, torch.tensor(accept))
+        (step_and_restore if restore else masked_step)(masked_opt, torch.tensor(accept))
         if accept:
             for p, g in zip(reference.parameters(), grads, strict=True):
                 p.grad = g.clone()
