@@ -144,7 +144,7 @@ def tracking_server(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """dmstab against the reference approaches, side by side (benchmarks/run.py): CPU sizes by
-    default, about 10 minutes on 2 cores; `nox -s bench -- --full` for the papers' sizes on a GPU,
+    default, about 5 minutes on 2 cores; `nox -s bench -- --full` for the papers' sizes on a GPU,
     `-- --only NAME` for one. JSON per benchmark in bench-results/."""
     _install(session)
     session.run("python", "-m", "benchmarks.run", *session.posargs)

@@ -1,6 +1,6 @@
 """Every side-by-side benchmark, one after the other: `nox -s bench [-- --full] [-- --only NAME]`.
 
-    python -m benchmarks.run                 # CPU sizes, about 10 minutes on 2 cores
+    python -m benchmarks.run                 # CPU sizes, about 5 minutes on 2 cores
     python -m benchmarks.run --full          # the papers' sizes, on a GPU
     python -m benchmarks.run --only fid --only frechet --out bench-results
 
