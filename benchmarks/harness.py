@@ -238,6 +238,17 @@ def empty_store(folder: Path) -> str:
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
+def tracked_overrides(folder: Path, device: torch.device) -> list[str]:
+    """Recipe overrides for a benchmark's real training run: its run directory and a fresh
+    MLflow store in `folder`, on `device`."""
+    return [
+        f"train.out_dir={folder}/runs",
+        f"tracking.uri={empty_store(folder)}",
+        "tracking.experiment=benchmark",
+        f"train.device={device.type}",
+    ]
+
+
 @torch.no_grad()
 def wake(network: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give a fresh network's all-zero parameters (ADM's zero-initialised output convolution,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import Comparison, SideTimer, Size, describe_device, empty_store
+from benchmarks.harness import Comparison, SideTimer, Size, describe_device, tracked_overrides
 from benchmarks.train_step import RECIPES, BareLoop
 from dmstab.config import Recipe, load_recipe
 from dmstab.diffusion.objectives import build_objective
@@ -67,13 +67,7 @@ def window_metrics(recipe: Recipe, step: int) -> tuple[dict[str, float], dict[st
 def run(size: Size, device: torch.device) -> list[Comparison]:
     setup = SIZES[size]
     with tempfile.TemporaryDirectory() as folder:
-        overrides = [
-            *setup.overrides,
-            f"train.out_dir={folder}/runs",
-            f"tracking.uri={empty_store(Path(folder))}",
-            "tracking.experiment=benchmark",
-            f"train.device={device.type}",
-        ]
+        overrides = [*setup.overrides, *tracked_overrides(Path(folder), device)]
         recipe = load_recipe(RECIPES / setup.recipe, overrides)
         every = recipe.tracking.flush_every
         metrics, tags = window_metrics(recipe, 1)

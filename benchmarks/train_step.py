@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.harness import Comparison, SideTimer, Size, describe_device, empty_store, wake
+from benchmarks.harness import Comparison, SideTimer, Size, describe_device, tracked_overrides, wake
 from dmstab.config import Recipe, load_recipe
 from dmstab.data import build_dataset
 from dmstab.diffusion import build_diffusion
@@ -265,14 +265,7 @@ def power_ema_update_seconds(
 def compare(setup: Setup, device: torch.device) -> Comparison:
     with tempfile.TemporaryDirectory() as folder:
         steps = setup.warmup + setup.windows
-        overrides = [
-            *QUIET,
-            *setup.overrides,
-            f"train.out_dir={folder}/runs",
-            f"tracking.uri={empty_store(Path(folder))}",
-            "tracking.experiment=benchmark",
-            f"train.device={device.type}",
-        ]
+        overrides = [*QUIET, *setup.overrides, *tracked_overrides(Path(folder), device)]
         recipe = load_recipe(RECIPES / setup.recipe, overrides)
         every = recipe.train.log_every
         recipe = load_recipe(RECIPES / setup.recipe, [*overrides, f"train.steps={steps * every}"])

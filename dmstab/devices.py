@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from dmstab.errors import DmstabError
@@ -21,3 +24,16 @@ def pick_device(name: str) -> torch.device:
     if name == "cpu":
         torch.set_flush_denormal(True)
     return torch.device(name)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch's CPU kernels on one thread for the block: float sums in a fixed order (kernels
+    split work differently per thread count), and no thread-pool hand-off for thousands of
+    microsecond operations, which costs more than they do on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -11,15 +11,15 @@ summation order.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
+from dmstab.devices import one_thread
 from dmstab.errors import DmstabError
 
 FidMode = Literal["clean", "legacy_pytorch", "legacy_tensorflow"]
@@ -103,22 +103,10 @@ def resize_clean(images: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tens
         _resize_into(resized, images)
         return resized
     per_chunk = max(1, CPU_BLOCK_BYTES // (ROWS_PER_BAND * channels * size * 8))
-    with _one_thread():
+    with one_thread():  # thousands of products of microseconds each
         for start in range(0, count, per_chunk):
             _resize_into(resized[start : start + per_chunk], images[start : start + per_chunk])
     return resized
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """Thousands of products of microseconds each: handing each to a thread pool costs more than
-    the product (hundreds of times more on a loaded machine, whose other thread is elsewhere)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _resize_into(resized: torch.Tensor, images: torch.Tensor) -> None:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -31,6 +29,7 @@ from torch import nn
 from dmstab.analysis.features import INPUT_OFFSET, PreprocessedNetwork
 from dmstab.checkpoint import load_checkpoint, save_checkpoint
 from dmstab.data.synthetic import CLASS_NAMES, generate_shapes
+from dmstab.devices import one_thread
 from dmstab.errors import DmstabError
 
 CLASSIFIER_KEY = "classifier"
@@ -112,17 +111,6 @@ def classifier_file(resolution: int, config: ClassifierConfig) -> Path:
     return classifier_cache() / f"shapes-{resolution}px-{classifier_digest(config)}.pt"
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Float sums in a fixed order: CPU kernels split work differently per thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _untrained(config: ClassifierConfig) -> ShapeClassifier:
     """Built on the meta device, so the global RNG is neither used nor seeded."""
     with torch.device("meta"):
@@ -157,7 +145,7 @@ def train_classifier(resolution: int, config: ClassifierConfig) -> tuple[ShapeCl
 
     Gradients are on even when called while features are extracted (under inference mode).
     """
-    with _one_thread(), torch.inference_mode(False), torch.enable_grad():
+    with one_thread(), torch.inference_mode(False), torch.enable_grad():
         network = _untrained(config)
         _initialise(network, config.init_seed)
         images, labels = generate_shapes(config.train_images, resolution, config.train_seed)
