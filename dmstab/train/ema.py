@@ -18,7 +18,10 @@ class EMA:
     def __init__(self, model: nn.Module, rate: float, warmup: bool) -> None:
         self.rate = rate
         self.warmup = warmup
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+        state = model.state_dict()
+        self.shadow = {k: v.detach().float().clone() for k, v in state.items()}
+        self._floating_keys = [k for k, v in state.items() if v.dtype.is_floating_point]
+        self._other_keys = [k for k, v in state.items() if not v.dtype.is_floating_point]
         device = next(iter(self.shadow.values())).device
         self._updates = torch.zeros((), dtype=torch.long, device=device)  # applied updates
 
@@ -42,10 +45,10 @@ class EMA:
         let through); else change nothing. Decided on the device, never read on the host."""
         weight = self._weight(accept)
         state = model.state_dict()
-        floating = [k for k, v in state.items() if v.dtype.is_floating_point]
+        floating = self._floating_keys
         current = [state[k].detach().float() for k in floating]
         torch._foreach_lerp_([self.shadow[k] for k in floating], current, [weight] * len(floating))
-        for key in state.keys() - set(floating):
+        for key in self._other_keys:  # integer buffers: the latest value of an accepted step
             self.shadow[key].copy_(torch.where(accept, state[key], self.shadow[key]))
         self._updates += accept
 

@@ -40,4 +40,5 @@ class MetricWindow:
         return count, {key: total / count for key, total in zip(self.sums, values[1:], strict=True)}
 
     def clear(self) -> None:
-        self.__init__()  # type: ignore[misc]
+        """A new window, starting now."""
+        self.sums, self.count, self.started = {}, None, time.perf_counter()
