@@ -19,7 +19,6 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 
-from dmstab.devices import one_thread
 from dmstab.errors import DmstabError
 
 FidMode = Literal["clean", "legacy_pytorch", "legacy_tensorflow"]
@@ -57,7 +56,7 @@ def pil_bicubic_matrix(in_size: int, out_size: int) -> torch.Tensor:
 
 
 ROWS_PER_BAND = 32  # output pixels per matrix product of a pass (see `_bands`)
-CPU_BLOCK_BYTES = 2**19  # a band's float64 block on a CPU: well within a core's L2 cache
+CPU_CHUNK_BYTES = 2**22  # a chunk's float64 width-pass output on a CPU: within the cores' L2
 
 
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value
@@ -93,39 +92,38 @@ def _bands(in_size: int, out_size: int, device: torch.device) -> tuple[_Band, ..
 def resize_clean(images: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
     """clean-fid's `clean` resize: (N, C, H, W) on [0, 255] -> float32 (N, C, size, size).
 
-    Each pass resamples the leading axis of a (pixels, everything else) float64 matrix, one band
-    of output pixels at a time: a few small matrix products, no dense matrix of mostly zero
-    weights, and no float64 copy of the output. On a CPU the images go through a few at a time on
-    one thread, so that a band's float64 block stays in the core's cache; a GPU takes them all."""
-    count, channels = images.shape[:2]
+    Every channel of every image is a plane, resampled in its own layout: the width pass
+    multiplies its rows by the transposed resampling matrix, the height pass multiplies the
+    matrix into its columns, one band of output pixels at a time. No dense matrix of mostly zero
+    weights, no transposed copy of the images and no float64 copy of the output. On a CPU the
+    planes go through in chunks whose float64 intermediate stays in the cores' caches; a GPU
+    takes them all."""
+    count, channels, height, width = images.shape
     resized = torch.empty((count, channels, size, size), dtype=torch.float32, device=images.device)
-    if images.device.type != "cpu":
-        _resize_into(resized, images)
-        return resized
-    per_chunk = max(1, CPU_BLOCK_BYTES // (ROWS_PER_BAND * channels * size * 8))
-    with one_thread():  # thousands of products of microseconds each
-        for start in range(0, count, per_chunk):
-            _resize_into(resized[start : start + per_chunk], images[start : start + per_chunk])
+    planes, resized_planes = images.reshape(-1, height, width), resized.view(-1, size, size)
+    per_chunk = len(planes)
+    if images.device.type == "cpu":
+        per_chunk = max(1, CPU_CHUNK_BYTES // (height * size * 8))
+    for start in range(0, len(planes), per_chunk):
+        _resize_into(resized_planes[start : start + per_chunk], planes[start : start + per_chunk])
     return resized
 
 
-def _resize_into(resized: torch.Tensor, images: torch.Tensor) -> None:
-    count, channels, height, width = images.shape
+def _resize_into(resized: torch.Tensor, planes: torch.Tensor) -> None:
+    """Resample (P, H, W) planes into the float32 (P, size, size) `resized`."""
+    count, height, width = planes.shape
     size = resized.shape[-1]
     # Width pass first, stored as float32 (PIL's ImagingResampleHorizontal_32bpc).
-    columns = images.permute(3, 0, 1, 2).reshape(width, -1).to(torch.float64)
-    widened = torch.empty((size, columns.shape[1]), dtype=torch.float64, device=images.device)
-    for band in _bands(width, size, images.device):
-        torch.mm(band.weights, columns[band.low : band.high], out=widened[band.start : band.stop])
-    # (size, N, C, H) -> (H, N, C, size): the rows lead for the height pass.
-    rows = widened.to(torch.float32).view(size, count, channels, height).permute(3, 1, 2, 0)
-    rows = rows.to(torch.float64, memory_format=torch.contiguous_format).view(height, -1)
-    for band in _bands(height, size, images.device):
-        block = (band.weights @ rows[band.low : band.high]).clamp_(0.0, 255.0)
+    pixels = planes.to(torch.float64)
+    widened = torch.empty((count, height, size), dtype=torch.float64, device=planes.device)
+    for band in _bands(width, size, planes.device):
+        columns = pixels[..., band.low : band.high]
+        torch.matmul(columns, band.weights.T, out=widened[..., band.start : band.stop])
+    rows = widened.to(torch.float32).to(torch.float64)
+    for band in _bands(height, size, planes.device):
+        block = torch.matmul(band.weights, rows[:, band.low : band.high]).clamp_(0.0, 255.0)
         # Clamping before rounding to float32 is the same: rounding is monotone, 0 and 255 exact.
-        resized[:, :, band.start : band.stop].copy_(
-            block.view(-1, count, channels, size).permute(1, 2, 0, 3)
-        )
+        resized[:, band.start : band.stop].copy_(block)
 
 
 def resize_legacy_pytorch(images: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
