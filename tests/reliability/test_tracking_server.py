@@ -5,6 +5,8 @@ every metric step exactly once, the artifacts all there."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,13 +19,14 @@ from dmstab.config import load_recipe
 from dmstab.errors import DmstabError
 from dmstab.tracking import MlflowTracker, sync
 from dmstab.tracking.spool import SPOOL_DIRNAME, Spool, find_spools
+from dmstab.tracking.tracker import RETRY_INTERVAL_S
 from tests.helpers import RECIPES, TINY, one_line_error, store
 from tests.mlflow_server import START_TIMEOUT_S, MlflowServer
 
 from . import counts
 from .conftest import dmstab, start_dmstab
 
-RESTART_STEPS = 300  # 30-40 s of TINY training: longer than a server restart
+RESTART_STEPS = 150  # 15-20 s of TINY training, held stopped while its server restarts
 GONE_STEPS = 60  # a run that outlives its server only needs steps after the kill
 RECIPE = [*TINY, "train.checkpoint_every=100", "tracking.flush_every=2"]
 KEYS = ("train/loss", "train/grad_norm", "train/kimg", "system/images_per_s")
@@ -106,16 +109,26 @@ def _finish(process: subprocess.Popen[str]) -> tuple[str, str]:
 
 @pytest.mark.slow
 def test_server_killed_and_restarted_mid_run(server: MlflowServer) -> None:
+    """The run spools while its server is away; the server restarts while the training is held
+    (SIGSTOP) until the spool is due for a retry, so the training, let go, finds the server
+    again mid-run, replays the spool and goes on online."""
     client = _up(server).client()
     earlier = _run_ids(client)
     process = _train(server, RESTART_STEPS)
     run_id = _wait_for_metrics(client, earlier, 4)
     _kill(server)
-    time.sleep(3)
-    server.start()  # same port, same store, same artifact root
+    killed = time.monotonic()
+    time.sleep(2)  # the next flush (every 2 steps) fails: from then on the run spools
+    os.kill(process.pid, signal.SIGSTOP)
+    try:
+        server.start()  # same port, same store, same artifact root
+        time.sleep(max(0.0, killed + RETRY_INTERVAL_S + 3 - time.monotonic()))
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
     _, err = _finish(process)
     counts.record(trials=1)
     assert "spooled to" in err
+    assert f"MLflow server {server.uri} answers again" in err, err[-2000:]
     assert not (Path("runs") / SPOOL_DIRNAME).exists(), err[-2000:]  # replayed, then deleted
     _check_complete(client, run_id, RESTART_STEPS)
 
