@@ -12,6 +12,7 @@ again with `--resume auto`, which also skips the children that finished.
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -38,8 +39,9 @@ SLURM_POLL_S = 30.0
 
 @dataclass(frozen=True)
 class LauncherSettings:
-    """Where and how the children run: submitit's cluster (None: SLURM where `sbatch` is found,
-    else this machine), its parameters, and how many children run at once (None: all)."""
+    """Where and how the children run: submitit's cluster (as given, None: SLURM where `sbatch`
+    is found, else this machine; `parse_settings` resolves it), its parameters, and how many
+    children run at once (None: all)."""
 
     cluster: str | None
     parameters: Mapping[str, Any]
@@ -69,8 +71,8 @@ def parse_settings(options: Sequence[str], parallel: int | None) -> LauncherSett
         values.setdefault("tasks_per_node", gpus)
     settings = LauncherSettings(cluster, values, parallel)
     with tempfile.TemporaryDirectory() as scratch:
-        _executor(settings, Path(scratch))
-    return settings
+        resolved = _executor(settings, Path(scratch)).cluster
+    return dataclasses.replace(settings, cluster=resolved)
 
 
 def _executor(settings: LauncherSettings, folder: Path) -> submitit.AutoExecutor:
@@ -139,6 +141,14 @@ class SubmititLauncher:
         self.settings = settings
         self.root = root
         self.announce = announce
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "launcher": "submitit",
+            "cluster": self.settings.cluster,
+            "parallel": self.settings.parallel,
+            "parameters": dict(self.settings.parameters),
+        }
 
     def __call__(
         self, plan: Sequence[PlannedChild], parent_run_id: str, on_child: OnChild | None

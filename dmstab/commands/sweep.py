@@ -36,6 +36,7 @@ from dmstab.errors import DmstabError
 from dmstab.tracking import (
     TAG_FINGERPRINT,
     TAG_KIND,
+    TAG_LAUNCHER,
     TAG_PARENT,
     TAG_RECIPE_NAME,
     TAG_SWEEP_FINGERPRINT,
@@ -282,6 +283,10 @@ class Launcher(Protocol):
         self, plan: Sequence[PlannedChild], parent_run_id: str, on_child: OnChild | None
     ) -> Iterator[ChildRun]: ...
 
+    def describe(self) -> dict[str, Any]:
+        """What the parent run records of this launch (TAG_LAUNCHER), JSON-serialisable."""
+        ...
+
 
 @dataclass(frozen=True)
 class SweepResult:
@@ -326,6 +331,8 @@ def run_sweep(
     parent_id, total = tracker.run_id, len(sweep.children)
     done: dict[str, ChildRun] = {}
     with tracked_run(tracker):
+        launch = {"launcher": "in-process"} if launcher is None else launcher.describe()
+        tracker.set_tags({TAG_LAUNCHER: json.dumps(launch, sort_keys=True, default=str)})
         tags = {TAG_KIND: "train", TAG_PARENT: parent_id}
         earlier = find_runs(tags, None, sweep.base.tracking.uri)
         plan = [

@@ -35,6 +35,11 @@ TAG_NOTE = "mlflow.note.content"  # a run's or an experiment's description (mark
 TAG_SWEEP_FINGERPRINT = "dmstab.sweep_fingerprint"
 
 
+# How a sweep parent's children were last launched, as JSON: {"launcher": "in-process"}, or
+# submitit's cluster, children at once and executor parameters (`--launcher-option`).
+TAG_LAUNCHER = "dmstab.launcher"
+
+
 TAG_LOCAL_RUN_ID = "dmstab.local_run_id"  # an offline run's id before the server had it
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,7 +19,7 @@ from dmstab.commands.report_collect import build_report
 from dmstab.commands.sweep import load_sweep, run_sweep
 from dmstab.config import load_recipe
 from dmstab.errors import DmstabError
-from dmstab.tracking import TAG_KIND, TAG_PARENT, TAG_SWEEP_FINGERPRINT
+from dmstab.tracking import TAG_KIND, TAG_LAUNCHER, TAG_PARENT, TAG_SWEEP_FINGERPRINT
 from tests.helpers import RECIPES, TINY, progress_counts, store
 
 POINTS = """
@@ -151,7 +152,9 @@ def test_cli_trains_every_child_under_one_parent(one_thread: None) -> None:
     assert "child 2/2 train.seed=1 (new)" in result.output
     assert progress_counts(result.output, "sweep children") == [(1, 2), (2, 2)]
     parent_id = result.output.split("done sweep ")[1].split(":")[0]
-    assert store().get_run(parent_id).info.status == "FINISHED"
+    parent = store().get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert json.loads(parent.data.tags[TAG_LAUNCHER]) == {"launcher": "in-process"}
     children = _children(parent_id)
     assert [run.data.params["train.seed"] for run in children] == ["0", "1"]
     assert {run.info.status for run in children} == {"FINISHED"}

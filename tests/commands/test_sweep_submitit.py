@@ -6,6 +6,7 @@ errors."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow.entities import Run
 
-from dmstab.tracking import TAG_PARENT
+from dmstab.tracking import TAG_LAUNCHER, TAG_PARENT
 from tests.helpers import RECIPES, TINY, cli, failure_line, one_line_error, store
 
 SWEEP = f"base: {RECIPES / 'quickstart.yaml'}\nsweep:\n  grid:\n    train.seed: [0, 1, 2]\n"
@@ -28,6 +29,12 @@ def _sweep_file() -> Path:
     path = Path("seeds.yaml")
     path.write_text(SWEEP)
     return path
+
+
+def _launch(parent_id: str) -> dict[str, object]:
+    """How the parent run says its children were last launched."""
+    launch: dict[str, object] = json.loads(store().get_run(parent_id).data.tags[TAG_LAUNCHER])
+    return launch
 
 
 def _children(parent_id: str) -> dict[str, Run]:
@@ -90,6 +97,12 @@ def test_local_jobs_two_at_a_time_killed_child_resumes_on_two_ranks_preempted_on
     assert "`--resume auto` continues them" in line and "runs/submitit/" in line
     parent_id = err.split("logs in ")[1].split("\n")[0].rsplit("/", 1)[1]
     assert store().get_run(parent_id).info.status == "FAILED"
+    assert _launch(parent_id) == {
+        "launcher": "submitit",
+        "cluster": "local",
+        "parallel": 2,
+        "parameters": {"timeout_min": 24 * 60},
+    }
     first = _children(parent_id)
     assert first[killed].info.status == "RUNNING"  # nothing could mark it
     assert len(_steps(killed)) < STEPS
@@ -118,6 +131,7 @@ def test_local_jobs_two_at_a_time_killed_child_resumes_on_two_ranks_preempted_on
         assert after[run_id].info.end_time == first[run_id].info.end_time
     assert _steps(killed) == list(range(1, STEPS + 1))  # from its checkpoint: no step twice
     assert store().get_run(parent_id).info.status == "FINISHED"
+    assert _launch(parent_id)["parameters"] == {"timeout_min": 24 * 60, "tasks_per_node": 2}
     (rank_1,) = logs.glob("*_1_log.out")
     job = rank_1.name.split("_")[0]
     assert killed in (logs / f"{job}_0_log.err").read_text()
