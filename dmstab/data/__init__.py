@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dmstab.config import DataConfig
-from dmstab.data.base import ImageDataset, resident, upload
+from dmstab.data.base import ImageDataset, resident
 from dmstab.errors import DmstabError
 
 
@@ -33,4 +33,4 @@ def build_dataset(cfg: DataConfig) -> ImageDataset:
     return npz_dataset(root, cfg.resolution)
 
 
-__all__ = ["ImageDataset", "build_dataset", "resident", "upload"]
+__all__ = ["ImageDataset", "build_dataset", "resident"]

@@ -6,6 +6,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from dmstab.devices import upload
+
 
 @runtime_checkable
 class ImageDataset(Protocol):
@@ -71,13 +73,3 @@ def resident(dataset: ImageDataset, device: torch.device) -> ImageDataset:
         return dataset
     dataset.images, dataset.labels = dataset.images.to(device), dataset.labels.to(device)
     return dataset
-
-
-def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`tensor` on `device` without waiting for the device: a CPU tensor bound for CUDA goes
-    through pinned memory, non-blocking (no stream synchronisation)."""
-    if tensor.device == device:
-        return tensor
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)

@@ -81,6 +81,8 @@ class DDPMObjective:
 
     def draw(self, batch: int, step: int, generator: torch.Generator) -> Draws:
         t, weights = self.timesteps.sample(batch, step, generator)
+        # counted where t is (a loss-aware sampler draws on the losses' device)
+        self.timestep_counts = self.timestep_counts.to(t.device)
         self.timestep_counts += torch.bincount(t, minlength=self.timestep_counts.numel())
         draws = {"t": t}
         if weights is not None:  # importance-sampling weights; the curricula return none

@@ -13,6 +13,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from dmstab.devices import upload
+
 
 class TimestepSampler(Protocol):
     """A distribution over {0, …, T−1} that may change with the iteration or the losses seen."""
@@ -207,8 +209,7 @@ class LossSecondMomentSampler:
         return bool((self.loss_counts == self.loss_history.shape[1]).all())
 
     def probabilities(self, iteration: int) -> Tensor:
-        """On the CPU: the draws come from a CPU generator (the one host read of a step that
-        trains with this sampler, docs/performance.md)."""
+        """P(t) on the history's device (the losses' device once training has fed it)."""
         _check_iteration(iteration)
         T = self.num_timesteps
         warmed_up = (self.loss_counts == self.loss_history.shape[1]).all()
@@ -216,13 +217,22 @@ class LossSecondMomentSampler:
         p = root_mean_square / root_mean_square.sum()
         uniform = torch.full((T,), 1.0 / T, dtype=torch.float64, device=p.device)
         mixed = p * (1.0 - self.uniform_prob) + self.uniform_prob / T
-        return torch.where(warmed_up, mixed, uniform).cpu()
+        return torch.where(warmed_up, mixed, uniform)
 
     def sample(
         self, batch_size: int, iteration: int, generator: torch.Generator
     ) -> tuple[Tensor, Tensor | None]:
-        probabilities = self.probabilities(iteration).to(generator.device)
-        t = torch.multinomial(probabilities, batch_size, replacement=True, generator=generator)
+        """Draws by the inverse CDF, numpy's `choice(T, size, p=p)` that improved-diffusion
+        calls: the uniforms come from `generator` (on any device the same ones), the CDF stays on
+        the history's device, so that a step on a GPU reads nothing back."""
+        probabilities = self.probabilities(iteration)
+        cdf = torch.cumsum(probabilities, dim=0)
+        cdf /= cdf[-1].clone()
+        uniforms = torch.rand(
+            batch_size, dtype=torch.float64, generator=generator, device=generator.device
+        )
+        # u < 1 = cdf[-1]: an index below T; timesteps of probability 0 are never drawn.
+        t = torch.searchsorted(cdf, upload(uniforms, cdf.device), right=True)
         weights = 1.0 / (self.num_timesteps * probabilities[t])
         return t, weights.to(torch.float32)
 

@@ -150,8 +150,8 @@ def build_trainer(
 
 def _log_timestep_histogram(objective: DDPMObjective, step: int, tracker: Tracker) -> None:
     title = f"timesteps ({objective.sampler_name})"
-    probabilities = objective.timesteps.probabilities(step)
-    figure = timestep_histogram(objective.timestep_counts, probabilities, step, title)
+    probabilities = objective.timesteps.probabilities(step).cpu()
+    figure = timestep_histogram(objective.timestep_counts.cpu(), probabilities, step, title)
     log_figure_at_step(tracker, figure, TIMESTEP_HISTOGRAM_KEY, step)
     objective.timestep_counts.zero_()
 

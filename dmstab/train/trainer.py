@@ -15,7 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 from dmstab.config import (
     Recipe,
 )
-from dmstab.data import ImageDataset, build_dataset, resident, upload
+from dmstab.data import ImageDataset, build_dataset, resident
+from dmstab.devices import upload
 from dmstab.diffusion.objectives import (
     DDPMObjective,
     Draws,

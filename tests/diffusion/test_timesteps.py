@@ -219,6 +219,35 @@ def test_importance_weights_are_one_over_t_p_and_losses_are_unbiased() -> None:
     assert abs(unweighted.mean() - losses.mean()) > 20 * unweighted.std() / np.sqrt(NUM_SAMPLES)
 
 
+def test_importance_draws_are_numpys_choice_of_the_same_uniforms() -> None:
+    """improved-diffusion draws with np.random.choice(T, size, p=p), which takes the CDF
+    p.cumsum() / its last entry and `cdf.searchsorted(u, side="right")` of uniforms u: the
+    sampler's timesteps are exactly that for its generator's uniforms, and a timestep whose
+    losses are all 0 (probability 0 without uniform mixing) is never drawn."""
+    sampler = LossSecondMomentSampler(SMALL_T, history=1, uniform_prob=0.0)
+    losses = loss_table()
+    losses[[0, 7, 8, SMALL_T - 1]] = 0.0
+    feed_full_history(sampler, losses[:, None])
+    t, _ = sampler.sample(NUM_SAMPLES, 0, torch.Generator().manual_seed(5))
+    uniforms = torch.rand(
+        NUM_SAMPLES, dtype=torch.float64, generator=torch.Generator().manual_seed(5)
+    )
+    cdf = sampler.probabilities(0).numpy().cumsum()
+    cdf /= cdf[-1]
+    np.testing.assert_array_equal(t.numpy(), cdf.searchsorted(uniforms.numpy(), side="right"))
+    assert not np.isin(t.numpy(), [0, 7, 8, SMALL_T - 1]).any()
+
+
+def test_importance_draws_follow_the_probabilities() -> None:
+    """Chi-square of the drawn timesteps against P(t) once warmed up (p ∝ √E[L²], mixed)."""
+    sampler = LossSecondMomentSampler(SMALL_T, history=2, uniform_prob=0.01)
+    feed_full_history(sampler, np.stack([loss_table(0), loss_table(1)], axis=1))
+    t, _ = sampler.sample(NUM_SAMPLES, 0, torch.Generator().manual_seed(6))
+    observed = np.bincount(t.numpy(), minlength=SMALL_T)
+    expected = sampler.probabilities(0).numpy() * NUM_SAMPLES
+    assert stats.chisquare(observed, expected).pvalue > 1e-3
+
+
 def test_importance_sampler_ignores_non_finite_losses() -> None:
     sampler = LossSecondMomentSampler(SMALL_T, history=1, uniform_prob=0.0)
     sampler.update(torch.tensor([0, 1]), torch.tensor([float("nan"), float("inf")]))

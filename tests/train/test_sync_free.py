@@ -97,15 +97,21 @@ def test_the_counter_sees_a_deliberate_host_read(one_thread: None) -> None:
         assert len(reads.reads) == 2
 
 
+@pytest.mark.parametrize(
+    "timesteps",
+    [["timesteps.sampler=clts"], ["timesteps.sampler=importance", "timesteps.history=1"]],
+    ids=["clts", "importance"],
+)
 def test_training_steps_read_nothing_back_between_host_points(
-    one_thread: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    timesteps: list[str], one_thread: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Through the loop's steps (`_run_steps`, MLflow aside): no read inside a step, and none
     after a step that is not a host point (steps 1, 2, 4, 5 of 7 with log_every 3; the last
     step is one), with the spike guard skipping (a tight factor over the loss's own ups and
-    downs) and the CLTS curriculum."""
+    downs), with the CLTS curriculum and with the importance sampler, whose probabilities
+    follow the losses on the device."""
     policy = ["train.nonfinite=skip", "train.spike_factor=1.2", "train.spike_window=2"]
-    policy += ["timesteps.sampler=clts", "optim.grad_clip=1.0", "ema.warmup=true"]
+    policy += [*timesteps, "optim.grad_clip=1.0", "ema.warmup=true"]
     recipe = _recipe("train.steps=7", "train.log_every=3", "train.checkpoint_every=100", *policy)
     counts: list[tuple[int, int, int]] = []  # (step, reads at its start, reads at its end)
     step_once = Trainer.train_step
