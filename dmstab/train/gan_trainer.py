@@ -14,7 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from dmstab.config import Recipe
-from dmstab.data import ImageDataset, build_dataset
+from dmstab.data import ImageDataset, build_dataset, resident
+from dmstab.devices import upload
 from dmstab.diffusion.objectives import DDPMObjective
 from dmstab.distributed import SINGLE_PROCESS, DistributedContext
 from dmstab.errors import DmstabError
@@ -55,7 +56,7 @@ class GanTrainer:
         self.recipe = recipe
         self.device = device
         self.context = context
-        self.dataset: ImageDataset = build_dataset(recipe.data)
+        self.dataset: ImageDataset = resident(build_dataset(recipe.data), device)
         classes = self.dataset.num_classes
         if recipe.model.class_cond and classes < 1:
             raise DmstabError("model.class_cond is true but the dataset has no labels")
@@ -79,20 +80,20 @@ class GanTrainer:
     def _real_batch(self, index: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
         indices = self.order.batch(index, self.recipe.train.batch_size)
         x0, labels = self.dataset.get_batch(indices)
+        x0 = upload(x0, self.device)
         if self.recipe.data.hflip:
-            flip = torch.rand(len(indices), generator=generator) < 0.5
+            flip = upload(torch.rand(len(indices), generator=generator) < 0.5, self.device)
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        cond = labels.to(self.device) if self.num_classes else None
-        return x0.to(self.device), cond
+        return x0, upload(labels, self.device) if self.num_classes else None
 
     def _fakes(self, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
         """z ~ N(0, I) and, for a conditional GAN, uniform class labels."""
         rows = self.recipe.train.batch_size
-        z = torch.randn(rows, gan_config(self.recipe).z_dim, generator=generator).to(self.device)
+        z = torch.randn(rows, gan_config(self.recipe).z_dim, generator=generator)
         if not self.num_classes:
-            return z, None
+            return upload(z, self.device), None
         labels = torch.randint(0, self.num_classes, (rows,), generator=generator)
-        return z, labels.to(self.device)
+        return upload(z, self.device), upload(labels, self.device)
 
     def train_step(self) -> dict[str, Tensor]:
         self.step += 1
