@@ -148,7 +148,15 @@ def _sync_debug(mode: str) -> Iterator[None]:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("skip", [[], ["train.nonfinite=skip", "train.spike_factor=1.5"]])
+@pytest.mark.parametrize(
+    "skip",
+    [
+        [],
+        ["train.nonfinite=skip", "train.spike_factor=1.5"],
+        ["timesteps.sampler=importance", "timesteps.history=1"],
+    ],
+    ids=["stop", "skip", "importance"],
+)
 def test_cuda_steps_never_synchronise(skip: list[str]) -> None:
     """CUDA's own check: any synchronising call in a step raises under sync debug mode."""
     if not torch.cuda.is_available():
