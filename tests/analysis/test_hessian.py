@@ -129,35 +129,46 @@ def test_top_three_eigenvalues_match_eigvalsh() -> None:
     assert found.values == pytest.approx(by_magnitude, rel=1e-4)
 
 
-def test_top_eigenvalues_keep_repeated_and_opposite_signed_eigenvalues() -> None:
-    """H = Q·diag(d)·Qᵀ with a random orthogonal Q: the top of d by magnitude is -9 and 8.9
-    (a GAN-like ± pair that power iteration separates slowly) and a triple 3."""
-    generator = torch.Generator().manual_seed(5)
+TOP_OF_D = [-9.0, 8.9, 3.0, 3.0, 3.0]
+
+
+def _signed_and_repeated(generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(H, Q): H = Q·diag(d)·Qᵀ with a random orthogonal Q, the top of d by magnitude
+    `TOP_OF_D`: -9 and 8.9 (a GAN-like ± pair that power iteration separates slowly) and a
+    triple 3, the other 295 entries in (-2, 2)."""
     d = torch.cat(
         [
-            torch.tensor([-9.0, 8.9, 3.0, 3.0, 3.0], dtype=torch.float64),
+            torch.tensor(TOP_OF_D, dtype=torch.float64),
             torch.rand(295, generator=generator, dtype=torch.float64) * 4 - 2,
         ]
     )
     q, _ = torch.linalg.qr(torch.randn(300, 300, generator=generator, dtype=torch.float64))
-    matrix = q @ torch.diag(d) @ q.T
-    found = top_eigenpairs(lambda v: matrix @ v, 300, 5, generator=generator)
-    assert found.values == pytest.approx([-9.0, 8.9, 3.0, 3.0, 3.0], rel=1e-6)
-    # The vectors: Q's first two columns up to sign, and three orthonormal vectors spanning
-    # the eigenspace of the triple 3 (any basis of it is right).
-    vectors = found.vectors
+    return q @ torch.diag(d) @ q.T, q
+
+
+def _assert_top_eigenvectors(vectors: Tensor, q: Tensor, atol: float) -> None:
+    """Orthonormal rows: Q's first two columns up to sign, then three spanning the eigenspace
+    of the triple 3 (any basis of it is right)."""
     torch.testing.assert_close(
-        vectors @ vectors.T, torch.eye(5, dtype=torch.float64), atol=1e-6, rtol=0
+        vectors @ vectors.T, torch.eye(5, dtype=torch.float64), atol=atol, rtol=0
     )
     for i in range(2):
-        assert abs(float(vectors[i] @ q[:, i])) == pytest.approx(1.0, abs=1e-6)
+        assert abs(float(vectors[i] @ q[:, i])) == pytest.approx(1.0, abs=atol)
     triple = q[:, 2:5]
     torch.testing.assert_close(
         triple.T @ vectors[2:].T @ vectors[2:] @ triple,
         torch.eye(3, dtype=torch.float64),
-        atol=1e-6,
+        atol=atol,
         rtol=0,
     )
+
+
+def test_top_eigenvalues_keep_repeated_and_opposite_signed_eigenvalues() -> None:
+    generator = torch.Generator().manual_seed(5)
+    matrix, q = _signed_and_repeated(generator)
+    found = top_eigenpairs(lambda v: matrix @ v, 300, 5, generator=generator)
+    assert found.values == pytest.approx(TOP_OF_D, rel=1e-6)
+    _assert_top_eigenvectors(found.vectors, q, atol=1e-6)
 
 
 def test_a_float32_basis_finds_the_same_eigenpairs_to_float32_rounding() -> None:
@@ -165,33 +176,15 @@ def test_a_float32_basis_finds_the_same_eigenpairs_to_float32_rounding() -> None
     basis is float32, the inner products float64, and the eigenpairs hold the float64 test's
     tolerances (float32 rounding of ‖H‖ = 9 is below 1e-6)."""
     generator = torch.Generator().manual_seed(5)
-    d = torch.cat(
-        [
-            torch.tensor([-9.0, 8.9, 3.0, 3.0, 3.0], dtype=torch.float64),
-            torch.rand(295, generator=generator, dtype=torch.float64) * 4 - 2,
-        ]
-    )
-    q, _ = torch.linalg.qr(torch.randn(300, 300, generator=generator, dtype=torch.float64))
-    matrix = (q @ torch.diag(d) @ q.T).float()
+    matrix, q = _signed_and_repeated(generator)
+    matrix = matrix.float()
     space = VectorSpace(torch.float32)
     found = top_eigenpairs(lambda v: matrix @ v, 300, 5, generator=generator, space=space)
-    assert found.values == pytest.approx([-9.0, 8.9, 3.0, 3.0, 3.0], rel=1e-6)
+    assert found.values == pytest.approx(TOP_OF_D, rel=1e-6)
     assert found.vectors.dtype == torch.float32
-    vectors = found.vectors.double()
     # Unit vectors stored in float32 are unit only to float32 rounding summed over their 300
     # entries (up to about 2e-6, depending on the threads' summation order): 4e-6 here.
-    torch.testing.assert_close(
-        vectors @ vectors.T, torch.eye(5, dtype=torch.float64), atol=4e-6, rtol=0
-    )
-    for i in range(2):
-        assert abs(float(vectors[i] @ q[:, i])) == pytest.approx(1.0, abs=4e-6)
-    triple = q[:, 2:5]
-    torch.testing.assert_close(
-        triple.T @ vectors[2:].T @ vectors[2:] @ triple,
-        torch.eye(3, dtype=torch.float64),
-        atol=4e-6,
-        rtol=0,
-    )
+    _assert_top_eigenvectors(found.vectors.double(), q, atol=4e-6)
 
 
 def test_float32_slq_nodes_are_the_eigenvalues_to_float32_rounding() -> None:
